@@ -1,0 +1,28 @@
+"""The detector zoo: ``models.create(name, **hparams)`` builds any registered detector."""
+
+from models.base import (
+    Batch,
+    Detector,
+    ModelError,
+    Prediction,
+    create,
+    get_class,
+    hyperparameters,
+    list_models,
+    register,
+)
+
+# Detector modules register themselves on import.
+from models import padim, patchcore, stfpm  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Batch",
+    "Detector",
+    "ModelError",
+    "Prediction",
+    "create",
+    "get_class",
+    "hyperparameters",
+    "list_models",
+    "register",
+]

@@ -1,0 +1,190 @@
+"""The detector protocol and the model registry.
+
+Every detector follows a small scikit-learn-like API: hyperparameters in ``__init__``,
+``fit`` on normal images, ``predict`` on a batch. The registry mirrors timm's: a decorator
+registers a class under a name and ``create`` builds one from keyword hyperparameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+LearningType = Literal["one_pass", "iterative"]
+EpochCallback = Callable[[int, dict], bool]
+"""``on_epoch_end(epoch, metrics) -> stop?``: epoch counts from 1; return True to stop."""
+
+Batch = Tensor | Mapping[str, Any]
+"""A training batch: a ``B x 3 x H x W`` normalised image tensor, or a mapping with ``"image"``."""
+
+
+class ModelError(ValueError):
+    """A detector was asked for with a bad name, hyperparameter or backbone/layer."""
+
+
+@dataclass
+class Prediction:
+    """What a detector says about a batch of images."""
+
+    score: Tensor
+    """``B``: image-level anomaly score, higher = more anomalous."""
+    anomaly_map: Tensor | None
+    """``B x H x W`` at input resolution, or None for image-level-only detectors."""
+
+
+def batch_images(batch: Batch) -> Tensor:
+    """The image tensor of a batch, whichever form it comes in."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping) and "image" in batch:
+        return batch["image"]
+    raise TypeError(f"a batch is an image tensor or a mapping with 'image', got {type(batch)!r}")
+
+
+def iter_images(train: Iterable[Batch]) -> Iterator[Tensor]:
+    """Yield the image tensors of an iterable of batches."""
+    for batch in train:
+        yield batch_images(batch)
+
+
+class Detector(torch.nn.Module):
+    """Base class of every anomaly detector.
+
+    Subclasses set ``learning_type`` and ``localizes``, take every hyperparameter as a keyword
+    argument of ``__init__`` (documented there, defaults from the reference study's Table B.8)
+    and implement ``fit`` and ``predict``. Randomness comes only from ``seed``.
+    """
+
+    name: ClassVar[str] = ""
+    learning_type: ClassVar[LearningType] = "one_pass"
+    localizes: ClassVar[bool] = True
+    """Whether ``predict`` returns an anomaly map."""
+
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict:
+        """Learn the normal appearance from ``train``; return training statistics.
+
+        ``train`` may be iterated once per epoch. One-pass detectors ignore ``epochs`` and call
+        ``on_epoch_end`` once; iterative ones call it after every epoch and stop when it says so.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Score a batch of normalised ``B x 3 x H x W`` images."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        """The hyperparameters this detector was built with."""
+        return dict(getattr(self, "_hparams", {}))
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts, as the reference study's Table 2 counts them."""
+        trainable = frozen = 0
+        for p in self.parameters():
+            if p.requires_grad:
+                trainable += p.numel()
+            else:
+                frozen += p.numel()
+        return trainable, frozen
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
+    """Class decorator: make a detector available as ``models.create(name, ...)``."""
+
+    def wrap(cls: type[Detector]) -> type[Detector]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ModelError(f"detector {name!r} is registered twice")
+        cls.name = name
+        original_init = cls.__init__
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bound = inspect.signature(original_init).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            original_init(self, *args, **kwargs)
+            if type(self) is cls:
+                self._hparams = {k: v for k, v in bound.arguments.items() if k != "self"}
+
+        __init__.__signature__ = inspect.signature(original_init)  # type: ignore[attr-defined]
+        __init__.__doc__ = original_init.__doc__
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def get_class(name: str) -> type[Detector]:
+    """The detector class registered as ``name``."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown model {name!r}{_suggest(name, _REGISTRY)} "
+            f"(known: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+
+
+def hyperparameters(name: str) -> dict[str, Any]:
+    """A detector's hyperparameters and their defaults (None where there is no default)."""
+    sig = inspect.signature(get_class(name).__init__)
+    return {
+        k: (None if p.default is inspect.Parameter.empty else p.default)
+        for k, p in sig.parameters.items()
+        if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def create(name: str, **hparams: Any) -> Detector:
+    """Build the detector registered as ``name`` with the given hyperparameters.
+
+    An unknown hyperparameter is a :class:`ModelError` naming the closest known one.
+    """
+    cls = get_class(name)
+    known = hyperparameters(name)
+    for key in hparams:
+        if key not in known:
+            raise ModelError(
+                f"model {name!r} has no hyperparameter {key!r}{_suggest(key, known)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+    return cls(**hparams)
+
+
+def list_models() -> list[str]:
+    """Names of every registered detector, sorted."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def _ensure_loaded() -> None:
+    # Detector modules register themselves on import; importing the package loads them all.
+    import models  # noqa: F401

@@ -1,0 +1,235 @@
+"""Trial results: one Parquet file (one row) per trial under the study's output.
+
+Rows are written atomically (a temporary file renamed into place on local disks; object stores
+publish whole objects), named by the trial's config hash, so a crash loses no finished trial,
+a re-run finds what is already done, and the output directory is a Parquet dataset that pandas,
+pyarrow and DuckDB read as it is. Everything else the engine writes under the output starts
+with ``_`` or ``.``, which Parquet readers skip. The columns are documented in
+``docs/results-schema.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from sweep.errors import SweepError
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("study", pa.string()),
+        ("run_id", pa.string()),
+        ("trial_id", pa.string()),
+        ("config_hash", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("backbone", pa.string()),
+        ("seed", pa.int64()),
+        ("image_size", pa.int64()),
+        ("epochs", pa.int64()),
+        ("epochs_run", pa.int64()),
+        ("dataset", pa.string()),
+        ("category", pa.string()),
+        ("augmentation", pa.string()),
+        ("image_auroc", pa.float64()),
+        ("image_f1", pa.float64()),
+        ("image_f1max", pa.float64()),
+        ("image_threshold", pa.float64()),
+        ("pixel_auroc", pa.float64()),
+        ("pixel_f1", pa.float64()),
+        ("pixel_f1max", pa.float64()),
+        ("pixel_threshold", pa.float64()),
+        ("pixel_aupro", pa.float64()),
+        ("metric_notes", pa.string()),
+        ("train_s", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("throughput_fps", pa.float64()),
+        ("eval_batch_size", pa.int64()),
+        ("params_trainable", pa.int64()),
+        ("params_frozen", pa.int64()),
+        ("params_total", pa.int64()),
+        ("peak_rss_mb", pa.float64()),
+        ("peak_gpu_mb", pa.float64()),
+        ("n_train", pa.int64()),
+        ("n_test", pa.int64()),
+        ("device", pa.string()),
+        ("hostname", pa.string()),
+        ("versions", pa.string()),
+        ("notes", pa.string()),
+        ("trial_config", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+"""The fixed columns; ``hp.<name>`` columns (one per detector hyperparameter) follow them."""
+
+HP_PREFIX = "hp."
+
+
+def hp_column_types(values_by_name: Mapping[str, Iterable[Any]]) -> dict[str, pa.DataType]:
+    """One Arrow type per hyperparameter, from every value it may take in a study.
+
+    Each file of a study gets the same schema, so a reader that takes the first file's schema
+    (pandas, DuckDB) sees every column. Integers mixed with floats become floats; anything
+    else mixed, or any list value, becomes a string (lists as JSON).
+    """
+    types: dict[str, pa.DataType] = {}
+    for name, values in values_by_name.items():
+        kinds = {_kind(v) for v in values if v is not None}
+        if not kinds:
+            types[name] = pa.string()
+        elif kinds == {"bool"}:
+            types[name] = pa.bool_()
+        elif kinds == {"int"}:
+            types[name] = pa.int64()
+        elif kinds <= {"int", "float"}:
+            types[name] = pa.float64()
+        else:
+            types[name] = pa.string()
+    return dict(sorted(types.items()))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "str" if isinstance(value, str) else "json"
+
+
+def row_schema(hp_types: Mapping[str, pa.DataType]) -> pa.Schema:
+    """The schema of every row of a study."""
+    return pa.schema(
+        list(BASE_SCHEMA) + [pa.field(HP_PREFIX + name, t) for name, t in hp_types.items()]
+    )
+
+
+def _cell(value: Any, type_: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(type_):
+        if isinstance(value, str):
+            return value
+        return (
+            json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+        )
+    if pa.types.is_floating(type_):
+        return float(value)
+    if pa.types.is_integer(type_):
+        if isinstance(value, float) and (math.isnan(value) or not value.is_integer()):
+            return None
+        return int(value)
+    return value
+
+
+class ResultStore:
+    """The Parquet rows of one study output (a local path or a ``s3://``/``gs://`` URI)."""
+
+    def __init__(self, output: str | os.PathLike[str]):
+        self.uri = str(output)
+        try:
+            if "://" in self.uri:
+                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            else:
+                self.fs, self.root = (
+                    pafs.LocalFileSystem(),
+                    str(Path(self.uri).expanduser().resolve()),
+                )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise SweepError(f"output {self.uri!r}: cannot open this location ({exc})") from None
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path_of(self, config_hash: str) -> str:
+        return f"{self.root}/{config_hash}.parquet"
+
+    def ensure(self) -> None:
+        """Create the output directory (and fail clearly if that is impossible)."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot create it ({exc})") from None
+
+    def write_row(self, row: Mapping[str, Any], schema: pa.Schema) -> str:
+        """Write one row atomically as ``<config_hash>.parquet``; return its path."""
+        unknown = set(row) - set(schema.names)
+        if unknown:
+            raise ValueError(f"row has columns outside the schema: {sorted(unknown)}")
+        arrays = [pa.array([_cell(row.get(f.name), f.type)], type=f.type) for f in schema]
+        table = pa.Table.from_arrays(arrays, schema=schema)
+        final = self.path_of(row["config_hash"])
+        self.ensure()
+        if not self.local:
+            # An object store makes an object visible only once it is completely uploaded.
+            pq.write_table(table, final, filesystem=self.fs)
+            return final
+        tmp = f"{self.root}/.tmp-{row['config_hash']}-{uuid.uuid4().hex[:8]}.parquet"
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return final
+
+    def _files(self) -> list[str]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot list it ({exc})") from None
+        return sorted(
+            info.path
+            for info in infos
+            if info.type == pafs.FileType.File
+            and info.base_name.endswith(".parquet")
+            and not info.base_name.startswith((".", "_"))
+        )
+
+    def statuses(self) -> dict[str, str]:
+        """config_hash -> status of every row already written."""
+        files = self._files()
+        if not files:
+            return {}
+        table = self._dataset(files).to_table(columns=["config_hash", "status"])
+        return dict(
+            zip(table.column("config_hash").to_pylist(), table.column("status").to_pylist())
+        )
+
+    def read_row(self, config_hash: str) -> dict[str, Any] | None:
+        path = self.path_of(config_hash)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        return pq.read_table(path, filesystem=self.fs).to_pylist()[0]
+
+    def _dataset(self, files: list[str]) -> pads.Dataset:
+        schemas = [pq.read_schema(f, filesystem=self.fs) for f in files]
+        return pads.dataset(files, schema=pa.unify_schemas(schemas), filesystem=self.fs)
+
+    def read(self) -> pa.Table:
+        """Every row, with the union of the files' columns."""
+        files = self._files()
+        if not files:
+            return BASE_SCHEMA.empty_table()
+        return self._dataset(files).to_table()
+
+
+def read_results(output: str | os.PathLike[str]):  # -> pandas.DataFrame
+    """Every trial row of an output directory as a pandas DataFrame (error rows included)."""
+    store = ResultStore(output)
+    if store.local and not Path(store.root).is_dir():
+        raise SweepError(f"results {store.uri!r}: no such directory")
+    return store.read().to_pandas()

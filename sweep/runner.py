@@ -1,0 +1,279 @@
+"""Run a study on Ray Tune: a local ``ray.init`` or an existing cluster.
+
+Grid and random studies are expanded on the driver, configurations already in the output are
+dropped, and the rest go to Tune as one ``tune.grid_search`` over concrete trials. Optuna
+studies go through ``OptunaSearch`` with a define-by-run space (so a model's hyperparameters are
+only sampled for that model), single- or multi-objective. Every trial writes its own Parquet
+row; Tune's own state lives under ``<output>/_tune``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import models
+from sweep.errors import SweepError
+from sweep.progress import SweepProgress
+from sweep.results import ResultStore, hp_column_types, row_schema
+from sweep.study import (
+    TRIAL_KEYS,
+    Param,
+    Study,
+    TrialConfig,
+    config_hash,
+    expand_trials,
+    study_to_yaml,
+)
+from sweep.trainable import Reporter, TrialContext, load_data, tune_trial
+
+TrialRunner = Callable[[TrialConfig, TrialContext, Reporter | None], dict[str, Any]]
+
+
+@dataclass
+class RunSummary:
+    output: str
+    run_id: str
+    planned: int
+    skipped: int
+    ok: int = 0
+    errors: int = 0
+    lost: int = 0
+    """Trials Tune gave up on (worker died more than ``max_failures`` times): no row."""
+    interrupted: bool = False
+    ray_start_s: float = 0.0
+    sweep_s: float = 0.0
+    error_rows: list[str] = field(default_factory=list)
+
+
+def study_schema(study: Study):
+    """The row schema of a study: the base columns and one ``hp.`` column per hyperparameter."""
+    values: dict[str, list[Any]] = {}
+    for model in study.models:
+        for name, default in models.hyperparameters(model).items():
+            values.setdefault(name, []).append(default)
+    for key, param in study.space.items():
+        if key in TRIAL_KEYS:
+            continue
+        name = key.partition(".")[2] if "." in key else key
+        if name in values:
+            values[name].extend(_param_values(param))
+    return row_schema(hp_column_types(values))
+
+
+def _param_values(param: Param) -> list[Any]:
+    if param.kind in ("fixed", "grid", "choice"):
+        return list(param.values)
+    if param.kind == "int":
+        return [int(param.low or 0), int(param.high or 0)]
+    return [float(param.low or 0.0), float(param.high or 0.0)]
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> float:
+    """Start or join Ray; return the seconds it took (0 when already connected)."""
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    start = time.perf_counter()
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+    except ConnectionError as exc:
+        raise SweepError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+    return time.perf_counter() - start
+
+
+def _define_by_run(study: Study) -> Callable[[Any], None]:
+    def define(trial: Any) -> None:
+        model_param = study.space["model"]
+        model = trial.suggest_categorical("model", list(model_param.options()))
+        for key, param in study.space.items():
+            if key == "model":
+                continue
+            owner, dot, _ = key.partition(".")
+            if dot and owner != model:
+                continue
+            _suggest(trial, key, param)
+
+    return define
+
+
+def _suggest(trial: Any, key: str, param: Param) -> None:
+    if param.kind == "fixed":
+        # Constants are not part of Optuna's space; resolve_trial reads them from the study.
+        return
+    if param.kind in ("grid", "choice"):
+        options = list(param.values)
+        # Optuna's categorical choices must be scalars: tuples (e.g. layers) go by index.
+        if any(isinstance(v, tuple) for v in options):
+            trial.suggest_categorical(f"{key}#index", list(range(len(options))))
+        else:
+            trial.suggest_categorical(key, options)
+    elif param.kind == "uniform":
+        trial.suggest_float(key, param.low, param.high)
+    elif param.kind == "loguniform":
+        trial.suggest_float(key, param.low, param.high, log=True)
+    else:
+        trial.suggest_int(key, int(param.low), int(param.high))
+
+
+def _optuna_searcher(study: Study):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    samplers = {
+        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    }
+    sampler = samplers[study.search.sampler or "tpe"](study.search.seed)
+    metrics = [o.metric for o in study.objectives]
+    modes = [o.direction for o in study.objectives]
+    if len(metrics) == 1:
+        return OptunaSearch(
+            space=_define_by_run(study), metric=metrics[0], mode=modes[0], sampler=sampler
+        )
+    return OptunaSearch(space=_define_by_run(study), metric=metrics, mode=modes, sampler=sampler)
+
+
+def _write_study_copy(store: ResultStore, study: Study) -> None:
+    if not store.local:
+        return
+    target = Path(store.root) / "_study.yaml"
+    tmp = target.with_name(".tmp-_study.yaml")
+    tmp.write_text(study_to_yaml(study))
+    os.replace(tmp, target)
+
+
+def run_study(
+    study: Study,
+    *,
+    output: str | None = None,
+    address: str | None = None,
+    retry_errors: bool = False,
+    num_cpus: int | None = None,
+    trial_runner: TrialRunner | None = None,
+    preflight: bool = True,
+    console: Console | None = None,
+) -> RunSummary:
+    """Run every trial of ``study`` that its output does not hold yet; return a summary."""
+    from ray import tune
+
+    console = console or Console(stderr=True)
+    output = output or study.output_dir
+    store = ResultStore(output)
+    store.ensure()
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+    if preflight:
+        # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
+        # the synthetic data set once here rather than in every worker at the same time.
+        for size in _image_sizes(study):
+            with console.status(f"preparing data ({study.dataset.kind}, {size}px)"):
+                splits = load_data(study, size)
+            console.print(f"data: {splits.describe()}")
+
+    _write_study_copy(store, study)
+    ctx = TrialContext(
+        study=study,
+        output=store.root if store.local else store.uri,
+        run_id=run_id,
+        schema=study_schema(study),
+        retry_errors=retry_errors,
+        trial_runner=trial_runner,
+    )
+    done = store.statuses()
+    if study.search.algorithm == "optuna":
+        planned = study.search.n_trials or 0
+        pending: list[TrialConfig] = []
+        skipped = 0
+    else:
+        trials = expand_trials(study)
+        planned = len(trials)
+        pending = [
+            t
+            for t in trials
+            if done.get(config_hash(study, t)) not in ("ok", None if retry_errors else "error")
+        ]
+        skipped = planned - len(pending)
+    summary = RunSummary(output=store.uri, run_id=run_id, planned=planned, skipped=skipped)
+    if study.search.algorithm != "optuna" and not pending:
+        console.print(f"all {planned} trials of {study.name!r} are already in {store.uri}")
+        return summary
+
+    summary.ray_start_s = connect_ray(address, num_cpus)
+    resources = {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
+    if study.resources.memory_gb:
+        resources["memory"] = study.resources.memory_gb * 2**30
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources)
+
+    if study.search.algorithm == "optuna":
+        param_space: dict[str, Any] = {}
+        tune_config = tune.TuneConfig(
+            search_alg=_optuna_searcher(study),
+            num_samples=planned,
+            max_concurrent_trials=study.max_concurrent,
+            reuse_actors=True,
+        )
+        total = planned
+    else:
+        param_space = {"trial": tune.grid_search([t.to_dict() for t in pending])}
+        tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent, reuse_actors=True)
+        total = len(pending)
+
+    progress = SweepProgress(total=total, objectives=list(study.objectives), console=console)
+    storage = str(Path(store.root) / "_tune") if store.local else f"{store.uri.rstrip('/')}/_tune"
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=f"{study.name}-{run_id}",
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=study.failure.max_failures),
+            callbacks=[progress],
+            verbose=0,
+        ),
+    )
+    console.print(
+        f"running {total} trial(s) of {study.name!r}"
+        + (f" ({skipped} already done)" if skipped else "")
+        + f" -> {store.uri}"
+    )
+    start = time.perf_counter()
+    with progress:
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            grid = None
+    summary.sweep_s = time.perf_counter() - start
+    summary.ok, summary.errors = progress.ok, progress.errors
+    summary.error_rows = progress.error_messages
+    if grid is not None:
+        summary.lost = sum(1 for r in grid if r.error is not None)
+        summary.interrupted = summary.interrupted or grid.num_terminated < len(grid) - summary.lost
+    return summary
+
+
+def _image_sizes(study: Study) -> list[int]:
+    if "image_size" in study.space and study.space["image_size"].is_enumerable:
+        return sorted({int(v) for v in study.space["image_size"].options()})
+    return [study.dataset.image_size]

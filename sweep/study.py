@@ -1,0 +1,649 @@
+"""Study files: the YAML schema (pydantic), its validation, and the expansion into trials.
+
+A study names a data set, a search space over detectors and their hyperparameters, a search
+algorithm, the objectives and the resources of each trial. ``load_study`` reads and validates a
+file; ``expand_trials`` turns a grid or random space into concrete :class:`TrialConfig` s, and
+``resolve_trial`` turns one sampled assignment (from Optuna, say) into one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sweep.errors import StudyError, did_you_mean
+
+# Keys of the space that are not detector hyperparameters, or not only.
+TRIAL_KEYS = ("model", "seed", "image_size", "epochs")
+# Detector hyperparameters that most detectors share; they apply wherever the detector has them.
+SHARED_HPARAMS = ("backbone", "pretrained", "weights")
+
+METRICS: dict[str, Literal["max", "min"]] = {
+    "image_auroc": "max",
+    "image_f1": "max",
+    "image_f1max": "max",
+    "pixel_auroc": "max",
+    "pixel_f1": "max",
+    "pixel_f1max": "max",
+    "pixel_aupro": "max",
+    "latency_ms": "min",
+    "throughput_fps": "max",
+    "train_s": "min",
+    "params_trainable": "min",
+    "params_total": "min",
+    "peak_rss_mb": "min",
+    "peak_gpu_mb": "min",
+}
+"""Metrics a study may use as objectives, with their natural direction."""
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
+DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticGlueConfig(_Strict):
+    """How many images the synthetic glue-line generator renders per split."""
+
+    n_train: int = Field(200, ge=1)
+    n_val_good: int = Field(20, ge=0)
+    n_val_defect: int = Field(4, ge=0, description="per defect type")
+    n_test_good: int = Field(40, ge=1)
+    n_test_defect: int = Field(6, ge=1, description="per defect type")
+    height: int = Field(480, ge=32)
+    width: int = Field(640, ge=32)
+    defect_types: tuple[str, ...] | None = None
+
+
+class DatasetConfig(_Strict):
+    kind: Literal["synthetic_glue", "mvtec", "folder"] = "synthetic_glue"
+    root: str | None = None
+    category: str | None = None
+    image_size: int = Field(256, ge=32, le=4096)
+    seed: int = Field(0, description="seed of data generation and of data splits")
+    normal_dir: str | None = None
+    abnormal_dir: str | None = None
+    mask_dir: str | None = None
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+    test_fraction: float | None = Field(None, gt=0, lt=1)
+    synthetic: SyntheticGlueConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> DatasetConfig:
+        if self.kind == "mvtec":
+            for name in ("root", "category"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"dataset kind 'mvtec' needs '{name}'")
+        if self.kind == "folder":
+            for name in ("normal_dir", "abnormal_dir"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"dataset kind 'folder' needs '{name}'")
+        if self.synthetic is not None and self.kind != "synthetic_glue":
+            raise ValueError("'synthetic' applies only to dataset kind 'synthetic_glue'")
+        return self
+
+    def loader_arguments(self, image_size: int) -> dict[str, Any]:
+        """Keyword arguments of ``data.load_dataset`` for this data set at ``image_size``."""
+        args: dict[str, Any] = {"image_size": image_size, "seed": self.seed}
+        if self.kind == "synthetic_glue":
+            args["root"] = str(Path(self.root or DEFAULT_DATA_ROOT).expanduser())
+            args["category"] = self.category or "part1"
+            if self.synthetic is not None:
+                from data.synthetic_glue import GlueSetConfig
+
+                values = self.synthetic.model_dump(exclude_none=True)
+                if "defect_types" in values:
+                    values["defect_types"] = tuple(values["defect_types"])
+                args["config"] = GlueSetConfig(**values)
+        elif self.kind == "mvtec":
+            args["root"] = str(Path(self.root).expanduser())  # type: ignore[arg-type]
+            args["category"] = self.category
+        else:
+            args["normal_dir"] = str(Path(self.normal_dir).expanduser())  # type: ignore[arg-type]
+            args["abnormal_dir"] = str(Path(self.abnormal_dir).expanduser())  # type: ignore[arg-type]
+            if self.mask_dir:
+                args["mask_dir"] = str(Path(self.mask_dir).expanduser())
+            if self.test_fraction is not None:
+                args["test_fraction"] = self.test_fraction
+        if self.val_fraction is not None and self.kind != "synthetic_glue":
+            args["val_fraction"] = self.val_fraction
+        return args
+
+    @property
+    def label(self) -> str:
+        """A short name of the data set for result rows."""
+        if self.kind == "folder":
+            return f"folder:{Path(self.normal_dir or '').parent.name or self.normal_dir}"
+        return self.kind
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    sampler: Literal["tpe", "nsga2", "random"] | None = None
+    n_trials: int | None = Field(None, ge=1, description="optuna: number of trials")
+    num_samples: int = Field(1, ge=1, description="random: draws per grid point")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.algorithm == "optuna" and self.n_trials is None:
+            raise ValueError("search algorithm 'optuna' needs 'n_trials'")
+        if self.algorithm != "optuna" and self.sampler is not None:
+            raise ValueError("'sampler' applies only to search algorithm 'optuna'")
+        return self
+
+
+class Objective(_Strict):
+    metric: str
+    mode: Literal["max", "min"] | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in METRICS:
+            raise ValueError(
+                f"unknown metric {metric!r}{did_you_mean(metric, METRICS)} "
+                f"(known: {', '.join(METRICS)})"
+            )
+        return metric
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or METRICS[self.metric]
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_or_fraction(cls, gpu: float) -> float:
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError("a GPU request above 1 must be a whole number")
+        return gpu
+
+
+class EvaluationConfig(_Strict):
+    train_batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="eval batch size (throughput is measured at it)")
+    latency_warmup: int = Field(3, ge=0)
+    latency_repeats: int = Field(20, ge=1)
+
+
+class FailureSettings(_Strict):
+    max_failures: int = Field(1, ge=0, description="retries of a trial whose worker died")
+
+
+class Param(_Strict):
+    """One key of the search space: a fixed value or a distribution."""
+
+    kind: Literal["fixed", "grid", "choice", "uniform", "loguniform", "int"]
+    values: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def is_enumerable(self) -> bool:
+        return self.kind in ("fixed", "grid", "choice")
+
+    def options(self) -> tuple[Any, ...]:
+        """Every value of a fixed/grid/choice parameter."""
+        return self.values
+
+
+class Study(_Strict):
+    name: str
+    description: str = ""
+    dataset: DatasetConfig = DatasetConfig()
+    space: dict[str, Param]
+    search: SearchConfig = SearchConfig()
+    objectives: tuple[Objective, ...] = (
+        Objective(metric="image_auroc", mode="max"),
+        Objective(metric="latency_ms", mode="min"),
+    )
+    resources: Resources = Resources()
+    max_concurrent: int | None = Field(None, ge=1)
+    output: str | None = None
+    evaluation: EvaluationConfig = EvaluationConfig()
+    failure: FailureSettings = FailureSettings()
+    source: str | None = Field(None, exclude=True, description="the file this study came from")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError("use letters, digits, '_', '.' and '-' (it names files)")
+        return name
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _parse_space(cls, raw: Any) -> dict[str, Param]:
+        if not isinstance(raw, Mapping) or not raw:
+            raise ValueError("the space is a non-empty mapping of key -> value or distribution")
+        return {str(k): _parse_param(str(k), v) for k, v in raw.items()}
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, objectives: tuple[Objective, ...]) -> tuple[Objective, ...]:
+        if not objectives:
+            raise ValueError("at least one objective is needed")
+        names = [o.metric for o in objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives repeat a metric: {names}")
+        return objectives
+
+    @model_validator(mode="after")
+    def _check_space(self) -> Study:
+        _validate_space(self)
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        return self.output or f"results/{self.name}"
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.space["model"].options())
+
+
+def _parse_param(key: str, value: Any) -> Param:
+    if isinstance(value, Mapping):
+        if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+            raise ValueError(
+                f"space key {key!r}: a distribution is one of {{{', '.join(DISTRIBUTIONS)}}}: "
+                f"[...], got {dict(value)!r}"
+            )
+        kind, arg = next(iter(value.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(arg, list) or not arg:
+                raise ValueError(f"space key {key!r}: {kind} needs a non-empty list")
+            return Param(kind=kind, values=tuple(_freeze(v) for v in arg))
+        if not (isinstance(arg, list) and len(arg) == 2 and all(_is_number(a) for a in arg)):
+            raise ValueError(f"space key {key!r}: {kind} needs [low, high] numbers, got {arg!r}")
+        low, high = float(arg[0]), float(arg[1])
+        if not low < high and not (kind == "int" and low == high):
+            raise ValueError(f"space key {key!r}: {kind} needs low < high, got {arg!r}")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"space key {key!r}: loguniform needs low > 0, got {arg!r}")
+        if kind == "int" and not all(float(a).is_integer() for a in arg):
+            raise ValueError(f"space key {key!r}: int needs whole numbers, got {arg!r}")
+        return Param(kind=kind, low=low, high=high)
+    return Param(kind="fixed", values=(_freeze(value),))
+
+
+def _freeze(value: Any) -> Any:
+    # Lists in a space are values (e.g. layers), and trial configs must be hashable.
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_space(study: Study) -> None:
+    import models
+
+    space = study.space
+    if "model" not in space:
+        raise ValueError("the space needs a 'model' key (a model name or a grid/choice of them)")
+    if not space["model"].is_enumerable:
+        raise ValueError("space key 'model' must be a value or a grid/choice of model names")
+    known_models = models.list_models()
+    for name in space["model"].options():
+        if name not in known_models:
+            raise ValueError(
+                f"space key 'model': unknown model {name!r}{did_you_mean(name, known_models)} "
+                f"(known: {', '.join(known_models)})"
+            )
+    study_models = list(space["model"].options())
+    hparams = {m: models.hyperparameters(m) for m in study_models}
+
+    for key, param in space.items():
+        if key in TRIAL_KEYS:
+            continue
+        if "." in key:
+            model, _, hp = key.partition(".")
+            if model not in known_models:
+                raise ValueError(
+                    f"space key {key!r}: unknown model {model!r}{did_you_mean(model, known_models)}"
+                )
+            if model not in study_models:
+                raise ValueError(
+                    f"space key {key!r} applies to model {model!r}, which the study's 'model' "
+                    f"does not include ({', '.join(study_models)})"
+                )
+            if hp not in hparams[model] or hp == "seed":
+                raise ValueError(
+                    f"space key {key!r}: model {model!r} has no hyperparameter {hp!r}"
+                    f"{did_you_mean(hp, hparams[model])} "
+                    f"(known: {', '.join(sorted(h for h in hparams[model] if h != 'seed'))})"
+                )
+        elif not any(key in hps for hps in hparams.values()):
+            every = sorted({h for hps in hparams.values() for h in hps} | set(TRIAL_KEYS))
+            raise ValueError(
+                f"space key {key!r} is not a hyperparameter of any model in the study"
+                f"{did_you_mean(key, every)} (known: {', '.join(every)})"
+            )
+    if "backbone" in space and space["backbone"].is_enumerable:
+        from models.backbones import list_backbones
+
+        known_backbones = list_backbones()
+        for name in space["backbone"].options():
+            if name not in known_backbones:
+                raise ValueError(
+                    f"space key 'backbone': unknown backbone {name!r}"
+                    f"{did_you_mean(name, known_backbones)} (known: {', '.join(known_backbones)})"
+                )
+    for key in ("seed", "image_size", "epochs"):
+        if key in space:
+            param = space[key]
+            if param.kind in ("uniform", "loguniform"):
+                raise ValueError(f"space key {key!r} takes whole numbers, not {param.kind}")
+            for value in param.options():
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"space key {key!r}: expected a whole number, got {value!r}")
+    if "image_size" in space:
+        for value in space["image_size"].options():
+            if value < 32:
+                raise ValueError(f"space key 'image_size': {value} is below the minimum of 32")
+    if study.search.algorithm == "grid":
+        for key, param in space.items():
+            if not param.is_enumerable:
+                raise ValueError(
+                    f"space key {key!r}: a {param.kind} distribution cannot be enumerated by "
+                    "search algorithm 'grid'; use 'random' or 'optuna', or a grid of values"
+                )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """Read, override (``key.path=value``) and validate a study file.
+
+    Every problem is a :class:`StudyError` naming the file, the key and what was expected.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StudyError("no such study file", path=str(path)) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise StudyError(f"cannot read the study file ({exc.__class__.__name__})", path=str(path))
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise StudyError(f"{where}invalid YAML: {problem}", path=str(path)) from None
+    if not isinstance(raw, dict):
+        raise StudyError(
+            "a study file is a YAML mapping (name:, dataset:, space:, ...)", path=str(path)
+        )
+    for override in overrides:
+        apply_override(raw, override, source=str(path))
+    return study_from_dict(raw, source=str(path))
+
+
+def study_from_dict(raw: Mapping[str, Any], source: str | None = None) -> Study:
+    """Validate a study given as a mapping (what a YAML file holds)."""
+    try:
+        return Study.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise StudyError(_explain(exc, raw), path=source) from None
+
+
+def _explain(exc: ValidationError, raw: Mapping[str, Any]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        key = ".".join(loc)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            section = _section_fields(loc[:-1])
+            message = f"unknown key {loc[-1]!r}{did_you_mean(loc[-1], section)}"
+            if section:
+                message += f" (known: {', '.join(section)})"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in error and error["type"] not in ("value_error", "assertion_error"):
+            message = f"{message} (got {error['input']!r})"
+        lines.append(f"{key}: {message}" if key else message)
+    return "; ".join(lines)
+
+
+def _section_fields(loc: list[str]) -> list[str]:
+    model: type[BaseModel] | None = Study
+    for part in loc:
+        info = model.model_fields.get(part) if model else None
+        annotation = info.annotation if info else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+        if model is None:
+            for arg in getattr(annotation, "__args__", ()):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    model = arg
+    if model is None:
+        return []
+    return [name for name in model.model_fields if name != "source"]
+
+
+def apply_override(raw: dict, override: str, source: str | None = None) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw study mapping in place.
+
+    Space keys contain dots themselves (``patchcore.coreset_ratio``), so everything after
+    ``space.`` is one key.
+    """
+    if "=" not in override:
+        raise StudyError(f"--set expects key=value, got {override!r}", path=source)
+    dotted, _, text = override.partition("=")
+    dotted = dotted.strip()
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise StudyError(f"--set {dotted}: value {text!r} is not valid YAML", path=source) from None
+    parts = dotted.split(".")
+    if parts[0] == "space" and len(parts) > 2:
+        parts = ["space", ".".join(parts[1:])]
+    if not all(parts):
+        raise StudyError(f"--set: bad key {dotted!r}", path=source)
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise StudyError(f"--set {dotted}: {part!r} is not a mapping", path=source)
+        node = child
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------- trials
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One concrete trial: a detector, its hyperparameters and the data settings."""
+
+    model: str
+    seed: int
+    image_size: int
+    epochs: int | None
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``models.create(model, ...)`` (seed included)."""
+
+    @property
+    def backbone(self) -> str | None:
+        value = self.hparams.get("backbone")
+        return None if value is None else str(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "epochs": self.epochs,
+            "hparams": {k: _jsonable(v) for k, v in sorted(self.hparams.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrialConfig:
+        return cls(
+            model=raw["model"],
+            seed=int(raw["seed"]),
+            image_size=int(raw["image_size"]),
+            epochs=None if raw.get("epochs") is None else int(raw["epochs"]),
+            hparams={k: _freeze(v) for k, v in raw.get("hparams", {}).items()},
+        )
+
+    def label(self) -> str:
+        parts = [self.model]
+        if self.backbone:
+            parts.append(self.backbone)
+        return "/".join(parts) + f" seed={self.seed} {self.image_size}px"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def config_hash(study: Study, trial: TrialConfig) -> str:
+    """A stable id of everything that determines a trial's result.
+
+    Study name, output, resources and concurrency are left out: the same configuration on the
+    same data gives the same result wherever it runs.
+    """
+    identity = {
+        "trial": trial.to_dict(),
+        "dataset": study.dataset.model_dump(exclude={"image_size"}, exclude_none=True),
+        "evaluation": study.evaluation.model_dump(),
+    }
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
+    """Turn one value per space key into a trial, keeping only what applies to its model."""
+    import models
+
+    model = assignment["model"]
+    known = models.hyperparameters(model)
+    seed = int(assignment.get("seed", 0))
+    hparams: dict[str, Any] = {}
+    for key, value in assignment.items():
+        if key not in TRIAL_KEYS and "." not in key and key in known:
+            hparams[key] = _freeze(value)
+    # A model-prefixed key is more specific and wins over a shared one.
+    for key, value in assignment.items():
+        owner, dot, hp = key.partition(".")
+        if dot and owner == model:
+            hparams[hp] = _freeze(value)
+    if "seed" in known:
+        hparams["seed"] = seed
+    epochs = assignment.get("epochs")
+    return TrialConfig(
+        model=model,
+        seed=seed,
+        image_size=int(assignment.get("image_size", study.dataset.image_size)),
+        epochs=None if epochs is None else int(epochs),
+        hparams=hparams,
+    )
+
+
+def assignment_from_sampler(study: Study, sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """A full assignment from what a sampler chose: fixed keys added, indexed choices decoded.
+
+    Optuna's categorical choices must be scalars, so list-valued options (e.g. layers) are
+    sampled by index as ``<key>#index``.
+    """
+    assignment = {k: p.values[0] for k, p in study.space.items() if p.kind == "fixed"}
+    for key, value in sampled.items():
+        if key.endswith("#index"):
+            name = key.removesuffix("#index")
+            assignment[name] = study.space[name].values[int(value)]
+        else:
+            assignment[key] = value
+    return assignment
+
+
+def expand_trials(study: Study) -> list[TrialConfig]:
+    """Every trial of a grid or random study, deduplicated, in a stable order.
+
+    Grid: the cartesian product of every grid/choice key. Random: for each grid point,
+    ``search.num_samples`` draws of the continuous keys and choices, from ``search.seed``.
+    Keys that do not apply to a model (another model's hyperparameters, a backbone for a
+    detector without one) would repeat a configuration; duplicates are dropped.
+    """
+    if study.search.algorithm == "optuna":
+        raise ValueError("optuna studies are sampled during the run, not expanded")
+    grid_keys = [k for k, p in study.space.items() if p.kind in ("fixed", "grid")]
+    sampled_keys = [k for k in study.space if k not in grid_keys]
+    if study.search.algorithm == "grid":
+        grid_keys, sampled_keys = list(study.space), []
+    rng = np.random.default_rng(study.search.seed)
+    draws = study.search.num_samples if study.search.algorithm == "random" else 1
+    seen: set[str] = set()
+    trials: list[TrialConfig] = []
+    for values in itertools.product(*(study.space[k].options() for k in grid_keys)):
+        point = dict(zip(grid_keys, values))
+        for _ in range(draws):
+            assignment = {**point, **{k: sample_param(study.space[k], rng) for k in sampled_keys}}
+            trial = resolve_trial(study, assignment)
+            digest = config_hash(study, trial)
+            if digest not in seen:
+                seen.add(digest)
+                trials.append(trial)
+    return trials
+
+
+def sample_param(param: Param, rng: np.random.Generator) -> Any:
+    """One draw of a parameter (random search)."""
+    if param.kind in ("fixed", "grid", "choice"):
+        return param.values[int(rng.integers(len(param.values)))]
+    assert param.low is not None and param.high is not None
+    if param.kind == "uniform":
+        return float(rng.uniform(param.low, param.high))
+    if param.kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(param.low), math.log(param.high))))
+    return int(rng.integers(int(param.low), int(param.high) + 1))
+
+
+def study_to_yaml(study: Study) -> str:
+    """The validated study as YAML (what a run records beside its results)."""
+    raw = study.model_dump(mode="json", exclude={"source"})
+    space = {}
+    for key, param in study.space.items():
+        if param.kind == "fixed":
+            space[key] = _jsonable(param.values[0])
+        elif param.kind in ("grid", "choice"):
+            space[key] = {param.kind: [_jsonable(v) for v in param.values]}
+        else:
+            space[key] = {param.kind: [param.low, param.high]}
+    raw["space"] = space
+    return yaml.safe_dump(copy.deepcopy(raw), sort_keys=False)

@@ -1,0 +1,297 @@
+"""One trial: data -> detector -> fit -> evaluate -> time -> one Parquet row.
+
+``run_trial`` does the work and knows nothing of Ray; ``tune_trial`` is the thin Ray Tune
+function trainable around it. A trial that fails for its own reason (an exception, a NaN loss,
+out of memory) becomes a row with ``status="error"`` and the cause, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import socket
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import models
+from sweep import metrics as metric_fns
+from sweep.results import HP_PREFIX, ResultStore
+from sweep.study import Study, TrialConfig, assignment_from_sampler, config_hash, resolve_trial
+from sweep.timing import PeakMemory, Stopwatch, measure_latency, measure_throughput
+
+Reporter = Callable[[dict[str, Any]], None]
+"""Receives per-epoch results while a trial trains (Ray Tune's ``report`` in a sweep)."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a run shares: the study, where rows go, and their schema."""
+
+    study: Study
+    output: str
+    run_id: str
+    schema: pa.Schema
+    retry_errors: bool = False
+    trial_runner: Callable[[TrialConfig, TrialContext, Reporter | None], dict[str, Any]] | None = (
+        None
+    )
+    """Replaces :func:`run_trial` (benchmarks time the engine with a trivial one)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+_DATA_CACHE: OrderedDict[str, Any] = OrderedDict()
+_DATA_CACHE_SIZE = 4
+
+
+def load_data(study: Study, image_size: int):  # -> data.DatasetSplits
+    """The study's data at ``image_size``, cached in this process for the trials that follow."""
+    import data
+
+    args = study.dataset.loader_arguments(image_size)
+    key = json.dumps([study.dataset.kind, args], sort_keys=True, default=repr)
+    if key in _DATA_CACHE:
+        _DATA_CACHE.move_to_end(key)
+        return _DATA_CACHE[key]
+    splits = data.load_dataset(study.dataset.kind, **args)
+    _DATA_CACHE[key] = splits
+    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+        _DATA_CACHE.popitem(last=False)
+    return splits
+
+
+class _Epochs:
+    """Training batches, reshuffled every epoch from the trial's seed, on the trial's device."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, device: torch.device):
+        self.dataset = dataset
+        self.batch_size = min(batch_size, len(dataset))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.dataset.batches(self.batch_size, shuffle=True, generator=self.generator):
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def select_device(study: Study) -> torch.device:
+    if study.resources.gpu > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _predict_split(detector: models.Detector, dataset, batch_size: int, device: torch.device):
+    scores, maps = [], []
+    for batch in dataset.batches(batch_size):
+        prediction = detector.predict(batch["image"].to(device))
+        scores.append(prediction.score.detach().float().cpu())
+        if prediction.anomaly_map is not None:
+            maps.append(prediction.anomaly_map.detach().float().cpu())
+    score = torch.cat(scores).numpy()
+    if not np.all(np.isfinite(score)):
+        raise FloatingPointError(f"{int((~np.isfinite(score)).sum())} non-finite image scores")
+    return metric_fns.SplitOutputs(
+        labels=dataset.labels.numpy(),
+        scores=score,
+        masks=dataset.masks.numpy() if dataset.has_masks else None,
+        maps=torch.cat(maps).numpy() if maps else None,
+    )
+
+
+def run_trial(
+    trial: TrialConfig, ctx: TrialContext, report: Reporter | None = None
+) -> dict[str, Any]:
+    """Fit and evaluate one configuration; return its result row (without bookkeeping columns)."""
+    study = ctx.study
+    device = select_device(study)
+    torch.set_num_threads(max(1, int(study.resources.cpu)))
+    splits = load_data(study, trial.image_size)
+
+    detector = models.create(trial.model, **trial.hparams).to(device)
+    epochs_run = 0
+
+    def on_epoch_end(epoch: int, values: dict) -> bool:
+        nonlocal epochs_run
+        epochs_run = epoch
+        loss = values.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(f"training loss is {loss} at epoch {epoch}")
+        if report is not None:
+            report({"epoch": epoch, **{k: float(v) for k, v in values.items()}})
+        return False
+
+    train = _Epochs(splits.train, study.evaluation.train_batch_size, trial.seed, device)
+    with PeakMemory(device=device) as memory:
+        with Stopwatch() as fit_time:
+            detector.fit(train, epochs=trial.epochs, on_epoch_end=on_epoch_end)
+        detector.eval()
+        batch_size = study.evaluation.batch_size
+        val = _predict_split(detector, splits.val, batch_size, device)
+        test = _predict_split(detector, splits.test, batch_size, device)
+        scores = metric_fns.evaluate(val, test)
+
+        images = splits.test.images()
+        latency = measure_latency(
+            detector.predict,
+            images[:1].to(device),
+            warmup=study.evaluation.latency_warmup,
+            repeats=study.evaluation.latency_repeats,
+        )
+        repeat = math.ceil(batch_size / len(images))
+        batch = images.repeat(repeat, 1, 1, 1)[:batch_size].to(device)
+        throughput = measure_throughput(detector.predict, batch)
+
+    trainable, frozen = detector.param_counts()
+    return {
+        **scores,
+        "epochs_run": epochs_run if detector.learning_type == "iterative" else None,
+        "train_s": fit_time.seconds,
+        "latency_ms": latency.median_ms,
+        "throughput_fps": throughput,
+        "eval_batch_size": batch_size,
+        "params_trainable": trainable,
+        "params_frozen": frozen,
+        "params_total": trainable + frozen,
+        "peak_rss_mb": memory.peak_rss_mb,
+        "peak_gpu_mb": memory.peak_gpu_mb,
+        "n_train": len(splits.train),
+        "n_test": len(splits.test),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "category": splits.category,
+    }
+
+
+def _versions() -> str:
+    import ray
+    import timm
+
+    return json.dumps(
+        {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "ray": ray.__version__,
+            "anomaly_sweep": _package_version(),
+        }
+    )
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anomaly-sweep")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _describe_error(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)
+    )
+    kind = "out of memory" if _is_oom(exc) else exc.__class__.__name__
+    return f"{kind}: {exc} [{where}]"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(
+        exc
+    )
+
+
+def execute_trial(
+    trial: TrialConfig, ctx: TrialContext, report: Reporter | None = None, trial_id: str = ""
+) -> dict[str, Any]:
+    """Run a trial and build its complete row; a failure becomes an error row, never a raise."""
+    study = ctx.study
+    started = datetime.now(timezone.utc)
+    digest = config_hash(study, trial)
+    row: dict[str, Any] = {
+        "study": study.name,
+        "run_id": ctx.run_id,
+        "trial_id": trial_id or digest,
+        "config_hash": digest,
+        "model": trial.model,
+        "backbone": trial.backbone,
+        "seed": trial.seed,
+        "image_size": trial.image_size,
+        "epochs": trial.epochs,
+        "dataset": study.dataset.label,
+        "category": study.dataset.category,
+        "augmentation": "none",
+        "hostname": socket.gethostname(),
+        "versions": _versions(),
+        "trial_config": json.dumps(trial.to_dict(), sort_keys=True),
+        "started_at": started,
+    }
+    hparams = {**models.hyperparameters(trial.model), **trial.hparams}
+    row.update({HP_PREFIX + k: v for k, v in hparams.items() if HP_PREFIX + k in ctx.schema.names})
+    runner = ctx.trial_runner or run_trial
+    try:
+        row.update(runner(trial, ctx, report))
+        row["status"] = "ok"
+    except Exception as exc:  # a trial's own failure must not stop the sweep
+        row["status"] = "error"
+        row["error"] = _describe_error(exc)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["finished_at"] = datetime.now(timezone.utc)
+    return {k: v for k, v in row.items() if k in ctx.schema.names}
+
+
+def final_metrics(study: Study, row: dict[str, Any]) -> dict[str, Any]:
+    """What a finished trial reports to Tune: objectives, status and identity."""
+    values: dict[str, Any] = {
+        "status": row.get("status"),
+        "config_hash": row.get("config_hash"),
+        "label": f"{row.get('model')}/{row.get('backbone') or '-'} seed={row.get('seed')}",
+        "error": row.get("error"),
+        "done": True,
+    }
+    for objective in study.objectives:
+        value = row.get(objective.metric)
+        values[objective.metric] = float("nan") if value is None else float(value)
+    return values
+
+
+def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune function trainable: one trial from a grid entry or an Optuna assignment."""
+    from ray import tune
+
+    if "trial" in config:
+        trial = TrialConfig.from_dict(config["trial"])
+    else:
+        trial = resolve_trial(ctx.study, assignment_from_sampler(ctx.study, config))
+    store = ResultStore(ctx.output)
+    digest = config_hash(ctx.study, trial)
+    existing = store.read_row(digest)
+    if existing is not None and (existing["status"] == "ok" or not ctx.retry_errors):
+        tune.report({**final_metrics(ctx.study, existing), "skipped": True})
+        return
+    # Optuna takes intermediate results only for its own metric; epochs are not reported to it.
+    report = None if ctx.study.search.algorithm == "optuna" else tune.report
+    trial_id = tune.get_context().get_trial_id() or digest
+    row = execute_trial(trial, ctx, report, trial_id=trial_id)
+    store.write_row(row, ctx.schema)
+    tune.report({**final_metrics(ctx.study, row), "skipped": False})
+
+
+def with_runner(ctx: TrialContext, runner) -> TrialContext:
+    """A copy of ``ctx`` whose trials call ``runner`` instead of :func:`run_trial`."""
+    return dataclasses.replace(ctx, trial_runner=runner)
