@@ -212,7 +212,8 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
         if row.get("on_front")
     }
     table = Table(
-        title=f"{report['results']}: {report['ok']}/{report['trials']} trials ok, mean ± std over seeds"
+        title=f"{report['results']}: {report['ok']}/{report['trials']} trials ok "
+        "(mean ± std over seeds)"
     )
     for column in ("model", "backbone", "size", "seeds", *metrics, "front"):
         table.add_column(column, justify="right" if column not in ("model", "backbone") else "left")
@@ -249,9 +250,7 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
     selection = report.get("selection")
     if selection:
         names = " vs ".join(f"{m} ({d})" for m, d in objectives)
-        out.print(
-            f"Pareto front over {names}: {sum(1 for r in selection['table'] if r.get('on_front'))} configuration(s)"
-        )
+        out.print(f"Pareto front over {names}: {len(front)} configuration(s)")
         for method, idx in selection["picks"].items():
             if idx is None:
                 continue
@@ -264,7 +263,8 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
             out.print(f"  [dim]{note}[/dim]")
     for error in report["errors"]:
         out.print(
-            f"[red]error row[/red] {error['model']}/{error['backbone'] or '-'} seed={error['seed']}: {error['error']}"
+            f"[red]error row[/red] {error['model']}/{error['backbone'] or '-'} "
+            f"seed={error['seed']}: {error['error']}"
         )
     for name, path in report["plots"].items():
         out.print(f"{name} plot: {path}")

@@ -206,7 +206,11 @@ class ResultStore:
             return {}
         table = self._dataset(files).to_table(columns=["config_hash", "status"])
         return dict(
-            zip(table.column("config_hash").to_pylist(), table.column("status").to_pylist())
+            zip(
+                table.column("config_hash").to_pylist(),
+                table.column("status").to_pylist(),
+                strict=True,
+            )
         )
 
     def read_row(self, config_hash: str) -> dict[str, Any] | None:

@@ -316,7 +316,7 @@ def _validate_space(study: Study) -> None:
     study_models = list(space["model"].options())
     hparams = {m: models.hyperparameters(m) for m in study_models}
 
-    for key, param in space.items():
+    for key in space:
         if key in TRIAL_KEYS:
             continue
         if "." in key:
@@ -387,7 +387,8 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     except FileNotFoundError:
         raise StudyError("no such study file", path=str(path)) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise StudyError(f"cannot read the study file ({exc.__class__.__name__})", path=str(path))
+        message = f"cannot read the study file ({exc.__class__.__name__})"
+        raise StudyError(message, path=str(path)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -611,7 +612,7 @@ def expand_trials(study: Study) -> list[TrialConfig]:
     seen: set[str] = set()
     trials: list[TrialConfig] = []
     for values in itertools.product(*(study.space[k].options() for k in grid_keys)):
-        point = dict(zip(grid_keys, values))
+        point = dict(zip(grid_keys, values, strict=True))
         for _ in range(draws):
             assignment = {**point, **{k: sample_param(study.space[k], rng) for k in sampled_keys}}
             trial = resolve_trial(study, assignment)

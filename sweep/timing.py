@@ -65,7 +65,7 @@ def measure_latency(
 def measure_throughput(
     predict: Callable[[torch.Tensor], object], batch: torch.Tensor, *, repeats: int = 3
 ) -> float:
-    """Images per second of ``predict`` at ``batch``'s size (best of ``repeats`` after one warm-up)."""
+    """Images per second of ``predict`` at the batch size: best of ``repeats`` after a warm-up."""
     device = batch.device
     best = float("inf")
     with torch.inference_mode():
