@@ -1,0 +1,71 @@
+"""Shared fixtures: a small synthetic study and one Ray instance for the whole session."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs, like CI) shared by every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+        )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def glue_root(tmp_path_factory) -> Path:
+    """Where the tiny synthetic glue-line data lives for the session (generated on first use)."""
+    return tmp_path_factory.mktemp("glue")
+
+
+def tiny_study(glue_root: Path, output: Path, **overrides) -> dict:
+    """A study mapping small enough to run several trials in seconds on 2 cores."""
+    study = {
+        "name": "tiny",
+        "dataset": {
+            "kind": "synthetic_glue",
+            "root": str(glue_root),
+            "category": "part1",
+            "image_size": 64,
+            "synthetic": {
+                "n_train": 12,
+                "n_val_good": 4,
+                "n_val_defect": 1,
+                "n_test_good": 6,
+                "n_test_defect": 1,
+                "height": 240,
+                "width": 320,
+            },
+        },
+        "space": {
+            "model": {"grid": ["patchcore", "padim"]},
+            "backbone": "resnet18",
+            "pretrained": False,
+            "seed": 0,
+        },
+        "resources": {"cpu": 1},
+        "max_concurrent": 2,
+        "evaluation": {
+            "train_batch_size": 8,
+            "batch_size": 8,
+            "latency_warmup": 1,
+            "latency_repeats": 3,
+        },
+        "output": str(output),
+    }
+    for key, value in overrides.items():
+        study[key] = value
+    return study

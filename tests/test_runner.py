@@ -1,0 +1,95 @@
+"""The whole path through Ray Tune: study -> trials -> Parquet rows -> re-run skips them."""
+
+from __future__ import annotations
+
+import math
+
+import cloudpickle
+import pandas as pd
+import pytest
+
+from sweep.results import read_results
+from sweep.runner import run_study
+from sweep.study import study_from_dict
+from tests.conftest import tiny_study
+
+pytestmark = pytest.mark.ray
+
+
+def trivial_runner(trial, ctx, report):
+    """A trial that trains nothing: isolates the engine from the detectors."""
+    if trial.seed == 13:
+        raise RuntimeError("seed 13 is unlucky")
+    if report is not None:
+        report({"epoch": 1, "loss": 0.5})
+    return {"image_auroc": 0.5 + trial.seed / 100, "latency_ms": 1.0 + trial.seed, "train_s": 0.0}
+
+
+# Ray workers cannot import this test module; ship its functions by value.
+cloudpickle.register_pickle_by_value(__import__(__name__))
+
+
+def test_real_tiny_study_rows_read_back(ray_session, glue_root, tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"]["padim.n_features"] = {"grid": [32, 100000]}  # 100000 > channels: must fail
+    study = study_from_dict(raw)
+    summary = run_study(study)
+    assert (summary.ok, summary.errors, summary.lost) == (2, 1, 0)
+
+    df = pd.read_parquet(tmp_path / "out")
+    assert len(df) == 3
+    ok = df[df.status == "ok"]
+    assert set(ok.model) == {"patchcore", "padim"}
+    for row in ok.itertuples():
+        assert 0.0 <= row.image_auroc <= 1.0
+        assert row.latency_ms > 0 and row.throughput_fps > 0 and row.train_s > 0
+        assert row.params_frozen > 0 and row.peak_rss_mb > 0
+        assert row.device == "cpu" and row.image_size == 64 and row.backbone == "resnet18"
+    error = df[df.status == "error"].iloc[0]
+    assert error.model == "padim" and error["hp.n_features"] == 100000
+    assert "100000" in error.error
+    assert math.isnan(error.image_auroc)
+
+    count = duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/out/**/*.parquet'").fetchall()
+    assert count == [(3,)]
+
+    again = run_study(study)
+    assert (again.planned, again.skipped, again.ok, again.errors) == (3, 3, 0, 0)
+    assert len(read_results(tmp_path / "out")) == 3
+
+
+def test_error_rows_do_not_stop_the_sweep_and_retry_on_request(ray_session, glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"]["seed"] = {"grid": [0, 1, 13, 2]}
+    raw["space"]["model"] = "patchcore"
+    study = study_from_dict(raw)
+    summary = run_study(study, trial_runner=trivial_runner, preflight=False)
+    assert (summary.ok, summary.errors) == (3, 1)
+    df = read_results(tmp_path / "out").set_index("seed")
+    assert df.loc[13, "status"] == "error" and "unlucky" in df.loc[13, "error"]
+    assert df.loc[2, "image_auroc"] == pytest.approx(0.52)
+
+    retry = run_study(study, trial_runner=trivial_runner, preflight=False, retry_errors=True)
+    assert (retry.planned, retry.skipped, retry.errors) == (4, 3, 1)
+    assert len(read_results(tmp_path / "out")) == 4
+
+
+def test_optuna_multi_objective_search(ray_session, glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {
+        "model": "patchcore",
+        "backbone": "resnet18",
+        "pretrained": False,
+        "seed": {"choice": [0, 1, 2, 3, 4, 5, 6, 7]},
+        "patchcore.coreset_ratio": {"loguniform": [0.01, 0.5]},
+        "patchcore.num_neighbors": {"int": [1, 9]},
+    }
+    raw["search"] = {"algorithm": "optuna", "sampler": "nsga2", "n_trials": 5, "seed": 3}
+    study = study_from_dict(raw)
+    summary = run_study(study, trial_runner=trivial_runner, preflight=False)
+    df = read_results(tmp_path / "out")
+    assert summary.ok + summary.errors + summary.skipped == 5
+    assert len(df) == df.config_hash.nunique() >= 1
+    assert df["hp.coreset_ratio"].between(0.01, 0.5).all()
+    assert df["hp.num_neighbors"].between(1, 9).all()
