@@ -21,12 +21,12 @@ import cloudpickle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from sweep.results import ResultStore  # noqa: E402
-from sweep.runner import connect_ray, run_study, study_schema  # noqa: E402
-from sweep.study import expand_trials, study_from_dict  # noqa: E402
-from sweep.trainable import TrialContext, execute_trial  # noqa: E402
+from sweep.results import ResultStore
+from sweep.runner import connect_ray, run_study, study_schema
+from sweep.study import expand_trials, study_from_dict
+from sweep.trainable import TrialContext, execute_trial
 
 
 def trivial_runner(trial, ctx, report):
@@ -89,7 +89,8 @@ def main() -> None:
     loop, ray = statistics.median(loop_s), statistics.median(ray_s)
     overhead = (ray - loop) / args.trials
     print(
-        f"trials per run             {args.trials} (max_concurrent {args.cpus}, {args.repeats} runs)"
+        f"trials per run             {args.trials} "
+        f"(max_concurrent {args.cpus}, {args.repeats} runs)"
     )
     print(f"Ray start-up (apart)       {ray_start:.2f} s")
     print(f"plain loop, median         {loop:.2f} s  ({loop / args.trials * 1000:.1f} ms/trial)")
