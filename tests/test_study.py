@@ -119,8 +119,8 @@ def test_bad_study_names_file_key_and_expectation(tmp_path, raw, needles):
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(StudyError, match="no such study file"):
         load_study(tmp_path / "absent.yaml")
-    with pytest.raises(StudyError, match=r"line 2.*invalid YAML"):
-        load_study(write(tmp_path, "name: x\nspace: {model: [\n"))
+    with pytest.raises(StudyError, match=r"line 2, column 8: invalid YAML: mapping values"):
+        load_study(write(tmp_path, "name: x\nspace: : {\n"))
     with pytest.raises(StudyError, match="YAML mapping"):
         load_study(write(tmp_path, "- just\n- a list\n"))
 
