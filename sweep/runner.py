@@ -179,7 +179,6 @@ def run_study(
     console = console or Console(stderr=True)
     output = output or study.output_dir
     store = ResultStore(output)
-    store.ensure()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     if preflight:
@@ -190,6 +189,7 @@ def run_study(
                 splits = load_data(study, size)
             console.print(f"data: {splits.describe()}")
 
+    store.ensure()
     _write_study_copy(store, study)
     ctx = TrialContext(
         study=study,
