@@ -1,0 +1,203 @@
+"""PaDiM (Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection
+and Localization", ICPR 2020 workshops).
+
+Fit: at every position of the first layer's feature grid, the embeddings of the training images
+(several backbone layers, resized to that grid and concatenated, reduced to a seeded random subset
+of channels) are modelled by a multivariate Gaussian. Predict: the Mahalanobis distance of each
+test embedding to its position's Gaussian is the anomaly map; its maximum is the image score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from models.backbones import FeatureExtractor
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    ModelError,
+    Prediction,
+    iter_images,
+    register,
+)
+from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+
+__all__ = ["PaDiM"]
+
+PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+"""Embedding sizes the PaDiM paper keeps for its backbones (``n_features=None``)."""
+_DEFAULT_N_FEATURES_CAP = 550
+
+# Positions processed together when inverting covariances and computing distances: bounds the
+# temporaries to a few C x C matrices per position in the chunk.
+_POSITIONS_PER_CHUNK = 256
+
+
+@register("padim")
+class PaDiM(Detector):
+    """One Gaussian per feature position; Mahalanobis distance as the anomaly score."""
+
+    learning_type = "one_pass"
+    localizes = True
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        n_features: int | None = None,
+        covariance_eps: float = 0.01,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        pretrained: bool = True,
+        weights: str | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: feature extractor (``models.backbones.list_backbones()``).
+            layers: backbone layers concatenated into an embedding; the first sets the grid.
+            n_features: channels kept from the concatenated embedding (a seeded random subset),
+                at most the total. None keeps the paper's 100 for resnet18 and 550 for
+                wide_resnet50_2, and for other backbones min(total channels, 550).
+            covariance_eps: multiple of the identity added to every covariance so it is
+                invertible (the paper's 0.01).
+            blur_sigma: standard deviation in pixels of the Gaussian smoothing of the anomaly
+                map; 0 disables it.
+            seed: seeds the random channel subset, and the backbone's initialisation when it
+                is not pretrained.
+            pretrained: use timm's pretrained backbone weights.
+            weights: local backbone weight file or directory (overrides ``pretrained``).
+        """
+        super().__init__()
+        self.extractor = FeatureExtractor(
+            backbone, layers, pretrained=pretrained, weights=weights, seed=seed
+        )
+        total = sum(self.extractor.channels.values())
+        if n_features is None:
+            n_features = PAPER_N_FEATURES.get(backbone, min(total, _DEFAULT_N_FEATURES_CAP))
+        if isinstance(n_features, bool) or not isinstance(n_features, int):
+            raise ModelError(f"padim: n_features must be an int or None, got {n_features!r}")
+        if not 1 <= n_features <= total:
+            raise ModelError(
+                f"padim: n_features must be between 1 and the {total} channels of {backbone} "
+                f"{'+'.join(self.extractor.layers)}, got {n_features}"
+            )
+        if covariance_eps <= 0:
+            raise ModelError(f"padim: covariance_eps must be > 0, got {covariance_eps}")
+        if blur_sigma < 0:
+            raise ModelError(f"padim: blur_sigma must be >= 0, got {blur_sigma}")
+        self.n_features = n_features
+        self.covariance_eps = float(covariance_eps)
+        self.blur_sigma = float(blur_sigma)
+        self.seed = seed
+        generator = torch.Generator().manual_seed(seed)
+        channels = torch.randperm(total, generator=generator)[:n_features].sort().values
+        self.register_buffer("channel_index", channels)
+        self.register_buffer("mean", torch.empty(0, n_features))
+        self.register_buffer("inv_covariance", torch.empty(0, n_features, n_features))
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Embeddings of a batch: ``B x n_features x h x w`` on the first layer's grid."""
+        features = list(self.extractor(images).values())
+        # The paper aligns deeper layers to the first by nearest-neighbour upsampling.
+        embedding = concat_to_first(features, mode="nearest")
+        return embedding.index_select(1, self.channel_index)
+
+    @torch.no_grad()
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict[str, Any]:
+        """Estimate the per-position Gaussians from one pass over ``train``; ``epochs`` is ignored.
+
+        Sums are accumulated batch by batch, shifted by the first batch's mean to avoid the
+        cancellation of ``E[xx^T] - mu mu^T`` in float32, so no training embedding is kept.
+        """
+        self.eval()
+        device = self.channel_index.device
+        count = 0
+        shift = total = outer = None
+        grid: tuple[int, int] | None = None
+        for images in iter_images(train):
+            embedding = self.embed(images.to(device)).float()
+            batch, channels, height, width = embedding.shape
+            if grid is None:
+                grid = (height, width)
+                # positions x channels, then positions x channels x channels
+                shift = embedding.mean(0).flatten(1).T.contiguous()
+                total = torch.zeros_like(shift)
+                outer = torch.zeros(height * width, channels, channels, device=device)
+            elif (height, width) != grid:
+                raise ModelError(
+                    f"padim: training images give {height}x{width} feature grids after "
+                    f"{grid[0]}x{grid[1]}; all training images must have the same size"
+                )
+            centred = embedding.flatten(2).permute(2, 0, 1) - shift[:, None, :]  # P x B x C
+            total += centred.sum(1)
+            outer.baddbmm_(centred.transpose(1, 2), centred)
+            count += batch
+        if grid is None:
+            raise ModelError("padim: the training set is empty")
+        if count < 2:
+            raise ModelError("padim: at least 2 training images are needed for a covariance")
+        centred_mean = total / count
+        # Unbiased covariance from the shifted sums, then (cov + eps I)^-1, a chunk at a time and
+        # in place so that only one P x C x C tensor is ever held.
+        identity = torch.eye(self.n_features, device=device, dtype=torch.float64)
+        for start in range(0, outer.shape[0], _POSITIONS_PER_CHUNK):
+            stop = start + _POSITIONS_PER_CHUNK
+            m = centred_mean[start:stop].double()
+            covariance = (outer[start:stop].double() - count * m[:, :, None] * m[:, None, :]) / (
+                count - 1
+            )
+            covariance += self.covariance_eps * identity
+            factor, info = torch.linalg.cholesky_ex(covariance)
+            if torch.any(info != 0):
+                raise ModelError(
+                    "padim: a regularised covariance is not positive definite "
+                    "(non-finite features?)"
+                )
+            outer[start:stop] = torch.cholesky_inverse(factor).float()
+        self.mean = (shift + centred_mean).contiguous()
+        self.inv_covariance = outer
+        if on_epoch_end is not None:
+            on_epoch_end(1, {})
+        return {"epochs": 1, "n_images": count, "positions": outer.shape[0]}
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Score a batch: the blurred Mahalanobis-distance map and its maximum."""
+        if self.mean.shape[0] == 0:
+            raise ModelError("padim: predict called before fit")
+        embedding = self.embed(images.to(self.channel_index.device)).float()
+        batch, _, height, width = embedding.shape
+        if height * width != self.mean.shape[0]:
+            raise ModelError(
+                f"padim: fitted on {self.mean.shape[0]} feature positions, these images give "
+                f"{height}x{width}; predict at the training image size"
+            )
+        delta = embedding.flatten(2).permute(2, 0, 1) - self.mean[:, None, :]  # P x B x C
+        squared = torch.empty(height * width, batch, device=delta.device)
+        for start in range(0, delta.shape[0], _POSITIONS_PER_CHUNK):
+            stop = start + _POSITIONS_PER_CHUNK
+            d = delta[start:stop]
+            squared[start:stop] = (torch.bmm(d, self.inv_covariance[start:stop]) * d).sum(2)
+        distances = squared.clamp_min_(0).sqrt_().T.reshape(batch, height, width)
+        maps = gaussian_blur(upsample_maps(distances, images.shape[-2:]), self.blur_sigma)
+        scores = maps.flatten(1).max(dim=1).values
+        return Prediction(score=scores, anomaly_map=maps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The Gaussians' shapes are only known after fit: take the stored ones.
+        for name in ("mean", "inv_covariance"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.mean.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,211 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Fit: every training image becomes a grid of locally aware patch features (mid-level backbone
+features averaged over a 3x3 neighbourhood, deeper layers upsampled to the first layer's grid and
+concatenated); a greedy k-center coreset of all of them is the memory bank. Predict: a patch's
+anomaly score is its distance to the nearest memory-bank patch; the image score is the largest
+patch score, re-weighted by how isolated its nearest memory patch is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.backbones import FeatureExtractor
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    ModelError,
+    Prediction,
+    iter_images,
+    register,
+)
+from models.components.coreset import greedy_coreset
+from models.components.feature_utils import (
+    NearestNeighbors,
+    concat_to_first,
+    gaussian_blur,
+    upsample_maps,
+)
+
+__all__ = ["PatchCore"]
+
+
+@register("patchcore")
+class PatchCore(Detector):
+    """Memory bank of nominal patch features with nearest-neighbour scoring."""
+
+    learning_type = "one_pass"
+    localizes = True
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        coreset_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        projection_dim: int | None = 128,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        pretrained: bool = True,
+        weights: str | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: feature extractor (``models.backbones.list_backbones()``).
+            layers: backbone layers whose features form a patch; the first sets the patch grid.
+            coreset_ratio: fraction of all training patches kept in the memory bank, in (0, 1].
+            num_neighbors: size of the memory-bank neighbourhood used to re-weight the image
+                score (``b`` in the paper); 1 turns the re-weighting off.
+            projection_dim: dimension of the random projection the coreset is selected in;
+                None selects on the full features.
+            blur_sigma: standard deviation in pixels of the Gaussian smoothing of the anomaly
+                map; 0 disables it.
+            seed: seeds the coreset's projection and starting point, and the backbone's
+                initialisation when it is not pretrained.
+            pretrained: use timm's pretrained backbone weights.
+            weights: local backbone weight file or directory (overrides ``pretrained``).
+        """
+        super().__init__()
+        if not isinstance(coreset_ratio, int | float) or not 0.0 < coreset_ratio <= 1.0:
+            raise ModelError(f"patchcore: coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
+        if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int):
+            raise ModelError(f"patchcore: num_neighbors must be an int, got {num_neighbors!r}")
+        if num_neighbors < 1:
+            raise ModelError(f"patchcore: num_neighbors must be >= 1, got {num_neighbors}")
+        if projection_dim is not None and (
+            isinstance(projection_dim, bool)
+            or not isinstance(projection_dim, int)
+            or projection_dim < 1
+        ):
+            raise ModelError(
+                f"patchcore: projection_dim must be a positive int or None, got {projection_dim!r}"
+            )
+        if blur_sigma < 0:
+            raise ModelError(f"patchcore: blur_sigma must be >= 0, got {blur_sigma}")
+        self.coreset_ratio = float(coreset_ratio)
+        self.num_neighbors = num_neighbors
+        self.projection_dim = projection_dim
+        self.blur_sigma = float(blur_sigma)
+        self.seed = seed
+        self.extractor = FeatureExtractor(
+            backbone, layers, pretrained=pretrained, weights=weights, seed=seed
+        )
+        self.register_buffer("memory_bank", torch.empty(0, sum(self.extractor.channels.values())))
+        self._index: NearestNeighbors | None = None
+        self._index_source: Tensor | None = None
+
+    def patch_features(self, images: Tensor) -> Tensor:
+        """Locally aware patch features of a batch: ``B x D x h x w`` on the first layer's grid."""
+        features = self.extractor(images)
+        # 3x3 neighbourhood average (stride 1, zero padding excluded from the mean) widens each
+        # patch's receptive field without lowering the resolution.
+        pooled = [
+            F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            for f in features.values()
+        ]
+        return concat_to_first(pooled, mode="bilinear")
+
+    @torch.no_grad()
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict[str, Any]:
+        """Build the memory bank from one pass over ``train``; ``epochs`` is ignored.
+
+        Returns the number of training patches, the memory-bank size and the seconds spent on
+        feature extraction and on coreset selection.
+        """
+        self.eval()
+        started = time.perf_counter()
+        patches = []
+        for images in iter_images(train):
+            features = self.patch_features(images.to(self.memory_bank.device))
+            patches.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        if not patches:
+            raise ModelError("patchcore: the training set is empty")
+        features = torch.cat(patches)
+        del patches
+        extracted = time.perf_counter()
+        generator = torch.Generator().manual_seed(self.seed)
+        selected = greedy_coreset(
+            features, self.coreset_ratio, projection_dim=self.projection_dim, generator=generator
+        )
+        self.memory_bank = features[selected].contiguous()
+        finished = time.perf_counter()
+        stats = {
+            "epochs": 1,
+            "n_patches": int(features.shape[0]),
+            "memory_bank_size": int(self.memory_bank.shape[0]),
+            "feature_s": extracted - started,
+            "coreset_s": finished - extracted,
+        }
+        if on_epoch_end is not None:
+            on_epoch_end(1, {"memory_bank_size": stats["memory_bank_size"]})
+        return stats
+
+    def _neighbors(self) -> NearestNeighbors:
+        # The search index is a cache of the memory bank; moving the module to another device or
+        # refitting replaces the buffer tensor, which invalidates it.
+        if self._index is None or self._index_source is not self.memory_bank:
+            if self.memory_bank.shape[0] == 0:
+                raise ModelError("patchcore: predict called before fit (the memory bank is empty)")
+            self._index = NearestNeighbors(self.memory_bank)
+            self._index_source = self.memory_bank
+        return self._index
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Score a batch: re-weighted max patch distance, and the blurred patch-distance map."""
+        index = self._neighbors()
+        features = self.patch_features(images.to(self.memory_bank.device))
+        batch, dim, height, width = features.shape
+        queries = features.permute(0, 2, 3, 1).reshape(-1, dim)
+        distances, nearest = index.search(queries, k=1)
+        patch_scores = distances[:, 0].view(batch, height * width)
+        nearest = nearest[:, 0].view(batch, height * width)
+
+        # Image score (paper, eq. 7): take the most anomalous patch m_test* and its nearest memory
+        # patch m*; down-weight s* = |m_test* - m*| when m* sits in a dense part of the bank,
+        # i.e. when m_test* is about as close to m*'s other neighbours as to m* itself.
+        max_scores, max_positions = patch_scores.max(dim=1)
+        scores = max_scores
+        k = min(self.num_neighbors, len(index))
+        if k > 1:
+            rows = torch.arange(batch, device=queries.device)
+            worst_queries = queries.view(batch, height * width, dim)[rows, max_positions]
+            matched = nearest[rows, max_positions]
+            _, neighborhood = index.search(self.memory_bank[matched], k=k)
+            # N_b(m*) is m* and its k - 1 nearest other bank patches; the search returns m*
+            # among its own k nearest, but not necessarily first when copies of it tie.
+            is_matched = (neighborhood == matched[:, None]).to(torch.uint8)
+            order = torch.argsort(is_matched, dim=1, stable=True)
+            others = neighborhood.gather(1, order)[:, : k - 1]
+            to_others = torch.linalg.vector_norm(
+                worst_queries[:, None, :] - self.memory_bank[others], dim=2
+            )
+            to_neighborhood = torch.cat([max_scores[:, None], to_others], dim=1)
+            weights = 1.0 - torch.softmax(to_neighborhood, dim=1)[:, 0]
+            scores = weights * max_scores
+
+        maps = upsample_maps(patch_scores.view(batch, height, width), images.shape[-2:])
+        maps = gaussian_blur(maps, self.blur_sigma)
+        return Prediction(score=scores, anomaly_map=maps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The memory bank's size is only known after fit: take the stored one.
+        key = prefix + "memory_bank"
+        if key in state_dict:
+            self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
+        self._index = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,172 @@
+"""STFPM (Wang et al., "Student-Teacher Feature Pyramid Matching for Anomaly Detection",
+BMVC 2021).
+
+A frozen teacher backbone and a randomly initialised student of the same architecture see the
+same normal images; the student learns to reproduce the teacher's (channel-normalised) feature
+pyramid. On an anomaly the student, never trained on such content, disagrees with the teacher,
+and the disagreement at every scale is the anomaly map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.backbones import FeatureExtractor
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    ModelError,
+    Prediction,
+    iter_images,
+    register,
+)
+from models.components.feature_utils import upsample_maps
+
+__all__ = ["STFPM"]
+
+
+def _discrepancy_maps(
+    teacher: Mapping[str, Tensor], student: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    # 0.5 * |t/|t| - s/|s||^2 over channels at every position: the paper's per-layer map.
+    return {
+        layer: 0.5
+        * (F.normalize(teacher[layer], dim=1) - F.normalize(student[layer], dim=1)).square().sum(1)
+        for layer in teacher
+    }
+
+
+@register("stfpm")
+class STFPM(Detector):
+    """Student-teacher feature pyramid matching."""
+
+    learning_type = "iterative"
+    localizes = True
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        lr: float = 0.4,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        epochs: int = 100,
+        seed: int = 0,
+        pretrained: bool = True,
+        weights: str | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: architecture of teacher and student (``models.backbones.list_backbones()``).
+            layers: the pyramid levels matched between teacher and student.
+            lr: SGD learning rate.
+            momentum: SGD momentum.
+            weight_decay: SGD weight decay (L2 penalty).
+            epochs: training epochs when ``fit`` is not given a budget.
+            seed: seeds the student's initialisation (and the teacher's when it is not
+                pretrained).
+            pretrained: use timm's pretrained weights for the teacher (the student always
+                starts from random weights).
+            weights: local teacher weight file or directory (overrides ``pretrained``).
+        """
+        super().__init__()
+        if not isinstance(lr, int | float) or not lr > 0:
+            raise ModelError(f"stfpm: lr must be > 0, got {lr!r}")
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not isinstance(value, int | float) or not value >= 0:
+                raise ModelError(f"stfpm: {name} must be >= 0, got {value!r}")
+        self.epochs = _check_epochs(epochs, "epochs")
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.seed = seed
+        # Teacher and student get distinct initialisations drawn from the seed: identical ones
+        # would start the student at a zero-loss, zero-gradient point when not pretrained.
+        generator = torch.Generator().manual_seed(seed)
+        teacher_seed, student_seed = torch.randint(2**62, (2,), generator=generator).tolist()
+        self.teacher = FeatureExtractor(
+            backbone, layers, pretrained=pretrained, weights=weights, seed=teacher_seed
+        )
+        self.student = FeatureExtractor(
+            backbone, layers, pretrained=False, requires_grad=True, seed=student_seed
+        )
+
+    @staticmethod
+    def loss(teacher: Mapping[str, Tensor], student: Mapping[str, Tensor]) -> Tensor:
+        """Sum over layers of the mean (over images and positions) discrepancy."""
+        maps = _discrepancy_maps(teacher, student)
+        return torch.stack([m.mean() for m in maps.values()]).sum()
+
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict[str, Any]:
+        """Train the student with SGD for ``epochs`` (default: the constructor's) passes.
+
+        ``on_epoch_end(epoch, {"loss": mean loss of the epoch})`` runs after every epoch and
+        stops training when it returns True. Returns the epochs run and the last epoch's loss.
+        """
+        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        optimizer = torch.optim.SGD(
+            self.student.parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+        device = next(self.student.parameters()).device
+        self.train()
+        epoch = 0
+        epoch_loss = math.nan
+        try:
+            for epoch in range(1, n_epochs + 1):
+                loss_sum, n_images = 0.0, 0
+                for images in iter_images(train):
+                    images = images.to(device)
+                    with torch.no_grad():
+                        target = self.teacher(images)
+                    loss = self.loss(target, self.student(images))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum += float(loss.detach()) * images.shape[0]
+                    n_images += images.shape[0]
+                if n_images == 0:
+                    raise ModelError("stfpm: the training set is empty")
+                epoch_loss = loss_sum / n_images
+                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
+                    break
+        finally:
+            self.eval()
+        return {"epochs": epoch, "loss": epoch_loss}
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Score a batch: product over layers of the upsampled discrepancy maps, and its max.
+
+        The product (the paper's choice) keeps a position anomalous only where every scale
+        agrees, which suppresses the single-layer noise a sum would pass on.
+        """
+        images = images.to(next(self.student.parameters()).device)
+        maps = _discrepancy_maps(self.teacher(images), self.student(images))
+        size = images.shape[-2:]
+        anomaly_map = torch.ones(images.shape[0], *size, device=images.device)
+        for layer_map in maps.values():
+            anomaly_map = anomaly_map * upsample_maps(layer_map, size)
+        scores = anomaly_map.flatten(1).max(dim=1).values
+        return Prediction(score=scores, anomaly_map=anomaly_map)
+
+
+def _check_epochs(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"stfpm: {name} must be a positive int, got {value!r}")
+    return value
