@@ -33,9 +33,11 @@ PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 """Embedding sizes the PaDiM paper keeps for its backbones (``n_features=None``)."""
 _DEFAULT_N_FEATURES_CAP = 550
 
-# Positions processed together when inverting covariances and computing distances: bounds the
-# temporaries to a few C x C matrices per position in the chunk.
-_POSITIONS_PER_CHUNK = 256
+# The model itself is P x C x C float32 inverse covariances (about 5 GB for wide_resnet50_2 at
+# 256 px, as in the paper); these bound the temporaries next to it: float64 matrices inverted at
+# once (in bytes), and positions per batched product when scoring.
+_INVERSION_CHUNK_BYTES = 1 << 27
+_POSITIONS_PER_PRODUCT = 256
 
 
 @register("padim")
@@ -102,10 +104,18 @@ class PaDiM(Detector):
 
     def embed(self, images: Tensor) -> Tensor:
         """Embeddings of a batch: ``B x n_features x h x w`` on the first layer's grid."""
-        features = list(self.extractor(images).values())
+        # Kept channels are picked from each layer before resizing: the same result as picking
+        # them from the full concatenation, without materialising all channels at full size.
+        selected, offset = [], 0
+        for feature in self.extractor(images).values():
+            channels = feature.shape[1]
+            in_layer = self.channel_index[
+                (self.channel_index >= offset) & (self.channel_index < offset + channels)
+            ]
+            selected.append(feature.index_select(1, in_layer - offset))
+            offset += channels
         # The paper aligns deeper layers to the first by nearest-neighbour upsampling.
-        embedding = concat_to_first(features, mode="nearest")
-        return embedding.index_select(1, self.channel_index)
+        return concat_to_first(selected, mode="nearest")
 
     @torch.no_grad()
     def fit(
@@ -130,10 +140,9 @@ class PaDiM(Detector):
             batch, channels, height, width = embedding.shape
             if grid is None:
                 grid = (height, width)
-                # positions x channels, then positions x channels x channels
-                shift = embedding.mean(0).flatten(1).T.contiguous()
+                shift = embedding.mean(0).flatten(1).T.contiguous()  # P x C
                 total = torch.zeros_like(shift)
-                outer = torch.zeros(height * width, channels, channels, device=device)
+                outer = torch.zeros(height * width, channels, channels, device=device)  # P x C x C
             elif (height, width) != grid:
                 raise ModelError(
                     f"padim: training images give {height}x{width} feature grids after "
@@ -151,8 +160,9 @@ class PaDiM(Detector):
         # Unbiased covariance from the shifted sums, then (cov + eps I)^-1, a chunk at a time and
         # in place so that only one P x C x C tensor is ever held.
         identity = torch.eye(self.n_features, device=device, dtype=torch.float64)
-        for start in range(0, outer.shape[0], _POSITIONS_PER_CHUNK):
-            stop = start + _POSITIONS_PER_CHUNK
+        chunk = max(1, _INVERSION_CHUNK_BYTES // (8 * self.n_features**2))
+        for start in range(0, outer.shape[0], chunk):
+            stop = start + chunk
             m = centred_mean[start:stop].double()
             covariance = (outer[start:stop].double() - count * m[:, :, None] * m[:, None, :]) / (
                 count - 1
@@ -185,8 +195,10 @@ class PaDiM(Detector):
             )
         delta = embedding.flatten(2).permute(2, 0, 1) - self.mean[:, None, :]  # P x B x C
         squared = torch.empty(height * width, batch, device=delta.device)
-        for start in range(0, delta.shape[0], _POSITIONS_PER_CHUNK):
-            stop = start + _POSITIONS_PER_CHUNK
+        # d^T S^-1 d at every position, as batched (B x C) @ (C x C) products over a few
+        # positions at a time so that the temporaries stay small.
+        for start in range(0, delta.shape[0], _POSITIONS_PER_PRODUCT):
+            stop = start + _POSITIONS_PER_PRODUCT
             d = delta[start:stop]
             squared[start:stop] = (torch.bmm(d, self.inv_covariance[start:stop]) * d).sum(2)
         distances = squared.clamp_min_(0).sqrt_().T.reshape(batch, height, width)

@@ -38,6 +38,13 @@ from models.components.feature_utils import (
 __all__ = ["PatchCore"]
 
 
+def _synchronized_clock(device: torch.device) -> float:
+    # GPU work is asynchronous: wait for it so that the time split in fit's stats is real.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @register("patchcore")
 class PatchCore(Detector):
     """Memory bank of nominal patch features with nearest-neighbour scoring."""
@@ -127,22 +134,30 @@ class PatchCore(Detector):
         feature extraction and on coreset selection.
         """
         self.eval()
-        started = time.perf_counter()
+        self._index = self._index_source = None
+        device = self.memory_bank.device
+        started = _synchronized_clock(device)
         patches = []
         for images in iter_images(train):
-            features = self.patch_features(images.to(self.memory_bank.device))
+            features = self.patch_features(images.to(device))
             patches.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
         if not patches:
             raise ModelError("patchcore: the training set is empty")
         features = torch.cat(patches)
         del patches
-        extracted = time.perf_counter()
-        generator = torch.Generator().manual_seed(self.seed)
-        selected = greedy_coreset(
-            features, self.coreset_ratio, projection_dim=self.projection_dim, generator=generator
-        )
-        self.memory_bank = features[selected].contiguous()
-        finished = time.perf_counter()
+        extracted = _synchronized_clock(device)
+        if self.coreset_ratio < 1.0:
+            generator = torch.Generator().manual_seed(self.seed)
+            selected = greedy_coreset(
+                features,
+                self.coreset_ratio,
+                projection_dim=self.projection_dim,
+                generator=generator,
+            )
+            self.memory_bank = features[selected].contiguous()
+        else:
+            self.memory_bank = features
+        finished = _synchronized_clock(device)
         stats = {
             "epochs": 1,
             "n_patches": int(features.shape[0]),

@@ -205,6 +205,12 @@ def test_memory_bank_is_a_buffer_of_the_coreset_size(data):
     assert detector.param_counts()[0] == 0
 
 
+def test_full_coreset_ratio_keeps_every_patch(data):
+    detector = models.create("patchcore", backbone="resnet18", coreset_ratio=1.0, pretrained=False)
+    stats = detector.fit(batches(data["train"][:4]))
+    assert stats["memory_bank_size"] == stats["n_patches"] == 4 * 8 * 8
+
+
 def test_patchcore_reweighting_only_lowers_the_max_patch_distance(data):
     detector = models.create("patchcore", backbone="resnet18", pretrained=False)
     detector.fit(batches(data["train"]))
