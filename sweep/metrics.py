@@ -1,0 +1,438 @@
+"""Image- and pixel-level anomaly detection metrics (numpy only).
+
+Every curve metric here comes from one descending sort of the scores: consecutive equal scores
+are collapsed into one threshold, so ties count exactly as scikit-learn counts them, and the cost
+is ``O(n log n)`` whatever the number of distinct scores. Pixel metrics run over every test pixel
+(about 20 million at 256 px), so maps stay float32 and the test maps are sorted only once for
+pixel AUROC, F1-max and AUPRO together.
+
+:func:`evaluate` turns a detector's outputs on the validation and test splits into the result
+row's metric columns. It never raises on a degenerate split (one class missing, no masks, no
+anomaly maps): the metric is NaN and ``metric_notes`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "AUPRO_FPR_LIMIT",
+    "IMAGE_METRICS",
+    "METRIC_KEYS",
+    "PIXEL_METRICS",
+    "SplitOutputs",
+    "aupro",
+    "auroc",
+    "evaluate",
+    "f1_at",
+    "f1_max",
+]
+
+IMAGE_METRICS = ("image_auroc", "image_f1", "image_f1max", "image_threshold")
+PIXEL_METRICS = ("pixel_auroc", "pixel_f1", "pixel_f1max", "pixel_threshold", "pixel_aupro")
+METRIC_KEYS = (*IMAGE_METRICS, *PIXEL_METRICS)
+"""The float keys :func:`evaluate` returns (besides ``metric_notes``)."""
+
+AUPRO_FPR_LIMIT = 0.3
+"""The false-positive-rate limit of ``pixel_aupro`` (the MVTec AD convention)."""
+
+NAN = float("nan")
+
+
+@dataclass
+class SplitOutputs:
+    """What a detector produced on one split (numpy arrays or torch tensors)."""
+
+    labels: np.ndarray
+    """``N`` ints, 1 = anomalous image."""
+    scores: np.ndarray
+    """``N`` floats, higher = more anomalous."""
+    masks: np.ndarray | None
+    """``N x H x W`` ground-truth masks (nonzero = anomalous pixel), or None."""
+    maps: np.ndarray | None
+    """``N x H x W`` float anomaly maps, or None for image-level-only detectors."""
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _to_numpy(value: Any, name: str) -> np.ndarray:
+    """A numpy view of an array or a (possibly CUDA, possibly grad-tracking) torch tensor."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise TypeError(f"{name}: expected a numeric array, got dtype object")
+    return array
+
+
+def _binary(value: Any, name: str) -> np.ndarray:
+    """``value`` as a flat bool array; raise if anything but 0/1 (or bool) is in it."""
+    array = _to_numpy(value, name)
+    if array.dtype != bool:
+        # Explicit 0/1 check rather than ``astype(bool)``: a mask saved as 0/255 or a label
+        # vector of class ids would otherwise be accepted silently.
+        if not np.all((array == 0) | (array == 1)):
+            raise ValueError(f"{name}: expected binary values (0/1 or bool)")
+        array = array == 1
+    return array.reshape(-1)
+
+
+def _scores(value: Any, name: str) -> np.ndarray:
+    """``value`` as a flat float array (float32 kept as is to halve the memory of pixel maps)."""
+    array = _to_numpy(value, name)
+    if array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float64)
+    array = array.reshape(-1)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ValueError(f"{name}: {bad} non-finite value(s); scores must be finite")
+    return array
+
+
+def _paired(labels: Any, scores: Any, label_name: str, score_name: str):
+    flat_labels = _binary(labels, label_name)
+    flat_scores = _scores(scores, score_name)
+    if flat_labels.shape != flat_scores.shape:
+        raise ValueError(
+            f"{label_name} and {score_name} differ in size: "
+            f"{flat_labels.size} vs {flat_scores.size} values"
+        )
+    return flat_labels, flat_scores
+
+
+# --------------------------------------------------------------------------- the one sort
+
+
+@dataclass
+class _Ranking:
+    """Scores sorted once, descending, with equal scores grouped into one threshold."""
+
+    order: np.ndarray
+    """Permutation that sorts the scores descending."""
+    starts: np.ndarray
+    """Position (in sorted order) where each distinct score begins."""
+    thresholds: np.ndarray
+    """The distinct scores, descending."""
+    predicted: np.ndarray
+    """Number of values with ``score >= thresholds[k]``, per threshold."""
+
+    @classmethod
+    def of(cls, scores: np.ndarray) -> _Ranking:
+        # int32 positions where they fit halve the ranking's memory on big pixel sets; the
+        # bound leaves room for sums of two counts (``predicted + positives``).
+        index_type = np.int32 if scores.size < 2**30 else np.int64
+        # Ascending sort reversed: the order inside a run of ties does not matter because
+        # ties are collapsed below.
+        order = np.argsort(scores).astype(index_type, copy=False)[::-1]
+        ordered = scores[order]
+        is_start = np.empty(ordered.size, dtype=bool)
+        is_start[:1] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=is_start[1:])
+        starts = np.flatnonzero(is_start).astype(index_type, copy=False)
+        del is_start
+        thresholds = ordered[starts]
+        del ordered
+        predicted = np.empty_like(starts)
+        predicted[:-1] = starts[1:]
+        predicted[-1:] = scores.size
+        return cls(order=order, starts=starts, thresholds=thresholds, predicted=predicted)
+
+    def true_counts(self, mask: np.ndarray) -> np.ndarray:
+        """Per threshold, how many entries of the bool ``mask`` score ``>= threshold``."""
+        if self.starts.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.cumsum(np.add.reduceat(mask[self.order], self.starts, dtype=np.int64))
+
+    def sparse_sums(self, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Per threshold, the sum of ``weights`` over ``indices`` scoring ``>= threshold``.
+
+        ``indices`` are ascending flat indices (the anomalous pixels, usually a small share of
+        all pixels), so only arrays of their size and of the number of thresholds are built.
+        """
+        member = np.zeros(self.order.size, dtype=bool)
+        member[indices] = True
+        sorted_positions = np.flatnonzero(member[self.order])
+        del member
+        weight_of = weights[np.searchsorted(indices, self.order[sorted_positions])]
+        group = np.searchsorted(self.starts, sorted_positions, side="right") - 1
+        per_group = np.bincount(group, weights=weight_of, minlength=self.starts.size)
+        return np.cumsum(per_group)
+
+
+def _auroc_from(ranking: _Ranking, tp: np.ndarray) -> float:
+    """AUROC from the per-threshold true-positive counts ``tp`` of ``ranking``."""
+    positives = int(tp[-1]) if tp.size else 0
+    negatives = ranking.order.size - positives
+    if positives == 0 or negatives == 0:
+        return NAN
+    # Trapezoid rule on integer counts: twice the area in units of one (positive, negative)
+    # pair, sum((FP_k - FP_k-1) * (TP_k + TP_k-1)), exact in int64 (at most 2 * P * N, about
+    # 2e14 for 20 M pixels). A positive tied with a negative lands on a sloped segment and
+    # counts one half, as in sklearn. In-place steps keep it to a few threshold-sized arrays.
+    fp_step = ranking.predicted - tp
+    fp_step[1:] -= fp_step[:-1].copy()
+    tp_pair = tp.copy()
+    tp_pair[1:] += tp[:-1]
+    twice_area = int(np.dot(fp_step, tp_pair))
+    return twice_area / (2.0 * positives * negatives)
+
+
+def _f1_max_from(ranking: _Ranking, tp: np.ndarray) -> tuple[float, float]:
+    """``(F1-max, threshold)`` from the per-threshold true-positive counts ``tp``."""
+    positives = int(tp[-1]) if tp.size else 0
+    if positives == 0:
+        return NAN, NAN
+    # F1 = 2TP / (2TP + FP + FN) and TP + FP = predicted, FN = P - TP, so the denominator is
+    # predicted + P: no division by zero once P > 0.
+    f1 = tp.astype(np.float64)
+    f1 *= 2.0
+    f1 /= ranking.predicted + positives
+    best = int(np.argmax(f1))  # first maximum = the highest threshold achieving it
+    return float(f1[best]), float(ranking.thresholds[best])
+
+
+# --------------------------------------------------------------------------- public metrics
+
+
+def auroc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve; NaN if ``labels`` lacks either class.
+
+    Exact (integer trapezoid over every distinct score), with ties counted one half as in
+    ``sklearn.metrics.roc_auc_score``. ``labels`` and ``scores`` may have any shape as long
+    as they hold the same number of values (pixel masks and maps are flattened).
+    """
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    ranking = _Ranking.of(flat_scores)
+    return _auroc_from(ranking, ranking.true_counts(flat_labels))
+
+
+def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
+    """``(best F1, threshold)`` over every threshold ``score >= t``; NaNs if no positive.
+
+    The threshold is the highest distinct score that reaches the best F1, so
+    ``f1_at(labels, scores, threshold)`` gives the best F1 back.
+    """
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    ranking = _Ranking.of(flat_scores)
+    return _f1_max_from(ranking, ranking.true_counts(flat_labels))
+
+
+def f1_at(labels: Any, scores: Any, threshold: float) -> float:
+    """F1 when a value is predicted anomalous iff ``score >= threshold``.
+
+    NaN if ``labels`` has no positive (recall undefined) or ``threshold`` is NaN.
+    """
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    positives = int(np.count_nonzero(flat_labels))
+    if positives == 0 or math.isnan(threshold):
+        return NAN
+    predicted = flat_scores >= threshold
+    tp = int(np.count_nonzero(predicted & flat_labels))
+    return 2.0 * tp / (int(np.count_nonzero(predicted)) + positives)
+
+
+def _region_weights(masks: np.ndarray) -> np.ndarray:
+    """Per anomalous pixel (in flat order), ``1 / (n_regions * size of its region)``.
+
+    Regions are the 8-connected components of each image's mask. Summing these weights over
+    the pixels scoring at or above a threshold gives PRO(t), the mean per-region overlap.
+    """
+    region_ids = []
+    offset = 0
+    for mask in masks:
+        count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        # Component 0 is the background; shift the others to ids unique across images.
+        region_ids.append(labels[mask].astype(np.int64) + (offset - 1))
+        offset += count - 1
+    if offset == 0:
+        return np.zeros(0)
+    flat_ids = np.concatenate(region_ids)
+    sizes = np.bincount(flat_ids, minlength=offset)
+    return 1.0 / (offset * sizes[flat_ids].astype(np.float64))
+
+
+def _aupro_from(
+    ranking: _Ranking, tp: np.ndarray, masks: np.ndarray, flat_masks: np.ndarray, fpr_limit: float
+) -> float:
+    """AUPRO of ``masks`` (and their flat view) given the ranking of the maps and its ``tp``."""
+    weights = _region_weights(masks)
+    negatives = flat_masks.size - weights.size
+    if weights.size == 0 or negatives == 0:
+        return NAN
+    pro = ranking.sparse_sums(np.flatnonzero(flat_masks), weights)
+    fp = ranking.predicted - tp
+    fpr = np.concatenate(([0.0], fp / negatives))
+    del fp
+    pro = np.concatenate(([0.0], pro))
+    # Last curve point at or below the limit; the curve reaches FPR 1, so when that point is
+    # short of the limit a next point exists and lies strictly beyond it.
+    last = int(np.searchsorted(fpr, fpr_limit, side="right")) - 1
+    area = float(np.sum(np.diff(fpr[: last + 1]) * (pro[1 : last + 1] + pro[:last]) / 2.0))
+    if fpr[last] < fpr_limit:
+        step = (fpr_limit - fpr[last]) / (fpr[last + 1] - fpr[last])
+        pro_at_limit = pro[last] + step * (pro[last + 1] - pro[last])
+        area += float((fpr_limit - fpr[last]) * (pro[last] + pro_at_limit) / 2.0)
+    return area / fpr_limit
+
+
+def _mask_stack(masks: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(N x H x W bool masks, flat view)``; a single ``H x W`` mask counts as ``N = 1``."""
+    array = _to_numpy(masks, name)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"{name}: expected N x H x W masks, got shape {array.shape}")
+    flat = _binary(array, name)
+    return flat.reshape(array.shape), flat
+
+
+def aupro(masks: Any, maps: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Normalised area under the per-region-overlap (PRO) curve up to ``fpr_limit``.
+
+    As defined for MVTec AD: regions are the 8-connected components of each ground-truth mask;
+    PRO(t) is the mean over regions of the fraction of region pixels scoring ``>= t``; FPR(t)
+    is over every normal pixel of every image. The curve is walked at every distinct score,
+    integrated with the trapezoid rule from FPR 0 to ``fpr_limit`` (interpolating linearly at
+    the limit) and divided by ``fpr_limit``, so a perfect map scores 1. NaN when there is no
+    anomalous or no normal pixel.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit: expected a value in (0, 1], got {fpr_limit}")
+    stack, flat_masks = _mask_stack(masks, "masks")
+    flat_maps = _scores(maps, "maps")
+    if flat_maps.size != flat_masks.size:
+        raise ValueError(f"masks and maps differ in size: shapes {stack.shape} vs {np.shape(maps)}")
+    ranking = _Ranking.of(flat_maps)
+    return _aupro_from(ranking, ranking.true_counts(flat_masks), stack, flat_masks, fpr_limit)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+class _Notes:
+    """NaN reasons in the order found, one entry per reason."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, keys: str, reason: str) -> None:
+        self.items.append(f"{keys}: {reason}")
+
+    def __str__(self) -> str:
+        return "; ".join(self.items)
+
+
+def _evaluate_image(val: SplitOutputs, test: SplitOutputs, notes: _Notes) -> dict[str, float]:
+    out = dict.fromkeys(IMAGE_METRICS, NAN)
+    test_labels, test_scores = _paired(test.labels, test.scores, "test labels", "test scores")
+    val_labels, val_scores = _paired(val.labels, val.scores, "val labels", "val scores")
+    n_anomalous = int(np.count_nonzero(test_labels))
+    n_normal = test_labels.size - n_anomalous
+
+    if test_labels.size == 0:
+        notes.add("image_*", "test split is empty")
+        return out
+    ranking = _Ranking.of(test_scores)
+    tp = ranking.true_counts(test_labels)
+    if n_anomalous == 0:
+        notes.add("image_auroc, image_f1, image_f1max", "test split has no anomalies")
+    else:
+        out["image_f1max"] = _f1_max_from(ranking, tp)[0]
+        if n_normal == 0:
+            notes.add("image_auroc", "test split has no normal images")
+        else:
+            out["image_auroc"] = _auroc_from(ranking, tp)
+
+    if not np.any(val_labels):
+        keys = "image_f1, image_threshold" if n_anomalous else "image_threshold"
+        empty = val_labels.size == 0
+        notes.add(
+            keys, "validation split is empty" if empty else "validation split has no anomalies"
+        )
+        return out
+    val_ranking = _Ranking.of(val_scores)
+    out["image_threshold"] = _f1_max_from(val_ranking, val_ranking.true_counts(val_labels))[1]
+    if n_anomalous:
+        out["image_f1"] = f1_at(test_labels, test_scores, out["image_threshold"])
+    return out
+
+
+def _pixel_problem(split: SplitOutputs, name: str) -> str | None:
+    """Why ``split`` cannot give pixel metrics, or None if it can."""
+    if split.maps is None:
+        return "detector gives no anomaly map"
+    if split.masks is None:
+        return f"no ground-truth masks in the {name} split"
+    maps = _to_numpy(split.maps, f"{name} maps")
+    masks = _to_numpy(split.masks, f"{name} masks")
+    if maps.shape != masks.shape:
+        raise ValueError(f"{name} maps and masks differ in shape: {maps.shape} vs {masks.shape}")
+    bad = int(maps.size - np.count_nonzero(np.isfinite(maps)))
+    if bad:
+        return f"{name} anomaly maps have {bad} non-finite value(s)"
+    return None
+
+
+def _evaluate_pixel(val: SplitOutputs, test: SplitOutputs, notes: _Notes) -> dict[str, float]:
+    out = dict.fromkeys(PIXEL_METRICS, NAN)
+    problem = _pixel_problem(test, "test")
+    if problem is not None:
+        notes.add("pixel_*", problem)
+        return out
+    stack, flat_masks = _mask_stack(test.masks, "test masks")
+    flat_maps = _scores(test.maps, "test maps")
+    if flat_masks.size == 0:
+        notes.add("pixel_*", "test split is empty")
+        return out
+    n_anomalous = int(np.count_nonzero(flat_masks))
+    n_normal = flat_masks.size - n_anomalous
+    if n_anomalous == 0:
+        notes.add(
+            "pixel_auroc, pixel_f1, pixel_f1max, pixel_aupro", "test masks have no anomalous pixel"
+        )
+    elif n_normal == 0:
+        notes.add("pixel_auroc, pixel_aupro", "test masks have no normal pixel")
+    if n_anomalous:
+        ranking = _Ranking.of(flat_maps)
+        tp = ranking.true_counts(flat_masks)
+        out["pixel_f1max"] = _f1_max_from(ranking, tp)[0]
+        if n_normal:
+            out["pixel_auroc"] = _auroc_from(ranking, tp)
+            out["pixel_aupro"] = _aupro_from(ranking, tp, stack, flat_masks, AUPRO_FPR_LIMIT)
+        del ranking, tp  # the validation split's sort below needs the memory
+
+    val_problem = _pixel_problem(val, "validation")
+    if val_problem is None and not np.any(_to_numpy(val.masks, "validation masks")):
+        val_problem = "validation masks have no anomalous pixel"
+    if val_problem is not None:
+        notes.add("pixel_f1, pixel_threshold" if n_anomalous else "pixel_threshold", val_problem)
+        return out
+    out["pixel_threshold"] = f1_max(val.masks, val.maps)[1]
+    if n_anomalous:
+        out["pixel_f1"] = f1_at(flat_masks, flat_maps, out["pixel_threshold"])
+    return out
+
+
+def evaluate(val: SplitOutputs, test: SplitOutputs) -> dict[str, float | str]:
+    """The metric columns of a result row.
+
+    ``image_auroc``, ``image_f1max`` (oracle F1-max on test), ``image_threshold`` (the score
+    threshold maximising F1 on the validation split) and ``image_f1`` (test F1 at that
+    threshold); the same five at pixel level over every test pixel, plus ``pixel_aupro``
+    (up to FPR 0.3); and ``metric_notes``, the ``"; "``-joined reasons for every NaN
+    (empty when there is none). Degenerate splits give NaN, never an exception; inconsistent
+    inputs (sizes that do not match, non-binary labels, non-finite image scores) raise
+    ``ValueError``.
+    """
+    notes = _Notes()
+    result: dict[str, float | str] = {}
+    result.update(_evaluate_image(val, test, notes))
+    result.update(_evaluate_pixel(val, test, notes))
+    result["metric_notes"] = str(notes)
+    return result
