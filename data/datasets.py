@@ -1,0 +1,605 @@
+"""Anomaly-detection data sets held in memory: the MVTec AD layout, a folder layout, and the
+synthetic glue-line data.
+
+Every loader decodes and checks every image and mask up front, so a study with bad data fails
+before its first trial rather than in the middle of one. Images are resized to a square
+``image_size`` and kept as uint8 (N x 3 x S x S, RGB; gray images replicated to three
+channels); :meth:`AnomalyDataset.images` and :meth:`AnomalyDataset.batches` hand them out as
+float32 normalised with ImageNet's mean and standard deviation.
+
+Splits: ``train`` holds normal images only. ``val`` is what decision thresholds are fit on, so
+they are never fit on ``test``; when a data set has no validation images of its own, ``val`` is
+a seeded share of the normal training images, and then holds no anomalies: image and pixel F1
+thresholds cannot be fit and are reported as NaN downstream.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from data.errors import DatasetError
+from data.synthetic_glue import GlueSetConfig, ensure_generated
+from data.transforms import normalize, resize_image, resize_mask, to_rgb
+
+__all__ = [
+    "DATASET_KINDS",
+    "IMAGE_SUFFIXES",
+    "AnomalyDataset",
+    "DatasetSplits",
+    "load_dataset",
+    "load_folder",
+    "load_mvtec",
+    "load_synthetic_glue",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DATASET_KINDS = ("synthetic_glue", "mvtec", "folder")
+
+GOOD = "good"
+
+
+# ----------------------------------------------------------------------------- the data set
+
+
+class AnomalyDataset:
+    """One split of a data set, every image in memory at one square size.
+
+    Attributes:
+        pixels: N x 3 x S x S uint8, RGB (gray images replicated to three channels).
+        labels: N int64, 0 = normal, 1 = anomalous.
+        masks: N x S x S bool; all False for normal images and for anomalous images without a
+            mask file.
+        has_masks: True when every anomalous image has a mask (so pixel metrics can be
+            computed; also True for a split without anomalies).
+        defects: ``"good"`` or the defect type, per image.
+        paths: the image files, per image.
+    """
+
+    def __init__(
+        self,
+        pixels: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor,
+        defects: Sequence[str],
+        paths: Sequence[str],
+        mask_present: torch.Tensor | None = None,
+    ) -> None:
+        n = len(paths)
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels: expected uint8 N x 3 x S x S, got {pixels.dtype} "
+                             f"{tuple(pixels.shape)}")  # fmt: skip
+        size = tuple(pixels.shape[2:])
+        if pixels.shape[0] != n or labels.shape != (n,) or len(defects) != n:
+            raise ValueError(
+                f"pixels, labels, defects and paths must have one entry per image: got "
+                f"{pixels.shape[0]}, {tuple(labels.shape)}, {len(defects)}, {n}"
+            )
+        if masks.dtype != torch.bool or tuple(masks.shape) != (n, *size):
+            raise ValueError(f"masks: expected bool {(n, *size)}, got {masks.dtype} "
+                             f"{tuple(masks.shape)}")  # fmt: skip
+        self.pixels = pixels
+        self.labels = labels.to(torch.int64)
+        self.masks = masks
+        self.defects = list(defects)
+        self.paths = [str(p) for p in paths]
+        # Which images have a mask file (normal images count as having their empty one).
+        if mask_present is None:
+            mask_present = torch.ones(n, dtype=torch.bool)
+        self._mask_present = mask_present.to(torch.bool)
+        anomalous = self.labels == 1
+        self.has_masks = bool(self._mask_present[anomalous].all())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        size = "x".join(str(s) for s in self.pixels.shape[2:])
+        return (
+            f"AnomalyDataset({len(self)} images, {self.num_anomalous} anomalous, {size}, "
+            f"has_masks={self.has_masks})"
+        )
+
+    @property
+    def num_anomalous(self) -> int:
+        """How many images are anomalous."""
+        return int(self.labels.sum())
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images, in pixels."""
+        return int(self.pixels.shape[-1])
+
+    def images(self, index: Any = None) -> torch.Tensor:
+        """float32 N x 3 x S x S images normalised with ImageNet's statistics: all of them, or
+        those picked by ``index`` (an int, a slice, a sequence or tensor of indices)."""
+        if index is None:
+            return normalize(self.pixels)
+        if isinstance(index, int):
+            return normalize(self.pixels[index : index + 1])
+        if isinstance(index, slice):
+            return normalize(self.pixels[index])
+        return normalize(self.pixels[torch.as_tensor(index, dtype=torch.long)])
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Mini-batches as dicts: ``image`` (normalised float32 B x 3 x S x S), ``label`` (B
+        int64), ``mask`` (B x S x S float32, 0 or 1) and ``index`` (B int64, into this split).
+
+        ``shuffle`` draws the order from ``generator``, which it requires (reproducibility
+        never depends on global random state).
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        n = len(self)
+        if shuffle:
+            if generator is None:
+                raise ValueError("batches(shuffle=True) needs a torch.Generator")
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            yield {
+                "image": normalize(self.pixels[index]),
+                "label": self.labels[index],
+                "mask": self.masks[index].float(),
+                "index": index,
+            }
+
+    def subset(self, indices: Any) -> AnomalyDataset:
+        """A new data set holding the images at ``indices`` (in that order)."""
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        picked = index.tolist()
+        return AnomalyDataset(
+            pixels=self.pixels[index],
+            labels=self.labels[index],
+            masks=self.masks[index],
+            defects=[self.defects[i] for i in picked],
+            paths=[self.paths[i] for i in picked],
+            mask_present=self._mask_present[index],
+        )
+
+
+@dataclass
+class DatasetSplits:
+    """The train, validation and test splits of one data set (category) at one image size."""
+
+    train: AnomalyDataset
+    val: AnomalyDataset
+    test: AnomalyDataset
+    name: str
+    category: str | None
+    image_size: int
+
+    def describe(self) -> str:
+        """One line: images per split, how many anomalous, whether masks exist, image size."""
+
+        def split(label: str, data: AnomalyDataset) -> str:
+            if data.num_anomalous == 0:
+                return f"{label} {len(data)}"
+            masks = "masks" if data.has_masks else "no masks"
+            return f"{label} {len(data)} ({data.num_anomalous} anomalous, {masks})"
+
+        title = f"{self.name}/{self.category}" if self.category else self.name
+        parts = [split("train", self.train), split("val", self.val), split("test", self.test)]
+        return f"{title} {self.image_size}px: {', '.join(parts)}"
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    label: int
+    defect: str
+    mask: Path | None
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _list_images(directory: Path) -> list[Path]:
+    """The image files directly in ``directory``, sorted by name."""
+    return sorted((p for p in directory.iterdir() if p.is_file() and _is_image(p)), key=str)
+
+
+def _decode(path: Path, flags: int) -> np.ndarray:
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    if data.size == 0:
+        raise DatasetError(f"{path}: empty file (expected an image)")
+    try:
+        image = cv2.imdecode(data, flags)
+    except cv2.error as exc:
+        raise DatasetError(f"{path}: not a readable image ({exc})") from exc
+    if image is None or image.size == 0:
+        raise DatasetError(f"{path}: not a readable image (corrupt, truncated or not an image)")
+    return image
+
+
+def _load_one(item: _Item, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(3 x S x S uint8 RGB, S x S bool mask or None) of one image; raises DatasetError."""
+    image = _decode(item.path, cv2.IMREAD_UNCHANGED)
+    try:
+        rgb = to_rgb(image)
+    except TypeError as exc:
+        raise DatasetError(f"{item.path}: unsupported image ({exc})") from exc
+    mask = None
+    if item.mask is not None:
+        raw = _decode(item.mask, cv2.IMREAD_GRAYSCALE)
+        if raw.shape != rgb.shape[:2]:
+            raise DatasetError(
+                f"{item.mask}: mask is {raw.shape[1]}x{raw.shape[0]} (W x H) but its image "
+                f"{item.path} is {rgb.shape[1]}x{rgb.shape[0]}"
+            )
+        # Masks are 0/255; >= 128 ignores compression noise in masks saved as JPEG.
+        mask = resize_mask(raw >= 128, size)
+    return np.ascontiguousarray(resize_image(rgb, size).transpose(2, 0, 1)), mask
+
+
+def _workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    # OpenCV decodes and resizes without holding the GIL, so threads load in parallel.
+    return max(1, min(8, cpus))
+
+
+def _load_items(items: list[_Item], size: int) -> AnomalyDataset:
+    """Decode, check and resize ``items`` (in order) into a data set."""
+    n = len(items)
+    pixels = np.empty((n, 3, size, size), np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    failures: list[DatasetError] = []
+
+    def load(i: int) -> None:
+        try:
+            image, mask = _load_one(items[i], size)
+        except DatasetError as exc:
+            failures.append(exc)
+            return
+        pixels[i] = image
+        if mask is not None:
+            masks[i] = mask
+
+    workers = _workers()
+    if workers == 1 or n < 8:
+        for i in range(n):
+            load(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(load, range(n)))
+    if failures:
+        failures.sort(key=str)  # threads finish in any order; report deterministically
+        more = f" (and {len(failures) - 1} more bad file(s))" if len(failures) > 1 else ""
+        raise DatasetError(f"{failures[0]}{more}") from failures[0]
+    return AnomalyDataset(
+        pixels=torch.from_numpy(pixels),
+        labels=torch.tensor([item.label for item in items], dtype=torch.int64),
+        masks=torch.from_numpy(masks),
+        defects=[item.defect for item in items],
+        paths=[str(item.path) for item in items],
+        mask_present=torch.tensor([item.label == 0 or item.mask is not None for item in items]),
+    )
+
+
+def _mask_index(directory: Path) -> dict[str, Path]:
+    """Mask files in ``directory`` by the stem of the image they belong to: ``<stem>_mask.*``
+    (MVTec AD's naming) or ``<stem>.*``."""
+    if not directory.is_dir():
+        return {}
+    index: dict[str, Path] = {}
+    for path in _list_images(directory):
+        stem = path.stem
+        index.setdefault(stem, path)
+        if stem.endswith("_mask"):
+            index[stem[: -len("_mask")]] = path
+    return index
+
+
+def _check_masks(items: list[_Item], where: Path, expected: str) -> None:
+    """Either every anomalous image has a mask or none has: a partial set is an error."""
+    missing = [item.path for item in items if item.label == 1 and item.mask is None]
+    anomalous = sum(item.label for item in items)
+    if missing and len(missing) < anomalous:
+        shown = ", ".join(str(p) for p in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DatasetError(
+            f"{where}: {len(missing)} of {anomalous} anomalous images have no mask: {shown}{more} "
+            f"(expected {expected})"
+        )
+
+
+def _check_size(image_size: int) -> int:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+        raise DatasetError(f"image_size: expected an integer >= 8, got {image_size!r}")
+    return image_size
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise DatasetError(f"{name}: expected a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _directory(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "not found"
+        raise DatasetError(f"{path}: {what} {state}")
+    return path
+
+
+def _split_indices(n: int, take: int, seed: Any) -> tuple[list[int], list[int]]:
+    """A seeded choice of ``take`` of ``n`` indices, and the rest; both sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[:take].tolist()), sorted(order[take:].tolist())
+
+
+# ----------------------------------------------------------------------------- MVTec AD layout
+
+
+def _labelled_items(split_dir: Path, truth_dir: Path) -> list[_Item]:
+    """Images of ``split_dir/<good|defect>/``, anomalies paired with masks from
+    ``truth_dir/<defect>/``."""
+    items = []
+    for sub in sorted((p for p in split_dir.iterdir() if p.is_dir()), key=lambda p: p.name):
+        masks = {} if sub.name == GOOD else _mask_index(truth_dir / sub.name)
+        for path in _list_images(sub):
+            if sub.name == GOOD:
+                items.append(_Item(path, 0, GOOD, None))
+            else:
+                items.append(_Item(path, 1, sub.name, masks.get(path.stem)))
+    return items
+
+
+def load_mvtec(
+    root: str | Path,
+    category: str,
+    image_size: int,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> DatasetSplits:
+    """One category of a data set in the MVTec AD layout.
+
+    ``<root>/<category>/train/good/`` are the (normal) training images; ``test/<defect>/`` the
+    test images (``good`` normal, any other folder anomalous), with masks
+    ``ground_truth/<defect>/<stem>_mask.png``. If ``<category>/val/`` exists it is the
+    validation split (same layout, masks from ``val_ground_truth/``); otherwise a seeded
+    ``val_fraction`` of ``train/good`` is held out as a normal-only validation split (image and
+    pixel F1 thresholds then cannot be fit and come out NaN downstream).
+
+    Anomalous images without masks are allowed when no anomaly of the split has one
+    (``has_masks`` is then False); a partial set of masks is an error.
+    """
+    image_size = _check_size(image_size)
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    root = _directory(root, "data root")
+    if not isinstance(category, str) or not category:
+        raise DatasetError(f"category: expected a category name under {root}, got {category!r}")
+    category_dir = root / category
+    if not category_dir.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DatasetError(
+            f"{category_dir}: category not found (categories under {root}: "
+            f"{', '.join(known) or 'none'})"
+        )
+
+    train_dir = category_dir / "train" / GOOD
+    train_paths = _list_images(train_dir) if train_dir.is_dir() else []
+    if not train_paths:
+        raise DatasetError(
+            f"{train_dir}: no training images (expected normal images, {'/'.join(IMAGE_SUFFIXES)})"
+        )
+    test_dir = category_dir / "test"
+    if not test_dir.is_dir():
+        raise DatasetError(f"{test_dir}: test directory not found (expected test/good, "
+                           "test/<defect>)")  # fmt: skip
+    test_items = _labelled_items(test_dir, category_dir / "ground_truth")
+    if not any(item.label == 1 for item in test_items):
+        raise DatasetError(
+            f"{test_dir}: no anomalous test images (expected test/<defect>/ folders beside "
+            "test/good)"
+        )
+    if not any(item.label == 0 for item in test_items):
+        raise DatasetError(f"{test_dir / GOOD}: no normal test images")
+    _check_masks(test_items, test_dir, f"{category_dir / 'ground_truth'}/<defect>/<stem>_mask.png")
+
+    train_items = [_Item(p, 0, GOOD, None) for p in train_paths]
+    val_dir = category_dir / "val"
+    if val_dir.is_dir():
+        val_items = _labelled_items(val_dir, category_dir / "val_ground_truth")
+        if not val_items:
+            raise DatasetError(f"{val_dir}: holds no images (expected val/good, val/<defect>)")
+        _check_masks(
+            val_items, val_dir, f"{category_dir / 'val_ground_truth'}/<defect>/<stem>_mask.png"
+        )
+    else:
+        if len(train_items) < 2:
+            raise DatasetError(
+                f"{train_dir}: 1 training image is too few to hold out a validation split "
+                "(expected at least 2, or a val/ folder)"
+            )
+        take = min(len(train_items) - 1, max(1, round(val_fraction * len(train_items))))
+        val_index, train_index = _split_indices(len(train_items), take, [seed, 0x5EED])
+        val_items = [train_items[i] for i in val_index]
+        train_items = [train_items[i] for i in train_index]
+
+    return DatasetSplits(
+        train=_load_items(train_items, image_size),
+        val=_load_items(val_items, image_size),
+        test=_load_items(test_items, image_size),
+        name="mvtec",
+        category=category,
+        image_size=image_size,
+    )
+
+
+# ----------------------------------------------------------------------------- folder layout
+
+
+def load_folder(
+    normal_dir: str | Path,
+    abnormal_dir: str | Path,
+    image_size: int,
+    *,
+    mask_dir: str | Path | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> DatasetSplits:
+    """A folder of normal images and a folder of anomalous ones, split with a seed.
+
+    Normal images are shared out as ``val_fraction`` to validation, ``test_fraction`` to test
+    and the rest to training; anomalous images as ``val_fraction`` to validation (at least one
+    stays for test) and the rest to test. ``mask_dir`` optionally holds a mask per anomalous
+    image, named ``<stem>.png`` or ``<stem>_mask.png`` (any image suffix).
+    """
+    image_size = _check_size(image_size)
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1:
+        raise DatasetError(
+            f"val_fraction + test_fraction: expected < 1 to leave training images, got "
+            f"{val_fraction} + {test_fraction}"
+        )
+    normal_dir = _directory(normal_dir, "normal image directory")
+    abnormal_dir = _directory(abnormal_dir, "abnormal image directory")
+    normals = _list_images(normal_dir)
+    abnormals = _list_images(abnormal_dir)
+    if not normals:
+        raise DatasetError(f"{normal_dir}: no normal images ({'/'.join(IMAGE_SUFFIXES)})")
+    if not abnormals:
+        raise DatasetError(
+            f"{abnormal_dir}: no anomalous images (expected test anomalies, "
+            f"{'/'.join(IMAGE_SUFFIXES)})"
+        )
+
+    defect = abnormal_dir.name
+    masks: dict[str, Path] = {}
+    if mask_dir is not None:
+        mask_dir = _directory(mask_dir, "mask directory")
+        masks = _mask_index(mask_dir)
+        if not any(p.stem in masks for p in abnormals):
+            raise DatasetError(
+                f"{mask_dir}: no mask matches any image of {abnormal_dir} (expected "
+                f"<stem>.png or <stem>_mask.png, e.g. {abnormals[0].stem}_mask.png)"
+            )
+    normal_items = [_Item(p, 0, GOOD, None) for p in normals]
+    abnormal_items = [_Item(p, 1, defect, masks.get(p.stem)) for p in abnormals]
+    if mask_dir is not None:
+        _check_masks(abnormal_items, abnormal_dir, f"{mask_dir}/<stem>.png or <stem>_mask.png")
+
+    n = len(normal_items)
+    n_test = max(1, round(test_fraction * n))
+    n_val = max(1, round(val_fraction * n))
+    if n - n_test - n_val < 1:
+        raise DatasetError(
+            f"{normal_dir}: {n} normal image(s) are too few for val_fraction={val_fraction} and "
+            f"test_fraction={test_fraction} (each split needs at least one)"
+        )
+    held_out, train_index = _split_indices(n, n_test + n_val, [seed, 0])
+    # Which of the held-out images go to validation is a second seeded draw.
+    val_pos, test_pos = _split_indices(len(held_out), n_val, [seed, 1])
+    a_val = min(len(abnormal_items) - 1, round(val_fraction * len(abnormal_items)))
+    a_val_index, a_test_index = _split_indices(len(abnormal_items), a_val, [seed, 2])
+
+    train = [normal_items[i] for i in train_index]
+    val = [normal_items[held_out[i]] for i in val_pos] + [abnormal_items[i] for i in a_val_index]
+    test = [normal_items[held_out[i]] for i in test_pos] + [abnormal_items[i] for i in a_test_index]
+    return DatasetSplits(
+        train=_load_items(train, image_size),
+        val=_load_items(val, image_size),
+        test=_load_items(test, image_size),
+        name="folder",
+        category=None,
+        image_size=image_size,
+    )
+
+
+# ----------------------------------------------------------------------------- glue lines & kinds
+
+
+def load_synthetic_glue(
+    root: str | Path,
+    category: str,
+    image_size: int,
+    *,
+    config: GlueSetConfig = GlueSetConfig(),
+    seed: int = 0,
+) -> DatasetSplits:
+    """The synthetic glue-line data of part ``category`` (generated under ``root`` on first
+    use, reused after; see :mod:`data.synthetic_glue`), loaded like MVTec AD."""
+    image_size = _check_size(image_size)
+    ensure_generated(root, category, config=config, seed=seed)
+    splits = load_mvtec(root, category, image_size, seed=seed)
+    splits.name = "synthetic_glue"
+    return splits
+
+
+_OPTIONS = {
+    "synthetic_glue": {"config"},
+    "mvtec": {"val_fraction"},
+    "folder": {"normal_dir", "abnormal_dir", "mask_dir", "val_fraction", "test_fraction"},
+}
+
+
+def load_dataset(
+    kind: str,
+    *,
+    root: str | Path | None = None,
+    category: str | None = None,
+    image_size: int,
+    seed: int = 0,
+    **options: Any,
+) -> DatasetSplits:
+    """Load a data set by kind: ``"synthetic_glue"`` (``root``, ``category`` = part, default
+    ``part1``; option ``config``), ``"mvtec"`` (``root``, ``category``; option
+    ``val_fraction``) or ``"folder"`` (options ``normal_dir``, ``abnormal_dir``, optional
+    ``mask_dir``, ``val_fraction``, ``test_fraction``; relative directories are taken under
+    ``root`` when it is given)."""
+    if kind not in _OPTIONS:
+        raise DatasetError(f"unknown dataset kind {kind!r} (known: {', '.join(DATASET_KINDS)})")
+    unknown = sorted(set(options) - _OPTIONS[kind])
+    if unknown:
+        accepted = ", ".join(sorted(_OPTIONS[kind]))
+        raise DatasetError(f"dataset kind {kind!r}: unknown option(s) {', '.join(unknown)} "
+                           f"(accepted: {accepted})")  # fmt: skip
+    if kind == "synthetic_glue":
+        if root is None:
+            raise DatasetError("dataset kind 'synthetic_glue' needs a root directory")
+        return load_synthetic_glue(root, category or "part1", image_size, seed=seed, **options)
+    if kind == "mvtec":
+        if root is None or category is None:
+            raise DatasetError("dataset kind 'mvtec' needs a root directory and a category")
+        return load_mvtec(root, category, image_size, seed=seed, **options)
+    for name in ("normal_dir", "abnormal_dir"):
+        if options.get(name) is None:
+            raise DatasetError(f"dataset kind 'folder' needs the option {name}")
+    if root is not None:
+        for name in ("normal_dir", "abnormal_dir", "mask_dir"):
+            if options.get(name) is not None:
+                options[name] = Path(root).expanduser() / Path(options[name]).expanduser()
+    return load_folder(image_size=image_size, seed=seed, **options)
