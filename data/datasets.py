@@ -123,11 +123,9 @@ class AnomalyDataset:
         those picked by ``index`` (an int, a slice, a sequence or tensor of indices)."""
         if index is None:
             return normalize(self.pixels)
-        if isinstance(index, int):
-            return normalize(self.pixels[index : index + 1])
         if isinstance(index, slice):
             return normalize(self.pixels[index])
-        return normalize(self.pixels[torch.as_tensor(index, dtype=torch.long)])
+        return normalize(self.pixels[torch.as_tensor(index, dtype=torch.long).reshape(-1)])
 
     def batches(
         self,

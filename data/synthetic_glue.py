@@ -16,13 +16,15 @@ renders look-alikes:
   like a raised bead (a ridge from the distance transform, a lit and a shadowed flank, a small
   cast shadow);
 * defects that change the bead only: the study's local warps (``warp_small``, ``warp_large``, a
-  smooth displacement field like GIMP's warp tool) and the five sealant defect types of
-  Morelli et al. (``003`` in the references, section 4.3): ``bifurcation``, ``missing``,
-  ``narrowing``, ``misalignment`` and ``hole``.
+  smooth displacement field like GIMP's warp tool) and the five sealant defect types of the
+  car-underbody sealant inspection paper among the project's references (``003``, sections
+  4.2-4.3): ``bifurcation``, ``missing``, ``narrowing``, ``misalignment`` and ``hole``.
 
-A defect's ground-truth mask is exactly where the defective bead differs from the bead the same
-image would have had without the defect (their XOR), lightly dilated; a misalignment gets a wider
-margin, as in the sealant paper.
+A defect's ground-truth mask is where the defective image differs from the image the same draws
+give without the defect: the XOR of the two bead silhouettes plus every pixel whose noise-free,
+unlit brightness changed by more than a few gray levels (a narrowed bead's lower ridge, a moved
+shadow), lightly dilated; a misalignment gets a wider margin, as in the sealant paper. A draw
+that changes too few pixels is redrawn, so no mask is empty.
 
 Everything random comes from the ``numpy.random.Generator`` passed in. :func:`render_defect`
 draws the defect-free scene first, with the same draws in the same order as
@@ -39,7 +41,8 @@ own synthetic defects (so thresholds are never fit on the test split)::
     <root>/<part>/val_ground_truth/<defect>/<nnn>_seg<S>_mask.png
     <root>/<part>/manifest.json
 
-where ``<S>`` is the segment (A-E) the defect lies in.
+where ``<S>`` is the segment (A-E) the defect lies in; the images of each defect type take the
+segments in turn, so every type covers all five.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ __all__ = [
 
 #: Bumped whenever a change makes the generator write different images for the same inputs;
 #: :func:`ensure_generated` then refuses to reuse data sets written by an older version.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 DEFECT_TYPES: tuple[str, ...] = (
     "warp_small",
@@ -359,6 +362,11 @@ class GlueSetConfig:
                 raise DatasetError(
                     f"GlueSetConfig.{name}: expected an integer >= 32, got {value!r}"
                 )
+        if isinstance(self.defect_types, str):
+            raise DatasetError(
+                f"GlueSetConfig.defect_types: expected a sequence of defect types, got the "
+                f"string {self.defect_types!r}"
+            )
         defects = tuple(self.defect_types)
         unknown = [d for d in defects if d not in DEFECT_TYPES]
         if unknown:
@@ -857,11 +865,18 @@ _VISIBLE_CHANGE = 4.0
 
 
 def _render_defect(
-    spec: PartSpec, defect: str, rng: np.random.Generator, height: int, width: int
+    spec: PartSpec,
+    defect: str,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    segment: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(image, mask, segment) of one defective image."""
     if defect not in DEFECT_TYPES:
         raise DatasetError(f"unknown defect type {defect!r} (known: {', '.join(DEFECT_TYPES)})")
+    if segment is not None and segment not in SEGMENTS:
+        raise DatasetError(f"unknown segment {segment!r} (known: {', '.join(SEGMENTS)})")
     layout = _layout(spec, height, width)
     scene = _draw_scene(spec, layout, rng)
     nominal_alpha = _bead_alpha(scene, layout.radius, height, width)
@@ -870,15 +885,15 @@ def _render_defect(
     nominal_inside = nominal_alpha >= 128
     minimum = _min_defect_pixels(layout)
     for _ in range(_MAX_DRAWS):
-        segment = SEGMENTS[int(rng.integers(len(SEGMENTS)))]
+        where = segment or SEGMENTS[int(rng.integers(len(SEGMENTS)))]
         if defect in _WARPS:
             warped = nominal_alpha.astype(np.float32)
             shade = nominal_shade.copy()
-            _warp([warped, shade], layout, scene, segment, defect, rng)
+            _warp([warped, shade], layout, scene, where, defect, rng)
             alpha = np.clip(warped + 0.5, 0, 255).astype(np.uint8)
             shown = scene
         else:
-            shown = _GEOMETRIC_DEFECTS[defect](scene, layout, segment, rng)
+            shown = _GEOMETRIC_DEFECTS[defect](scene, layout, where, rng)
             alpha = _bead_alpha(shown, layout.radius, height, width)
             shade = _bead_shade(spec, layout, alpha)
         changed = (alpha >= 128) != nominal_inside
@@ -895,7 +910,7 @@ def _render_defect(
     margin = max(1, round((5.0 if defect == "misalignment" else 2.0) * layout.scale))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
     mask = cv2.dilate(changed.astype(np.uint8) * np.uint8(255), kernel)
-    return _expose(shown, image), mask, segment
+    return _expose(shown, image), mask, where
 
 
 # ----------------------------------------------------------------------------- public rendering
@@ -918,14 +933,17 @@ def render_defect(
     rng: np.random.Generator,
     height: int = 480,
     width: int = 640,
+    *,
+    segment: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image of ``part`` with a ``defect`` (one of :data:`DEFECT_TYPES`) in a random segment,
-    and its mask (H x W uint8, 0 or 255): where the bead differs from the defect-free bead.
+    """One image of ``part`` with a ``defect`` (one of :data:`DEFECT_TYPES`) in ``segment`` (one
+    of :data:`SEGMENTS`; None: a random one), and its mask (H x W uint8, 0 or 255): where the
+    image differs from the defect-free one, lightly dilated.
 
     The defect-free scene is drawn first exactly as :func:`render_normal` draws it, so both
     functions called with equally seeded generators show the same scene.
     """
-    image, mask, _ = _render_defect(_resolve(part), defect, rng, height, width)
+    image, mask, _ = _render_defect(_resolve(part), defect, rng, height, width, segment)
     return image, mask
 
 
@@ -933,6 +951,7 @@ def render_defect(
 
 _MANIFEST = "manifest.json"
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+_TRUTH = {"val": "val_ground_truth", "test": "ground_truth"}  # where each split's masks go
 
 
 def _part_key(part: str) -> int:
@@ -950,15 +969,15 @@ def _plan(config: GlueSetConfig) -> list[tuple[str, str, int]]:
     return plan
 
 
-def _manifest(part: str, config: GlueSetConfig, seed: int) -> dict[str, Any]:
+def _manifest(spec: PartSpec, config: GlueSetConfig, seed: int) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for split, kind, _ in _plan(config):
         counts[f"{split}/{kind}"] = counts.get(f"{split}/{kind}", 0) + 1
     return {
         "generator": "anomaly-sweep synthetic_glue",
         "version": GENERATOR_VERSION,
-        "part": part,
-        "part_fingerprint": _fingerprint(PARTS[part]),
+        "part": spec.name,
+        "part_fingerprint": _fingerprint(spec),
         "seed": seed,
         "config": config.to_dict(),
         "counts": counts,
@@ -986,10 +1005,33 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _check_seed(seed: int) -> int:
+def _check_arguments(part: str | PartSpec, config: GlueSetConfig, seed: int) -> PartSpec:
+    spec = _resolve(part)
+    if not isinstance(config, GlueSetConfig):
+        raise DatasetError(f"config: expected a GlueSetConfig, got {type(config).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise DatasetError(f"seed: expected an integer >= 0, got {seed!r}")
-    return seed
+    return spec
+
+
+def _reuse(target: Path, wanted: dict[str, Any]) -> Path:
+    """``target`` if it holds the data set ``wanted`` describes; DatasetError otherwise."""
+    existing = _read_manifest(target) if target.is_dir() else None
+    if existing is None:
+        raise DatasetError(
+            f"{target}: exists but holds no {_MANIFEST} of a generated glue-line data set; "
+            "delete it or choose another root"
+        )
+    if _identity(existing) != _identity(wanted):
+        keys = ("version", "part", "part_fingerprint", "seed", "config")
+        different = [key for key in keys if existing.get(key) != wanted[key]]
+        found = {key: existing.get(key) for key in different}
+        expected = {key: wanted[key] for key in different}
+        raise DatasetError(
+            f"{target}: was generated with a different {', '.join(different)} (found {found}, "
+            f"expected {expected}); delete it or choose another root"
+        )
+    return target
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -999,12 +1041,13 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def generate(
     root: str | Path,
-    part: str,
+    part: str | PartSpec,
     config: GlueSetConfig = GlueSetConfig(),
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Render the data set of ``part`` under ``root/part`` and return that directory.
+    """Render the data set of ``part`` (a name in :data:`PARTS`, or a :class:`PartSpec`)
+    under ``root/<part name>`` and return that directory.
 
     The same (part, config, seed) always gives byte-identical files: image ``i`` of a split
     draws from its own generator seeded by (seed, part, split, defect, i), so larger configs
@@ -1012,56 +1055,67 @@ def generate(
     renamed into place when complete, so an interrupted run never leaves a half data set.
     ``progress(done, total)`` is called after every image.
 
-    Raises :class:`DatasetError` if ``root/part`` already exists (see :func:`ensure_generated`).
+    Raises :class:`DatasetError` if the directory already exists (see :func:`ensure_generated`).
     """
-    spec = _resolve(part)
-    seed = _check_seed(seed)
-    if not isinstance(config, GlueSetConfig):
-        raise DatasetError(f"config: expected a GlueSetConfig, got {type(config).__name__}")
-    root = Path(root).expanduser()
-    target = root / part
+    spec = _check_arguments(part, config, seed)
+    target = Path(root).expanduser() / spec.name
     if target.exists():
         raise DatasetError(f"{target}: already exists; delete it or use ensure_generated()")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{part}.partial-", dir=root))
-    except OSError as exc:
-        raise DatasetError(f"{root}: cannot create the data-set directory ({exc})") from exc
+    return _generate(spec, target, config, seed, progress)
 
-    manifest = _manifest(part, config, seed)
-    plan = _plan(config)
+
+def _generate(
+    spec: PartSpec,
+    target: Path,
+    config: GlueSetConfig,
+    seed: int,
+    progress: Callable[[int, int], None] | None,
+) -> Path:
     try:
-        for directory in {(split, kind) for split, kind, _ in plan}:
-            (staging / directory[0] / directory[1]).mkdir(parents=True, exist_ok=True)
-            if directory[1] != "good":
-                truth = "ground_truth" if directory[0] == "test" else f"{directory[0]}_ground_truth"
-                (staging / truth / directory[1]).mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise DatasetError(
+            f"{target.parent}: cannot create the data-set directory ({exc})"
+        ) from exc
+
+    manifest = _manifest(spec, config, seed)
+    plan = _plan(config)
+    part_key = _part_key(spec.name)
+    try:
+        for split, kind in sorted({(split, kind) for split, kind, _ in plan}):
+            (staging / split / kind).mkdir(parents=True)
+            if kind != "good":
+                (staging / _TRUTH[split] / kind).mkdir(parents=True)
         for done, (split, kind, index) in enumerate(plan, start=1):
             defect_id = 0 if kind == "good" else 1 + DEFECT_TYPES.index(kind)
-            rng = np.random.default_rng(
-                [seed, _part_key(part), _SPLIT_IDS[split], defect_id, index]
-            )
+            rng = np.random.default_rng([seed, part_key, _SPLIT_IDS[split], defect_id, index])
             if kind == "good":
                 image = render_normal(spec, rng, config.height, config.width)
                 _write_png(staging / split / "good" / f"{index:03d}.png", image)
             else:
-                image, mask, segment = _render_defect(spec, kind, rng, config.height, config.width)
+                # Segments in turn, so that every defect type covers all of A-E evenly.
+                segment = SEGMENTS[(index + defect_id) % len(SEGMENTS)]
+                image, mask, _ = _render_defect(
+                    spec, kind, rng, config.height, config.width, segment
+                )
                 name = f"{index:03d}_seg{segment}"
-                truth = "ground_truth" if split == "test" else f"{split}_ground_truth"
                 _write_png(staging / split / kind / f"{name}.png", image)
-                _write_png(staging / truth / kind / f"{name}_mask.png", mask)
+                _write_png(staging / _TRUTH[split] / kind / f"{name}_mask.png", mask)
             if progress is not None:
                 progress(done, len(plan))
         # The manifest is written last: a directory holding one is complete.
         (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         try:
             os.rename(staging, target)
-        except OSError:
-            # Someone else (another worker with the same study) finished first. Their copy is
-            # byte-identical if it was made from the same inputs; keep it.
-            existing = _read_manifest(target) if target.is_dir() else None
-            if existing is None or _identity(existing) != _identity(manifest):
-                raise
+        except OSError as exc:
+            if not target.exists():
+                raise DatasetError(
+                    f"{target}: cannot move the data set into place ({exc})"
+                ) from exc
+            # Another process (a parallel worker of the same study) finished first. Generation
+            # is deterministic, so a copy made from the same inputs is identical: keep theirs.
+            _reuse(target, manifest)
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1071,39 +1125,20 @@ def generate(
 
 def ensure_generated(
     root: str | Path,
-    part: str,
+    part: str | PartSpec,
     config: GlueSetConfig = GlueSetConfig(),
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """``root/part`` holding the data set of (part, config, seed): reused when its manifest
-    matches, generated when absent.
+    """``root/<part name>`` holding the data set of (part, config, seed): reused when its
+    manifest matches, generated when absent.
 
     Raises :class:`DatasetError` naming the directory when it exists with another manifest
-    (different config, seed or generator version) or none at all, rather than mixing data
-    sets or deleting files it did not write.
+    (different config, seed, part definition or generator version) or none at all, rather than
+    mixing data sets or deleting files it did not write.
     """
-    _resolve(part)
-    seed = _check_seed(seed)
-    target = Path(root).expanduser() / part
-    if not target.exists():
-        return generate(root, part, config, seed, progress)
-    existing = _read_manifest(target) if target.is_dir() else None
-    if existing is None:
-        raise DatasetError(
-            f"{target}: exists but holds no {_MANIFEST} of a generated glue-line data set; "
-            "delete it or choose another root"
-        )
-    wanted = _manifest(part, config, seed)
-    if _identity(existing) != _identity(wanted):
-        different = [
-            key
-            for key in ("version", "part", "part_fingerprint", "seed", "config")
-            if existing.get(key) != wanted[key]
-        ]
-        raise DatasetError(
-            f"{target}: was generated with a different {', '.join(different)} "
-            f"(found { ({k: existing.get(k) for k in different}) }, "
-            f"expected { ({k: wanted[k] for k in different}) }); delete it or choose another root"
-        )
-    return target
+    spec = _check_arguments(part, config, seed)
+    target = Path(root).expanduser() / spec.name
+    if target.exists():
+        return _reuse(target, _manifest(spec, config, seed))
+    return _generate(spec, target, config, seed, progress)

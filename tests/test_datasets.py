@@ -102,6 +102,8 @@ def test_images_are_imagenet_normalised(tmp_path):
     torch.testing.assert_close(images, expected)
     torch.testing.assert_close(splits.train.images([2, 0]), expected[[2, 0]])
     torch.testing.assert_close(splits.train.images(1), expected[1:2])
+    torch.testing.assert_close(splits.train.images(np.int64(-1)), expected[-1:])
+    torch.testing.assert_close(splits.train.images(slice(1, 3)), expected[1:3])
 
 
 def test_gray_is_replicated_and_color_stays_rgb(tmp_path):

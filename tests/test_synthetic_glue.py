@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ from data.synthetic_glue import (
     DEFECT_TYPES,
     GENERATOR_VERSION,
     PARTS,
+    SEGMENTS,
     GlueSetConfig,
     ensure_generated,
     generate,
@@ -101,6 +103,29 @@ def test_mask_is_binary_nonempty_and_covers_the_change(part, defect):
         assert (visible & inside).sum() / visible.sum() > 0.9, (part, defect, seed)
 
 
+# Where each segment lies in the study's part 1 (Fig. 6): (x range, y range) of a defect's
+# centre as fractions of the image: A middle left, B centre, C right of centre, D right,
+# E the branch curving up to the upper right.
+SEGMENT_REGIONS = {
+    "A": ((0.0, 0.3), (0.4, 0.7)),
+    "B": ((0.35, 0.58), (0.4, 0.7)),
+    "C": ((0.6, 0.8), (0.4, 0.7)),
+    "D": ((0.8, 1.0), (0.5, 0.7)),
+    "E": ((0.78, 1.0), (0.0, 0.56)),
+}
+
+
+@pytest.mark.parametrize("segment", SEGMENTS)
+def test_defects_land_in_the_requested_segment(segment):
+    (x_low, x_high), (y_low, y_high) = SEGMENT_REGIONS[segment]
+    for defect in DEFECT_TYPES:
+        for seed in range(2):
+            _, mask = render_defect("part1", defect, rng(seed), H, W, segment=segment)
+            ys, xs = np.nonzero(mask)
+            assert x_low < xs.mean() / W < x_high, (defect, seed)
+            assert y_low < ys.mean() / H < y_high, (defect, seed)
+
+
 def test_warp_sizes_differ():
     small = [render_defect("part1", "warp_small", rng(s), H, W)[1] > 0 for s in range(6)]
     large = [render_defect("part1", "warp_large", rng(s), H, W)[1] > 0 for s in range(6)]
@@ -128,6 +153,8 @@ def test_bad_arguments_raise_dataset_error():
         render_normal("part99", rng(0))
     with pytest.raises(DatasetError, match=r"unknown defect type 'scratch'.*hole"):
         render_defect("part1", "scratch", rng(0))
+    with pytest.raises(DatasetError, match=r"unknown segment 'F'.*A, B, C, D, E"):
+        render_defect("part1", "hole", rng(0), segment="F")
 
 
 @pytest.mark.parametrize(
@@ -202,6 +229,16 @@ def test_generate_is_byte_identical_and_stable_under_growth(tmp_path):
     assert d["train/good/000.png"] != a["train/good/000.png"]
 
 
+def test_each_defect_type_covers_every_segment(tmp_path):
+    config = GlueSetConfig(
+        **{**TINY.to_dict(), "n_test_defect": 5, "defect_types": ("missing", "hole")}
+    )
+    path = generate(tmp_path, "part16", config)
+    for defect in ("missing", "hole"):
+        names = sorted(p.name for p in (path / "test" / defect).iterdir())
+        assert sorted(name[7] for name in names) == list(SEGMENTS)  # "NNN_segX.png"
+
+
 def test_ensure_generated_reuses_a_matching_data_set(tmp_path):
     path = ensure_generated(tmp_path, "part1", TINY, seed=0)
     before = files(path)
@@ -222,9 +259,9 @@ def test_ensure_generated_reuses_a_matching_data_set(tmp_path):
 )
 def test_ensure_generated_rejects_a_different_data_set(tmp_path, change, needle):
     path = ensure_generated(tmp_path, "part1", TINY, seed=0)
-    args = {"config": TINY, "seed": 0, **change}
+    args = {"part": "part1", "config": TINY, "seed": 0, **change}
     with pytest.raises(DatasetError, match=needle) as caught:
-        ensure_generated(tmp_path, "part1", **args)
+        ensure_generated(tmp_path, **args)
     assert str(path) in str(caught.value)
 
 
@@ -254,3 +291,31 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
     # A later run starts from scratch and completes.
     assert (ensure_generated(tmp_path, "part1", TINY) / "manifest.json").is_file()
+
+
+def test_a_custom_part_spec_gets_its_own_directory(tmp_path):
+    custom = replace(PARTS["part1"], name="wide_bead", bead_radius=11.0)
+    path = ensure_generated(tmp_path, custom, TINY)
+    assert path == tmp_path / "wide_bead"
+    assert json.loads((path / "manifest.json").read_text())["part"] == "wide_bead"
+    assert ensure_generated(tmp_path, custom, TINY) == path
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-inputs", "other-inputs"])
+def test_a_concurrent_writer_that_finishes_first(tmp_path, same):
+    """Two workers generating the same data set: the later one keeps the first one's copy
+    when it holds the same data set, and refuses otherwise."""
+    other = TINY if same else GlueSetConfig(**{**TINY.to_dict(), "n_train": 2})
+
+    def race(done: int, total: int) -> None:
+        if done == 1:
+            generate(tmp_path, "part1", other)
+
+    if same:
+        path = ensure_generated(tmp_path, "part1", TINY, progress=race)
+        assert files(path) == files(generate(tmp_path / "fresh", "part1", TINY))
+    else:
+        with pytest.raises(DatasetError, match="config") as caught:
+            ensure_generated(tmp_path, "part1", TINY, progress=race)
+        assert str(tmp_path / "part1") in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
