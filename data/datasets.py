@@ -62,6 +62,9 @@ class AnomalyDataset:
             computed; also True for a split without anomalies).
         defects: ``"good"`` or the defect type, per image.
         paths: the image files, per image.
+
+    The constructor takes these (``has_masks`` aside) plus ``mask_present``, N bool: which
+    images have a mask file (default: all); it checks that the shapes agree.
     """
 
     def __init__(
@@ -75,8 +78,9 @@ class AnomalyDataset:
     ) -> None:
         n = len(paths)
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels: expected uint8 N x 3 x S x S, got {pixels.dtype} "
-                             f"{tuple(pixels.shape)}")  # fmt: skip
+            raise ValueError(
+                f"pixels: expected uint8 N x 3 x S x S, got {pixels.dtype} {tuple(pixels.shape)}"
+            )
         size = tuple(pixels.shape[2:])
         if pixels.shape[0] != n or labels.shape != (n,) or len(defects) != n:
             raise ValueError(
@@ -84,8 +88,9 @@ class AnomalyDataset:
                 f"{pixels.shape[0]}, {tuple(labels.shape)}, {len(defects)}, {n}"
             )
         if masks.dtype != torch.bool or tuple(masks.shape) != (n, *size):
-            raise ValueError(f"masks: expected bool {(n, *size)}, got {masks.dtype} "
-                             f"{tuple(masks.shape)}")  # fmt: skip
+            raise ValueError(
+                f"masks: expected bool {(n, *size)}, got {masks.dtype} {tuple(masks.shape)}"
+            )
         self.pixels = pixels
         self.labels = labels.to(torch.int64)
         self.masks = masks
@@ -413,8 +418,9 @@ def load_mvtec(
         )
     test_dir = category_dir / "test"
     if not test_dir.is_dir():
-        raise DatasetError(f"{test_dir}: test directory not found (expected test/good, "
-                           "test/<defect>)")  # fmt: skip
+        raise DatasetError(
+            f"{test_dir}: test directory not found (expected test/good, test/<defect>)"
+        )
     test_items = _labelled_items(test_dir, category_dir / "ground_truth")
     if not any(item.label == 1 for item in test_items):
         raise DatasetError(
@@ -583,8 +589,9 @@ def load_dataset(
     unknown = sorted(set(options) - _OPTIONS[kind])
     if unknown:
         accepted = ", ".join(sorted(_OPTIONS[kind]))
-        raise DatasetError(f"dataset kind {kind!r}: unknown option(s) {', '.join(unknown)} "
-                           f"(accepted: {accepted})")  # fmt: skip
+        raise DatasetError(
+            f"dataset kind {kind!r}: unknown option(s) {', '.join(unknown)} (accepted: {accepted})"
+        )
     if kind == "synthetic_glue":
         if root is None:
             raise DatasetError("dataset kind 'synthetic_glue' needs a root directory")

@@ -155,6 +155,24 @@ def test_subset_keeps_everything_aligned(tmp_path):
     assert part.paths == [test.paths[4], test.paths[2]]
 
 
+def test_constructor_checks_shapes_and_mask_presence():
+    pixels = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    labels = torch.tensor([0, 1])
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    made = AnomalyDataset(pixels, labels, masks, ["good", "cut"], ["a.png", "b.png"])
+    assert made.has_masks and len(made) == 2
+    unmasked = torch.tensor([True, False])
+    assert not AnomalyDataset(
+        pixels, labels, masks, ["good", "cut"], ["a", "b"], unmasked
+    ).has_masks
+    with pytest.raises(ValueError, match="one entry per image"):
+        AnomalyDataset(pixels, labels, masks, ["good"], ["a.png"])
+    with pytest.raises(ValueError, match="masks"):
+        AnomalyDataset(pixels, labels, masks[:, :4], ["good", "cut"], ["a.png", "b.png"])
+    with pytest.raises(ValueError, match="uint8"):
+        AnomalyDataset(pixels.float(), labels, masks, ["good", "cut"], ["a.png", "b.png"])
+
+
 def test_masks_are_resized_by_area(tmp_path):
     root = mvtec(tmp_path)
     # A mask covering the left half of a 40 x 48 image stays the left half at 32 x 32 ...
@@ -269,9 +287,15 @@ def test_load_dataset_dispatches_by_kind(tmp_path):
 
 def test_load_dataset_synthetic_glue_generates_then_loads(tmp_path):
     config = GlueSetConfig(
-        n_train=4, n_val_good=2, n_val_defect=1, n_test_good=2, n_test_defect=1,
-        height=96, width=128, defect_types=("warp_large", "missing"),
-    )  # fmt: skip
+        n_train=4,
+        n_val_good=2,
+        n_val_defect=1,
+        n_test_good=2,
+        n_test_defect=1,
+        height=96,
+        width=128,
+        defect_types=("warp_large", "missing"),
+    )
     splits = load_dataset(
         "synthetic_glue", root=tmp_path, category="part6", image_size=SIZE, config=config
     )
