@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import cloudpickle
+import ray.cloudpickle as cloudpickle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -38,7 +38,7 @@ REPORT_METRICS = (
 
 
 def _bad_input(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 

@@ -100,19 +100,22 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> floa
     return time.perf_counter() - start
 
 
-def _define_by_run(study: Study) -> Callable[[Any], None]:
-    def define(trial: Any) -> None:
-        model_param = study.space["model"]
-        model = trial.suggest_categorical("model", list(model_param.options()))
-        for key, param in study.space.items():
-            if key == "model":
-                continue
+class _DefineByRun:
+    """Optuna define-by-run space: a model's hyperparameters are sampled only for that model.
+
+    A class rather than a closure: Tune pickles its searcher with the experiment state.
+    """
+
+    def __init__(self, study: Study):
+        self.study = study
+
+    def __call__(self, trial: Any) -> None:
+        model = trial.suggest_categorical("model", list(self.study.space["model"].options()))
+        for key, param in self.study.space.items():
             owner, dot, _ = key.partition(".")
-            if dot and owner != model:
+            if key == "model" or (dot and owner != model):
                 continue
             _suggest(trial, key, param)
-
-    return define
 
 
 def _suggest(trial: Any, key: str, param: Param) -> None:
@@ -148,9 +151,9 @@ def _optuna_searcher(study: Study):
     modes = [o.direction for o in study.objectives]
     if len(metrics) == 1:
         return OptunaSearch(
-            space=_define_by_run(study), metric=metrics[0], mode=modes[0], sampler=sampler
+            space=_DefineByRun(study), metric=metrics[0], mode=modes[0], sampler=sampler
         )
-    return OptunaSearch(space=_define_by_run(study), metric=metrics, mode=modes, sampler=sampler)
+    return OptunaSearch(space=_DefineByRun(study), metric=metrics, mode=modes, sampler=sampler)
 
 
 def _write_study_copy(store: ResultStore, study: Study) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import cloudpickle
 import pandas as pd
 import pytest
+import ray.cloudpickle as cloudpickle
 
 from sweep.results import read_results
 from sweep.runner import run_study
