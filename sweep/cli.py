@@ -23,8 +23,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Make and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+# Tables stay readable when piped or logged (no terminal width to go by).
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 REPORT_METRICS = (
     "image_auroc",
@@ -79,7 +80,12 @@ def run(
     try:
         study = load_study(study_file, overrides=set_ or [])
         summary = run_study(
-            study, output=output, address=address, retry_errors=retry_errors, num_cpus=num_cpus
+            study,
+            output=output,
+            address=address,
+            retry_errors=retry_errors,
+            num_cpus=num_cpus,
+            console=err,
         )
     except _user_errors() as exc:
         _bad_input(exc)

@@ -177,6 +177,8 @@ def run_study(
     console: Console | None = None,
 ) -> RunSummary:
     """Run every trial of ``study`` that its output does not hold yet; return a summary."""
+    # Tune's own status boxes would fight with the progress display; ours reports every trial.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     console = console or Console(stderr=True)
