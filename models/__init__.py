@@ -13,7 +13,7 @@ from models.base import (
 )
 
 # Detector modules register themselves on import.
-from models import padim, patchcore, stfpm  # noqa: E402,F401  isort: skip
+from models import padim, patchcore, stfpm  # noqa: F401  isort: skip
 
 __all__ = [
     "Batch",
