@@ -155,3 +155,30 @@ def test_report_on_missing_or_empty_directory(tmp_path):
     expect_bad_input(invoke("report", tmp_path / "nope"), "no such directory")
     (tmp_path / "empty").mkdir()
     expect_bad_input(invoke("report", tmp_path / "empty"), "no trial rows")
+
+
+def test_synth_glue_writes_mvtec_layout_and_rejects_unknown_part(tmp_path):
+    result = invoke(
+        "data",
+        "synth-glue",
+        tmp_path / "glue",
+        "--part",
+        "part16",
+        "--n-train",
+        "3",
+        "--n-test-good",
+        "2",
+        "--n-test-defect",
+        "1",
+        "--n-val-good",
+        "2",
+        "--n-val-defect",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    part = tmp_path / "glue" / "part16"
+    assert len(list((part / "train" / "good").glob("*.png"))) == 3
+    assert (part / "val" / "good").is_dir() and (part / "manifest.json").is_file()
+    assert list((part / "ground_truth" / "hole").glob("*_mask.png"))
+    expect_bad_input(invoke("data", "synth-glue", tmp_path / "x", "--part", "part99"), "part99")
+    assert not (tmp_path / "x").exists()
