@@ -68,6 +68,8 @@ class SweepProgress(Callback):
         parts.append(f"[red]failed {self.errors}[/red]" if self.errors else "failed 0")
         if self.skipped:
             parts.append(f"skipped {self.skipped}")
+        if self.retried:
+            parts.append(f"retried {self.retried}")
         if self.best is not None:
             metric = self.objectives[0].metric
             parts.append(f"best {metric} {self.best[0]:.4g} ({self.best[1]})")

@@ -204,7 +204,6 @@ def run_study(
         retry_errors=retry_errors,
         trial_runner=trial_runner,
     )
-    done = store.statuses()
     if study.search.algorithm == "optuna":
         planned = study.search.n_trials or 0
         pending: list[TrialConfig] = []
@@ -212,6 +211,7 @@ def run_study(
     else:
         trials = expand_trials(study)
         planned = len(trials)
+        done = store.statuses()
         pending = [
             t
             for t in trials

@@ -7,7 +7,7 @@ out of memory) becomes a row with ``status="error"`` and the cause, and the swee
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -175,6 +175,7 @@ def run_trial(
     }
 
 
+@functools.cache
 def _versions() -> str:
     import ray
     import timm
@@ -290,8 +291,3 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     row = execute_trial(trial, ctx, report, trial_id=trial_id)
     store.write_row(row, ctx.schema)
     tune.report({**final_metrics(ctx.study, row), "skipped": False})
-
-
-def with_runner(ctx: TrialContext, runner) -> TrialContext:
-    """A copy of ``ctx`` whose trials call ``runner`` instead of :func:`run_trial`."""
-    return dataclasses.replace(ctx, trial_runner=runner)
