@@ -65,6 +65,46 @@ class Detector(torch.nn.Module):
     learning_type: ClassVar[LearningType] = "one_pass"
     localizes: ClassVar[bool] = True
     """Whether ``predict`` returns an anomaly map."""
+    backbone_kinds: ClassVar[tuple[str, ...]] = ("cnn",)
+    """Kinds of backbone (``BackboneSpec.kind``) the detector can read features from."""
+    supported_backbones: ClassVar[tuple[str, ...] | None] = None
+    """When set, the only backbones the detector accepts (e.g. those it has a decoder for)."""
+    fixed_input_size: ClassVar[bool] = False
+    """Whether a backbone with a fixed input size (``BackboneSpec.input_size``) must be fed
+    images of exactly that size (as FastFlow and U-Flow do with their transformers)."""
+
+    @classmethod
+    def backbone_problem(
+        cls, backbone: str, hparams: Mapping[str, Any] | None = None, image_size: int | None = None
+    ) -> str | None:
+        """Why this detector cannot run on ``backbone``, or None when it can.
+
+        ``hparams`` are the other hyperparameters of the trial (missing ones take their
+        defaults) and ``image_size`` the input size when known. The answer says what would
+        work instead. Subclasses with further constraints extend this and call ``super()``.
+        """
+        from models.backbones import get_backbone, list_backbones, resolve_layers
+
+        spec = get_backbone(backbone)
+        if cls.supported_backbones is not None and backbone not in cls.supported_backbones:
+            return f"it supports only {', '.join(cls.supported_backbones)}"
+        if spec.kind not in cls.backbone_kinds:
+            usable = [b for b in list_backbones() if get_backbone(b).kind in cls.backbone_kinds]
+            return (
+                f"{backbone} is a {spec.kind} backbone and it reads {'/'.join(cls.backbone_kinds)} "
+                f"features (e.g. {', '.join(usable[:4])})"
+            )
+        merged = {**hyperparameters(cls.name), **(hparams or {})}
+        layers = merged.get("layers")
+        if layers is not None:
+            try:
+                resolve_layers(spec, layers)
+            except ModelError as error:
+                return str(error)
+        fixed = spec.input_size if cls.fixed_input_size else None
+        if fixed is not None and image_size is not None and image_size != fixed:
+            return f"{backbone} takes {spec.input_size} px input, not {image_size} px"
+        return None
 
     def fit(
         self,
@@ -176,7 +216,45 @@ def create(name: str, **hparams: Any) -> Detector:
                 f"model {name!r} has no hyperparameter {key!r}{_suggest(key, known)} "
                 f"(known: {', '.join(sorted(known))})"
             )
+    if "backbone" in known:
+        check_backbone(name, hparams.get("backbone", known["backbone"]), hparams)
     return cls(**hparams)
+
+
+def backbone_problem(
+    name: str,
+    backbone: str,
+    hparams: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+) -> str | None:
+    """Why detector ``name`` cannot use ``backbone`` (see :meth:`Detector.backbone_problem`)."""
+    cls = get_class(name)
+    if "backbone" not in hyperparameters(name):
+        return f"{name} takes no backbone"
+    return cls.backbone_problem(backbone, hparams, image_size)
+
+
+def check_backbone(
+    name: str,
+    backbone: str,
+    hparams: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+) -> None:
+    """Raise :class:`ModelError` naming the pair when detector ``name`` cannot use ``backbone``."""
+    problem = backbone_problem(name, backbone, hparams, image_size)
+    if problem is not None:
+        raise ModelError(f"model {name!r} cannot use backbone {backbone!r}: {problem}")
+
+
+def compatible_backbones(
+    name: str, hparams: Mapping[str, Any] | None = None, image_size: int | None = None
+) -> list[str]:
+    """The registered backbones detector ``name`` can use with these hyperparameters."""
+    from models.backbones import list_backbones
+
+    if "backbone" not in hyperparameters(name):
+        return []
+    return [b for b in list_backbones() if backbone_problem(name, b, hparams, image_size) is None]
 
 
 def list_models() -> list[str]:

@@ -308,31 +308,70 @@ def report(
 @app.command("models")
 def list_models_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    matrix: Annotated[
+        bool, typer.Option(help="Also print the model x backbone compatibility matrix.")
+    ] = True,
 ) -> None:
-    """List the detectors with their learning type and hyperparameters."""
-    import models
+    """List the detectors, their hyperparameters and the backbones each can use.
 
+    Compatibility is judged with each detector's default layers, and for transformer backbones at
+    their native input size; a study checks its own layers and image sizes when it is validated.
+    """
+    import models
+    from models.backbones import get_backbone, list_backbones
+
+    backbones = list_backbones()
     rows = []
     for name in models.list_models():
         cls = models.get_class(name)
+        hps = models.hyperparameters(name)
+        usable = [
+            b
+            for b in backbones
+            if "backbone" in hps
+            and models.backbone_problem(name, b, None, get_backbone(b).input_size) is None
+        ]
         rows.append(
             {
                 "name": name,
                 "learning_type": cls.learning_type,
                 "localizes": cls.localizes,
-                "hyperparameters": {k: v for k, v in models.hyperparameters(name).items()},
+                "default_backbone": hps.get("backbone"),
+                "backbones": usable,
+                "hyperparameters": dict(hps),
             }
         )
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
     table = Table(title="detectors")
-    for column in ("name", "learning type", "anomaly map", "hyperparameters (defaults)"):
-        table.add_column(column)
+    for column in ("name", "learning type", "anomaly map", "backbones", "hyperparameters"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         hps = ", ".join(f"{k}={v}" for k, v in row["hyperparameters"].items())
-        table.add_row(row["name"], row["learning_type"], "yes" if row["localizes"] else "no", hps)
+        usable = f"{len(row['backbones'])} (default {row['default_backbone']})"
+        if row["default_backbone"] is None:
+            usable = "own network"
+        table.add_row(
+            row["name"], row["learning_type"], "yes" if row["localizes"] else "no", usable, hps
+        )
     out.print(table)
+    if not matrix:
+        return
+    with_backbone = [row for row in rows if row["default_backbone"] is not None]
+    grid = Table(title="model x backbone (+ = compatible, * = the model's default)")
+    grid.add_column("backbone", no_wrap=True)
+    for row in with_backbone:
+        grid.add_column(row["name"], justify="center", overflow="fold")
+    for backbone in backbones:
+        cells = [
+            ("*" if backbone == row["default_backbone"] else "+")
+            if backbone in row["backbones"]
+            else ""
+            for row in with_backbone
+        ]
+        grid.add_row(backbone, *cells)
+    out.print(grid)
 
 
 @app.command("backbones")

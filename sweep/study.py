@@ -352,6 +352,7 @@ def _validate_space(study: Study) -> None:
                     f"space key 'backbone': unknown backbone {name!r}"
                     f"{did_you_mean(name, known_backbones)} (known: {', '.join(known_backbones)})"
                 )
+    _check_backbone_pairs(study, study_models, hparams)
     for key in ("seed", "image_size", "epochs"):
         if key in space:
             param = space[key]
@@ -371,6 +372,46 @@ def _validate_space(study: Study) -> None:
                     f"space key {key!r}: a {param.kind} distribution cannot be enumerated by "
                     "search algorithm 'grid'; use 'random' or 'optuna', or a grid of values"
                 )
+
+
+def _check_backbone_pairs(
+    study: Study, study_models: list[str], hparams: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Fail on any model x backbone x layers x image size the grid would produce but cannot run."""
+    import models
+
+    space = study.space
+
+    def options(model: str, key: str) -> tuple[Any, ...] | None:
+        for name in (f"{model}.{key}", key):
+            if name in space:
+                return space[name].options() if space[name].is_enumerable else None
+        return (hparams[model][key],)
+
+    sizes = space["image_size"].options() if "image_size" in space else (study.dataset.image_size,)
+    for model in study_models:
+        if "backbone" not in hparams[model]:
+            continue
+        backbones = options(model, "backbone")
+        layer_options = options(model, "layers") if "layers" in hparams[model] else (None,)
+        if backbones is None or layer_options is None:
+            continue
+        for backbone, layers, size in itertools.product(backbones, layer_options, sizes):
+            given = {} if layers is None else {"layers": _freeze(layers)}
+            problem = models.backbone_problem(model, backbone, given, size)
+            if problem is None:
+                continue
+            usable = models.compatible_backbones(model, given, size)
+            where = f" with layers {list(layers)}" if layers is not None else ""
+            hint = (
+                f"; at {size} px{where} it can use: {', '.join(usable)}"
+                if usable
+                else f"; no registered backbone works with it at {size} px{where}"
+            )
+            raise ValueError(
+                f"model {model!r} cannot use backbone {backbone!r}{where} at {size} px: "
+                f"{problem}{hint} (give each model its own backbones with '{model}.backbone')"
+            )
 
 
 # --------------------------------------------------------------------------- loading

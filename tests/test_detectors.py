@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from toy_defects import N_TRAIN, SIZE, batches, toy_set
 
 import models
 from models.base import ModelError
 from models.components.feature_utils import NearestNeighbors, gaussian_blur
-
-SIZE = 64
-N_TRAIN = 16
-N_TEST_EACH = 8
 
 # Small, fast configurations of each detector; everything else is the paper's default. STFPM's
 # teacher is randomly initialised here, and at 64 px its layer3 grid is 4 x 4: matching layer1 and
@@ -29,55 +25,10 @@ CONFIGS = {
 FIT_EPOCHS = {"patchcore": None, "padim": None, "stfpm": 40}
 
 
-def make_images(n: int, anomalous: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` normalised 3 x SIZE x SIZE images and their ``n x SIZE x SIZE`` defect masks.
-
-    Normal images: a periodic texture crossed by a darker band (a glue line), shifted by up to
-    two pixels per image, with mild noise. Anomalous ones add a bright disc or a dark scratch.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    images, masks = [], []
-    for _ in range(n):
-        dx, dy = rng.uniform(-2, 2, size=2)
-        image = 0.5 + 0.2 * np.sin(2 * math.pi * (xx + dx) / 8) * np.sin(
-            2 * math.pi * (yy + dy) / 8
-        )
-        band = np.abs(yy + dy - SIZE / 2) < SIZE / 6
-        image = np.where(band, 0.6 * image + 0.25, image) + rng.normal(0, 0.03, image.shape)
-        mask = np.zeros_like(image, dtype=bool)
-        if anomalous:
-            cy, cx = rng.uniform(SIZE * 0.25, SIZE * 0.75, size=2)
-            if rng.random() < 0.5:
-                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (SIZE / 8) ** 2
-                image = np.where(mask, 1.0, image)
-            else:
-                angle = rng.uniform(0, math.pi)
-                across = np.abs((xx - cx) * math.sin(angle) - (yy - cy) * math.cos(angle))
-                along = np.abs((xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle))
-                mask = (across < 2.0) & (along < SIZE / 3)
-                image = np.where(mask, 0.0, image)
-        images.append(image.astype(np.float32))
-        masks.append(mask)
-    gray = torch.from_numpy(np.stack(images))[:, None]
-    return ((gray - 0.45) / 0.225).repeat(1, 3, 1, 1), torch.from_numpy(np.stack(masks))
-
-
 @pytest.fixture(scope="module")
 def data() -> dict[str, torch.Tensor]:
-    train, _ = make_images(N_TRAIN, anomalous=False, seed=0)
-    good, good_masks = make_images(N_TEST_EACH, anomalous=False, seed=1)
-    bad, bad_masks = make_images(N_TEST_EACH, anomalous=True, seed=2)
-    return {
-        "train": train,
-        "test": torch.cat([good, bad]),
-        "labels": torch.tensor([0] * N_TEST_EACH + [1] * N_TEST_EACH),
-        "masks": torch.cat([good_masks, bad_masks]),
-    }
-
-
-def batches(images: torch.Tensor, size: int = 8) -> list[torch.Tensor]:
-    return [images[i : i + size] for i in range(0, len(images), size)]
+    toy = toy_set()
+    return {"train": toy.train, "test": toy.test, "labels": toy.labels, "masks": toy.masks}
 
 
 def fit_predict(name: str, data: dict, seed: int = 0, **overrides) -> models.Prediction:
