@@ -277,3 +277,32 @@ def test_positional_encoding():
     # Every position gets a distinct code.
     codes = encoding.flatten(1).T
     assert torch.cdist(codes, codes).add(torch.eye(15) * 10).min() > 1e-3
+
+
+def test_one_sided_blocks_with_global_affine_are_exact():
+    # FrEIA AllInOneBlock's structure: one subnet per block, then a learned channel rescaling.
+    flow = SequentialFlow(
+        [
+            AffineCoupling(4, conv_subnet, both_halves=False, global_affine=True, seed=i)
+            for i in range(3)
+        ]
+    ).double()
+    with torch.no_grad():  # move the global affine away from its identity start
+        for block in flow.blocks:
+            block.global_scale[0].copy_(randn(4, dtype=torch.float64, seed=5))
+            block.global_offset[0].copy_(randn(4, dtype=torch.float64, seed=6))
+    x = randn(2, 4, 3, 3, dtype=torch.float64)
+    z, log_det = flow(x)
+    back, inverse_log_det = flow(z, reverse=True)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(inverse_log_det, -log_det)
+    expected = _brute_force_log_det(lambda t: flow(t)[0], x)
+    torch.testing.assert_close(log_det, expected, rtol=1e-8, atol=1e-8)
+    _, per_position = flow(x, per_position=True)
+    torch.testing.assert_close(per_position.sum((1, 2)), log_det)
+    # One subnet instead of two, plus 2 x C global parameters.
+    one = AffineCoupling(8, conv_subnet, both_halves=False, global_affine=True)
+    two = AffineCoupling(8, conv_subnet)
+    n_one = sum(p.numel() for p in one.parameters())
+    n_two = sum(p.numel() for p in two.parameters())
+    assert n_one == n_two // 2 + 16

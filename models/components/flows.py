@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -84,8 +85,8 @@ class AffineCoupling(nn.Module):
             at least 2, as each is split in two).
         subnet: factory ``subnet(in_channels, out_channels)`` building the network that
             predicts log-scale and shift of one half from the other (see
-            :data:`SubnetFactory`); called twice, once per half. Its modules are initialised
-            from ``seed``, not from the global random state.
+            :data:`SubnetFactory`); called once per transformed half. Its modules are
+            initialised from ``seed``, not from the global random state.
         clamp: bound of the soft-clamped log-scale ``clamp * tanh(s / clamp)``; 0 disables the
             clamp. FastFlow and U-Flow use 2.0, CFlow 1.9, CS-Flow 3.0.
         condition_channels: channels of the condition concatenated to the subnet's input at
@@ -95,6 +96,14 @@ class AffineCoupling(nn.Module):
         soft_clamp: ``"tanh"`` or ``"atan"`` (CS-Flow's ``clamp * 2/pi * atan(s / clamp)``).
         permute: shuffle channels at the block's input (so stacked blocks mix all channels);
             False keeps the order.
+        both_halves: transform both halves, each from the other (Glow's / Real NVP's
+            two-step coupling, two subnets). False transforms only the second half from the
+            first (one subnet), which with the permutation is the structure of FrEIA's
+            ``AllInOneBlock`` that the reference implementations of FastFlow, CFlow and U-Flow
+            stack: half the subnet parameters per block.
+        global_affine: follow the coupling with a learned per-channel scale (softplus of a
+            parameter, starting at 1) and offset, as ``AllInOneBlock`` does; it lets every
+            block rescale the channels the coupling leaves unchanged.
 
     ``forward(x, condition=None, reverse=False, per_position=False) -> (z, log_det)``. ``x`` is
     a tensor ``B x C x ...`` or a list of them; ``condition`` matches its form with
@@ -113,6 +122,8 @@ class AffineCoupling(nn.Module):
         seed: int = 0,
         soft_clamp: SoftClamp = "tanh",
         permute: bool = True,
+        both_halves: bool = True,
+        global_affine: bool = False,
     ) -> None:
         super().__init__()
         self.multi_scale = not isinstance(channels, int)
@@ -135,6 +146,7 @@ class AffineCoupling(nn.Module):
         self.condition_channels = condition_list
         self.clamp = float(clamp)
         self.soft_clamp = soft_clamp
+        self.both_halves = both_halves
         self.split = [c // 2 for c in channel_list]
         first = self.split
         second = [c - h for c, h in zip(channel_list, first, strict=True)]
@@ -156,7 +168,22 @@ class AffineCoupling(nn.Module):
             torch.manual_seed(init_seed)
             # subnet1 reads the first half and transforms the second; subnet2 the reverse.
             self.subnet1 = subnet(unwrap(sizes(first)), unwrap([2 * h for h in second]))
-            self.subnet2 = subnet(unwrap(sizes(second)), unwrap([2 * h for h in first]))
+            self.subnet2 = (
+                subnet(unwrap(sizes(second)), unwrap([2 * h for h in first]))
+                if both_halves
+                else None
+            )
+        if global_affine:
+            # softplus(log(e - 1)) = 1: the block starts without a global rescaling.
+            start = math.log(math.expm1(1.0))
+            self.global_scale = nn.ParameterList(
+                nn.Parameter(torch.full((c,), start)) for c in channel_list
+            )
+            self.global_offset = nn.ParameterList(
+                nn.Parameter(torch.zeros(c)) for c in channel_list
+            )
+        else:
+            self.global_scale = self.global_offset = None
 
     def _permutation(self, i: int, inverse: bool = False) -> Tensor:
         return getattr(self, f"inverse{i}" if inverse else f"permutation{i}")
@@ -173,6 +200,37 @@ class AffineCoupling(nn.Module):
             s, t = o.chunk(2, dim=1)
             params.append((soft_clamp(s, self.clamp, self.soft_clamp), t))
         return params
+
+    def _couple(
+        self,
+        net: nn.Module,
+        source: list[Tensor],
+        target: list[Tensor],
+        conditions: list[Tensor] | None,
+        reverse: bool,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        # Affine transform of ``target`` from ``source``; returns it and its per-position
+        # log-determinant (summed over channels).
+        params = self._params(net, source, conditions)
+        if reverse:
+            out = [(y - t) * torch.exp(-s) for y, (s, t) in zip(target, params, strict=True)]
+            return out, [-s.sum(1) for s, _ in params]
+        out = [y * torch.exp(s) + t for y, (s, t) in zip(target, params, strict=True)]
+        return out, [s.sum(1) for s, _ in params]
+
+    def _global(self, xs: list[Tensor], reverse: bool) -> tuple[list[Tensor], list[Tensor]]:
+        out, log_dets = [], []
+        for x, raw, offset in zip(xs, self.global_scale, self.global_offset, strict=True):
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            scale = F.softplus(raw)
+            log_scale = scale.log().sum()
+            if reverse:
+                out.append((x - offset.view(shape)) / scale.view(shape))
+                log_scale = -log_scale
+            else:
+                out.append(x * scale.view(shape) + offset.view(shape))
+            log_dets.append(log_scale.expand(x[:, 0].shape))
+        return out, log_dets
 
     def forward(
         self,
@@ -197,39 +255,48 @@ class AffineCoupling(nn.Module):
         elif any(self.condition_channels):
             raise ValueError(f"coupling expects a condition of {self.condition_channels} channels")
 
+        parts: list[list[Tensor]] = []  # per-position log-dets of each step
         if not reverse:
             xs = [t.index_select(1, self._permutation(i)) for i, t in enumerate(xs)]
+        elif self.global_scale is not None:
+            xs, log_det = self._global(xs, reverse=True)
+            parts.append(log_det)
         a = [t[:, :h] for t, h in zip(xs, self.split, strict=True)]
         b = [t[:, h:] for t, h in zip(xs, self.split, strict=True)]
         if not reverse:
-            params = self._params(self.subnet1, a, conditions)
-            b = [bi * torch.exp(s) + t for bi, (s, t) in zip(b, params, strict=True)]
-            log_scales = [s.sum(1) for s, _ in params]
-            params = self._params(self.subnet2, b, conditions)
-            a = [ai * torch.exp(s) + t for ai, (s, t) in zip(a, params, strict=True)]
-            log_scales = [ls + s.sum(1) for ls, (s, _) in zip(log_scales, params, strict=True)]
+            b, log_det = self._couple(self.subnet1, a, b, conditions, reverse=False)
+            parts.append(log_det)
+            if self.subnet2 is not None:
+                a, log_det = self._couple(self.subnet2, b, a, conditions, reverse=False)
+                parts.append(log_det)
         else:
-            params = self._params(self.subnet2, b, conditions)
-            a = [(ai - t) * torch.exp(-s) for ai, (s, t) in zip(a, params, strict=True)]
-            log_scales = [-s.sum(1) for s, _ in params]
-            params = self._params(self.subnet1, a, conditions)
-            b = [(bi - t) * torch.exp(-s) for bi, (s, t) in zip(b, params, strict=True)]
-            log_scales = [ls - s.sum(1) for ls, (s, _) in zip(log_scales, params, strict=True)]
+            if self.subnet2 is not None:
+                a, log_det = self._couple(self.subnet2, b, a, conditions, reverse=True)
+                parts.append(log_det)
+            b, log_det = self._couple(self.subnet1, a, b, conditions, reverse=True)
+            parts.append(log_det)
         out = [torch.cat([ai, bi], dim=1) for ai, bi in zip(a, b, strict=True)]
+        if not reverse and self.global_scale is not None:
+            out, log_det = self._global(out, reverse=False)
+            parts.append(log_det)
         if reverse:
             out = [t.index_select(1, self._permutation(i, True)) for i, t in enumerate(out)]
 
-        log_det: Tensor | list[Tensor]
+        per_scale = [
+            sum(scale_parts[1:], scale_parts[0]) for scale_parts in zip(*parts, strict=True)
+        ]
+        log_dets: Tensor | list[Tensor]
         if per_position:
-            log_det = log_scales if self.multi_scale else log_scales[0]
+            log_dets = per_scale if self.multi_scale else per_scale[0]
         else:
-            log_det = torch.stack([_sum_but_batch(ls) for ls in log_scales]).sum(0)
-        return (out if self.multi_scale else out[0]), log_det
+            log_dets = torch.stack([_sum_but_batch(d) for d in per_scale]).sum(0)
+        return (out if self.multi_scale else out[0]), log_dets
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels if self.multi_scale else self.channels[0]}, "
-            f"clamp={self.clamp}, condition_channels={self.condition_channels}"
+            f"clamp={self.clamp}, condition_channels={self.condition_channels}, "
+            f"both_halves={self.both_halves}, global_affine={self.global_scale is not None}"
         )
 
 
