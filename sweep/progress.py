@@ -26,6 +26,7 @@ class SweepProgress(Callback):
         self.ok = 0
         self.errors = 0
         self.skipped = 0
+        self.stopped = 0
         self.running = 0
         self.retried = 0
         self.error_messages: list[str] = []
@@ -66,6 +67,8 @@ class SweepProgress(Callback):
     def _status(self) -> str:
         parts = [f"running {self.running}", f"ok {self.ok}"]
         parts.append(f"[red]failed {self.errors}[/red]" if self.errors else "failed 0")
+        if self.stopped:
+            parts.append(f"stopped early {self.stopped}")
         if self.skipped:
             parts.append(f"skipped {self.skipped}")
         if self.retried:
@@ -77,7 +80,7 @@ class SweepProgress(Callback):
 
     def _refresh(self) -> None:
         if self._progress is not None:
-            done = self.ok + self.errors + self.skipped
+            done = self.ok + self.errors + self.skipped + self.stopped
             self._progress.update(self._task, completed=done, status=self._status())
 
     def _print(self, message: str) -> None:
@@ -98,7 +101,14 @@ class SweepProgress(Callback):
             return
         self._finished.add(trial.trial_id)
         label = result.get("label", trial.trial_id)
-        if result.get("skipped"):
+        if "status" not in result:
+            # A per-epoch result marked done by Tune: the scheduler stopped the trial there.
+            self.stopped += 1
+            self._print(
+                f"[yellow]⏹ {trial_label(trial)} stopped early after epoch "
+                f"{result.get('epoch', '?')}[/yellow]"
+            )
+        elif result.get("skipped"):
             self.skipped += 1
             self._print(f"[dim]= {label}: already in the output[/dim]")
         elif result.get("status") == "ok":
@@ -139,3 +149,11 @@ class SweepProgress(Callback):
         )
         if better:
             self.best = (float(value), label)
+
+
+def trial_label(trial: Any) -> str:
+    """A readable name for a Tune trial of a grid/random study, else its id."""
+    from sweep.study import TrialConfig
+
+    raw = getattr(trial, "config", {}).get("trial")
+    return TrialConfig.from_dict(raw).label() if isinstance(raw, dict) else str(trial.trial_id)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from rich.console import Console
 
 import models
@@ -33,7 +34,7 @@ from sweep.study import (
     expand_trials,
     study_to_yaml,
 )
-from sweep.trainable import Reporter, TrialContext, load_data, tune_trial
+from sweep.trainable import Reporter, TrialContext, load_data, stopped_row, tune_trial
 
 TrialRunner = Callable[[TrialConfig, TrialContext, Reporter | None], dict[str, Any]]
 
@@ -46,6 +47,8 @@ class RunSummary:
     skipped: int
     ok: int = 0
     errors: int = 0
+    stopped: int = 0
+    """Trials the scheduler (ASHA) stopped early: a row with ``status="stopped"`` each."""
     lost: int = 0
     """Trials Tune gave up on (worker died more than ``max_failures`` times): no row."""
     interrupted: bool = False
@@ -156,6 +159,60 @@ def _optuna_searcher(study: Study):
     return OptunaSearch(space=_DefineByRun(study), metric=metrics, mode=modes, sampler=sampler)
 
 
+FINAL_STATUSES = ("ok", "stopped")
+"""Row statuses a re-run keeps; ``error`` rows are kept too unless errors are retried."""
+
+
+def _asha_scheduler(study: Study):
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = study.scheduler
+    assert scheduler is not None
+    max_t = scheduler.max_t or _max_epochs(study)
+    if max_t is None:
+        raise SweepError(
+            "scheduler: set 'scheduler.max_t' or an 'epochs' value in the space (ASHA needs the "
+            "longest training in epochs)"
+        )
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=scheduler.metric,
+        mode=scheduler.direction,
+        max_t=max_t,
+        grace_period=min(scheduler.grace_period, max_t),
+        reduction_factor=scheduler.reduction_factor,
+    )
+
+
+def _max_epochs(study: Study) -> int | None:
+    """The longest training of the study in epochs: its ``epochs``, else the models' defaults."""
+    if "epochs" in study.space:
+        param = study.space["epochs"]
+        values = [int(v) for v in param.options() if v is not None] if param.is_enumerable else []
+        if not param.is_enumerable and param.high is not None:
+            values = [int(param.high)]
+        return max(values) if values else None
+    defaults = [models.hyperparameters(m).get("epochs") for m in study.models]
+    values = [int(v) for v in defaults if isinstance(v, int)]
+    return max(values) if values else None
+
+
+class _StoppedTrialRows(Callback):
+    """Writes the row of every trial the scheduler stops (its worker is stopped mid-training)."""
+
+    def __init__(self, ctx: TrialContext):
+        self.ctx = ctx
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if not result.get("done") or "status" in result or "trial" not in trial.config:
+            return
+        config = TrialConfig.from_dict(trial.config["trial"])
+        row = stopped_row(config, self.ctx, trial.trial_id, result)
+        ResultStore(self.ctx.output).write_row(row, self.ctx.schema)
+
+
 def _write_study_copy(store: ResultStore, study: Study) -> None:
     if not store.local:
         return
@@ -212,11 +269,8 @@ def run_study(
         trials = expand_trials(study)
         planned = len(trials)
         done = store.statuses()
-        pending = [
-            t
-            for t in trials
-            if done.get(config_hash(study, t)) not in ("ok", None if retry_errors else "error")
-        ]
+        keep = FINAL_STATUSES if retry_errors else (*FINAL_STATUSES, "error")
+        pending = [t for t in trials if done.get(config_hash(study, t)) not in keep]
         skipped = planned - len(pending)
     summary = RunSummary(output=store.uri, run_id=run_id, planned=planned, skipped=skipped)
     if study.search.algorithm != "optuna" and not pending:
@@ -228,6 +282,14 @@ def run_study(
     if study.resources.memory_gb:
         resources["memory"] = study.resources.memory_gb * 2**30
     trainable = tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources)
+    scheduler = None
+    callbacks: list[Callback] = []
+    if study.scheduler is not None:
+        scheduler = _asha_scheduler(study)
+        callbacks.append(_StoppedTrialRows(ctx))
+        # Results without the scheduler's metric (epochs between validations, the final
+        # summary) are expected; ASHA ignores them.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
     if study.search.algorithm == "optuna":
         param_space: dict[str, Any] = {}
@@ -240,7 +302,9 @@ def run_study(
         total = planned
     else:
         param_space = {"trial": tune.grid_search([t.to_dict() for t in pending])}
-        tune_config = tune.TuneConfig(max_concurrent_trials=study.max_concurrent, reuse_actors=True)
+        tune_config = tune.TuneConfig(
+            max_concurrent_trials=study.max_concurrent, reuse_actors=True, scheduler=scheduler
+        )
         total = len(pending)
 
     progress = SweepProgress(total=total, objectives=list(study.objectives), console=console)
@@ -253,7 +317,7 @@ def run_study(
             name=f"{study.name}-{run_id}",
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=study.failure.max_failures),
-            callbacks=[progress],
+            callbacks=[*callbacks, progress],
             verbose=0,
         ),
     )
@@ -270,7 +334,7 @@ def run_study(
             summary.interrupted = True
             grid = None
     summary.sweep_s = time.perf_counter() - start
-    summary.ok, summary.errors = progress.ok, progress.errors
+    summary.ok, summary.errors, summary.stopped = progress.ok, progress.errors, progress.stopped
     summary.error_rows = progress.error_messages
     if grid is not None:
         summary.lost = sum(1 for r in grid if r.error is not None)

@@ -186,6 +186,44 @@ class EvaluationConfig(_Strict):
     latency_repeats: int = Field(20, ge=1)
 
 
+EPOCH_METRICS: dict[str, Literal["max", "min"]] = {
+    "loss": "min",
+    "val_image_auroc": "max",
+    "val_pixel_auroc": "max",
+}
+"""Metrics an iterative trial reports after its epochs, which a scheduler can act on."""
+
+
+class SchedulerConfig(_Strict):
+    """An early-stopping trial scheduler (ASHA): poor trials stop at a rung of epochs."""
+
+    kind: Literal["asha"] = "asha"
+    metric: str = Field(
+        "val_image_auroc",
+        description="per-epoch metric: loss, val_image_auroc or val_pixel_auroc "
+        "(the val_ metrics score the validation split, which needs anomalies)",
+    )
+    mode: Literal["max", "min"] | None = None
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before any stop")
+    reduction_factor: float = Field(3.0, gt=1, description="1 in this many trials goes on per rung")
+    max_t: int | None = Field(None, ge=1, description="epochs of the last rung (default: epochs)")
+    eval_every: int = Field(1, ge=1, description="score the validation split every N epochs")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in EPOCH_METRICS:
+            raise ValueError(
+                f"unknown per-epoch metric {metric!r}{did_you_mean(metric, EPOCH_METRICS)} "
+                f"(known: {', '.join(EPOCH_METRICS)})"
+            )
+        return metric
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or EPOCH_METRICS[self.metric]
+
+
 class FailureSettings(_Strict):
     max_failures: int = Field(1, ge=0, description="retries of a trial whose worker died")
 
@@ -222,6 +260,7 @@ class Study(_Strict):
     output: str | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
     failure: FailureSettings = FailureSettings()
+    scheduler: SchedulerConfig | None = None
     source: str | None = Field(None, exclude=True, description="the file this study came from")
 
     @field_validator("name")
@@ -251,6 +290,11 @@ class Study(_Strict):
     @model_validator(mode="after")
     def _check_space(self) -> Study:
         _validate_space(self)
+        if self.scheduler is not None and self.search.algorithm == "optuna":
+            raise ValueError(
+                "scheduler: ASHA runs with search algorithm 'grid' or 'random'; an optuna search "
+                "takes no per-epoch results here"
+            )
         return self
 
     @property

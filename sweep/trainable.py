@@ -123,6 +123,10 @@ def run_trial(
 
     detector = models.create(trial.model, **trial.hparams).to(device)
     epochs_run = 0
+    scheduler = study.scheduler
+    iterative = detector.learning_type == "iterative"
+    scores_validation = scheduler is not None and iterative and scheduler.metric.startswith("val_")
+    budget = trial.epochs if trial.epochs is not None else getattr(detector, "epochs", None)
 
     def on_epoch_end(epoch: int, values: dict) -> bool:
         nonlocal epochs_run
@@ -130,14 +134,24 @@ def run_trial(
         loss = values.get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise FloatingPointError(f"training loss is {loss} at epoch {epoch}")
-        if report is not None:
-            report({"epoch": epoch, **{k: float(v) for k, v in values.items()}})
+        if report is None:
+            return False
+        result = {"epoch": epoch, **{k: float(v) for k, v in values.items()}}
+        last = not iterative or (budget is not None and epoch >= budget)
+        if last:
+            # The scheduler must not act on a finished training: the trial goes on to its test
+            # evaluation and reports that. (ASHA stops any trial that reaches max_t.)
+            if scheduler is not None:
+                result.pop(scheduler.metric, None)
+        elif scores_validation and epoch % scheduler.eval_every == 0:
+            result.update(_validation_metrics(detector, splits.val, study, device))
+        report(result)
         return False
 
     train = _Epochs(splits.train, study.evaluation.train_batch_size, trial.seed, device)
     with PeakMemory(device=device) as memory:
         with Stopwatch() as fit_time:
-            detector.fit(train, epochs=trial.epochs, on_epoch_end=on_epoch_end)
+            stats = detector.fit(train, epochs=trial.epochs, on_epoch_end=on_epoch_end)
         detector.eval()
         batch_size = study.evaluation.batch_size
         val = _predict_split(detector, splits.val, batch_size, device)
@@ -172,7 +186,29 @@ def run_trial(
         "n_test": len(splits.test),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "category": splits.category,
+        "notes": "; ".join((stats or {}).get("notes", ())) or None,
     }
+
+
+def _validation_metrics(detector: models.Detector, val, study: Study, device) -> dict[str, float]:
+    """Score the validation split mid-training, for a scheduler; training mode is restored."""
+    was_training = detector.training
+    detector.eval()
+    try:
+        outputs = _predict_split(detector, val, study.evaluation.batch_size, device)
+    finally:
+        detector.train(was_training)
+    if len(np.unique(outputs.labels)) < 2:
+        raise ValueError(
+            f"scheduler metric {study.scheduler.metric!r} needs normal and anomalous images in "
+            "the validation split; use metric 'loss' or a data set with validation defects"
+        )
+    values = {"val_image_auroc": metric_fns.auroc(outputs.labels, outputs.scores)}
+    if outputs.maps is not None and outputs.masks is not None:
+        values["val_pixel_auroc"] = metric_fns.auroc(
+            outputs.masks.reshape(-1), outputs.maps.reshape(-1)
+        )
+    return values
 
 
 @functools.cache
@@ -219,6 +255,46 @@ def execute_trial(
     trial: TrialConfig, ctx: TrialContext, report: Reporter | None = None, trial_id: str = ""
 ) -> dict[str, Any]:
     """Run a trial and build its complete row; a failure becomes an error row, never a raise."""
+    row = _row_header(trial, ctx, trial_id)
+    runner = ctx.trial_runner or run_trial
+    try:
+        row.update(runner(trial, ctx, report))
+        row["status"] = "ok"
+    except Exception as exc:  # a trial's own failure must not stop the sweep
+        row["status"] = "error"
+        row["error"] = _describe_error(exc)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["finished_at"] = datetime.now(timezone.utc)
+    return {k: v for k, v in row.items() if k in ctx.schema.names}
+
+
+def stopped_row(
+    trial: TrialConfig, ctx: TrialContext, trial_id: str, last_result: dict[str, Any]
+) -> dict[str, Any]:
+    """The row of a trial the scheduler stopped early, from the last epoch it reported.
+
+    Such a trial was never scored on the test split: its test metrics are missing and its
+    ``notes`` say where it stopped and on what.
+    """
+    row = _row_header(trial, ctx, trial_id)
+    epoch = last_result.get("epoch")
+    row["status"] = "stopped"
+    row["epochs_run"] = None if epoch is None else int(epoch)
+    scheduler = ctx.study.scheduler
+    if scheduler is not None:
+        value = last_result.get(scheduler.metric)
+        shown = "not reported" if value is None else f"{float(value):.4g}"
+        row["notes"] = (
+            f"stopped by the {scheduler.kind} scheduler after epoch {epoch} "
+            f"({scheduler.metric} {shown})"
+        )
+    row["finished_at"] = datetime.now(timezone.utc)
+    return {k: v for k, v in row.items() if k in ctx.schema.names}
+
+
+def _row_header(trial: TrialConfig, ctx: TrialContext, trial_id: str) -> dict[str, Any]:
     study = ctx.study
     started = datetime.now(timezone.utc)
     digest = config_hash(study, trial)
@@ -242,18 +318,7 @@ def execute_trial(
     }
     hparams = {**models.hyperparameters(trial.model), **trial.hparams}
     row.update({HP_PREFIX + k: v for k, v in hparams.items() if HP_PREFIX + k in ctx.schema.names})
-    runner = ctx.trial_runner or run_trial
-    try:
-        row.update(runner(trial, ctx, report))
-        row["status"] = "ok"
-    except Exception as exc:  # a trial's own failure must not stop the sweep
-        row["status"] = "error"
-        row["error"] = _describe_error(exc)
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    row["finished_at"] = datetime.now(timezone.utc)
-    return {k: v for k, v in row.items() if k in ctx.schema.names}
+    return row
 
 
 def final_metrics(study: Study, row: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +347,7 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     store = ResultStore(ctx.output)
     digest = config_hash(ctx.study, trial)
     existing = store.read_row(digest)
-    if existing is not None and (existing["status"] == "ok" or not ctx.retry_errors):
+    if existing is not None and (existing["status"] != "error" or not ctx.retry_errors):
         tune.report({**final_metrics(ctx.study, existing), "skipped": True})
         return
     # Optuna takes intermediate results only for its own metric; epochs are not reported to it.

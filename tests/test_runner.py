@@ -93,3 +93,39 @@ def test_optuna_multi_objective_search(ray_session, glue_root, tmp_path):
     assert len(df) == df.config_hash.nunique() >= 1
     assert df["hp.coreset_ratio"].between(0.01, 0.5).all()
     assert df["hp.num_neighbors"].between(1, 9).all()
+
+
+def epoch_runner(trial, ctx, report):
+    """Trains for ``trial.epochs`` epochs; seed 0 is a good configuration, the others poor."""
+    quality = 0.9 if trial.seed == 0 else 0.2 + trial.seed / 100
+    for epoch in range(1, trial.epochs + 1):
+        if report is not None:
+            # Like run_trial, the last epoch carries no scheduler metric: the trial is done.
+            values = {} if epoch == trial.epochs else {"val_image_auroc": quality}
+            report({"epoch": epoch, "loss": 1.0 / epoch, **values})
+    return {"image_auroc": quality, "latency_ms": 1.0, "train_s": 0.0, "epochs_run": trial.epochs}
+
+
+cloudpickle.register_pickle_by_value(__import__(__name__))
+
+
+def test_asha_stops_poor_trials_early_and_records_them(ray_session, glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "patchcore", "seed": {"grid": [0, 1, 2]}, "epochs": 9}
+    raw["scheduler"] = {"kind": "asha", "grace_period": 1, "reduction_factor": 3}
+    raw["max_concurrent"] = 1  # the good trial sets each rung's bar before the poor ones arrive
+    study = study_from_dict(raw)
+    summary = run_study(study, trial_runner=epoch_runner, preflight=False)
+    assert (summary.ok, summary.stopped, summary.errors) == (1, 2, 0)
+
+    df = read_results(tmp_path / "out").set_index("seed")
+    assert df.loc[0, "status"] == "ok" and df.loc[0, "epochs_run"] == 9
+    for seed in (1, 2):
+        row = df.loc[seed]
+        assert row["status"] == "stopped"
+        assert row["epochs_run"] < 9
+        assert "stopped by the asha scheduler" in row["notes"]
+        assert math.isnan(row["image_auroc"])
+
+    again = run_study(study, trial_runner=epoch_runner, preflight=False)
+    assert (again.planned, again.skipped) == (3, 3)

@@ -1,0 +1,63 @@
+"""One trial without Ray: per-epoch results for schedulers, and what lands in the row."""
+
+from __future__ import annotations
+
+import pytest
+
+from sweep.errors import StudyError
+from sweep.runner import study_schema
+from sweep.study import expand_trials, study_from_dict
+from sweep.trainable import TrialContext, run_trial
+from tests.conftest import tiny_study
+
+
+def _context(study, tmp_path) -> TrialContext:
+    return TrialContext(
+        study=study, output=str(tmp_path / "out"), run_id="test", schema=study_schema(study)
+    )
+
+
+def test_iterative_trial_scores_validation_every_epoch_but_the_last(glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {
+        "model": "stfpm",
+        "backbone": "resnet18",
+        "pretrained": False,
+        "seed": 0,
+        "epochs": 3,
+        "stfpm.layers": ["layer1", "layer2"],
+    }
+    raw["scheduler"] = {"kind": "asha", "metric": "val_image_auroc"}
+    study = study_from_dict(raw)
+    reports: list[dict] = []
+    row = run_trial(expand_trials(study)[0], _context(study, tmp_path), reports.append)
+
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    for report in reports[:2]:
+        assert 0.0 <= report["val_image_auroc"] <= 1.0
+        assert 0.0 <= report["val_pixel_auroc"] <= 1.0
+        assert report["loss"] > 0
+    # The last epoch is the end of training: no metric a scheduler could stop it on.
+    assert "val_image_auroc" not in reports[2] and "loss" in reports[2]
+    assert row["epochs_run"] == 3
+    assert 0.0 <= row["image_auroc"] <= 1.0
+
+
+def test_one_pass_trials_give_a_scheduler_nothing_to_stop(glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "padim", "backbone": "resnet18", "pretrained": False, "epochs": 5}
+    raw["scheduler"] = {"kind": "asha"}
+    study = study_from_dict(raw)
+    reports: list[dict] = []
+    run_trial(expand_trials(study)[0], _context(study, tmp_path), reports.append)
+    assert reports == [{"epoch": 1}]
+
+
+def test_scheduler_settings_are_validated():
+    base = {"name": "s", "space": {"model": "stfpm"}}
+    with pytest.raises(StudyError, match="did you mean 'val_image_auroc'"):
+        study_from_dict({**base, "scheduler": {"metric": "val_image_aucroc"}})
+    with pytest.raises(StudyError, match="grid' or 'random'"):
+        study_from_dict({**base, "scheduler": {}, "search": {"algorithm": "optuna", "n_trials": 3}})
+    study = study_from_dict({**base, "scheduler": {"metric": "loss"}})
+    assert study.scheduler.direction == "min"
