@@ -71,6 +71,11 @@ def expect_bad_input(result, *needles: str) -> None:
         ({"model": "patchcorr"}, {}, ["unknown model 'patchcorr'", "patchcore"]),
         ({"model": "patchcore", "coreset": 0.1}, {}, ["'coreset'"]),
         ({"model": "patchcore"}, {"outptu": "x"}, ["unknown key 'outptu'", "output"]),
+        (
+            {"model": "patchcore", "backbone": "resnet18", "patchcore.layers": ["layer2", "l9"]},
+            {},
+            ["model 'patchcore' cannot use backbone 'resnet18'", "'l9'", "layer3"],
+        ),
     ],
 )
 def test_bad_study_exits_2(tmp_path, space, extra, needles):
@@ -142,8 +147,13 @@ def test_validate_lists_trials(tmp_path):
 def test_models_and_backbones_json():
     result = invoke("models", "--json")
     assert result.exit_code == 0
-    names = {m["name"] for m in json.loads(result.output)}
-    assert {"patchcore", "padim", "stfpm"} <= names
+    rows = {m["name"]: m for m in json.loads(result.output)}
+    assert {"patchcore", "padim", "stfpm"} <= set(rows)
+    assert rows["patchcore"]["default_backbone"] == "wide_resnet50_2"
+    assert {"resnet18", "wide_resnet50_2"} <= set(rows["patchcore"]["backbones"])
+    matrix = invoke("models")
+    assert matrix.exit_code == 0
+    assert "model x backbone" in matrix.output and "wide_resnet50_2" in matrix.output
     result = invoke("backbones", "--json")
     assert result.exit_code == 0
     backbones = {b["name"]: b for b in json.loads(result.output)}
