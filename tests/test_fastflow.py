@@ -1,0 +1,203 @@
+"""FastFlow on the toy defect set (CPU, random-init ResNet18)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
+
+import models
+import models.backbones
+import models.fastflow
+from models.base import ModelError, backbone_problem
+from models.fastflow import default_layers
+
+# Half the paper's 8 flow steps and 2 epochs keep a fit at about 3 s on one thread. On the toy set
+# the random ResNet18 features already separate the defects (image AUROC 1.0 for seeds 0-2 with
+# 2 to 5 epochs), so what training adds is checked through the falling loss.
+CONFIG = {"flow_steps": 4}
+EPOCHS = 2
+
+
+def fit(seed: int = 0, epochs: int = EPOCHS, **overrides):
+    detector = models.create("fastflow", pretrained=False, seed=seed, **{**CONFIG, **overrides})
+    history: list[tuple[int, dict]] = []
+    stats = detector.fit(
+        batches(toy_set().train),
+        epochs=epochs,
+        on_epoch_end=lambda epoch, metrics: history.append((epoch, metrics)) and False,
+    )
+    return detector, stats, history
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_set()
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return fit()
+
+
+@pytest.fixture(scope="module")
+def prediction(fitted, toy):
+    return fitted[0].predict(toy.test)
+
+
+def test_detects_and_localises_the_toy_defects(toy, prediction):
+    check_prediction(toy, prediction, localizes=True)
+    assert image_auroc(toy, prediction.score) >= 0.9
+    assert pixel_auroc(toy, prediction.anomaly_map) >= 0.9
+    # Maps are negated likelihoods in [-1, 0).
+    assert prediction.anomaly_map.min() >= -1 and prediction.anomaly_map.max() < 0
+
+
+def test_reports_every_epoch_and_the_loss_falls(fitted):
+    _, stats, history = fitted
+    assert [epoch for epoch, _ in history] == list(range(1, EPOCHS + 1))
+    losses = [metrics["loss"] for _, metrics in history]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < 0.6 * losses[0]
+    assert stats["epochs"] == EPOCHS and stats["loss"] == losses[-1]
+
+
+def test_stops_when_told_and_defaults_to_the_constructor_budget(toy):
+    detector = models.create("fastflow", pretrained=False, flow_steps=1, layers=("layer2",))
+    seen = []
+    stats = detector.fit(batches(toy.train), on_epoch_end=lambda e, m: seen.append(e) or e == 2)
+    assert seen == [1, 2] and stats["epochs"] == 2
+    assert detector.epochs == 500
+    assert not detector.training
+
+
+def test_same_seed_same_scores_and_another_seed_differs(toy, prediction):
+    again = fit(seed=0)[0].predict(toy.test)
+    assert torch.equal(again.score, prediction.score)
+    assert torch.equal(again.anomaly_map, prediction.anomaly_map)
+    other = models.create("fastflow", pretrained=False, seed=1, **CONFIG)
+    first = models.create("fastflow", pretrained=False, seed=0, **CONFIG)
+    assert not torch.equal(
+        other.flows[0].blocks[0].permutation0, first.flows[0].blocks[0].permutation0
+    )
+
+
+def test_state_dict_round_trip(fitted, toy, prediction):
+    detector = fitted[0]
+    fresh = models.create("fastflow", pretrained=False, seed=5, **CONFIG)
+    fresh.load_state_dict(detector.state_dict())
+    fresh.eval()
+    restored = fresh.predict(toy.test)
+    assert torch.equal(restored.score, prediction.score)
+
+
+def test_only_flows_and_norms_train(fitted):
+    detector = fitted[0]
+    assert not any(p.requires_grad for p in detector.extractor.parameters())
+    flows = sum(p.numel() for p in detector.flows.parameters())
+    norms = sum(p.numel() for p in detector.norms.parameters())
+    backbone = sum(p.numel() for p in detector.extractor.parameters())
+    assert detector.param_counts() == (flows + norms, backbone)
+    # CNN features are normalised over C x h x w: 64 x 16 x 16, 128 x 8 x 8, 256 x 4 x 4 at 64 px.
+    shapes = [tuple(norm.normalized_shape) for norm in detector.norms]
+    assert shapes == [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
+
+
+def test_resnet18_parameter_count_is_the_reference_studys():
+    # Table 2 of the reference study: 5.6M trainable for FastFlow-ResNet18 at 256 px.
+    detector = models.create("fastflow", pretrained=False)
+    strides = detector.extractor.strides
+    channels = detector.extractor.channels
+    detector._normalise(
+        {layer: torch.zeros(1, channels[layer], 256 // s, 256 // s) for layer, s in strides.items()}
+    )
+    trainable, _ = detector.param_counts()
+    assert round(trainable / 1e6, 1) == 5.6
+
+
+def test_predict_before_fit_and_bad_input_are_errors(fitted, toy):
+    with pytest.raises(ModelError, match="before fit"):
+        models.create("fastflow", pretrained=False, **CONFIG).predict(toy.test)
+    with pytest.raises(ModelError, match="empty"):
+        models.create("fastflow", pretrained=False, **CONFIG).fit([], epochs=1)
+    with pytest.raises(ModelError, match="image size"):
+        fitted[0].predict(torch.zeros(1, 3, 96, 96))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"flow_steps": 0},
+        {"hidden_ratio": 0.0},
+        {"clamp": -1.0},
+        {"lr": 0.0},
+        {"weight_decay": -1.0},
+        {"epochs": 0},
+        {"layers": ("layer9",)},
+    ],
+)
+def test_bad_hyperparameters_are_errors(bad):
+    key = next(iter(bad))
+    with pytest.raises(ModelError, match=key if key != "layers" else "layer9"):
+        models.create("fastflow", pretrained=False, **bad)
+
+
+def test_defaults_are_the_reference_study_values():
+    defaults = models.hyperparameters("fastflow")
+    assert {
+        k: defaults[k]
+        for k in (
+            "backbone",
+            "flow_steps",
+            "hidden_ratio",
+            "conv3x3_only",
+            "lr",
+            "weight_decay",
+            "epochs",
+        )
+    } == {
+        "backbone": "resnet18",
+        "flow_steps": 8,
+        "hidden_ratio": 1.0,
+        "conv3x3_only": True,
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "epochs": 500,
+    }
+    assert default_layers(models.backbones.get_backbone("resnet18")) == (
+        "layer1",
+        "layer2",
+        "layer3",
+    )
+
+
+def test_alternating_kernels_use_1x1_convolutions_on_odd_steps():
+    detector = models.create(
+        "fastflow", pretrained=False, flow_steps=2, conv3x3_only=False, layers=("layer1",)
+    )
+    kernels = [block.subnet1[0].kernel_size for block in detector.flows[0].blocks]
+    assert kernels == [(3, 3), (1, 1)]
+    # hidden_ratio scales the subnets' hidden width from their input (half of 64 channels).
+    narrow = models.create("fastflow", pretrained=False, hidden_ratio=0.5, layers=("layer1",))
+    assert narrow.flows[0].blocks[0].subnet1[0].out_channels == 16
+
+
+def test_backbone_constraints(monkeypatch):
+    assert backbone_problem("fastflow", "resnet18") is None
+    assert "layer9" in backbone_problem("fastflow", "resnet18", {"layers": ("layer9",)})
+    # A transformer (declared here without building it) must get its native size, and FastFlow
+    # reads the paper's block by default, or the nearest declared one.
+    vit = dataclasses.replace(
+        models.backbones.get_backbone("resnet18"),
+        name="cait_m48_448",
+        kind="vit",
+        input_size=448,
+        layers={f"blocks.{i}": (16, 768) for i in range(3, 48, 4)},
+    )
+    monkeypatch.setitem(models.backbones.BACKBONES, "cait_m48_448", vit)
+    assert default_layers(vit) == ("blocks.39",)
+    assert backbone_problem("fastflow", "cait_m48_448", image_size=448) is None
+    assert "448" in backbone_problem("fastflow", "cait_m48_448", image_size=256)
