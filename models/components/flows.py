@@ -153,10 +153,16 @@ class AffineCoupling(nn.Module):
 
         generator = torch.Generator().manual_seed(seed)
         for i, c in enumerate(channel_list):
-            order = torch.randperm(c, generator=generator) if permute else torch.arange(c)
+            # Explicitly on the CPU, like the generator, so that blocks can also be built under
+            # a ``torch.device("meta")`` context (to count parameters without allocating).
+            order = (
+                torch.randperm(c, generator=generator, device="cpu")
+                if permute
+                else torch.arange(c, device="cpu")
+            )
             self.register_buffer(f"permutation{i}", order)
             self.register_buffer(f"inverse{i}", torch.argsort(order))
-        init_seed = int(torch.randint(2**62, (1,), generator=generator))
+        init_seed = int(torch.randint(2**62, (1,), generator=generator, device="cpu"))
 
         def sizes(halves: list[int]) -> list[int]:
             return [h + k for h, k in zip(halves, condition_list, strict=True)]

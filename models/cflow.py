@@ -1,0 +1,281 @@
+"""CFLOW-AD (Gudovskiy et al., "CFLOW-AD: Real-Time Unsupervised Anomaly Detection with
+Localization via Conditional Normalizing Flows", WACV 2022).
+
+A frozen encoder gives feature maps at several scales. At every scale a conditional normalizing
+flow (the decoder) models the distribution of single feature vectors, conditioned on a 2-D
+sinusoidal positional encoding of where the vector sits in the map, so one small flow covers
+every position while still knowing the position's statistics. The decoders are trained on random
+batches of feature vectors ("fibers") pooled over images and positions, maximising the
+likelihood per dimension through ``-log sigmoid(log p / C)``. At test time each scale's
+per-position log-likelihood is turned into a probability ``exp(log p - max log p)``, upsampled
+and summed over scales; one minus it is the anomaly map, whose maximum is the image score.
+
+The coupling blocks follow FrEIA's ``AllInOneBlock`` that the authors' code stacks (one subnet
+per block transforming half of the channels, log-scales soft-clamped by ``clamp_alpha``, a learned
+per-channel affine), with fully connected subnets ``Linear(n, 2n) - ReLU - Linear(2n, out)`` whose
+input ``n`` is half the channels plus the condition: 81.6M trainable parameters for
+wide_resnet50_2 layers 2-4, as the reference study's Table 2 counts.
+
+Where the paper normalises log-likelihoods by their maximum over the whole test set (which makes
+a score depend on the other images scored with it), this module subtracts the maximum over the
+training set, measured in one extra pass at the end of ``fit``: the same shift for every test
+image, so scores do not depend on how the test set is batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbones import FeatureExtractor
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    ModelError,
+    Prediction,
+    iter_images,
+    register,
+)
+from models.components.feature_utils import upsample_maps
+from models.components.flows import (
+    AffineCoupling,
+    SequentialFlow,
+    gaussian_log_likelihood,
+    positional_encoding_2d,
+)
+
+__all__ = ["CFlow", "conditional_decoder"]
+
+# Feature vectors pushed through a decoder at once when scoring (bounds the temporaries).
+_SCORING_CHUNK = 1 << 16
+
+
+def _subnet_fc(in_channels: int, out_channels: int) -> nn.Module:
+    hidden = 2 * in_channels
+    return nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, out_channels))
+
+
+def conditional_decoder(
+    channels: int, condition_channels: int, coupling_blocks: int, clamp: float, seed: int
+) -> SequentialFlow:
+    """CFLOW-AD's decoder: a conditional flow over ``N x channels`` feature vectors."""
+    seeds = torch.randint(
+        2**62, (coupling_blocks,), generator=torch.Generator().manual_seed(seed), device="cpu"
+    ).tolist()
+    return SequentialFlow(
+        [
+            AffineCoupling(
+                channels,
+                _subnet_fc,
+                clamp=clamp,
+                condition_channels=condition_channels,
+                seed=block_seed,
+                both_halves=False,
+                global_affine=True,
+            )
+            for block_seed in seeds
+        ]
+    )
+
+
+@register("cflow")
+class CFlow(Detector):
+    """Position-conditioned normalizing flows over the feature vectors of several layers."""
+
+    learning_type = "iterative"
+    localizes = True
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3", "layer4"),
+        condition_vector: int = 128,
+        coupling_blocks: int = 8,
+        clamp_alpha: float = 1.9,
+        fiber_batch_size: int = 64,
+        lr: float = 1e-4,
+        epochs: int = 50,
+        seed: int = 0,
+        pretrained: bool = True,
+        weights: str | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: frozen encoder (``models.backbones.list_backbones()``).
+            layers: encoder layers, one decoder each.
+            condition_vector: channels of the 2-D positional encoding the decoders are
+                conditioned on (a multiple of 4).
+            coupling_blocks: coupling blocks per decoder.
+            clamp_alpha: soft bound of the coupling log-scales
+                (``clamp_alpha * tanh(s / clamp_alpha)``).
+            fiber_batch_size: feature vectors per optimisation step; each training batch's
+                vectors (all images and positions of a layer) are shuffled with a seeded
+                permutation and cut into batches of this size.
+            lr: Adam learning rate.
+            epochs: training epochs when ``fit`` is not given a budget.
+            seed: seeds the decoders' permutations and initialisation, the fiber shuffling,
+                and the encoder's initialisation when it is not pretrained.
+            pretrained: use timm's pretrained encoder weights.
+            weights: local encoder weight file or directory (overrides ``pretrained``).
+        """
+        super().__init__()
+        for name, value in (
+            ("condition_vector", condition_vector),
+            ("coupling_blocks", coupling_blocks),
+            ("fiber_batch_size", fiber_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"cflow: {name} must be a positive int, got {value!r}")
+        if condition_vector % 4:
+            raise ModelError(
+                f"cflow: condition_vector must be a multiple of 4 (sines and cosines of rows and "
+                f"columns), got {condition_vector}"
+            )
+        if not isinstance(clamp_alpha, int | float) or not 0 < clamp_alpha < math.inf:
+            raise ModelError(f"cflow: clamp_alpha must be > 0, got {clamp_alpha!r}")
+        if not isinstance(lr, int | float) or not lr > 0:
+            raise ModelError(f"cflow: lr must be > 0, got {lr!r}")
+        self.epochs = _check_epochs(epochs, "epochs")
+        self.condition_vector = condition_vector
+        self.fiber_batch_size = fiber_batch_size
+        self.lr = float(lr)
+        generator = torch.Generator().manual_seed(seed)
+        encoder_seed, self._shuffle_seed, *decoder_seeds = torch.randint(
+            2**62, (2 + len(list(layers)),), generator=generator
+        ).tolist()
+        self.encoder = FeatureExtractor(
+            backbone, layers, pretrained=pretrained, weights=weights, seed=encoder_seed
+        )
+        self.decoders = nn.ModuleList(
+            conditional_decoder(
+                self.encoder.channels[layer],
+                condition_vector,
+                coupling_blocks,
+                float(clamp_alpha),
+                decoder_seed,
+            )
+            for layer, decoder_seed in zip(self.encoder.layers, decoder_seeds, strict=True)
+        )
+        # Per layer, the largest training log-likelihood per dimension: the shift that turns
+        # log-likelihoods into probabilities in about [0, 1]. NaN until fit.
+        self.register_buffer("reference_log_p", torch.full((len(self.decoders),), math.nan))
+
+    def _fibers(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        # ``B x C x h x w`` -> (B*h*w x C vectors, B*h*w x P positional encodings).
+        batch, _, height, width = feature.shape
+        encoding = positional_encoding_2d(self.condition_vector, height, width).to(feature)
+        vectors = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+        conditions = encoding.permute(1, 2, 0).reshape(1, -1, self.condition_vector)
+        return vectors, conditions.expand(batch, -1, -1).reshape(-1, self.condition_vector)
+
+    @staticmethod
+    def _log_p(decoder: nn.Module, vectors: Tensor, conditions: Tensor) -> Tensor:
+        # Log-likelihood per dimension of every vector.
+        z, log_det = decoder(vectors, conditions)
+        return gaussian_log_likelihood(z, log_det) / vectors.shape[1]
+
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict[str, Any]:
+        """Train the decoders with Adam on shuffled fiber batches, for ``epochs`` passes.
+
+        Every training batch is encoded once; then for each layer its feature vectors are
+        shuffled and each fiber batch makes one optimisation step of
+        ``-log sigmoid(log p / C)``. ``on_epoch_end(epoch, {"loss": mean loss per vector})``
+        runs after every epoch and stops training when it returns True. One more pass over
+        ``train`` measures the reference likelihoods that normalise the anomaly maps.
+        """
+        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        device = self.reference_log_p.device
+        optimizer = torch.optim.Adam(self.decoders.parameters(), lr=self.lr)
+        shuffle = torch.Generator().manual_seed(self._shuffle_seed)
+        self.train()
+        epoch, epoch_loss = 0, math.nan
+        try:
+            for epoch in range(1, n_epochs + 1):
+                loss_sum, n_vectors = 0.0, 0
+                for images in iter_images(train):
+                    with torch.no_grad():
+                        features = self.encoder(images.to(device))
+                    for decoder, feature in zip(self.decoders, features.values(), strict=True):
+                        vectors, conditions = self._fibers(feature)
+                        order = torch.randperm(len(vectors), generator=shuffle, device="cpu").to(
+                            device
+                        )
+                        for start in range(0, len(order), self.fiber_batch_size):
+                            index = order[start : start + self.fiber_batch_size]
+                            log_p = self._log_p(decoder, vectors[index], conditions[index])
+                            loss = -F.logsigmoid(log_p)
+                            optimizer.zero_grad(set_to_none=True)
+                            loss.mean().backward()
+                            optimizer.step()
+                            loss_sum += float(loss.detach().sum())
+                            n_vectors += len(index)
+                if n_vectors == 0:
+                    raise ModelError("cflow: the training set is empty")
+                epoch_loss = loss_sum / n_vectors
+                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
+                    break
+            self.eval()
+            self.reference_log_p = self._max_log_p(train)
+        finally:
+            self.eval()
+        return {"epochs": epoch, "loss": epoch_loss}
+
+    @torch.no_grad()
+    def _layer_log_p(self, images: Tensor) -> list[Tensor]:
+        # Per layer, ``B x h x w`` log-likelihoods per dimension.
+        maps = []
+        features = self.encoder(images)
+        for decoder, feature in zip(self.decoders, features.values(), strict=True):
+            vectors, conditions = self._fibers(feature)
+            log_p = torch.cat(
+                [
+                    self._log_p(
+                        decoder,
+                        vectors[start : start + _SCORING_CHUNK],
+                        conditions[start : start + _SCORING_CHUNK],
+                    )
+                    for start in range(0, len(vectors), _SCORING_CHUNK)
+                ]
+            )
+            maps.append(log_p.reshape(feature.shape[0], *feature.shape[2:]))
+        return maps
+
+    @torch.no_grad()
+    def _max_log_p(self, train: Iterable[Batch]) -> Tensor:
+        best = torch.full_like(self.reference_log_p, -math.inf)
+        for images in iter_images(train):
+            for i, log_p in enumerate(self._layer_log_p(images.to(best.device))):
+                best[i] = torch.maximum(best[i], log_p.max())
+        return best
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Score a batch: ``sum over layers of 1 - exp(log p - reference)``, and its maximum."""
+        if not bool(torch.isfinite(self.reference_log_p).all()):
+            raise ModelError("cflow: predict called before fit")
+        images = images.to(self.reference_log_p.device)
+        size = images.shape[-2:]
+        anomaly_map = torch.zeros(images.shape[0], *size, device=images.device)
+        for log_p, reference in zip(self._layer_log_p(images), self.reference_log_p, strict=True):
+            probability = torch.exp(log_p - reference)
+            anomaly_map += upsample_maps(1.0 - probability, size)
+        scores = anomaly_map.flatten(1).max(dim=1).values
+        return Prediction(score=scores, anomaly_map=anomaly_map)
+
+
+def _check_epochs(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"cflow: {name} must be a positive int, got {value!r}")
+    return value
