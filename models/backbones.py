@@ -1,27 +1,83 @@
-"""Pretrained CNN backbones as multi-scale feature extractors.
+"""Pretrained timm backbones as multi-scale feature extractors.
 
-Every detector reads features through :class:`FeatureExtractor`, a thin layer over
-``timm.create_model(..., features_only=True)`` that names layers the way papers do
-(``layer1``..``layer4`` for ResNets), validates them against :data:`BACKBONES`, and loads local
-weight files so that clusters without internet access (and tests) can run.
+Every detector reads features through :class:`FeatureExtractor`, a thin layer over timm that
+names layers the way papers do, validates them against :data:`BACKBONES`, and loads local weight
+files so that clusters without internet access (and tests) can run.
+
+The registry covers the backbones of the anomaly-detection literature: ResNets and their wide and
+grouped variants, EfficientNet B0-B7, MobileNetV3, ConvNeXt, DenseNet, VGG, RegNetY (CNNs: a
+feature pyramid read through ``timm.create_model(..., features_only=True)``), and the
+transformers DeiT, CaiT, ViT and DINOv2 (read through timm's ``forward_intermediates``: the tokens
+after a block, prefix tokens dropped, as a ``B x C x h x w`` map on the patch grid).
+
+Layer names:
+
+- CNNs keep timm's module names (``layer1``, ``blocks.2``, ``stages.1``, ``features.22``) and
+  every CNN also answers to the stage aliases ``layer1``..``layer4``: the last native layer at
+  stride 4, 8, 16 and 32, so a detector whose defaults are ResNet layers runs unchanged on an
+  EfficientNet or a ConvNeXt. Features come back under the name the caller used.
+- Transformers offer every block, ``blocks.0``..``blocks.{depth-1}``, at one stride (the patch
+  size). ``forward(images, norm=True)`` applies the transformer's final LayerNorm to each map, as
+  FastFlow and U-Flow do.
+
+Weights: ResNets, WideResNets, ResNeXts, DenseNets and VGGs use torchvision's original ImageNet
+weights (timm's ``.tv_in1k`` tags), the ones PaDiM, PatchCore and the anomalib experiments used,
+not timm's own retrained ones. EfficientNets use the original TensorFlow AutoAugment checkpoints
+(``tf_efficientnet_bN.aa_in1k``, 'same' padding), which is what CS-Flow's EfficientNet-B5 was and
+the only source timm has for B6 and B7. Images arrive normalised with ImageNet's mean and std;
+for weights trained with other statistics (ViT-B/16's AugReg: 0.5/0.5) the extractor converts
+the input itself (``BackboneSpec.mean``/``std``).
+
+Input sizes: CNNs take any size. ViT, DeiT and DINOv2 are built with timm's
+``dynamic_img_size=True`` (position embeddings interpolated) and take any size that is a multiple
+of their patch size; CaiT's position embeddings cannot be resized, so it takes exactly its
+``input_size`` and anything else is a :class:`ModelError` naming the size it needs.
+
+``mcait`` (U-Flow's multi-scale CaiT) is a composite entry: a pair of registered backbones that
+U-Flow reads itself; :class:`FeatureExtractor` refuses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.base import ModelError, _suggest
 
-__all__ = ["BACKBONES", "BackboneSpec", "FeatureExtractor", "get_backbone", "list_backbones"]
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "STAGE_ALIASES",
+    "BackboneSpec",
+    "FeatureExtractor",
+    "backbone_param_count",
+    "describe_layers",
+    "get_backbone",
+    "list_backbones",
+    "meta_init",
+    "resolve_layers",
+]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 """File name endings accepted as weight files (``.safetensors``, else a ``torch.save`` file)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The statistics images are normalised with when they reach a detector (``data.transforms``)."""
+
+STAGE_ALIASES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+"""ResNet stage names every CNN accepts, and the stride each one stands for."""
+
+KINDS = ("cnn", "vit", "composite")
 
 
 @dataclass(frozen=True)
@@ -31,27 +87,333 @@ class BackboneSpec:
     name: str
     """Name used in studies and ``models.create(..., backbone=name)``."""
     timm_name: str
-    """Architecture name passed to ``timm.create_model``."""
+    """Architecture (with pretrained tag) passed to ``timm.create_model``."""
     layers: dict[str, tuple[int, int]]
-    """Layer name -> (stride, channels), in timm's ``feature_info`` order (shallow to deep)."""
+    """Native layer name -> (stride, channels), shallow to deep (timm's ``feature_info`` order
+    for CNNs, block order for transformers)."""
+    kind: str = "cnn"
+    """``"cnn"`` (a feature pyramid), ``"vit"`` (a transformer: one stride, token maps) or
+    ``"composite"`` (several backbones used together by one detector, see ``members``)."""
+    input_size: int | None = None
+    """The input size the architecture is built for, where it has one (transformers)."""
+    family: str = ""
+    """Architecture family (``"resnet"``, ``"efficientnet"``, ``"vit"``, ...), for listings."""
+    members: tuple[str, ...] = ()
+    """For a composite: the registered backbones it is made of."""
+    dynamic_size: bool = False
+    """For a transformer: whether it takes other sizes than ``input_size`` (any multiple of its
+    patch size, position embeddings interpolated); CaiT cannot."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Input statistics the pretrained weights were trained with."""
+    aliases: dict[str, str] = field(init=False, repr=False, compare=False)
+    """Stage alias -> native layer (CNNs whose native names are not the aliases already)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelError(
+                f"backbone {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
+        aliases: dict[str, str] = {}
+        if self.kind == "cnn":
+            for alias, stride in STAGE_ALIASES.items():
+                if alias in self.layers:
+                    continue
+                at_stride = [name for name, (s, _) in self.layers.items() if s == stride]
+                if at_stride:
+                    aliases[alias] = at_stride[-1]
+        object.__setattr__(self, "aliases", aliases)
+
+    def native(self, layer: str) -> str:
+        """The native layer ``layer`` names (itself, or the layer an alias stands for)."""
+        name = self.aliases.get(layer, layer)
+        if name not in self.layers:
+            raise ModelError(
+                f"backbone {self.name!r} has no layer {layer!r}"
+                f"{_suggest(str(layer), self.layer_names())} ({describe_layers(self)})"
+            )
+        return name
+
+    def layer(self, layer: str) -> tuple[int, int]:
+        """(stride, channels) of a layer, by native name or alias."""
+        return self.layers[self.native(layer)]
+
+    def layer_names(self) -> list[str]:
+        """Every name a layer can be requested by: native names, then aliases."""
+        return [*self.layers, *self.aliases]
+
+    @property
+    def patch_size(self) -> int | None:
+        """A transformer's patch size (its single stride); None for other kinds."""
+        if self.kind != "vit" or not self.layers:
+            return None
+        return next(iter(self.layers.values()))[0]
+
+    def size_problem(self, height: int, width: int | None = None) -> str | None:
+        """Why this backbone cannot read ``height x width`` images, or None when it can."""
+        width = height if width is None else width
+        if self.kind == "composite":
+            return f"{self.name} is a composite of {', '.join(self.members)}"
+        if self.kind != "vit":
+            return None
+        if self.dynamic_size:
+            patch = self.patch_size
+            if height % patch or width % patch:
+                return (
+                    f"{self.name} needs image sides that are multiples of its patch size {patch} "
+                    f"(e.g. {self.input_size} or {patch * 16}), got {height}x{width}"
+                )
+            return None
+        if (height, width) != (self.input_size, self.input_size):
+            return (
+                f"{self.name} takes {self.input_size}x{self.input_size} px images only "
+                f"(its position embeddings are fixed), got {height}x{width}"
+            )
+        return None
 
 
-def _resnet_layers(widths: tuple[int, int, int, int]) -> dict[str, tuple[int, int]]:
-    return {
+def describe_layers(spec: BackboneSpec) -> str:
+    """The valid layer names of ``spec`` with stride and channels, for messages and listings."""
+    if not spec.layers:
+        return f"a composite of {', '.join(spec.members)}: no layers of its own"
+    strides_channels = set(spec.layers.values())
+    names = list(spec.layers)
+    if len(strides_channels) == 1 and len(names) > 4:
+        stride, channels = strides_channels.pop()
+        return (
+            f"valid: {names[0]} .. {names[-1]}, every block at stride {stride} "
+            f"with {channels} channels"
+        )
+    by_native = {native: alias for alias, native in spec.aliases.items()}
+    details = ", ".join(
+        f"{name}{f' = {by_native[name]}' if name in by_native else ''} {stride}/{channels}"
+        for name, (stride, channels) in spec.layers.items()
+    )
+    return f"valid: {', '.join(spec.layer_names())}; stride/channels: {details}"
+
+
+def _resnet(name: str, widths: tuple[int, int, int, int], family: str) -> BackboneSpec:
+    layers = {
         "act1": (2, 64),
         "layer1": (4, widths[0]),
         "layer2": (8, widths[1]),
         "layer3": (16, widths[2]),
         "layer4": (32, widths[3]),
     }
+    return BackboneSpec(name, f"{name}.tv_in1k", layers, family=family)
 
+
+def _cnn(
+    name: str, timm_name: str, family: str, levels: Sequence[tuple[str, int, int]]
+) -> BackboneSpec:
+    return BackboneSpec(name, timm_name, {m: (s, c) for m, s, c in levels}, family=family)
+
+
+def _efficientnet(variant: int, channels: tuple[int, int, int, int, int]) -> BackboneSpec:
+    # timm's feature pyramid of EfficientNet: the last block of each stride level.
+    modules = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+    strides = (2, 4, 8, 16, 32)
+    return _cnn(
+        f"efficientnet_b{variant}",
+        f"tf_efficientnet_b{variant}.aa_in1k",
+        "efficientnet",
+        list(zip(modules, strides, channels, strict=True)),
+    )
+
+
+def _transformer(
+    name: str,
+    timm_name: str,
+    family: str,
+    *,
+    depth: int,
+    patch: int,
+    dim: int,
+    input_size: int,
+    dynamic_size: bool,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> BackboneSpec:
+    return BackboneSpec(
+        name,
+        timm_name,
+        {f"blocks.{i}": (patch, dim) for i in range(depth)},
+        kind="vit",
+        input_size=input_size,
+        family=family,
+        dynamic_size=dynamic_size,
+        mean=mean,
+        std=std,
+    )
+
+
+_BOTTLENECK = (256, 512, 1024, 2048)
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("resnet18", "resnet18", _resnet_layers((64, 128, 256, 512))),
-        BackboneSpec("resnet50", "resnet50", _resnet_layers((256, 512, 1024, 2048))),
-        BackboneSpec("wide_resnet50_2", "wide_resnet50_2", _resnet_layers((256, 512, 1024, 2048))),
+        _resnet("resnet18", (64, 128, 256, 512), "resnet"),
+        _resnet("resnet34", (64, 128, 256, 512), "resnet"),
+        _resnet("resnet50", _BOTTLENECK, "resnet"),
+        _resnet("resnet101", _BOTTLENECK, "resnet"),
+        _resnet("wide_resnet50_2", _BOTTLENECK, "wide_resnet"),
+        _resnet("wide_resnet101_2", _BOTTLENECK, "wide_resnet"),
+        _resnet("resnext50_32x4d", _BOTTLENECK, "resnext"),
+        _resnet("resnext101_32x8d", _BOTTLENECK, "resnext"),
+        _efficientnet(0, (16, 24, 40, 112, 320)),
+        _efficientnet(1, (16, 24, 40, 112, 320)),
+        _efficientnet(2, (16, 24, 48, 120, 352)),
+        _efficientnet(3, (24, 32, 48, 136, 384)),
+        _efficientnet(4, (24, 32, 56, 160, 448)),
+        _efficientnet(5, (24, 40, 64, 176, 512)),
+        _efficientnet(6, (32, 40, 72, 200, 576)),
+        _efficientnet(7, (32, 48, 80, 224, 640)),
+        _cnn(
+            "mobilenetv3_large_100",
+            "mobilenetv3_large_100.ra_in1k",
+            "mobilenetv3",
+            [
+                ("blocks.0", 2, 16),
+                ("blocks.1", 4, 24),
+                ("blocks.2", 8, 40),
+                ("blocks.4", 16, 112),
+                ("blocks.6", 32, 960),
+            ],
+        ),
+        _cnn(
+            "mobilenetv3_small_100",
+            "mobilenetv3_small_100.lamb_in1k",
+            "mobilenetv3",
+            [
+                ("bn1", 2, 16),
+                ("blocks.0", 4, 16),
+                ("blocks.1", 8, 24),
+                ("blocks.3", 16, 48),
+                ("blocks.5", 32, 576),
+            ],
+        ),
+        *(
+            _cnn(
+                name,
+                f"{name}.fb_in1k",
+                "convnext",
+                [
+                    ("stages.0", 4, 96),
+                    ("stages.1", 8, 192),
+                    ("stages.2", 16, 384),
+                    ("stages.3", 32, 768),
+                ],
+            )
+            for name in ("convnext_tiny", "convnext_small")
+        ),
+        *(
+            _cnn(
+                name,
+                f"{name}.tv_in1k",
+                "densenet",
+                [
+                    ("features.norm0", 2, 64),
+                    ("features.denseblock1", 4, 256),
+                    ("features.denseblock2", 8, 512),
+                    ("features.denseblock3", 16, block3),
+                    ("features.norm5", 32, norm5),
+                ],
+            )
+            for name, block3, norm5 in (("densenet121", 1024, 1024), ("densenet201", 1792, 1920))
+        ),
+        *(
+            _cnn(
+                name,
+                f"{name}.tv_in1k",
+                "vgg",
+                [
+                    (f"features.{modules[0]}", 1, 64),
+                    (f"features.{modules[1]}", 2, 128),
+                    (f"features.{modules[2]}", 4, 256),
+                    (f"features.{modules[3]}", 8, 512),
+                    (f"features.{modules[4]}", 16, 512),
+                    (f"features.{modules[5]}", 32, 512),
+                ],
+            )
+            for name, modules in (
+                ("vgg16_bn", (5, 12, 22, 32, 42, 43)),
+                ("vgg19_bn", (5, 12, 25, 38, 51, 52)),
+            )
+        ),
+        _cnn(
+            "regnety_032",
+            "regnety_032.ra_in1k",
+            "regnet",
+            [("stem", 2, 32), ("s1", 4, 72), ("s2", 8, 216), ("s3", 16, 576), ("s4", 32, 1512)],
+        ),
+        _transformer(
+            "deit_base_distilled_patch16_384",
+            "deit_base_distilled_patch16_384.fb_in1k",
+            "deit",
+            depth=12,
+            patch=16,
+            dim=768,
+            input_size=384,
+            dynamic_size=True,
+        ),
+        _transformer(
+            "cait_m48_448",
+            "cait_m48_448.fb_dist_in1k",
+            "cait",
+            depth=48,
+            patch=16,
+            dim=768,
+            input_size=448,
+            dynamic_size=False,
+        ),
+        _transformer(
+            "cait_s24_224",
+            "cait_s24_224.fb_dist_in1k",
+            "cait",
+            depth=24,
+            patch=16,
+            dim=384,
+            input_size=224,
+            dynamic_size=False,
+        ),
+        _transformer(
+            "vit_base_patch16_224",
+            "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+            "vit",
+            depth=12,
+            patch=16,
+            dim=768,
+            input_size=224,
+            dynamic_size=True,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+        *(
+            _transformer(
+                name,
+                f"{name}.lvd142m",
+                "dinov2",
+                depth=12,
+                patch=14,
+                dim=dim,
+                input_size=518,
+                dynamic_size=True,
+            )
+            for name, dim in (
+                ("vit_small_patch14_dinov2", 384),
+                ("vit_base_patch14_dinov2", 768),
+                ("vit_small_patch14_reg4_dinov2", 384),
+            )
+        ),
+        BackboneSpec(
+            "mcait",
+            "cait_m48_448.fb_dist_in1k+cait_s24_224.fb_dist_in1k",
+            {},
+            kind="composite",
+            input_size=448,
+            family="cait",
+            members=("cait_m48_448", "cait_s24_224"),
+        ),
     )
 }
 """Every backbone detectors accept, by name."""
@@ -73,33 +435,43 @@ def get_backbone(name: str) -> BackboneSpec:
         ) from None
 
 
-def _check_layers(spec: BackboneSpec, layers: Sequence[str]) -> list[str]:
+def resolve_layers(spec: BackboneSpec, layers: Sequence[str]) -> list[str]:
+    """Check ``layers`` against ``spec``; return them as a list (a :class:`ModelError` if bad).
+
+    Names are native layer names or, on CNNs, the stage aliases ``layer1``..``layer4``; they are
+    returned as given. Two names for the same layer are an error.
+    """
     if isinstance(layers, str):
         layers = [layers]
     layers = list(layers)
+    if spec.kind == "composite":
+        raise ModelError(
+            f"backbone {spec.name!r} is a composite of {', '.join(spec.members)} and has no "
+            "layers of its own; ask its members for layers"
+        )
     if not layers:
         raise ModelError(f"backbone {spec.name!r}: at least one layer is needed")
-    for layer in layers:
-        if layer not in spec.layers:
-            raise ModelError(
-                f"backbone {spec.name!r} has no layer {layer!r}{_suggest(str(layer), spec.layers)} "
-                f"(valid: {', '.join(spec.layers)})"
-            )
-    duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
-    if duplicates:
-        raise ModelError(f"backbone {spec.name!r}: layers repeated: {', '.join(duplicates)}")
+    natives = [spec.native(layer) for layer in layers]
+    repeated = sorted({n for n in natives if natives.count(n) > 1}, key=natives.index)
+    if repeated:
+        names = [
+            "/".join(dict.fromkeys(a for a, n in zip(layers, natives, strict=True) if n == native))
+            for native in repeated
+        ]
+        raise ModelError(f"backbone {spec.name!r}: layers repeated: {', '.join(names)}")
     return layers
 
 
 def resolve_weights_file(spec: BackboneSpec, weights: str | Path) -> Path:
     """The weight file ``weights`` names for ``spec``.
 
-    ``weights`` is a file, or a directory holding ``<name><suffix>`` or ``<timm_name><suffix>``
-    for a suffix in :data:`WEIGHT_SUFFIXES` (one directory can then serve a sweep over backbones).
+    ``weights`` is a file, or a directory holding ``<name><suffix>``, ``<timm_name><suffix>`` or
+    ``<architecture><suffix>`` (the timm name without its tag) for a suffix in
+    :data:`WEIGHT_SUFFIXES` (one directory can then serve a sweep over backbones).
     """
     path = Path(weights).expanduser()
     if path.is_dir():
-        names = dict.fromkeys((spec.name, spec.timm_name))
+        names = dict.fromkeys((spec.name, spec.timm_name, spec.timm_name.split(".")[0]))
         candidates = [path / f"{name}{suffix}" for name in names for suffix in WEIGHT_SUFFIXES]
         for candidate in candidates:
             if candidate.is_file():
@@ -159,12 +531,27 @@ def _load_weights(model: torch.nn.Module, path: Path, spec: BackboneSpec) -> Non
     model.load_state_dict({key: state[key] for key in own}, strict=True)
 
 
+def _create_model(spec: BackboneSpec, indices: list[int], pretrained: bool) -> torch.nn.Module:
+    """The timm model of ``spec`` truncated after the deepest of ``indices`` (layer positions)."""
+    if spec.kind == "cnn":
+        return timm.create_model(
+            spec.timm_name, features_only=True, out_indices=tuple(indices), pretrained=pretrained
+        )
+    extra = {"dynamic_img_size": True} if spec.dynamic_size else {}
+    model = timm.create_model(spec.timm_name, pretrained=pretrained, **extra)
+    # Drop the blocks after the deepest one requested and the classifier (CaiT's class-attention
+    # blocks with it); keep the final norm for forward(norm=True).
+    model.prune_intermediate_layers(indices, prune_norm=False, prune_head=True)
+    return model
+
+
 class FeatureExtractor(torch.nn.Module):
     """Multi-scale features of a timm backbone, by layer name.
 
     Args:
-        name: a backbone of :data:`BACKBONES`.
-        layers: layer names of that backbone (e.g. ``("layer2", "layer3")``), any order.
+        name: a backbone of :data:`BACKBONES` (not a composite).
+        layers: layer names of that backbone, any order: native names (``"blocks.2"``,
+            ``"blocks.11"``) or, on CNNs, the stage aliases ``"layer1"``..``"layer4"``.
         pretrained: start from timm's pretrained weights (downloaded on first use).
         weights: a local weight file (``.safetensors`` or a ``torch.save`` state dict of the timm
             model, classifier included or not) or a directory of them (see
@@ -176,8 +563,10 @@ class FeatureExtractor(torch.nn.Module):
         seed: seeds the random initialisation, which is what remains with ``pretrained=False``
             and no ``weights``; the global random state is neither used nor changed.
 
-    ``forward(images)`` returns ``{layer: B x C x h x w}`` in the order of ``layers``;
-    ``channels`` and ``strides`` give C and the input-to-feature stride of each layer.
+    ``forward(images)`` returns ``{layer: B x C x h x w}`` in the order of ``layers``, keyed by
+    the names asked for; ``channels`` and ``strides`` give C and the input-to-feature stride of
+    each layer. Transformer features are the patch tokens after the block (class, distillation
+    and register tokens dropped) on the ``H/patch x W/patch`` grid.
     """
 
     def __init__(
@@ -191,50 +580,152 @@ class FeatureExtractor(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.spec = get_backbone(name)
-        self.layers = _check_layers(self.spec, layers)
+        if self.spec.kind == "composite":
+            raise ModelError(
+                f"backbone {name!r} is a pair of backbones ({' + '.join(self.spec.members)}) "
+                "that only uflow uses, reading each member itself; a FeatureExtractor takes one "
+                f"backbone: {' or '.join(repr(m) for m in self.spec.members)}"
+            )
+        self.layers = resolve_layers(self.spec, layers)
+        self._native = {layer: self.spec.native(layer) for layer in self.layers}
         order = list(self.spec.layers)
-        out_indices = sorted(order.index(layer) for layer in self.layers)
+        self._indices = sorted(order.index(native) for native in self._native.values())
         weights_file = None if weights is None else resolve_weights_file(self.spec, weights)
         try:
             # timm initialises weights from the global generator: seed it in a forked state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.model = timm.create_model(
-                    self.spec.timm_name,
-                    features_only=True,
-                    out_indices=tuple(out_indices),
-                    pretrained=pretrained and weights_file is None,
+                self.model = _create_model(
+                    self.spec, self._indices, pretrained and weights_file is None
                 )
         except Exception as error:
             hint = " (no network? pass weights=PATH to a local file)" if pretrained else ""
             raise ModelError(
                 f"could not build backbone {name!r} (timm {self.spec.timm_name!r}): {error}{hint}"
             ) from error
-        built = list(self.model.feature_info.module_name())
-        expected = [order[i] for i in out_indices]
-        if built != expected:
-            raise ModelError(
-                f"backbone {name!r}: timm gave layers {built}, the spec says {expected}; "
-                "BACKBONES is out of date with this timm version"
-            )
+        self._check_built(order)
         if weights_file is not None:
             _load_weights(self.model, weights_file, self.spec)
-        self.channels = {layer: self.spec.layers[layer][1] for layer in self.layers}
-        self.strides = {layer: self.spec.layers[layer][0] for layer in self.layers}
+        self.channels = {layer: self.spec.layer(layer)[1] for layer in self.layers}
+        self.strides = {layer: self.spec.layer(layer)[0] for layer in self.layers}
+        # Images come normalised with ImageNet's statistics; weights trained with others get
+        # their own, as x_own = x * scale + shift (not persistent: state dicts stay timm's).
+        scale = [s_in / s for s_in, s in zip(IMAGENET_STD, self.spec.std, strict=True)]
+        shift = [
+            (m_in - m) / s
+            for m_in, m, s in zip(IMAGENET_MEAN, self.spec.mean, self.spec.std, strict=True)
+        ]
+        self._renormalise = (self.spec.mean, self.spec.std) != (IMAGENET_MEAN, IMAGENET_STD)
+        self.register_buffer("input_scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
         self.frozen = not requires_grad
         if self.frozen:
             self.model.requires_grad_(False)
             self.eval()
 
+    def _check_built(self, order: list[str]) -> None:
+        """Fail loudly when timm's model no longer matches the spec (a timm upgrade)."""
+        spec = self.spec
+        if spec.kind == "cnn":
+            built = list(self.model.feature_info.module_name())
+            expected = [order[i] for i in self._indices]
+        else:
+            patch = self.model.patch_embed.patch_size
+            built = [len(self.model.blocks), self.model.embed_dim, tuple(patch)]
+            stride, channels = spec.layers[order[self._indices[-1]]]
+            expected = [self._indices[-1] + 1, channels, (stride, stride)]
+        if built != expected:
+            raise ModelError(
+                f"backbone {spec.name!r}: timm built {built}, the spec says {expected}; "
+                "BACKBONES is out of date with this timm version"
+            )
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Set training mode; a frozen extractor always stays in eval mode."""
         return super().train(mode and not self.frozen)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """``{layer: B x C x h x w}`` for a ``B x 3 x H x W`` batch, in the order of ``layers``."""
-        outputs = self.model(images)
-        by_name = dict(zip(self.model.feature_info.module_name(), outputs, strict=True))
-        return {layer: by_name[layer] for layer in self.layers}
+    def forward(self, images: Tensor, *, norm: bool = False) -> dict[str, Tensor]:
+        """``{layer: B x C x h x w}`` for a ``B x 3 x H x W`` batch, in the order of ``layers``.
+
+        ``norm=True`` passes transformer tokens through the model's final LayerNorm first (what
+        FastFlow and U-Flow read); CNNs have no such norm and refuse it.
+        """
+        if self._renormalise:
+            images = images * self.input_scale + self.input_shift
+        if self.spec.kind == "cnn":
+            if norm:
+                raise ModelError(
+                    f"backbone {self.spec.name!r}: norm=True applies to transformer features only"
+                )
+            outputs = self.model(images)
+            by_name = dict(zip(self.model.feature_info.module_name(), outputs, strict=True))
+        else:
+            problem = self.spec.size_problem(images.shape[-2], images.shape[-1])
+            if problem is not None:
+                raise ModelError(f"backbone {self.spec.name!r}: {problem}")
+            outputs = self.model.forward_intermediates(
+                images,
+                indices=self._indices,
+                norm=norm,
+                output_fmt="NCHW",
+                intermediates_only=True,
+            )
+            order = list(self.spec.layers)
+            by_name = {order[i]: out for i, out in zip(self._indices, outputs, strict=True)}
+        return {layer: by_name[self._native[layer]] for layer in self.layers}
 
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, layers={self.layers}, frozen={self.frozen}"
+
+
+_INIT_OPS = frozenset(
+    {"fill_", "zero_", "uniform_", "normal_", "erfinv_", "clamp_", "mul_", "add_", "copy_"}
+)
+"""In-place ops weight initialisers use (none changes a tensor's shape)."""
+
+
+class _SkipInitOnMeta(TorchDispatchMode):
+    # On the meta device an initialiser computes nothing, yet ops without a native meta kernel
+    # (trunc_normal_'s clamp_ and erfinv_) run through Python reference decompositions that take
+    # seconds for a large transformer: answer them with the tensor itself.
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        target = args[0] if args else None
+        if (
+            isinstance(target, Tensor)
+            and target.is_meta
+            and func.overloadpacket.__name__ in _INIT_OPS
+        ):
+            return target
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def meta_init() -> Iterator[None]:
+    """Build modules on the meta device (shapes only, nothing allocated) without running their
+    weight initialisers: the cheap way to count parameters or check feature shapes. Run the
+    forward pass outside it (in a plain ``torch.device("meta")``)."""
+    with torch.device("meta"), _SkipInitOnMeta():
+        yield
+
+
+@functools.cache
+def _param_count(name: str, layers: tuple[str, ...] | None) -> int:
+    spec = get_backbone(name)
+    if spec.kind == "composite":
+        return sum(_param_count(member, None) for member in spec.members)
+    with torch.random.fork_rng(devices=[]), meta_init():
+        if layers is None:
+            module = timm.create_model(spec.timm_name, pretrained=False)
+        else:
+            module = FeatureExtractor(name, list(layers), pretrained=False)
+    return sum(p.numel() for p in module.parameters())
+
+
+def backbone_param_count(name: str, layers: Sequence[str] | None = None) -> int:
+    """Parameters of backbone ``name``: the whole timm model (classifier included, the figure
+    papers quote) or, with ``layers``, the truncated feature extractor those layers need.
+
+    Counted on the meta device (nothing allocated or initialised) and cached; a composite counts
+    its members.
+    """
+    return _param_count(name, None if layers is None else tuple(layers))
