@@ -101,9 +101,13 @@ class Detector(torch.nn.Module):
                 resolve_layers(spec, layers)
             except ModelError as error:
                 return str(error)
+        if image_size is None:
+            return None
         fixed = spec.input_size if cls.fixed_input_size else None
-        if fixed is not None and image_size is not None and image_size != fixed:
-            return f"{backbone} takes {spec.input_size} px input, not {image_size} px"
+        if fixed is not None and image_size != fixed:
+            return f"it feeds {backbone} its native {fixed} px input, not {image_size} px"
+        if spec.kind != "composite":
+            return spec.size_problem(image_size)
         return None
 
     def fit(

@@ -378,27 +378,62 @@ def list_models_cmd(
 def list_backbones_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """List the backbones with their layers (stride, channels)."""
-    from models.backbones import BACKBONES
+    """List the backbones: kind, input size, parameters and layers (stride/channels).
+
+    On every CNN the stage aliases layer1..layer4 name its stride-4..32 layers; transformers
+    offer every block at one stride (their patch size).
+    """
+    from models.backbones import BACKBONES, backbone_param_count, describe_layers
 
     rows = [
         {
             "name": spec.name,
             "timm_name": spec.timm_name,
+            "kind": spec.kind,
+            "family": spec.family,
+            "input_size": spec.input_size,
+            "dynamic_size": spec.dynamic_size,
+            "members": list(spec.members),
+            "params": backbone_param_count(spec.name),
             "layers": {k: {"stride": s, "channels": c} for k, (s, c) in spec.layers.items()},
+            "aliases": dict(spec.aliases),
+            "layer_summary": describe_layers(spec),
         }
         for spec in sorted(BACKBONES.values(), key=lambda s: s.name)
     ]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(title="backbones")
-    for column in ("name", "timm model", "layers (stride/channels)"):
-        table.add_column(column)
+    table = Table(title=f"backbones ({len(rows)})")
+    for column in ("name", "timm model", "kind", "input", "params", "layers"):
+        table.add_column(column, overflow="fold")
     for row in rows:
-        layers = ", ".join(f"{k} ({v['stride']}/{v['channels']})" for k, v in row["layers"].items())
-        table.add_row(row["name"], row["timm_name"], layers)
+        size = row["input_size"]
+        shown_size = "any" if size is None else f"{size}{'+' if row['dynamic_size'] else ''}"
+        table.add_row(
+            row["name"],
+            row["timm_name"],
+            row["kind"],
+            shown_size,
+            f"{row['params'] / 1e6:.1f}M",
+            _compact_layers(row),
+        )
     out.print(table)
+    out.print(
+        "input: 'any' = any size; N+ = N natively, other multiples of the patch size too. "
+        "layers: name (alias) stride/channels"
+    )
+
+
+def _compact_layers(row: dict[str, Any]) -> str:
+    strides = {(v["stride"], v["channels"]) for v in row["layers"].values()}
+    if row["kind"] != "cnn" or len(strides) == 1:
+        return row["layer_summary"].removeprefix("valid: ")
+    alias_of = {native: alias for alias, native in row["aliases"].items()}
+    return ", ".join(
+        f"{name}{f' ({alias_of[name]})' if name in alias_of else ''} {v['stride']}/{v['channels']}"
+        for name, v in row["layers"].items()
+    )
 
 
 # --------------------------------------------------------------------------- data
