@@ -17,9 +17,10 @@ input ``n`` is half the channels plus the condition: 81.6M trainable parameters 
 wide_resnet50_2 layers 2-4, as the reference study's Table 2 counts.
 
 Where the paper normalises log-likelihoods by their maximum over the whole test set (which makes
-a score depend on the other images scored with it), this module subtracts the maximum over the
-training set, measured in one extra pass at the end of ``fit``: the same shift for every test
-image, so scores do not depend on how the test set is batched.
+a score depend on the other images scored with it), this module subtracts the largest one seen
+in the last training epoch (per layer, over every training fiber, kept as a buffer): the same
+shift for every test image, so scores do not depend on how the test set is batched, and known
+after every epoch, so the detector can be scored mid-training.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class CFlow(Detector):
         self.lr = float(lr)
         generator = torch.Generator().manual_seed(seed)
         encoder_seed, self._shuffle_seed, *decoder_seeds = torch.randint(
-            2**62, (2 + len(list(layers)),), generator=generator
+            2**62, (2 + len(list(layers)),), generator=generator, device="cpu"
         ).tolist()
         self.encoder = FeatureExtractor(
             backbone, layers, pretrained=pretrained, weights=weights, seed=encoder_seed
@@ -162,8 +163,8 @@ class CFlow(Detector):
             )
             for layer, decoder_seed in zip(self.encoder.layers, decoder_seeds, strict=True)
         )
-        # Per layer, the largest training log-likelihood per dimension: the shift that turns
-        # log-likelihoods into probabilities in about [0, 1]. NaN until fit.
+        # Per layer, the largest log-likelihood per dimension of the last training epoch: the
+        # shift that turns log-likelihoods into probabilities in about [0, 1]. NaN until fit.
         self.register_buffer("reference_log_p", torch.full((len(self.decoders),), math.nan))
 
     def _fibers(self, feature: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,8 +193,9 @@ class CFlow(Detector):
         Every training batch is encoded once; then for each layer its feature vectors are
         shuffled and each fiber batch makes one optimisation step of
         ``-log sigmoid(log p / C)``. ``on_epoch_end(epoch, {"loss": mean loss per vector})``
-        runs after every epoch and stops training when it returns True. One more pass over
-        ``train`` measures the reference likelihoods that normalise the anomaly maps.
+        runs after every epoch and stops training when it returns True. The largest
+        log-likelihood of each layer in the epoch becomes the reference that normalises the
+        anomaly maps (before ``on_epoch_end``, so the callback can score the detector).
         """
         n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
         device = self.reference_log_p.device
@@ -204,30 +206,31 @@ class CFlow(Detector):
         try:
             for epoch in range(1, n_epochs + 1):
                 loss_sum, n_vectors = 0.0, 0
+                epoch_max = torch.full_like(self.reference_log_p, -math.inf)
                 for images in iter_images(train):
                     with torch.no_grad():
                         features = self.encoder(images.to(device))
-                    for decoder, feature in zip(self.decoders, features.values(), strict=True):
+                    for i, (decoder, feature) in enumerate(
+                        zip(self.decoders, features.values(), strict=True)
+                    ):
                         vectors, conditions = self._fibers(feature)
-                        order = torch.randperm(len(vectors), generator=shuffle, device="cpu").to(
-                            device
-                        )
+                        order = torch.randperm(len(vectors), generator=shuffle, device="cpu")
                         for start in range(0, len(order), self.fiber_batch_size):
-                            index = order[start : start + self.fiber_batch_size]
+                            index = order[start : start + self.fiber_batch_size].to(device)
                             log_p = self._log_p(decoder, vectors[index], conditions[index])
                             loss = -F.logsigmoid(log_p)
                             optimizer.zero_grad(set_to_none=True)
                             loss.mean().backward()
                             optimizer.step()
                             loss_sum += float(loss.detach().sum())
+                            epoch_max[i] = torch.maximum(epoch_max[i], log_p.detach().max())
                             n_vectors += len(index)
                 if n_vectors == 0:
                     raise ModelError("cflow: the training set is empty")
                 epoch_loss = loss_sum / n_vectors
+                self.reference_log_p.copy_(epoch_max)
                 if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
                     break
-            self.eval()
-            self.reference_log_p = self._max_log_p(train)
         finally:
             self.eval()
         return {"epochs": epoch, "loss": epoch_loss}
@@ -251,14 +254,6 @@ class CFlow(Detector):
             )
             maps.append(log_p.reshape(feature.shape[0], *feature.shape[2:]))
         return maps
-
-    @torch.no_grad()
-    def _max_log_p(self, train: Iterable[Batch]) -> Tensor:
-        best = torch.full_like(self.reference_log_p, -math.inf)
-        for images in iter_images(train):
-            for i, log_p in enumerate(self._layer_log_p(images.to(best.device))):
-                best[i] = torch.maximum(best[i], log_p.max())
-        return best
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

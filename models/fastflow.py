@@ -147,7 +147,7 @@ class FastFlow(Detector):
         layers = default_layers(spec) if layers is None else layers
         generator = torch.Generator().manual_seed(seed)
         backbone_seed, *flow_seeds = torch.randint(
-            2**62, (1 + len(list(layers)),), generator=generator
+            2**62, (1 + len(list(layers)),), generator=generator, device="cpu"
         ).tolist()
         self.extractor = FeatureExtractor(
             backbone, layers, pretrained=pretrained, weights=weights, seed=backbone_seed
@@ -156,7 +156,10 @@ class FastFlow(Detector):
         for layer, flow_seed in zip(self.extractor.layers, flow_seeds, strict=True):
             channels = self.extractor.channels[layer]
             block_seeds = torch.randint(
-                2**62, (flow_steps,), generator=torch.Generator().manual_seed(flow_seed)
+                2**62,
+                (flow_steps,),
+                generator=torch.Generator().manual_seed(flow_seed),
+                device="cpu",
             ).tolist()
             self.flows.append(
                 SequentialFlow(

@@ -93,6 +93,22 @@ def test_stops_when_told_and_defaults_to_the_constructor_budget(toy):
     assert detector.epochs == 50
 
 
+def test_can_be_scored_between_epochs(toy):
+    # A scheduler scores the validation split from on_epoch_end (sweep/trainable.py).
+    detector = models.create("cflow", pretrained=False, **{**CONFIG, "coupling_blocks": 1})
+    scores = []
+
+    def score(epoch, metrics):
+        detector.eval()
+        scores.append(detector.predict(toy.test).score)
+        detector.train()
+        return False
+
+    detector.fit(batches(toy.train), epochs=2, on_epoch_end=score)
+    assert len(scores) == 2 and all(torch.isfinite(s).all() for s in scores)
+    assert not torch.equal(scores[0], scores[1])
+
+
 def test_same_seed_same_scores_and_another_seed_differs(toy, prediction):
     again = fit(seed=0)[0].predict(toy.test)
     assert torch.equal(again.score, prediction.score)

@@ -74,6 +74,22 @@ def test_stops_when_told_and_defaults_to_the_constructor_budget(toy):
     assert not detector.training
 
 
+def test_can_be_scored_between_epochs(toy):
+    # A scheduler scores the validation split from on_epoch_end (sweep/trainable.py).
+    detector = models.create("fastflow", pretrained=False, flow_steps=1, layers=("layer2",))
+    scores = []
+
+    def score(epoch, metrics):
+        detector.eval()
+        scores.append(detector.predict(toy.test).score)
+        detector.train()
+        return False
+
+    detector.fit(batches(toy.train), epochs=2, on_epoch_end=score)
+    assert len(scores) == 2 and all(torch.isfinite(s).all() for s in scores)
+    assert not torch.equal(scores[0], scores[1])
+
+
 def test_same_seed_same_scores_and_another_seed_differs(toy, prediction):
     again = fit(seed=0)[0].predict(toy.test)
     assert torch.equal(again.score, prediction.score)
@@ -104,18 +120,6 @@ def test_only_flows_and_norms_train(fitted):
     # CNN features are normalised over C x h x w: 64 x 16 x 16, 128 x 8 x 8, 256 x 4 x 4 at 64 px.
     shapes = [tuple(norm.normalized_shape) for norm in detector.norms]
     assert shapes == [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
-
-
-def test_resnet18_parameter_count_is_the_reference_studys():
-    # Table 2 of the reference study: 5.6M trainable for FastFlow-ResNet18 at 256 px.
-    detector = models.create("fastflow", pretrained=False)
-    strides = detector.extractor.strides
-    channels = detector.extractor.channels
-    detector._normalise(
-        {layer: torch.zeros(1, channels[layer], 256 // s, 256 // s) for layer, s in strides.items()}
-    )
-    trainable, _ = detector.param_counts()
-    assert round(trainable / 1e6, 1) == 5.6
 
 
 def test_predict_before_fit_and_bad_input_are_errors(fitted, toy):
@@ -201,3 +205,60 @@ def test_backbone_constraints(monkeypatch):
     assert default_layers(vit) == ("blocks.39",)
     assert backbone_problem("fastflow", "cait_m48_448", image_size=448) is None
     assert "448" in backbone_problem("fastflow", "cait_m48_448", image_size=256)
+
+
+needs_transformers = pytest.mark.skipif(
+    not {"cait_s24_224", "deit_base_distilled_patch16_384"}
+    <= set(models.backbones.list_backbones()),
+    reason="needs the transformer backbones of the registry",
+)
+
+
+@needs_transformers
+def test_runs_on_a_transformer_token_map():
+    # The smallest registered transformer, read at its first block to keep the test cheap.
+    detector = models.create(
+        "fastflow",
+        backbone="cait_s24_224",
+        layers=("blocks.0",),
+        pretrained=False,
+        flow_steps=1,
+        hidden_ratio=0.16,
+        conv3x3_only=False,
+    )
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    stats = detector.fit([images], epochs=1)
+    assert math.isfinite(stats["loss"])
+    prediction = detector.predict(images)
+    assert prediction.anomaly_map.shape == (2, 224, 224)
+    assert torch.isfinite(prediction.anomaly_map).all()
+    # Tokens are normalised one by one over their 384 channels.
+    assert [tuple(norm.normalized_shape) for norm in detector.norms] == [(384,)]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "overrides", "millions"),
+    [
+        ("resnet18", {}, 5.6),
+        ("wide_resnet50_2", {}, 78.0),
+        pytest.param(
+            "deit_base_distilled_patch16_384",
+            {"flow_steps": 20, "hidden_ratio": 0.16, "conv3x3_only": False},
+            7.1,
+            marks=needs_transformers,
+        ),
+    ],
+)
+def test_trainable_parameters_match_table_2(backbone, overrides, millions):
+    # Table 2 of the reference study (256 px for CNNs); built on the meta device: no memory.
+    with torch.device("meta"):
+        detector = models.create("fastflow", backbone=backbone, pretrained=False, **overrides)
+        if not detector.is_vit:
+            channels, strides = detector.extractor.channels, detector.extractor.strides
+            detector._normalise(
+                {
+                    layer: torch.zeros(1, channels[layer], 256 // s, 256 // s)
+                    for layer, s in strides.items()
+                }
+            )
+    assert round(detector.param_counts()[0] / 1e6, 1) == millions

@@ -13,7 +13,10 @@ where ``s, t`` (and ``s', t'``) come from a subnet of the other half, optionally
 with a condition (CFlow's positional encoding). The log-scales are soft-clamped to
 ``(-clamp, clamp)`` so that a few large values cannot blow the likelihood up, the stabiliser of
 every anomaly-detection flow paper. Both halves change in every block, so the Jacobian is
-triangular and its log-determinant is the sum of the clamped log-scales.
+triangular and its log-determinant is the sum of the clamped log-scales. With
+``both_halves=False`` and ``global_affine=True`` a block has the structure of FrEIA's
+``AllInOneBlock`` (one subnet transforming one half, then a learned per-channel affine), which
+the reference implementations of FastFlow, CFlow and U-Flow stack.
 
 Inputs are one tensor with channels on dim 1 (``B x C x H x W`` maps, ``B x C`` vectors) or a
 list of such tensors (CS-Flow's multi-scale input, each scale split on its own channels and one
@@ -401,7 +404,7 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
 
     The first half of the channels encodes the column, the second the row, each as
     interleaved sines and cosines of geometrically spaced frequencies (Vaswani et al. 2017,
-    extended to 2-D as CFLOW-AD does).
+    extended to 2-D as CFLOW-AD does). Returned on the CPU in float32.
     """
     if channels <= 0 or channels % 4:
         raise ValueError(
@@ -410,12 +413,11 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
     if height < 1 or width < 1:
         raise ValueError(f"positional encoding needs a positive size, got {height}x{width}")
     half = channels // 2
-    frequencies = torch.exp(
-        torch.arange(0, half, 2, dtype=torch.float64) * -(math.log(10000.0) / half)
-    )
-    columns = torch.arange(width, dtype=torch.float64)[:, None] * frequencies  # W x half/2
-    rows = torch.arange(height, dtype=torch.float64)[:, None] * frequencies  # H x half/2
-    encoding = torch.zeros(channels, height, width, dtype=torch.float64)
+    cpu = {"dtype": torch.float64, "device": "cpu"}  # whatever the default device: callers move it
+    frequencies = torch.exp(torch.arange(0, half, 2, **cpu) * -(math.log(10000.0) / half))
+    columns = torch.arange(width, **cpu)[:, None] * frequencies  # W x half/2
+    rows = torch.arange(height, **cpu)[:, None] * frequencies  # H x half/2
+    encoding = torch.zeros(channels, height, width, **cpu)
     encoding[0:half:2] = torch.sin(columns).T[:, None, :].expand(-1, height, -1)
     encoding[1:half:2] = torch.cos(columns).T[:, None, :].expand(-1, height, -1)
     encoding[half::2] = torch.sin(rows).T[:, :, None].expand(-1, -1, width)
