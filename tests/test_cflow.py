@@ -198,3 +198,10 @@ def test_backbone_constraints():
     assert backbone_problem("cflow", "resnet18", {"layers": ("layer2", "layer3")}) is None
     assert backbone_problem("cflow", "wide_resnet50_2") is None
     assert "layer9" in backbone_problem("cflow", "resnet18", {"layers": ("layer2", "layer9")})
+
+
+def test_building_and_fitting_leave_the_global_rng_alone(toy):
+    state = torch.random.get_rng_state()
+    detector = models.create("cflow", pretrained=False, **{**CONFIG, "layers": ("layer3",)})
+    detector.fit(batches(toy.train[:8]), epochs=1)
+    assert torch.equal(state, torch.random.get_rng_state())

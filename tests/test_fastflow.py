@@ -262,3 +262,10 @@ def test_trainable_parameters_match_table_2(backbone, overrides, millions):
                 }
             )
     assert round(detector.param_counts()[0] / 1e6, 1) == millions
+
+
+def test_building_and_fitting_leave_the_global_rng_alone(toy):
+    state = torch.random.get_rng_state()
+    detector = models.create("fastflow", pretrained=False, **{**CONFIG, "layers": ("layer3",)})
+    detector.fit(batches(toy.train[:8]), epochs=1)
+    assert torch.equal(state, torch.random.get_rng_state())
