@@ -16,7 +16,7 @@ from models.base import (
 )
 
 # Detector modules register themselves on import.
-from models import cfa, dfkde, dfm, padim, patchcore, stfpm  # noqa: F401  isort: skip
+from models import cfa, cflow, dfkde, dfm, fastflow, padim, patchcore, stfpm  # noqa: F401  isort: skip
 
 __all__ = [
     "Batch",
