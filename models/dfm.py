@@ -130,7 +130,7 @@ class DFM(Detector):
         merged = {**hyperparameters(cls.name), **(hparams or {})}
         spec = get_backbone(backbone)
         first = resolve_layers(spec, merged["layers"])[0]
-        stride = spec.layers[first][0]
+        stride = spec.layer(first)[0]
         kernel = merged["pooling_kernel_size"]
         if isinstance(kernel, int) and image_size // stride < kernel:
             return (
