@@ -1,0 +1,113 @@
+"""Contracts every registered detector keeps: the zoo is complete, hyperparameters are
+documented, backbone checks answer for every backbone, epochs are reported and stopping works,
+and building a detector leaves the global random state alone."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from toy_defects import batches, toy_set
+
+import models
+from models.backbones import get_backbone, list_backbones
+
+ISSUE_ZOO = {
+    "patchcore", "padim", "stfpm",
+    "dfkde", "dfm", "cfa",
+    "cflow", "csflow", "fastflow", "uflow",
+    "reverse_distillation", "efficient_ad", "efficient_ad_ast", "simplenet", "mmr",
+}  # fmt: skip
+
+# The smallest configuration of each detector that still runs its whole training step; the
+# per-detector test files check what they learn.
+TINY: dict[str, dict] = {
+    "cflow": {"backbone": "resnet18", "layers": ("layer2", "layer3"), "coupling_blocks": 1},
+    "fastflow": {"flow_steps": 1},
+    "stfpm": {"layers": ("layer1", "layer2")},
+}
+
+
+def tiny(name: str, **overrides) -> models.Detector:
+    hparams = models.hyperparameters(name)
+    config = {"pretrained": False} if "pretrained" in hparams else {}
+    if "backbone" in hparams:
+        config["backbone"] = "resnet18"
+    return models.create(name, **{**config, **TINY.get(name, {}), **overrides})
+
+
+def test_the_zoo_has_every_detector_of_the_issue():
+    missing = ISSUE_ZOO - set(models.list_models())
+    assert not missing, f"not registered: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_hyperparameter_is_documented(name):
+    doc = inspect.getdoc(models.get_class(name).__init__) or ""
+    undocumented = [hp for hp in models.hyperparameters(name) if f"{hp}:" not in doc]
+    assert not undocumented, f"{name}: document {undocumented} in __init__'s Args"
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_backbone_checks_answer_for_every_backbone(name):
+    hparams = models.hyperparameters(name)
+    if "backbone" not in hparams:
+        assert models.backbone_problem(name, "resnet18") == f"{name} takes no backbone"
+        return
+    default = hparams["backbone"]
+    assert models.backbone_problem(name, default) is None, "the default backbone must work"
+    usable = models.compatible_backbones(name)
+    assert default in usable
+    for backbone in list_backbones():
+        for size in (None, get_backbone(backbone).input_size or 256, 250):
+            problem = models.backbone_problem(name, backbone, None, size)
+            assert problem is None or (isinstance(problem, str) and problem), (backbone, size)
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_creating_a_detector_leaves_the_global_rng_alone(name):
+    state = torch.random.get_rng_state()
+    tiny(name, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_set(n_train=4, n_test_each=2)
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_epochs_are_reported_and_stopping_is_honoured(name, toy):
+    detector = tiny(name)
+    seen: list[tuple[int, dict]] = []
+
+    def on_epoch_end(epoch: int, values: dict) -> bool:
+        seen.append((epoch, values))
+        return epoch == 2
+
+    stats = detector.fit(batches(toy.train, 2), epochs=4, on_epoch_end=on_epoch_end)
+    assert not detector.training, "fit leaves the detector in eval mode"
+    if detector.learning_type == "one_pass":
+        assert [epoch for epoch, _ in seen] == [1]
+        assert stats["epochs"] == 1
+    else:
+        assert [epoch for epoch, _ in seen] == [1, 2]
+        assert stats["epochs"] == 2
+        assert all(math.isfinite(values["loss"]) for _, values in seen)
+    prediction = detector.predict(toy.test)
+    assert prediction.score.shape == (len(toy.test),)
+    assert torch.isfinite(prediction.score).all()
+    assert (prediction.anomaly_map is not None) == detector.localizes
+    notes = stats.get("notes", [])
+    assert isinstance(notes, list) and all(isinstance(n, str) and n for n in notes)
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_parameter_counts_split_the_whole_model(name):
+    detector = tiny(name)
+    trainable, frozen = detector.param_counts()
+    assert trainable + frozen == sum(p.numel() for p in detector.parameters()) > 0
+    if detector.learning_type == "one_pass":
+        assert trainable == 0, "one-pass detectors learn no weights by gradient"
