@@ -7,9 +7,14 @@ one stage: the paper's "layer 36" of EfficientNet-B5, 304 channels at stride 32 
 coupling block is an affine coupling over the list of scales whose subnet is a *cross-scale*
 convolution, so that the log-scale and shift predicted at one scale mix that scale with its
 up-sampled coarser and strided finer neighbours. The flow is trained by maximum likelihood on
-normal images only. A defect gets latents far from the origin: the image score is the mean
-squared latent, and the per-position squared norm of the finest scale's latent is the anomaly
-map.
+normal images only. A defect gets latents far from the origin: the image score is the mean of
+``z**2 / 2`` over every latent dimension, and the anomaly map the mean of ``z**2`` over channels
+at every position of the full-size image's latent (or, with ``anomaly_map_mode="all"``, its
+product with the coarser scales' maps).
+
+Parameter counts match the reference study's Table 2 for the defaults: 17.5M frozen
+(EfficientNet-B5 up to the layer) and 275M trainable (four blocks of two subnets with 1024 hidden
+channels, the last block with 5 x 5 kernels as in the paper's code).
 
 Layer naming: Table B.8 gives the layer as "6.8", torchvision's ``features.6.8``, i.e. block 8
 (the last) of the sixth MBConv stage. In timm that stage is ``blocks.5`` (``features.0`` is
@@ -40,66 +45,26 @@ from models.base import (
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
 
-__all__ = ["CSFlow", "CrossScaleConv", "CrossScaleSubnet"]
+__all__ = ["CSFlow", "CrossScaleSubnet"]
 
 N_SCALES = 3
 """Image sizes the flow sees: full, 1/2 and 1/4 (the paper's three scales)."""
 EFFICIENTNET_STAGES = 7
 """Stages (``blocks.0`` .. ``blocks.6``) of every timm EfficientNet B0-B7."""
+MAP_MODES = ("largest", "all")
+"""``anomaly_map_mode`` values: the full-size image's scale only, or the product of all three."""
 _LEAKY_SLOPE = 0.1
 
 
-class CrossScaleConv(nn.Module):
-    """One cross-scale convolution over a list of maps, finest first.
-
-    Output ``s`` is ``conv(x_s) + up(conv(x_{s+1})) + strided_conv(x_{s-1})``: each scale sees
-    its own map, the next coarser one (convolved, then bilinearly resized to its grid) and the
-    next finer one (a stride-2 convolution). Only the same-scale convolution has a bias, as the
-    three terms are summed.
-    """
-
-    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], kernel_size: int):
-        super().__init__()
-        n = len(in_channels)
-        pad = kernel_size // 2
-        self.same = nn.ModuleList(
-            nn.Conv2d(in_channels[s], out_channels[s], kernel_size, padding=pad) for s in range(n)
-        )
-        self.from_coarser = nn.ModuleList(
-            nn.Conv2d(in_channels[s + 1], out_channels[s], kernel_size, padding=pad, bias=False)
-            for s in range(n - 1)
-        )
-        self.from_finer = nn.ModuleList(
-            nn.Conv2d(
-                in_channels[s - 1], out_channels[s], kernel_size, stride=2, padding=pad, bias=False
-            )
-            for s in range(1, n)
-        )
-
-    def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
-        out = []
-        for s, x in enumerate(xs):
-            y = self.same[s](x)
-            if s + 1 < len(xs):
-                y = y + _resize(self.from_coarser[s](xs[s + 1]), y)
-            if s > 0:
-                # A stride-2 convolution halves the finer grid; odd sizes can be one off.
-                y = y + _resize(self.from_finer[s - 1](xs[s - 1]), y)
-            out.append(y)
-        return out
-
-
-def _resize(x: Tensor, like: Tensor) -> Tensor:
-    if x.shape[-2:] == like.shape[-2:]:
-        return x
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
-
-
 class CrossScaleSubnet(nn.Module):
-    """CS-Flow's coupling subnet: two cross-scale convolutions with a leaky ReLU between.
+    """CS-Flow's coupling subnet over a list of maps, finest first.
 
-    The outputs are multiplied by a learned per-scale factor that starts at 0, so that every
-    coupling block starts as the identity and training begins from a well-conditioned flow.
+    A convolution per scale lifts its input to ``hidden_channels`` (leaky ReLU), then output
+    ``s`` sums a convolution of its own hidden map, one of the next coarser hidden map
+    bilinearly upsampled to its grid, and a stride-2 one of the next finer hidden map: the
+    cross-scale connections through which each scale's log-scales and shifts see its
+    neighbours. The outputs are multiplied by a learned per-scale factor that starts at 0, so
+    every coupling block starts as the identity.
     """
 
     def __init__(
@@ -110,14 +75,44 @@ class CrossScaleSubnet(nn.Module):
         kernel_size: int,
     ) -> None:
         super().__init__()
-        hidden = [hidden_channels] * len(in_channels)
-        self.layer1 = CrossScaleConv(in_channels, hidden, kernel_size)
-        self.layer2 = CrossScaleConv(hidden, out_channels, kernel_size)
-        self.gamma = nn.Parameter(torch.zeros(len(in_channels)))
+        n = len(in_channels)
+        pad = kernel_size // 2
+
+        def conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+            return nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=pad)
+
+        self.lift = nn.ModuleList(conv(in_channels[s], hidden_channels) for s in range(n))
+        self.same = nn.ModuleList(conv(hidden_channels, out_channels[s]) for s in range(n))
+        self.from_coarser = nn.ModuleList(
+            conv(hidden_channels, out_channels[s]) for s in range(n - 1)
+        )
+        self.from_finer = nn.ModuleList(
+            conv(hidden_channels, out_channels[s], stride=2) for s in range(1, n)
+        )
+        self.gamma = nn.Parameter(torch.zeros(n))
 
     def forward(self, xs: Sequence[Tensor]) -> list[Tensor]:
-        hidden = [F.leaky_relu(h, _LEAKY_SLOPE) for h in self.layer1(xs)]
-        return [g * y for g, y in zip(self.gamma, self.layer2(hidden), strict=True)]
+        hidden = [
+            F.leaky_relu(lift(x), _LEAKY_SLOPE) for lift, x in zip(self.lift, xs, strict=True)
+        ]
+        out = []
+        for s, h in enumerate(hidden):
+            y = self.same[s](h)
+            if s + 1 < len(hidden):
+                coarser = F.interpolate(
+                    hidden[s + 1], size=h.shape[-2:], mode="bilinear", align_corners=False
+                )
+                y = y + self.from_coarser[s](coarser)
+            if s > 0:
+                finer = self.from_finer[s - 1](hidden[s - 1])
+                if finer.shape[-2:] != y.shape[-2:]:
+                    # A stride-2 convolution of an odd grid can be one off the coarser grid.
+                    finer = F.interpolate(
+                        finer, size=y.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                y = y + finer
+            out.append(self.gamma[s] * y)
+        return out
 
 
 @register("csflow")
@@ -135,12 +130,15 @@ class CSFlow(Detector):
         n_coupling_blocks: int = 4,
         hidden_channels: int = 1024,
         kernel_size: int = 3,
+        last_kernel_size: int = 5,
         clamp: float = 3.0,
         lr: float = 2e-4,
         eps: float = 1e-4,
         weight_decay: float = 1e-5,
         betas: tuple[float, float] = (0.5, 0.9),
+        grad_clip_norm: float = 1.0,
         epochs: int = 240,
+        anomaly_map_mode: str = "largest",
         seed: int = 0,
         pretrained: bool = True,
         weights: str | None = None,
@@ -155,15 +153,23 @@ class CSFlow(Detector):
             n_coupling_blocks: coupling blocks of the cross-scale flow (the paper's 4).
             hidden_channels: channels of the cross-scale convolution between the two layers
                 of every subnet (the paper's 1024).
-            kernel_size: kernel of every cross-scale convolution (odd; the paper's 3).
+            kernel_size: kernel of the subnets' convolutions (odd; the paper's 3).
+            last_kernel_size: kernel of the last coupling block's subnets (odd; the paper's
+                code, which the reference study ran, widens it to 5).
             clamp: soft clamp of the coupling log-scales, ``clamp * 2/pi * atan(s / clamp)``
                 (the paper's 3).
             lr: Adam learning rate.
-            eps: Adam's epsilon (Table B.8's 1e-4; larger than Adam's usual 1e-8, which the
-                paper found stabilises the flow).
+            eps: Adam's epsilon (Table B.8's 1e-4, much larger than Adam's usual 1e-8).
             weight_decay: Adam weight decay (L2 penalty).
-            betas: Adam's moment coefficients (the paper's code uses (0.5, 0.9)).
+            betas: Adam's moment coefficients ((0.5, 0.9) in the paper's code and the
+                reference implementation).
+            grad_clip_norm: gradients are rescaled to at most this total norm before every
+                step (the reference implementation's trainer clips at 1); 0 disables it.
             epochs: training epochs when ``fit`` is not given a budget (Table B.8's 240).
+            anomaly_map_mode: ``"largest"``: the mean squared latent per position of the
+                full-size image's scale, as the paper localises; ``"all"``: the product over
+                the three scales of that map (each upsampled), the reference
+                implementation's default.
             seed: seeds the flow's permutations and initialisation, and the backbone's when it
                 is not pretrained.
             pretrained: use timm's pretrained backbone weights.
@@ -179,18 +185,20 @@ class CSFlow(Detector):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ModelError(f"csflow: {name} must be a positive int, got {value!r}")
-        if (
-            isinstance(kernel_size, bool)
-            or not isinstance(kernel_size, int)
-            or kernel_size < 1
-            or kernel_size % 2 == 0
-        ):
-            raise ModelError(f"csflow: kernel_size must be a positive odd int, got {kernel_size!r}")
+        for name, value in (("kernel_size", kernel_size), ("last_kernel_size", last_kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+                raise ModelError(f"csflow: {name} must be a positive odd int, got {value!r}")
         for name, value in (("clamp", clamp), ("lr", lr), ("eps", eps)):
             if not _is_real(value) or not value > 0:
                 raise ModelError(f"csflow: {name} must be > 0, got {value!r}")
-        if not _is_real(weight_decay) or not weight_decay >= 0:
-            raise ModelError(f"csflow: weight_decay must be >= 0, got {weight_decay!r}")
+        for name, value in (("weight_decay", weight_decay), ("grad_clip_norm", grad_clip_norm)):
+            if not _is_real(value) or not value >= 0:
+                raise ModelError(f"csflow: {name} must be >= 0, got {value!r}")
+        if anomaly_map_mode not in MAP_MODES:
+            raise ModelError(
+                f"csflow: anomaly_map_mode must be one of {', '.join(MAP_MODES)}, "
+                f"got {anomaly_map_mode!r}"
+            )
         if (
             not isinstance(betas, Sequence)
             or len(betas) != 2
@@ -203,6 +211,8 @@ class CSFlow(Detector):
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         self.betas = (float(betas[0]), float(betas[1]))
+        self.grad_clip_norm = float(grad_clip_norm)
+        self.anomaly_map_mode = anomaly_map_mode
         self.seed = seed
 
         generator = torch.Generator().manual_seed(seed)
@@ -232,19 +242,23 @@ class CSFlow(Detector):
         convs = [m for m in net.blocks[stage].modules() if isinstance(m, nn.Conv2d)]
         self.channels = convs[-1].out_channels
 
-        def subnet(in_channels: list[int], out_channels: list[int]) -> nn.Module:
-            return CrossScaleSubnet(in_channels, out_channels, hidden_channels, kernel_size)
+        def subnet_factory(kernel: int):
+            def subnet(in_channels: list[int], out_channels: list[int]) -> nn.Module:
+                return CrossScaleSubnet(in_channels, out_channels, hidden_channels, kernel)
 
+            return subnet
+
+        kernels = [kernel_size] * (n_coupling_blocks - 1) + [last_kernel_size]
         self.flow = SequentialFlow(
             [
                 AffineCoupling(
                     [self.channels] * N_SCALES,
-                    subnet,
+                    subnet_factory(kernel),
                     clamp=float(clamp),
                     seed=block_seed,
                     soft_clamp="atan",
                 )
-                for block_seed in block_seeds
+                for kernel, block_seed in zip(kernels, block_seeds, strict=True)
             ]
         )
         self.register_buffer("fitted", torch.tensor(False))
@@ -317,6 +331,8 @@ class CSFlow(Detector):
                     loss = gaussian_nll(z, log_det, per_dimension=True)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if self.grad_clip_norm > 0:
+                        nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip_norm)
                     optimizer.step()
                     loss_sum += float(loss.detach()) * images.shape[0]
                     n_images += images.shape[0]
@@ -337,18 +353,20 @@ class CSFlow(Detector):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
-        """Score a batch: the mean squared latent and the finest scale's squared-norm map.
-
-        The score averages, over the three scales, the mean of ``z**2`` per latent dimension,
-        so that each scale counts equally whatever its number of positions; the map is
-        ``|z(p)|**2`` at every position of the full-size image's latent, bilinearly upsampled.
-        """
+        """Score a batch: the mean of ``z**2 / 2`` over every latent dimension of the three
+        scales (the paper's code and the reference implementation), and the anomaly map of
+        ``anomaly_map_mode`` (mean of ``z**2`` over channels per position, upsampled)."""
         if not bool(self.fitted):
             raise ModelError("csflow: predict called before fit")
         images = images.to(self.fitted.device)
         z, _ = self.flow(self.features(images))
-        scores = torch.stack([zs.flatten(1).square().mean(1) for zs in z]).mean(0)
-        anomaly_map = upsample_maps(z[0].square().sum(1), images.shape[-2:])
+        scores = 0.5 * torch.cat([zs.flatten(1) for zs in z], dim=1).square().mean(1)
+        size = images.shape[-2:]
+        maps = [upsample_maps(zs.square().mean(1), size) for zs in z]
+        anomaly_map = maps[0]
+        if self.anomaly_map_mode == "all":
+            for other in maps[1:]:
+                anomaly_map = anomaly_map * other
         return Prediction(score=scores, anomaly_map=anomaly_map)
 
 
