@@ -192,9 +192,10 @@ class UFlow(Detector):
         Args:
             backbone: a CNN (the study ran ``resnet18`` and ``wide_resnet50_2`` at 256 px) or
                 ``"mcait"`` (the paper's pair of CaiTs, at 448 px). Table B.8 lists mcait first;
-                the default is resnet18 because mcait's 409M frozen parameters are impractical
-                as a default on a CPU and in CI, not because it cannot run offline (its members'
-                weights come from ``weights``, as any backbone's).
+                the default is resnet18 because mcait (330M frozen parameters up to the blocks
+                read, a forward pass of about 0.5 TFLOP per image) is impractical as a default
+                on a CPU and in CI, not because it cannot run offline (its members' weights
+                come from ``weights``, as any backbone's).
             layers: the CNN stages of the pyramid, each grid half the previous one (consecutive
                 strides doubling); None is the paper's ``("layer1", "layer2", "layer3")``. With
                 ``mcait`` it must stay None: the CaiT blocks are fixed (40 and 20).
