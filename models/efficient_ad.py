@@ -179,7 +179,10 @@ class EfficientAD(Detector):
             try:
                 load_pdn_weights(self.teacher, load_state_dict_file(path), f"file {str(path)!r}")
             except ModelError as error:
-                raise ModelError(f"efficient_ad: teacher_weights: {error}") from error
+                raise ModelError(
+                    f"efficient_ad: teacher_weights: {error} (expected a state dict, e.g. "
+                    "torch.save(teacher.state_dict(), path), not a pickled module)"
+                ) from error
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 

@@ -139,6 +139,14 @@ def test_predict_before_fit_and_empty_training_set_are_errors(toy):
         detector.fit([], epochs=1)
 
 
+def test_single_image_normalises_on_the_training_image(toy):
+    detector = models.create("efficient_ad")
+    stats = detector.fit([toy.train[:1, :, :MECHANICS_SIZE, :MECHANICS_SIZE]], epochs=1)
+    assert stats["n_validation"] == 0 and stats["n_train"] == 1
+    assert any("too few distinct training images" in note for note in stats["notes"])
+    assert detector.st_quantiles[0] < detector.st_quantiles[1]
+
+
 def test_teacher_weights_are_loaded_and_checked(tmp_path):
     source = models.create("efficient_ad", seed=7)
     path = tmp_path / "teacher_small.pth"
@@ -158,6 +166,9 @@ def test_teacher_weights_are_loaded_and_checked(tmp_path):
         models.create("efficient_ad", teacher_weights=str(path), teacher_out_channels=128)
     with pytest.raises(ModelError, match="is not a file"):
         models.create("efficient_ad", teacher_weights=str(tmp_path / "missing.pth"))
+    torch.save(source.teacher, tmp_path / "pickled.pth")
+    with pytest.raises(ModelError, match="not a pickled module"):
+        models.create("efficient_ad", teacher_weights=str(tmp_path / "pickled.pth"))
 
 
 def test_imagenet_penalty_from_a_local_folder(tmp_path, small_train):
@@ -191,10 +202,12 @@ def test_pdn_layouts_receptive_field_and_output_sizes():
         touched = image.grad[0].abs().sum(0) > 0
         rows, cols = touched.any(1).nonzero(), touched.any(0).nonzero()
         assert rows.max() - rows.min() + 1 == 33 and cols.max() - cols.min() + 1 == 33
-    with torch.no_grad():
-        assert patch_description_network("small", 8)(torch.zeros(1, 3, 256, 256)).shape[-1] == 56
-        padded = patch_description_network("small", 8, padding=True)
-        assert padded(torch.zeros(1, 3, 256, 256)).shape[-1] == 64
+    # Output sizes at the paper's 256 px, on the meta device (shapes only, no compute).
+    with torch.device("meta"):
+        image = torch.zeros(1, 3, 256, 256)
+        for size in ("small", "medium"):
+            assert patch_description_network(size, 8)(image).shape[-1] == 56
+            assert patch_description_network(size, 8, padding=True)(image).shape[-1] == 64
     assert ImageAutoencoder.decoder_sizes(256) == [3, 8, 15, 32, 63, 127]
     ae = ImageAutoencoder(16)
     for side, out in ((64, 8), (256, 56), (96, 16)):
