@@ -257,8 +257,8 @@ def color_jitter(images: Tensor, generator: torch.Generator) -> Tensor:
 class PenaltyImages:
     """Images of a local folder for the student's penalty (the paper uses ImageNet).
 
-    Each draw picks files at random, resizes them to twice the training size, turns them gray
-    with probability 0.3 and crops a training-sized window at random, as the paper's
+    Each draw picks a file at random, resizes it to twice the training size, turns it gray with
+    probability 0.3 and keeps the central training-sized window, as the official
     implementation does; the result is ImageNet-normalised like the training images.
 
     Args:
@@ -302,8 +302,7 @@ class PenaltyImages:
             if self.rng.random() < 0.3:
                 gray = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
                 image = np.repeat(gray[:, :, None], 3, axis=2)
-            top = int(self.rng.integers(height + 1))
-            left = int(self.rng.integers(width + 1))
+            top, left = height // 2, width // 2
             out[i] = image[top : top + height, left : left + width]
         pixels = torch.from_numpy(out).permute(0, 3, 1, 2)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
