@@ -14,7 +14,9 @@ masking) it reproduces normal content but not anomalies: the per-layer ``1 - cos
 upsampled, summed and Gaussian-blurred, are the anomaly map, their maximum the image score.
 
 The paper starts the transformer from MAE's ImageNet-pretrained ViT-Base; offline it starts from
-a seeded random initialisation unless ``vit_weights`` names a local MAE checkpoint.
+a seeded random initialisation unless ``vit_weights`` names a local MAE checkpoint. The paper
+trains at 224 px (resized to 256, centre-cropped); the study uses 256 px. At either size the
+16-px token grid tiles the CNN's stride-4, 8 and 16 grids exactly.
 """
 
 from __future__ import annotations
@@ -384,6 +386,9 @@ class MMR(Detector):
         return noise.argsort(dim=1)[:, :n_keep].to(images.device)
 
     def _learning_rate(self, epoch: int, n_epochs: int) -> float:
+        # Linear warmup then a half cosine, per epoch, as the study describes the schedule. (The
+        # authors' released code computes the warmup the same way but then divides the rate by
+        # 10 at epochs 120 and 160, its cosine line commented out.)
         if epoch <= self.warmup_epochs:
             return self.lr * epoch / self.warmup_epochs
         progress = (epoch - 1 - self.warmup_epochs) / max(1, n_epochs - self.warmup_epochs)
@@ -399,8 +404,9 @@ class MMR(Detector):
         """Train the ViT and pyramid with AdamW for ``epochs`` (default: the constructor's).
 
         The learning rate is set per epoch: linear warmup over ``warmup_epochs``, then a half
-        cosine over the remaining epochs of this ``fit``. ``on_epoch_end(epoch, {"loss": mean
-        loss, "lr": rate})`` runs after every epoch and stops training when it returns True.
+        cosine over the remaining epochs of this ``fit`` (a budget shorter than the warmup never
+        reaches the peak rate). ``on_epoch_end(epoch, {"loss": mean loss, "lr": rate})`` runs
+        after every epoch and stops training when it returns True.
         """
         n_epochs = self.epochs if epochs is None else _check_int(epochs, "fit epochs")
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
