@@ -16,7 +16,20 @@ from models.base import (
 )
 
 # Detector modules register themselves on import.
-from models import cfa, cflow, dfkde, dfm, fastflow, padim, patchcore, stfpm  # noqa: F401  isort: skip
+from models import (  # noqa: F401  isort: skip
+    cfa,
+    cflow,
+    csflow,
+    dfkde,
+    dfm,
+    fastflow,
+    mmr,
+    padim,
+    patchcore,
+    reverse_distillation,
+    stfpm,
+    uflow,
+)
 
 __all__ = [
     "Batch",

@@ -200,7 +200,7 @@ def _scale_steps(patch_size: int, strides: Mapping[str, int]) -> dict[str, int] 
 
 def _layer_strides(backbone: str, layers: Sequence[str]) -> dict[str, int]:
     spec = get_backbone(backbone)
-    return {layer: spec.layers[layer][0] for layer in resolve_layers(spec, layers)}
+    return {layer: spec.layer(layer)[0] for layer in resolve_layers(spec, layers)}
 
 
 @register("mmr")

@@ -25,8 +25,12 @@ ISSUE_ZOO = {
 # per-detector test files check what they learn.
 TINY: dict[str, dict] = {
     "cflow": {"backbone": "resnet18", "layers": ("layer2", "layer3"), "coupling_blocks": 1},
+    "csflow": {"backbone": "efficientnet_b0", "layer": "blocks.3", "hidden_channels": 16},
     "fastflow": {"flow_steps": 1},
+    "mmr": {"patch_size": 8, "vit_embed_dim": 32, "vit_depth": 1, "vit_heads": 2},
+    "reverse_distillation": {"backbone": "resnet18"},
     "stfpm": {"layers": ("layer1", "layer2")},
+    "uflow": {"flow_steps": 1},
 }
 
 
