@@ -22,6 +22,8 @@ from models import (  # noqa: F401  isort: skip
     csflow,
     dfkde,
     dfm,
+    efficient_ad,
+    efficient_ad_ast,
     fastflow,
     mmr,
     padim,

@@ -531,11 +531,27 @@ def _load_weights(model: torch.nn.Module, path: Path, spec: BackboneSpec) -> Non
     model.load_state_dict({key: state[key] for key in own}, strict=True)
 
 
-def _create_model(spec: BackboneSpec, indices: list[int], pretrained: bool) -> torch.nn.Module:
+_ZERO_INIT_FAMILIES = ("resnet", "wide_resnet", "resnext")
+"""Families whose timm models zero-initialise the last norm of every residual block."""
+
+
+def _create_model(
+    spec: BackboneSpec, indices: list[int], pretrained: bool, random_teacher: bool = False
+) -> torch.nn.Module:
     """The timm model of ``spec`` truncated after the deepest of ``indices`` (layer positions)."""
     if spec.kind == "cnn":
+        extra = {}
+        if random_teacher and spec.family in _ZERO_INIT_FAMILIES:
+            # timm zero-initialises each residual block's last norm (good for training from
+            # scratch); a frozen random network built that way has identity blocks, and its
+            # layer2/layer3 are mere strided projections of the stem that miss most of a defect.
+            extra["zero_init_last"] = False
         return timm.create_model(
-            spec.timm_name, features_only=True, out_indices=tuple(indices), pretrained=pretrained
+            spec.timm_name,
+            features_only=True,
+            out_indices=tuple(indices),
+            pretrained=pretrained,
+            **extra,
         )
     extra = {"dynamic_img_size": True} if spec.dynamic_size else {}
     model = timm.create_model(spec.timm_name, pretrained=pretrained, **extra)
@@ -595,8 +611,12 @@ class FeatureExtractor(torch.nn.Module):
             # timm initialises weights from the global generator: seed it in a forked state.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
+                from_weights = pretrained or weights_file is not None
                 self.model = _create_model(
-                    self.spec, self._indices, pretrained and weights_file is None
+                    self.spec,
+                    self._indices,
+                    pretrained and weights_file is None,
+                    random_teacher=not from_weights and not requires_grad,
                 )
         except Exception as error:
             hint = " (no network? pass weights=PATH to a local file)" if pretrained else ""
