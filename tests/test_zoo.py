@@ -26,6 +26,14 @@ ISSUE_ZOO = {
 TINY: dict[str, dict] = {
     "cflow": {"backbone": "resnet18", "layers": ("layer2", "layer3"), "coupling_blocks": 1},
     "csflow": {"backbone": "efficientnet_b0", "layer": "blocks.3", "hidden_channels": 16},
+    "efficient_ad_ast": {
+        "layers": ("layer2",),
+        "n_coupling_blocks": 1,
+        "teacher_hidden_channels": 16,
+        "teacher_epochs": 1,
+        "student_hidden_channels": 16,
+        "n_student_blocks": 1,
+    },
     "fastflow": {"flow_steps": 1},
     "mmr": {"patch_size": 8, "vit_embed_dim": 32, "vit_depth": 1, "vit_heads": 2},
     "reverse_distillation": {"backbone": "resnet18"},
