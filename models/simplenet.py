@@ -1,0 +1,302 @@
+"""SimpleNet (Liu et al., "SimpleNet: A Simple Network for Image Anomaly Detection and
+Localization", CVPR 2023).
+
+A frozen backbone turns every image into a grid of locally aware patch features: mid-level
+layers averaged over a 3x3 neighbourhood, resized to the first layer's grid and concatenated, as
+PatchCore builds them, then average-pooled over channels to at most ``target_embed_dimension``.
+A trainable feature adaptor (a linear layer) maps them to a target-oriented space, where
+*anomalous* features are synthesised by adding Gaussian noise to the adapted normal ones. A small
+MLP discriminator learns to score normal features above ``+margin`` and the noisy ones below
+``-margin`` (truncated L1 loss). At test time the negative discriminator output of each adapted
+patch is its anomaly score: the map is the upsampled, Gaussian-blurred patch scores, the image
+score the largest patch score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbones import FeatureExtractor
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    ModelError,
+    Prediction,
+    iter_images,
+    register,
+)
+from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+
+__all__ = ["SimpleNet"]
+
+
+def _pool_channels(features: Tensor, dim: int) -> Tensor:
+    """Adaptive average pooling over the channels of ``B x C x h x w`` (``dim <= C``):
+    ``B x dim x h x w``, each output channel the mean of a run of adjacent input channels."""
+    if features.shape[1] == dim:
+        return features
+    return F.adaptive_avg_pool3d(features.unsqueeze(1), (dim, *features.shape[-2:]))[:, 0]
+
+
+def _check_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelError(f"simplenet: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float(value: Any, name: str, allow_zero: bool = False) -> float:
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        raise ModelError(
+            f"simplenet: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
+    return float(value)
+
+
+@register("simplenet")
+class SimpleNet(Detector):
+    """Feature adaptor and discriminator trained against Gaussian-noise feature anomalies."""
+
+    learning_type = "iterative"
+    localizes = True
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        target_embed_dimension: int = 1536,
+        patch_size: int = 3,
+        pre_proj: int = 1,
+        noise_std: float = 0.015,
+        dsc_layers: int = 2,
+        dsc_hidden: int = 1024,
+        dsc_margin: float = 0.5,
+        adaptor_lr: float = 1e-4,
+        dsc_lr: float = 2e-4,
+        weight_decay: float = 1e-5,
+        epochs: int = 160,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        pretrained: bool = True,
+        weights: str | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: frozen feature extractor (``models.backbones.list_backbones()``).
+            layers: backbone layers whose features form a patch; the first sets the patch grid.
+            target_embed_dimension: dimension the concatenated layer features are
+                average-pooled to over channels, where they have more (the paper's 1536, the
+                channel count of wide_resnet50_2 layer2+layer3); with fewer channels (e.g.
+                resnet18's 384) they are kept as they are. The adaptor and the discriminator
+                work in this dimension (``embed_dim``).
+            patch_size: side of the neighbourhood each layer's features are averaged over
+                (stride 1) to make a patch feature aware of its surroundings; 1 turns it off.
+            pre_proj: number of linear layers of the feature adaptor (the paper's 1);
+                0 leaves the features unadapted.
+            noise_std: standard deviation of the Gaussian noise added to adapted normal
+                features to synthesise anomalous ones.
+            dsc_layers: layers of the discriminator MLP, the last being the linear scoring
+                layer; the others are linear + batch norm + LeakyReLU(0.2).
+            dsc_hidden: width of the discriminator's hidden layers.
+            dsc_margin: margin ``th`` of the truncated L1 loss: normal features are pushed
+                above ``+th``, synthesised ones below ``-th``.
+            adaptor_lr: Adam learning rate of the feature adaptor.
+            dsc_lr: Adam learning rate of the discriminator.
+            weight_decay: Adam weight decay (L2 penalty) of adaptor and discriminator.
+            epochs: training epochs when ``fit`` is not given a budget.
+            blur_sigma: standard deviation in pixels of the Gaussian smoothing of the anomaly
+                map; 0 disables it.
+            seed: seeds the adaptor's and the discriminator's initialisation, the noise that
+                makes the synthetic anomalies, and the backbone's initialisation when it is
+                not pretrained.
+            pretrained: use timm's pretrained backbone weights.
+            weights: local backbone weight file or directory (overrides ``pretrained``).
+        """
+        super().__init__()
+        self.target_embed_dimension = _check_int(target_embed_dimension, "target_embed_dimension")
+        self.patch_size = _check_int(patch_size, "patch_size")
+        if self.patch_size % 2 == 0:
+            # An even window has no centre: the pooled grid would shift by half a patch.
+            raise ModelError(f"simplenet: patch_size must be odd, got {patch_size}")
+        self.pre_proj = _check_int(pre_proj, "pre_proj", minimum=0)
+        self.noise_std = _check_float(noise_std, "noise_std")
+        self.dsc_layers = _check_int(dsc_layers, "dsc_layers")
+        self.dsc_hidden = _check_int(dsc_hidden, "dsc_hidden")
+        self.dsc_margin = _check_float(dsc_margin, "dsc_margin")
+        self.adaptor_lr = _check_float(adaptor_lr, "adaptor_lr")
+        self.dsc_lr = _check_float(dsc_lr, "dsc_lr")
+        self.weight_decay = _check_float(weight_decay, "weight_decay", allow_zero=True)
+        self.epochs = _check_int(epochs, "epochs")
+        self.blur_sigma = _check_float(blur_sigma, "blur_sigma", allow_zero=True)
+        self.seed = seed
+        # Backbone, adaptor and discriminator get distinct initialisations drawn from the seed.
+        generator = torch.Generator().manual_seed(seed)
+        backbone_seed, head_seed = torch.randint(
+            2**62, (2,), generator=generator, device="cpu"
+        ).tolist()
+        self.extractor = FeatureExtractor(
+            backbone, layers, pretrained=pretrained, weights=weights, seed=backbone_seed
+        )
+        total = sum(self.extractor.channels.values())
+        # Pooling can only shrink: repeating channels to reach a larger dimension would leave
+        # directions in which normal features never vary but the noise does, and the
+        # discriminator would learn to spot those instead of anything an anomaly changes.
+        self.embed_dim = min(self.target_embed_dimension, total)
+        self._notes = []
+        if self.embed_dim < self.target_embed_dimension:
+            self._notes.append(
+                f"simplenet: target_embed_dimension {self.target_embed_dimension} is more than "
+                f"the {total} channels of {backbone} {'+'.join(self.extractor.layers)}; "
+                f"features are {total}-dimensional"
+            )
+        dim = self.embed_dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(head_seed)
+            self.adaptor = nn.Sequential(*(nn.Linear(dim, dim) for _ in range(self.pre_proj)))
+            blocks: list[nn.Module] = []
+            width = dim
+            for _ in range(self.dsc_layers - 1):
+                blocks += [
+                    nn.Linear(width, self.dsc_hidden),
+                    nn.BatchNorm1d(self.dsc_hidden),
+                    nn.LeakyReLU(0.2),
+                ]
+                width = self.dsc_hidden
+            # No bias on the scoring layer: batch norm before it already centres the input.
+            blocks.append(nn.Linear(width, 1, bias=self.dsc_layers == 1))
+            self.discriminator = nn.Sequential(*blocks)
+            for module in (*self.adaptor, *self.discriminator):
+                if isinstance(module, nn.Linear):
+                    # Xavier-normal keeps the adapted features at the scale of the inputs, so
+                    # the absolute noise_std means the same thing before and after the adaptor.
+                    nn.init.xavier_normal_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+        self.register_buffer("fitted", torch.tensor(False))
+        # Built ready to score (batch norm on its running statistics), e.g. after loading a
+        # state dict; fit switches to training mode and back.
+        self.eval()
+
+    def patch_features(self, images: Tensor) -> Tensor:
+        """Locally aware patch features: ``B x embed_dim x h x w`` on the first layer's grid."""
+        features = list(self.extractor(images).values())
+        if self.patch_size > 1:
+            features = [
+                F.avg_pool2d(
+                    feature,
+                    kernel_size=self.patch_size,
+                    stride=1,
+                    padding=self.patch_size // 2,
+                    count_include_pad=False,
+                )
+                for feature in features
+            ]
+        return _pool_channels(concat_to_first(features, mode="bilinear"), self.embed_dim)
+
+    def _adapted(self, images: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        # (B * h * w) x D adapted features, and the (B, h, w) shape to fold scores back into.
+        with torch.no_grad():
+            features = self.patch_features(images)
+        batch, dim, height, width = features.shape
+        rows = features.permute(0, 2, 3, 1).reshape(-1, dim)
+        return self.adaptor(rows), (batch, height, width)
+
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict[str, Any]:
+        """Train adaptor and discriminator with Adam for ``epochs`` (default: the constructor's).
+
+        After every epoch ``on_epoch_end(epoch, metrics)`` runs with the epoch's mean
+        ``"loss"``, ``"p_true"`` (fraction of normal features scored >= margin) and
+        ``"p_fake"`` (fraction of synthesised ones scored < -margin); training stops when it
+        returns True. Returns the epochs run and the last epoch's metrics.
+        """
+        n_epochs = self.epochs if epochs is None else _check_int(epochs, "fit epochs")
+        device = self.fitted.device
+        optimizers = [
+            torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.dsc_lr, weight_decay=self.weight_decay
+            )
+        ]
+        if self.pre_proj > 0:
+            optimizers.append(
+                torch.optim.Adam(
+                    self.adaptor.parameters(), lr=self.adaptor_lr, weight_decay=self.weight_decay
+                )
+            )
+        # A fresh generator per fit: refitting with the same seed draws the same noise.
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        margin = self.dsc_margin
+        self.train()
+        epoch = 0
+        metrics = {"loss": math.nan, "p_true": math.nan, "p_fake": math.nan}
+        try:
+            for epoch in range(1, n_epochs + 1):
+                loss_sum = true_sum = fake_sum = 0.0
+                n_features = 0
+                for images in iter_images(train):
+                    true, _ = self._adapted(images.to(device))
+                    noise = torch.randn(
+                        true.shape, generator=generator, device=device, dtype=true.dtype
+                    )
+                    fake = true + self.noise_std * noise
+                    scores = self.discriminator(torch.cat([true, fake]))[:, 0]
+                    true_scores, fake_scores = scores[: len(true)], scores[len(true) :]
+                    loss = F.relu(margin - true_scores).mean() + F.relu(margin + fake_scores).mean()
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for optimizer in optimizers:
+                        optimizer.step()
+                    count = len(true)
+                    loss_sum += float(loss.detach()) * count
+                    true_sum += float((true_scores.detach() >= margin).sum())
+                    fake_sum += float((fake_scores.detach() < -margin).sum())
+                    n_features += count
+                if n_features == 0:
+                    raise ModelError("simplenet: the training set is empty")
+                metrics = {
+                    "loss": loss_sum / n_features,
+                    "p_true": true_sum / n_features,
+                    "p_fake": fake_sum / n_features,
+                }
+                self.fitted.fill_(True)
+                if on_epoch_end is not None and on_epoch_end(epoch, dict(metrics)):
+                    break
+        finally:
+            self.eval()
+        stats: dict[str, Any] = {"epochs": epoch, **metrics, "embed_dim": self.embed_dim}
+        if self._notes:
+            stats["notes"] = list(self._notes)
+        return stats
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Prediction:
+        """Score a batch: the blurred map of negative discriminator outputs, and its top patch.
+
+        The image score is the largest patch score before upsampling and blurring, as in the
+        paper (``max_{h,w} s_{h,w}``).
+        """
+        if not bool(self.fitted):
+            raise ModelError("simplenet: predict called before fit")
+        adapted, (batch, height, width) = self._adapted(images.to(self.fitted.device))
+        patch_scores = -self.discriminator(adapted)[:, 0].view(batch, height, width)
+        scores = patch_scores.flatten(1).max(dim=1).values
+        maps = gaussian_blur(upsample_maps(patch_scores, images.shape[-2:]), self.blur_sigma)
+        return Prediction(score=scores, anomaly_map=maps)
