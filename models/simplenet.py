@@ -103,10 +103,11 @@ class SimpleNet(Detector):
                 work in this dimension (``embed_dim``).
             patch_size: side of the neighbourhood each layer's features are averaged over
                 (stride 1) to make a patch feature aware of its surroundings; 1 turns it off.
-            pre_proj: number of linear layers of the feature adaptor (the paper's 1);
-                0 leaves the features unadapted.
+            pre_proj: number of linear layers of the feature adaptor (the paper's 1), stacked
+                without activations as in the paper's code; 0 leaves the features unadapted.
             noise_std: standard deviation of the Gaussian noise added to adapted normal
-                features to synthesise anomalous ones.
+                features to synthesise anomalous ones, in feature units (the paper's 0.015
+                suits ImageNet-pretrained features; features of other scales need another).
             dsc_layers: layers of the discriminator MLP, the last being the linear scoring
                 layer; the others are linear + batch norm + LeakyReLU(0.2).
             dsc_hidden: width of the discriminator's hidden layers.
@@ -115,7 +116,7 @@ class SimpleNet(Detector):
             adaptor_lr: Adam learning rate of the feature adaptor.
             dsc_lr: Adam learning rate of the discriminator.
             weight_decay: Adam weight decay (L2 penalty) of adaptor and discriminator.
-            epochs: training epochs when ``fit`` is not given a budget.
+            epochs: training epochs when ``fit`` is not given a budget (the paper's 160).
             blur_sigma: standard deviation in pixels of the Gaussian smoothing of the anomaly
                 map; 0 disables it.
             seed: seeds the adaptor's and the discriminator's initialisation, the noise that
