@@ -29,6 +29,7 @@ from models import (  # noqa: F401  isort: skip
     padim,
     patchcore,
     reverse_distillation,
+    simplenet,
     stfpm,
     uflow,
 )
