@@ -274,7 +274,12 @@ class CSFlow(Detector):
         layer = (hparams or {}).get("layer", "blocks.5")
         return _layer_problem(layer)
 
-    def _backbone_features(self, images: Tensor) -> Tensor:
+    def backbone_features(self, images: Tensor) -> Tensor:
+        """The truncated EfficientNet's map of ``images`` (one scale).
+
+        ``self.extractor`` only builds and freezes the network: its blocks after ``layer`` are
+        cut off, so its own ``forward`` no longer applies; this is the backbone's forward.
+        """
         net = self.extractor.model
         # The extractor's input conversion, for weights trained with other statistics than
         # ImageNet's (the identity for EfficientNets).
@@ -290,7 +295,7 @@ class CSFlow(Detector):
             if s > 0:
                 size = (max(1, height >> s), max(1, width >> s))
                 scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-            maps.append(self._backbone_features(scaled))
+            maps.append(self.backbone_features(scaled))
         return maps
 
     def fit(

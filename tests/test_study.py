@@ -155,3 +155,56 @@ def test_shipped_studies_validate():
         study = load_study(path)
         if study.search.algorithm != "optuna":
             assert expand_trials(study)
+
+
+@pytest.mark.parametrize(
+    ("space", "needles"),
+    [
+        (
+            {"model": "fastflow", "backbone": "cait_m48_448", "image_size": 256},
+            ["'fastflow' cannot use backbone 'cait_m48_448'", "448", "at 256 px it can use"],
+        ),
+        (
+            {"model": "reverse_distillation", "backbone": "efficientnet_b0"},
+            ["decoder", "resnet18"],
+        ),
+        (
+            {"model": "csflow", "backbone": "resnet18"},
+            ["'csflow' cannot use backbone 'resnet18'", "efficientnet_b5"],
+        ),
+        (
+            {"model": {"grid": ["patchcore", "uflow"]}, "backbone": "mcait"},
+            ["'patchcore' cannot use backbone 'mcait'", "'patchcore.backbone'"],
+        ),
+        (
+            {"model": "padim", "backbone": "vit_base_patch16_224"},
+            ["'padim' cannot use backbone 'vit_base_patch16_224'", "cnn"],
+        ),
+    ],
+    ids=["fixed-size", "no-decoder", "efficientnet-only", "shared-backbone", "vit"],
+)
+def test_incompatible_pairs_fail_validation_naming_what_works(space, needles):
+    with pytest.raises(StudyError) as error:
+        study_from_dict({"name": "pairs", "space": {**space, "pretrained": False}})
+    for needle in needles:
+        assert needle in str(error.value), (needle, str(error.value))
+
+
+def test_each_model_can_have_its_own_backbones():
+    study = study_from_dict(
+        {
+            "name": "own",
+            "space": {
+                "model": {"grid": ["fastflow", "patchcore"]},
+                "fastflow.backbone": {"grid": ["resnet18", "deit_base_distilled_patch16_384"]},
+                "patchcore.backbone": "wide_resnet50_2",
+                "image_size": 384,
+            },
+        }
+    )
+    pairs = {(t.model, t.backbone) for t in expand_trials(study)}
+    assert pairs == {
+        ("fastflow", "resnet18"),
+        ("fastflow", "deit_base_distilled_patch16_384"),
+        ("patchcore", "wide_resnet50_2"),
+    }

@@ -61,3 +61,12 @@ def test_scheduler_settings_are_validated():
         study_from_dict({**base, "scheduler": {}, "search": {"algorithm": "optuna", "n_trials": 3}})
     study = study_from_dict({**base, "scheduler": {"metric": "loss"}})
     assert study.scheduler.direction == "min"
+
+
+def test_what_a_detector_could_not_use_lands_in_the_row(glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "efficient_ad", "seed": 0, "epochs": 1}
+    study = study_from_dict(raw)
+    row = run_trial(expand_trials(study)[0], _context(study, tmp_path))
+    assert "imagenet_dir" in row["notes"] and "teacher" in row["notes"]
+    assert row["params_trainable"] > 0 and row["params_frozen"] > 0
