@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -150,6 +151,63 @@ class Detector(torch.nn.Module):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+def check_epochs(model: str, value: Any, what: str = "epochs") -> int:
+    """``value`` as an epoch count; anything but a positive int is a :class:`ModelError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"{model}: {what} must be a positive int, got {value!r}")
+    return value
+
+
+def train_epochs(
+    detector: Detector,
+    train: Iterable[Batch],
+    step: Callable[[Tensor], Mapping[str, float]],
+    *,
+    epochs: int,
+    on_epoch_end: EpochCallback | None = None,
+    end_of_epoch: Callable[[int, dict[str, float]], Mapping[str, float] | None] | None = None,
+) -> tuple[int, dict[str, float]]:
+    """The epoch loop every iterative detector shares; returns (epochs run, last epoch's means).
+
+    ``step(images)`` trains on one batch (already on the detector's device) and returns its
+    losses as floats, each a mean over the batch. After every epoch the batch-size-weighted
+    means go through ``end_of_epoch(epoch, means)`` (schedules, bookkeeping; what it returns is
+    added to the means) and then to ``on_epoch_end(epoch, means)``, which stops training by
+    returning True. The detector is in training mode during the loop and in eval mode after it,
+    also when it fails. An epoch without images, or with a non-finite loss, is a
+    :class:`ModelError` naming the detector.
+    """
+    device = detector.device
+    name = detector.name or type(detector).__name__
+    epoch, means = 0, {}
+    detector.train()
+    try:
+        for epoch in range(1, epochs + 1):
+            sums: dict[str, float] = {}
+            n_images = 0
+            for images in iter_images(train):
+                images = images.to(device)
+                for key, value in step(images).items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * images.shape[0]
+                n_images += images.shape[0]
+            if n_images == 0:
+                raise ModelError(f"{name}: the training set is empty")
+            means = {key: total / n_images for key, total in sums.items()}
+            diverged = [key for key, value in means.items() if not math.isfinite(value)]
+            if diverged:
+                raise ModelError(
+                    f"{name}: training diverged ({diverged[0]} {means[diverged[0]]} in epoch "
+                    f"{epoch}); try a lower learning rate"
+                )
+            if end_of_epoch is not None:
+                means.update(end_of_epoch(epoch, means) or {})
+            if on_epoch_end is not None and on_epoch_end(epoch, dict(means)):
+                break
+    finally:
+        detector.eval()
+    return epoch, means
 
 
 _REGISTRY: dict[str, type[Detector]] = {}

@@ -24,8 +24,9 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
+    check_epochs,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 
@@ -82,7 +83,7 @@ class STFPM(Detector):
         for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
             if not isinstance(value, int | float) or not value >= 0:
                 raise ModelError(f"stfpm: {name} must be >= 0, got {value!r}")
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("stfpm", epochs)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
@@ -116,38 +117,27 @@ class STFPM(Detector):
         ``on_epoch_end(epoch, {"loss": mean loss of the epoch})`` runs after every epoch and
         stops training when it returns True. Returns the epochs run and the last epoch's loss.
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        n_epochs = self.epochs if epochs is None else check_epochs("stfpm", epochs, "fit epochs")
         optimizer = torch.optim.SGD(
             self.student.parameters(),
             lr=self.lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
-        device = next(self.student.parameters()).device
-        self.train()
-        epoch = 0
-        epoch_loss = math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_images = 0.0, 0
-                for images in iter_images(train):
-                    images = images.to(device)
-                    with torch.no_grad():
-                        target = self.teacher(images)
-                    loss = self.loss(target, self.student(images))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    n_images += images.shape[0]
-                if n_images == 0:
-                    raise ModelError("stfpm: the training set is empty")
-                epoch_loss = loss_sum / n_images
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+
+        def step(images: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                target = self.teacher(images)
+            loss = self.loss(target, self.student(images))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": float(loss.detach())}
+
+        epochs_run, means = train_epochs(
+            self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
@@ -164,9 +154,3 @@ class STFPM(Detector):
             anomaly_map = anomaly_map * upsample_maps(layer_map, size)
         scores = anomaly_map.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=anomaly_map)
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"stfpm: {name} must be a positive int, got {value!r}")
-    return value
