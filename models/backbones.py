@@ -507,26 +507,34 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def _load_weights(model: torch.nn.Module, path: Path, spec: BackboneSpec) -> None:
-    state = load_state_dict_file(path)
-    own = model.state_dict()
-    # A full timm checkpoint also holds the classifier and the layers deeper than the last one
-    # requested, which the truncated feature model does not have: those extra keys are fine.
+def state_dict_problems(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str | None:
+    """What keeps ``state`` from filling ``own`` (missing keys, wrong shapes), or None.
+
+    Extra keys in ``state`` are fine: a full checkpoint also holds layers a truncated model
+    does not have (a classifier, deeper stages).
+    """
     missing = [key for key in own if key not in state]
     mismatched = [
         f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
         for key, value in own.items()
         if key in state and state[key].shape != value.shape
     ]
-    if missing or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} wrong shapes (e.g. {', '.join(mismatched[:2])})")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} wrong shapes (e.g. {', '.join(mismatched[:2])})")
+    return "; ".join(problems) or None
+
+
+def _load_weights(model: torch.nn.Module, path: Path, spec: BackboneSpec) -> None:
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    problem = state_dict_problems(own, state)
+    if problem is not None:
         raise ModelError(
             f"weights file {str(path)!r} does not fit backbone {spec.name!r} "
-            f"(timm {spec.timm_name!r}): {'; '.join(problems)}"
+            f"(timm {spec.timm_name!r}): {problem}"
         )
     model.load_state_dict({key: state[key] for key in own}, strict=True)
 
