@@ -31,8 +31,10 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
+    check_epochs,
     iter_images,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
 
@@ -171,7 +173,7 @@ class CFA(Detector):
             raise ModelError(f"cfa: repulsion_margin must be >= 0, got {repulsion_margin!r}")
         if not _is_real(blur_sigma) or blur_sigma < 0:
             raise ModelError(f"cfa: blur_sigma must be >= 0, got {blur_sigma!r}")
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("cfa", epochs)
         self.gamma_c = gamma_c
         self.gamma_d = gamma_d
         self.num_nearest_neighbors = num_nearest_neighbors
@@ -272,9 +274,10 @@ class CFA(Detector):
 
         The memory bank is taken from the descriptor as it is when ``fit`` starts and stays
         fixed while the descriptor learns. ``on_epoch_end(epoch, {"loss": mean loss})`` runs
-        after every epoch and stops training when it returns True.
+        after every epoch and stops training when it returns True. A non-finite epoch loss is a
+        :class:`ModelError` (training diverged).
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        n_epochs = self.epochs if epochs is None else check_epochs("cfa", epochs, "fit epochs")
         device = self.memory_bank.device
         self.eval()
         n_images = self._init_memory_bank(train, device)
@@ -287,29 +290,20 @@ class CFA(Detector):
         optimizer = torch.optim.AdamW(
             self.descriptor.parameters(), lr=self.lr, weight_decay=self.weight_decay, amsgrad=True
         )
-        self.train()
-        epoch = 0
-        epoch_loss = math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_seen = 0.0, 0
-                for images in iter_images(train):
-                    loss = self.loss(self.adapted_features(images.to(device)))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    n_seen += images.shape[0]
-                if n_seen == 0:
-                    raise ModelError("cfa: the training set is empty")
-                epoch_loss = loss_sum / n_seen
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
+
+        def step(images: Tensor) -> dict[str, float]:
+            loss = self.loss(self.adapted_features(images))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": float(loss.detach())}
+
+        epochs_run, means = train_epochs(
+            self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end
+        )
         return {
-            "epochs": epoch,
-            "loss": epoch_loss,
+            "epochs": epochs_run,
+            "loss": means.get("loss", math.nan),
             "n_images": n_images,
             "memory_bank_size": int(self.memory_bank.shape[0]),
         }
@@ -343,9 +337,3 @@ class CFA(Detector):
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"cfa: {name} must be a positive int, got {value!r}")
-    return value

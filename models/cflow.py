@@ -40,8 +40,9 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
+    check_epochs,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import (
@@ -142,7 +143,7 @@ class CFlow(Detector):
             raise ModelError(f"cflow: clamp_alpha must be > 0, got {clamp_alpha!r}")
         if not isinstance(lr, int | float) or not lr > 0:
             raise ModelError(f"cflow: lr must be > 0, got {lr!r}")
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("cflow", epochs)
         self.condition_vector = condition_vector
         self.fiber_batch_size = fiber_batch_size
         self.lr = float(lr)
@@ -195,45 +196,51 @@ class CFlow(Detector):
         ``-log sigmoid(log p / C)``. ``on_epoch_end(epoch, {"loss": mean loss per vector})``
         runs after every epoch and stops training when it returns True. The largest
         log-likelihood of each layer in the epoch becomes the reference that normalises the
-        anomaly maps (before ``on_epoch_end``, so the callback can score the detector).
+        anomaly maps (before ``on_epoch_end``, so the callback can score the detector). A
+        non-finite epoch loss is a :class:`ModelError` (training diverged).
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        n_epochs = self.epochs if epochs is None else check_epochs("cflow", epochs, "fit epochs")
         device = self.reference_log_p.device
         optimizer = torch.optim.Adam(self.decoders.parameters(), lr=self.lr)
         shuffle = torch.Generator().manual_seed(self._shuffle_seed)
-        self.train()
-        epoch, epoch_loss = 0, math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_vectors = 0.0, 0
-                epoch_max = torch.full_like(self.reference_log_p, -math.inf)
-                for images in iter_images(train):
-                    with torch.no_grad():
-                        features = self.encoder(images.to(device))
-                    for i, (decoder, feature) in enumerate(
-                        zip(self.decoders, features.values(), strict=True)
-                    ):
-                        vectors, conditions = self._fibers(feature)
-                        order = torch.randperm(len(vectors), generator=shuffle, device="cpu")
-                        for start in range(0, len(order), self.fiber_batch_size):
-                            index = order[start : start + self.fiber_batch_size].to(device)
-                            log_p = self._log_p(decoder, vectors[index], conditions[index])
-                            loss = -F.logsigmoid(log_p)
-                            optimizer.zero_grad(set_to_none=True)
-                            loss.mean().backward()
-                            optimizer.step()
-                            loss_sum += float(loss.detach().sum())
-                            epoch_max[i] = torch.maximum(epoch_max[i], log_p.detach().max())
-                            n_vectors += len(index)
-                if n_vectors == 0:
-                    raise ModelError("cflow: the training set is empty")
-                epoch_loss = loss_sum / n_vectors
-                self.reference_log_p.copy_(epoch_max)
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+        epoch_max = torch.full_like(self.reference_log_p, -math.inf)
+
+        def step(images: Tensor) -> dict[str, float]:
+            loss_sum, n_vectors = 0.0, 0
+            with torch.no_grad():
+                features = self.encoder(images)
+            for i, (decoder, feature) in enumerate(
+                zip(self.decoders, features.values(), strict=True)
+            ):
+                vectors, conditions = self._fibers(feature)
+                order = torch.randperm(len(vectors), generator=shuffle, device="cpu")
+                for start in range(0, len(order), self.fiber_batch_size):
+                    index = order[start : start + self.fiber_batch_size].to(device)
+                    log_p = self._log_p(decoder, vectors[index], conditions[index])
+                    loss = -F.logsigmoid(log_p)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.mean().backward()
+                    optimizer.step()
+                    loss_sum += float(loss.detach().sum())
+                    epoch_max[i] = torch.maximum(epoch_max[i], log_p.detach().max())
+                    n_vectors += len(index)
+            # With one image size throughout, every image has as many vectors, so the epoch
+            # loop's mean over images of these per-vector means is the epoch's mean per vector.
+            return {"loss": loss_sum / n_vectors}
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.reference_log_p.copy_(epoch_max)
+            epoch_max.fill_(-math.inf)
+
+        epochs_run, means = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def _layer_log_p(self, images: Tensor) -> list[Tensor]:
@@ -268,9 +275,3 @@ class CFlow(Detector):
             anomaly_map += upsample_maps(1.0 - probability, size)
         scores = anomaly_map.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=anomaly_map)
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"cflow: {name} must be a positive int, got {value!r}")
-    return value

@@ -33,8 +33,9 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
+    check_epochs,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
@@ -139,7 +140,7 @@ class FastFlow(Detector):
             raise ModelError(f"fastflow: lr must be > 0, got {lr!r}")
         if not isinstance(weight_decay, int | float) or not weight_decay >= 0:
             raise ModelError(f"fastflow: weight_decay must be >= 0, got {weight_decay!r}")
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("fastflow", epochs)
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         spec = get_backbone(backbone)
@@ -232,43 +233,42 @@ class FastFlow(Detector):
 
         The loss is the sum over scales of the mean negative log-likelihood of a sample's
         feature map. ``on_epoch_end(epoch, {"loss": mean loss of the epoch})`` runs after every
-        epoch and stops training when it returns True.
+        epoch and stops training when it returns True. A non-finite epoch loss is a
+        :class:`ModelError` (training diverged).
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
-        device = self.fitted.device
+        n_epochs = self.epochs if epochs is None else check_epochs("fastflow", epochs, "fit epochs")
         optimizer: torch.optim.Optimizer | None = None
-        self.train()
-        epoch, epoch_loss = 0, math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_images = 0.0, 0
-                for images in iter_images(train):
-                    images = images.to(device)
-                    zs, log_dets = self._latents(images)
-                    if optimizer is None:
-                        # Created after the first forward, which builds the CNN layer norms.
-                        optimizer = torch.optim.Adam(
-                            [p for p in self.parameters() if p.requires_grad],
-                            lr=self.lr,
-                            weight_decay=self.weight_decay,
-                        )
-                    loss = torch.stack(
-                        [gaussian_nll(z, d) for z, d in zip(zs, log_dets, strict=True)]
-                    ).sum()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    n_images += images.shape[0]
-                if n_images == 0:
-                    raise ModelError("fastflow: the training set is empty")
-                epoch_loss = loss_sum / n_images
-                self.fitted.fill_(True)
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+
+        def step(images: Tensor) -> dict[str, float]:
+            nonlocal optimizer
+            zs, log_dets = self._latents(images)
+            if optimizer is None:
+                # Created after the first forward, which builds the CNN layer norms.
+                optimizer = torch.optim.Adam(
+                    [p for p in self.parameters() if p.requires_grad],
+                    lr=self.lr,
+                    weight_decay=self.weight_decay,
+                )
+            loss = torch.stack(
+                [gaussian_nll(z, d) for z, d in zip(zs, log_dets, strict=True)]
+            ).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": float(loss.detach())}
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.fitted.fill_(True)
+
+        epochs_run, means = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
@@ -311,9 +311,3 @@ class FastFlow(Detector):
         except ModelError as error:
             return f"{error}; FastFlow reads these by default, pass layers= to choose others"
         return None
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"fastflow: {name} must be a positive int, got {value!r}")
-    return value

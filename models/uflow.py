@@ -37,8 +37,9 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
+    check_epochs,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
@@ -224,7 +225,7 @@ class UFlow(Detector):
                 raise ModelError(f"uflow: {name} must be > 0, got {value!r}")
         if not _is_real(weight_decay) or not weight_decay >= 0:
             raise ModelError(f"uflow: weight_decay must be >= 0, got {weight_decay!r}")
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("uflow", epochs)
         problem = _pyramid_problem(get_backbone(backbone), layers)
         if problem is not None:
             raise ModelError(f"uflow: {problem}")
@@ -333,43 +334,34 @@ class UFlow(Detector):
         returns True. A non-finite loss is a :class:`ModelError` (the flow diverged). Returns
         the epochs run and the last loss.
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        n_epochs = self.epochs if epochs is None else check_epochs("uflow", epochs, "fit epochs")
         optimizer = torch.optim.Adam(
             self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
-        device = self.fitted.device
-        self.train()
-        epoch = 0
-        epoch_loss = math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_images = 0.0, 0
-                for images in iter_images(train):
-                    images = images.to(device)
-                    with torch.no_grad():
-                        features = self.features(images)
-                    latents, log_det = self.flow(features)
-                    loss = gaussian_nll(latents, log_det)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    dims = sum(z[0].numel() for z in latents)
-                    loss_sum += float(loss.detach()) / dims * images.shape[0]
-                    n_images += images.shape[0]
-                if n_images == 0:
-                    raise ModelError("uflow: the training set is empty")
-                epoch_loss = loss_sum / n_images
-                if not math.isfinite(epoch_loss):
-                    raise ModelError(
-                        f"uflow: training diverged (loss {epoch_loss} in epoch {epoch}); "
-                        "try a lower lr or affine_clamp"
-                    )
-                self.fitted.fill_(True)
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+
+        def step(images: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                features = self.features(images)
+            latents, log_det = self.flow(features)
+            loss = gaussian_nll(latents, log_det)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            dims = sum(z[0].numel() for z in latents)
+            return {"loss": float(loss.detach()) / dims}
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.fitted.fill_(True)
+
+        epochs_run, means = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
@@ -418,9 +410,3 @@ def _pyramid_problem(spec: Any, layers: Sequence[str] | None) -> str | None:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"uflow: {name} must be a positive int, got {value!r}")
-    return value
