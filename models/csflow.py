@@ -39,8 +39,9 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
+    check_epochs,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
@@ -205,7 +206,7 @@ class CSFlow(Detector):
             or not all(_is_real(b) and 0 <= b < 1 for b in betas)
         ):
             raise ModelError(f"csflow: betas must be two numbers in [0, 1), got {betas!r}")
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("csflow", epochs)
         self.layer = layer
         self.lr = float(lr)
         self.eps = float(eps)
@@ -311,7 +312,7 @@ class CSFlow(Detector):
         runs after every epoch and stops training when it returns True. A non-finite loss is a
         :class:`ModelError` (the flow diverged). Returns the epochs run and the last loss.
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        n_epochs = self.epochs if epochs is None else check_epochs("csflow", epochs, "fit epochs")
         optimizer = torch.optim.Adam(
             self.flow.parameters(),
             lr=self.lr,
@@ -319,42 +320,33 @@ class CSFlow(Detector):
             eps=self.eps,
             weight_decay=self.weight_decay,
         )
-        device = self.fitted.device
-        self.train()
-        epoch = 0
-        epoch_loss = math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_images = 0.0, 0
-                for images in iter_images(train):
-                    images = images.to(device)
-                    with torch.no_grad():
-                        maps = self.features(images)
-                    z, log_det = self.flow(maps)
-                    # Per latent dimension, as the paper's loss: the scale of the loss (and of
-                    # Adam's eps relative to the gradients) does not depend on the image size.
-                    loss = gaussian_nll(z, log_det, per_dimension=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip_norm > 0:
-                        nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip_norm)
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    n_images += images.shape[0]
-                if n_images == 0:
-                    raise ModelError("csflow: the training set is empty")
-                epoch_loss = loss_sum / n_images
-                if not math.isfinite(epoch_loss):
-                    raise ModelError(
-                        f"csflow: training diverged (loss {epoch_loss} in epoch {epoch}); "
-                        "try a lower lr or clamp"
-                    )
-                self.fitted.fill_(True)
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+
+        def step(images: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                maps = self.features(images)
+            z, log_det = self.flow(maps)
+            # Per latent dimension, as the paper's loss: the scale of the loss (and of Adam's
+            # eps relative to the gradients) does not depend on the image size.
+            loss = gaussian_nll(z, log_det, per_dimension=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(self.flow.parameters(), self.grad_clip_norm)
+            optimizer.step()
+            return {"loss": float(loss.detach())}
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.fitted.fill_(True)
+
+        epochs_run, means = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
@@ -387,9 +379,3 @@ def _layer_problem(layer: Any) -> str | None:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"csflow: {name} must be a positive int, got {value!r}")
-    return value

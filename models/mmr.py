@@ -40,8 +40,8 @@ from models.base import (
     ModelError,
     Prediction,
     hyperparameters,
-    iter_images,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import gaussian_blur, upsample_maps
 
@@ -406,7 +406,8 @@ class MMR(Detector):
         The learning rate is set per epoch: linear warmup over ``warmup_epochs``, then a half
         cosine over the remaining epochs of this ``fit`` (a budget shorter than the warmup never
         reaches the peak rate). ``on_epoch_end(epoch, {"loss": mean loss, "lr": rate})`` runs
-        after every epoch and stops training when it returns True.
+        after every epoch and stops training when it returns True. A non-finite loss is a
+        :class:`ModelError`. Returns the epochs run and the last epoch's loss.
         """
         n_epochs = self.epochs if epochs is None else _check_int(epochs, "fit epochs")
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -421,38 +422,41 @@ class MMR(Detector):
             betas=self.betas,
         )
         generator = torch.Generator().manual_seed(self._mask_seed)
-        device = self.fitted.device
-        self.train()
-        epoch = 0
-        epoch_loss = math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                rate = self._learning_rate(epoch, n_epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
-                loss_sum, n_images = 0.0, 0
-                for images in iter_images(train):
-                    images = images.to(device)
-                    with torch.no_grad():
-                        target = self.teacher(images)
-                    keep = self._keep_indices(images, generator) if self.mask_ratio > 0 else None
-                    loss = self.loss(target, self.reconstruct(images, keep))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    n_images += images.shape[0]
-                if n_images == 0:
-                    raise ModelError("mmr: the training set is empty")
-                self.fitted.fill_(True)
-                epoch_loss = loss_sum / n_images
-                if on_epoch_end is not None and on_epoch_end(
-                    epoch, {"loss": epoch_loss, "lr": rate}
-                ):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+
+        def set_learning_rate(epoch: int) -> None:
+            rate = self._learning_rate(epoch, n_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+
+        def step(images: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                target = self.teacher(images)
+            keep = self._keep_indices(images, generator) if self.mask_ratio > 0 else None
+            loss = self.loss(target, self.reconstruct(images, keep))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": float(loss.detach())}
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> dict[str, float]:
+            self.fitted.fill_(True)
+            rate = optimizer.param_groups[0]["lr"]
+            # The loop has no start-of-epoch hook: the next epoch's rate is set here.
+            if epoch < n_epochs:
+                set_learning_rate(epoch + 1)
+            return {"lr": rate}
+
+        set_learning_rate(1)
+
+        epochs_run, means = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

@@ -30,9 +30,10 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
+    check_epochs,
     hyperparameters,
-    iter_images,
     register,
+    train_epochs,
 )
 from models.components.decoders import (
     RESNET_ARCHS,
@@ -147,7 +148,7 @@ class ReverseDistillation(Detector):
                 f"reverse_distillation: anomaly_map_mode must be one of {', '.join(MAP_MODES)}, "
                 f"got {anomaly_map_mode!r}"
             )
-        self.epochs = _check_epochs(epochs, "epochs")
+        self.epochs = check_epochs("reverse_distillation", epochs)
         self.lr = float(lr)
         self.betas = (float(beta1), float(beta2))
         self.anomaly_map_mode = anomaly_map_mode
@@ -220,37 +221,38 @@ class ReverseDistillation(Detector):
         """Train bottleneck and decoder with Adam for ``epochs`` (default: the constructor's).
 
         ``on_epoch_end(epoch, {"loss": mean loss of the epoch})`` runs after every epoch and
-        stops training when it returns True. Returns the epochs run and the last epoch's loss.
+        stops training when it returns True. A non-finite loss is a :class:`ModelError`.
+        Returns the epochs run and the last epoch's loss.
         """
-        n_epochs = self.epochs if epochs is None else _check_epochs(epochs, "fit epochs")
+        n_epochs = (
+            self.epochs
+            if epochs is None
+            else check_epochs("reverse_distillation", epochs, "fit epochs")
+        )
         parameters = [*self.bottleneck.parameters(), *self.decoder.parameters()]
         optimizer = torch.optim.Adam(parameters, lr=self.lr, betas=self.betas)
-        device = self.fitted.device
-        self.train()
-        epoch = 0
-        epoch_loss = math.nan
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum, n_images = 0.0, 0
-                for images in iter_images(train):
-                    images = images.to(device)
-                    with torch.no_grad():
-                        target = self.teacher(images)
-                    loss = self.loss(target, self.student(target))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += float(loss.detach()) * images.shape[0]
-                    n_images += images.shape[0]
-                if n_images == 0:
-                    raise ModelError("reverse_distillation: the training set is empty")
-                self.fitted.fill_(True)
-                epoch_loss = loss_sum / n_images
-                if on_epoch_end is not None and on_epoch_end(epoch, {"loss": epoch_loss}):
-                    break
-        finally:
-            self.eval()
-        return {"epochs": epoch, "loss": epoch_loss}
+
+        def step(images: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                target = self.teacher(images)
+            loss = self.loss(target, self.student(target))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": float(loss.detach())}
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.fitted.fill_(True)
+
+        epochs_run, means = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
@@ -273,9 +275,3 @@ class ReverseDistillation(Detector):
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_epochs(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"reverse_distillation: {name} must be a positive int, got {value!r}")
-    return value

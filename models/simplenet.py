@@ -29,8 +29,8 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
 
@@ -226,7 +226,8 @@ class SimpleNet(Detector):
         After every epoch ``on_epoch_end(epoch, metrics)`` runs with the epoch's mean
         ``"loss"``, ``"p_true"`` (fraction of normal features scored >= margin) and
         ``"p_fake"`` (fraction of synthesised ones scored < -margin); training stops when it
-        returns True. Returns the epochs run and the last epoch's metrics.
+        returns True. A non-finite loss is a :class:`ModelError`. Returns the epochs run and
+        the last epoch's metrics.
         """
         n_epochs = self.epochs if epochs is None else _check_int(epochs, "fit epochs")
         device = self.fitted.device
@@ -244,45 +245,37 @@ class SimpleNet(Detector):
         # A fresh generator per fit: refitting with the same seed draws the same noise.
         generator = torch.Generator(device=device).manual_seed(self.seed)
         margin = self.dsc_margin
-        self.train()
-        epoch = 0
-        metrics = {"loss": math.nan, "p_true": math.nan, "p_fake": math.nan}
-        try:
-            for epoch in range(1, n_epochs + 1):
-                loss_sum = true_sum = fake_sum = 0.0
-                n_features = 0
-                for images in iter_images(train):
-                    true, _ = self._adapted(images.to(device))
-                    noise = torch.randn(
-                        true.shape, generator=generator, device=device, dtype=true.dtype
-                    )
-                    fake = true + self.noise_std * noise
-                    scores = self.discriminator(torch.cat([true, fake]))[:, 0]
-                    true_scores, fake_scores = scores[: len(true)], scores[len(true) :]
-                    loss = F.relu(margin - true_scores).mean() + F.relu(margin + fake_scores).mean()
-                    for optimizer in optimizers:
-                        optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for optimizer in optimizers:
-                        optimizer.step()
-                    count = len(true)
-                    loss_sum += float(loss.detach()) * count
-                    true_sum += float((true_scores.detach() >= margin).sum())
-                    fake_sum += float((fake_scores.detach() < -margin).sum())
-                    n_features += count
-                if n_features == 0:
-                    raise ModelError("simplenet: the training set is empty")
-                metrics = {
-                    "loss": loss_sum / n_features,
-                    "p_true": true_sum / n_features,
-                    "p_fake": fake_sum / n_features,
-                }
-                self.fitted.fill_(True)
-                if on_epoch_end is not None and on_epoch_end(epoch, dict(metrics)):
-                    break
-        finally:
-            self.eval()
-        stats: dict[str, Any] = {"epochs": epoch, **metrics, "embed_dim": self.embed_dim}
+
+        def step(images: Tensor) -> dict[str, float]:
+            true, _ = self._adapted(images)
+            noise = torch.randn(true.shape, generator=generator, device=device, dtype=true.dtype)
+            fake = true + self.noise_std * noise
+            scores = self.discriminator(torch.cat([true, fake]))[:, 0]
+            true_scores, fake_scores = scores[: len(true)], scores[len(true) :]
+            loss = F.relu(margin - true_scores).mean() + F.relu(margin + fake_scores).mean()
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            return {
+                "loss": float(loss.detach()),
+                "p_true": float((true_scores.detach() >= margin).float().mean()),
+                "p_fake": float((fake_scores.detach() < -margin).float().mean()),
+            }
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.fitted.fill_(True)
+
+        epochs_run, metrics = train_epochs(
+            self,
+            train,
+            step,
+            epochs=n_epochs,
+            on_epoch_end=on_epoch_end,
+            end_of_epoch=end_of_epoch,
+        )
+        stats: dict[str, Any] = {"epochs": epochs_run, **metrics, "embed_dim": self.embed_dim}
         if self._notes:
             stats["notes"] = list(self._notes)
         return stats
