@@ -32,7 +32,13 @@ from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from models.backbones import FeatureExtractor, get_backbone, load_state_dict_file, resolve_layers
+from models.backbones import (
+    FeatureExtractor,
+    get_backbone,
+    load_state_dict_file,
+    resolve_layers,
+    state_dict_problems,
+)
 from models.base import (
     Batch,
     Detector,
@@ -345,22 +351,12 @@ class MMR(Detector):
             raise ModelError(f"mmr: vit_weights file {str(file)!r} does not exist")
         state = load_state_dict_file(file)
         own = {k: v for k, v in self.vit.state_dict().items() if k != "mask_token"}
-        missing = [key for key in own if key not in state]
-        wrong = [
-            f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
-            for key, value in own.items()
-            if key in state and state[key].shape != value.shape
-        ]
-        if missing or wrong:
-            problems = []
-            if missing:
-                problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-            if wrong:
-                problems.append(f"{len(wrong)} wrong shapes (e.g. {', '.join(wrong[:2])})")
+        problem = state_dict_problems(own, state)
+        if problem is not None:
             raise ModelError(
                 f"mmr: vit_weights {str(file)!r} does not fit a ViT with patch_size "
                 f"{self.vit.patch_size}, embed dim {self.vit.embed_dim} and "
-                f"{len(self.vit.blocks)} blocks: {'; '.join(problems)}"
+                f"{len(self.vit.blocks)} blocks: {problem}"
             )
         self.vit.load_state_dict({key: state[key] for key in own}, strict=False)
 
