@@ -33,7 +33,7 @@ for the last 5 % of the images seen, as the paper's schedule does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,10 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
+    check_epochs,
     iter_images,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.pdn import (
@@ -127,7 +129,7 @@ class EfficientAD(Detector):
                 f"efficient_ad: model_size must be 'small' or 'medium', got {model_size!r}"
             )
         self.out_channels = _positive_int(teacher_out_channels, "teacher_out_channels")
-        self.epochs = _positive_int(epochs, "epochs")
+        self.epochs = check_epochs("efficient_ad", epochs)
         if not _is_number(lr) or not lr > 0:
             raise ModelError(f"efficient_ad: lr must be > 0, got {lr!r}")
         if not _is_number(weight_decay) or not weight_decay >= 0:
@@ -231,9 +233,12 @@ class EfficientAD(Detector):
         and a second computes the teacher's channel statistics on the others (the held-out
         images are kept for the map normalisation, which runs after the last epoch).
         ``on_epoch_end(epoch, {"loss", "loss_st", "loss_ae", "loss_stae"})`` runs after every
-        epoch (mean losses per image) and stops training when it returns True.
+        epoch (mean losses per image) and stops training when it returns True. A non-finite
+        mean loss (diverged training) is a :class:`ModelError`.
         """
-        n_epochs = self.epochs if epochs is None else _positive_int(epochs, "fit epochs")
+        n_epochs = (
+            self.epochs if epochs is None else check_epochs("efficient_ad", epochs, "fit epochs")
+        )
         device = self.teacher_mean.device
         notes: list[str] = []
         if self.teacher_weights is None:
@@ -265,48 +270,36 @@ class EfficientAD(Detector):
         augment_generator = torch.Generator().manual_seed(self._train_seed)
         decay_after = 0.95 * n_epochs * n_kept
         seen = 0
-        epoch = 0
-        losses: dict[str, float] = {"loss": math.nan}
+
+        def step(images: Tensor) -> dict[str, float]:
+            nonlocal seen
+            if seen >= decay_after:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr * 0.1
+            parts = self._losses(images, penalty, augment_generator)
+            loss = parts.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += images.shape[0]
+            values = torch.cat([loss.detach()[None], parts.detach()]).tolist()
+            return dict(zip(("loss", "loss_st", "loss_ae", "loss_stae"), values, strict=True))
+
         rng_devices = [device.index or 0] if device.type == "cuda" else []
-        self.train()
-        try:
-            # Dropout draws from the global generator: fork it, seeded, for reproducibility.
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(self._train_seed)
-                for epoch in range(1, n_epochs + 1):
-                    sums = torch.zeros(4, device=device)
-                    for images in iter_images(train):
-                        images = images.to(device)
-                        if held_out:
-                            keep = [f not in held_out for f in image_fingerprints(images)]
-                            if not any(keep):
-                                continue
-                            if not all(keep):
-                                images = images[torch.tensor(keep, device=device)]
-                        if seen >= decay_after:
-                            for group in optimizer.param_groups:
-                                group["lr"] = self.lr * 0.1
-                        parts = self._losses(images, penalty, augment_generator)
-                        loss = parts.sum()
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        n = images.shape[0]
-                        sums += torch.cat([loss.detach()[None], parts.detach()]) * n
-                        seen += n
-                    means = (sums / n_kept).tolist()
-                    losses = dict(
-                        zip(("loss", "loss_st", "loss_ae", "loss_stae"), means, strict=True)
-                    )
-                    if on_epoch_end is not None and on_epoch_end(epoch, dict(losses)):
-                        break
-            self.eval()
-            self._normalisation_quantiles(validation if held_out else train, device)
-            self.fitted.fill_(True)
-        finally:
-            self.eval()
+        # Dropout draws from the global generator: fork it, seeded, for reproducibility.
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(self._train_seed)
+            epochs_run, losses = train_epochs(
+                self,
+                _KeptImages(train, held_out),
+                step,
+                epochs=n_epochs,
+                on_epoch_end=on_epoch_end,
+            )
+        self._normalisation_quantiles(validation if held_out else train, device)
+        self.fitted.fill_(True)
         return {
-            "epochs": epoch,
+            "epochs": epochs_run,
             **losses,
             "n_train": n_kept,
             "n_validation": len(held_out),
@@ -416,6 +409,25 @@ class EfficientAD(Detector):
             anomaly_map = F.pad(anomaly_map, (_MAP_PADDING,) * 4)
         anomaly_map = upsample_maps(anomaly_map, images.shape[-2:])
         return Prediction(score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
+
+
+class _KeptImages:
+    """The training batches without their held-out images, iterable once per epoch as the
+    batches are; a batch of held-out images only is skipped."""
+
+    def __init__(self, train: Iterable[Batch], held_out: set[str]) -> None:
+        self.train = train
+        self.held_out = held_out
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for images in iter_images(self.train):
+            if self.held_out:
+                keep = [f not in self.held_out for f in image_fingerprints(images)]
+                if not any(keep):
+                    continue
+                if not all(keep):
+                    images = images[torch.tensor(keep, device=images.device)]
+            yield images
 
 
 def _normalise(maps: Tensor, quantiles: Tensor) -> Tensor:

@@ -56,8 +56,9 @@ from models.base import (
     EpochCallback,
     ModelError,
     Prediction,
-    iter_images,
+    check_epochs,
     register,
+    train_epochs,
 )
 from models.components.feature_utils import concat_to_first, upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, positional_encoding_2d
@@ -233,11 +234,11 @@ class EfficientADAST(Detector):
             ("pos_enc_dim", pos_enc_dim),
             ("n_coupling_blocks", n_coupling_blocks),
             ("teacher_hidden_channels", teacher_hidden_channels),
-            ("teacher_epochs", teacher_epochs),
             ("student_hidden_channels", student_hidden_channels),
-            ("epochs", epochs),
         ):
             _positive_int(value, name)
+        check_epochs("efficient_ad_ast", teacher_epochs, "teacher_epochs")
+        check_epochs("efficient_ad_ast", epochs)
         if pos_enc_dim % 4:
             raise ModelError(
                 f"efficient_ad_ast: pos_enc_dim must be a multiple of 4, got {pos_enc_dim}"
@@ -363,10 +364,14 @@ class EfficientADAST(Detector):
         ``on_epoch_end(epoch, {"loss", "loss_st", "loss_ae", "loss_stae"})`` runs after every
         student-autoencoder epoch (mean losses per image) and stops training when it returns
         True. The statistics hold the teacher's epochs and last mean negative log-likelihood
-        per position (``teacher_nll``). A non-finite teacher loss (a diverged flow) raises
-        ``FloatingPointError``.
+        per position (``teacher_nll``). A non-finite mean loss in either phase (a diverged
+        flow or student) is a :class:`ModelError`.
         """
-        n_epochs = self.epochs if epochs is None else _positive_int(epochs, "fit epochs")
+        n_epochs = (
+            self.epochs
+            if epochs is None
+            else check_epochs("efficient_ad_ast", epochs, "fit epochs")
+        )
         device = self.fitted.device
         notes: list[str] = []
         penalty = None
@@ -376,80 +381,57 @@ class EfficientADAST(Detector):
             )
         else:
             penalty = PenaltyImages(self.imagenet_dir, self._penalty_seed, "efficient_ad_ast")
+        params = [*self.student.parameters(), *self.autoencoder.parameters()]
+        optimizer = torch.optim.Adam(params, lr=self.lr, eps=1e-8, weight_decay=self.weight_decay)
+
+        def step(images: Tensor) -> dict[str, float]:
+            parts = self._losses(images, penalty)
+            loss = parts.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            values = torch.cat([loss.detach()[None], parts.detach()]).tolist()
+            return dict(zip(("loss", "loss_st", "loss_ae", "loss_stae"), values, strict=True))
+
         rng_devices = [device.index or 0] if device.type == "cuda" else []
-        epoch = 0
-        teacher_nll = math.nan
-        losses: dict[str, float] = {"loss": math.nan}
-        try:
-            # Dropout draws from the global generator: fork it, seeded, for reproducibility.
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(self._train_seed)
-                teacher_nll = self._fit_teacher(train, device)
-                self.teacher.eval()
-                params = [*self.student.parameters(), *self.autoencoder.parameters()]
-                optimizer = torch.optim.Adam(
-                    params, lr=self.lr, eps=1e-8, weight_decay=self.weight_decay
-                )
-                self.student.train()
-                self.autoencoder.train()
-                for epoch in range(1, n_epochs + 1):
-                    sums = torch.zeros(4, device=device)
-                    n_images = 0
-                    for images in iter_images(train):
-                        images = images.to(device)
-                        parts = self._losses(images, penalty)
-                        loss = parts.sum()
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        n = images.shape[0]
-                        sums += torch.cat([loss.detach()[None], parts.detach()]) * n
-                        n_images += n
-                    means = (sums / n_images).tolist()
-                    losses = dict(
-                        zip(("loss", "loss_st", "loss_ae", "loss_stae"), means, strict=True)
-                    )
-                    if on_epoch_end is not None and on_epoch_end(epoch, dict(losses)):
-                        break
-            self.fitted.fill_(True)
-        finally:
-            self.eval()
+        # Dropout draws from the global generator: fork it, seeded, for reproducibility.
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(self._train_seed)
+            teacher_nll = self._fit_teacher(train)
+            # The flow teacher has no dropout or batch norm, so training mode leaves it as it
+            # is; its parameters are simply not in this optimizer.
+            epochs_run, losses = train_epochs(
+                self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end
+            )
+        self.fitted.fill_(True)
         return {
-            "epochs": epoch,
+            "epochs": epochs_run,
             **losses,
             "teacher_epochs": self.teacher_epochs,
             "teacher_nll": teacher_nll,
             "notes": notes,
         }
 
-    def _fit_teacher(self, train: Iterable[Batch], device: torch.device) -> float:
+    def _fit_teacher(self, train: Iterable[Batch]) -> float:
+        """Train the flow teacher by maximum likelihood; return its last epoch's mean NLL."""
         optimizer = torch.optim.Adam(
             self.teacher.parameters(), lr=self.teacher_lr, eps=1e-8, weight_decay=self.weight_decay
         )
-        self.teacher.train()
-        nll = math.nan
-        for teacher_epoch in range(1, self.teacher_epochs + 1):
-            total, n_images = torch.zeros((), device=device), 0
-            for images in iter_images(train):
-                with torch.no_grad():
-                    features, encoding = self.features(images.to(device))
-                latents, log_det = self.teacher_latents(features, encoding)
-                # AST's loss: per position 0.5 |z|^2 - log|det|, averaged over positions.
-                loss = (0.5 * latents.square().sum(1) - log_det).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach() * images.shape[0]
-                n_images += images.shape[0]
-            if n_images == 0:
-                raise ModelError("efficient_ad_ast: the training set is empty")
-            nll = float(total) / n_images
-            if not math.isfinite(nll):
-                raise FloatingPointError(
-                    f"efficient_ad_ast: the flow teacher's loss is {nll} at teacher epoch "
-                    f"{teacher_epoch} (the flow diverged; lower teacher_lr or clamp)"
-                )
-        return nll
+
+        def step(images: Tensor) -> dict[str, float]:
+            with torch.no_grad():
+                features, encoding = self.features(images)
+            latents, log_det = self.teacher_latents(features, encoding)
+            # AST's loss: per position 0.5 |z|^2 - log|det|, averaged over positions.
+            loss = (0.5 * latents.square().sum(1) - log_det).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"teacher_nll": float(loss.detach())}
+
+        # Student and autoencoder are in training mode too but take no part in this phase.
+        _, means = train_epochs(self, train, step, epochs=self.teacher_epochs)
+        return means["teacher_nll"]
 
     def _losses(self, images: Tensor, penalty: PenaltyImages | None) -> Tensor:
         """(student-teacher, autoencoder-teacher, student-autoencoder) losses of a batch."""
