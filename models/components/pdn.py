@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.backbones import state_dict_problems
 from models.base import ModelError
 
 __all__ = [
@@ -118,14 +119,8 @@ def load_pdn_weights(network: nn.Sequential, state: Mapping[str, Tensor], source
                     renamed[f"{index}.{kind}"] = state[key]
         if set(own) <= set(renamed):
             state = renamed
-    missing = [key for key in own if key not in state]
-    wrong = [
-        f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
-        for key, value in own.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    if missing or wrong:
-        problem = f"missing {', '.join(missing[:4])}" if missing else f"wrong shapes: {wrong[0]}"
+    problem = state_dict_problems(own, state)
+    if problem is not None:
         raise ModelError(f"{source} does not hold this PDN's weights ({problem})")
     network.load_state_dict({key: state[key].float() for key in own})
 
