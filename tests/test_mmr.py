@@ -1,7 +1,8 @@
 """MMR on the toy defect set (CPU, no pretrained weights, a tiny ViT).
 
-The target CNN is a randomly initialised resnet18 loaded from a local file rather than timm's own
-untrained network: timm zero-initialises the last batch norm of every residual block, so its
+The target CNN is one fixed random resnet18 (seed 0) loaded from a local file (the ``weights=``
+path). It keeps its residual branches live, as ``FeatureExtractor`` now does for any frozen
+random ResNet: timm zero-initialises the last batch norm of every residual block, so its
 untrained ``layer2``/``layer3`` are strided 1x1 projections of the stem that see ~11 px windows
 every 8 or 16 px and miss most of a defect (image AUROC stays near 0.7 with them). With live
 residual branches, 10 epochs of a 2-block, 64-dim ViT give image AUROC 1.0 and pixel AUROC ~0.88.

@@ -1,7 +1,8 @@
 """Reverse distillation on the toy defect set (CPU, no pretrained weights).
 
-The teacher is a randomly initialised resnet18 loaded from a local file rather than timm's own
-untrained network: timm zero-initialises the last batch norm of every residual block, so its
+The teacher is one fixed random resnet18 (seed 0) loaded from a local file (the ``weights=``
+path). It keeps its residual branches live, as ``FeatureExtractor`` now does for any frozen
+random ResNet: timm zero-initialises the last batch norm of every residual block, so its
 untrained ``layer2``/``layer3`` are strided 1x1 projections of the stem that look at ~11 px
 windows every 8 or 16 px and miss most of a defect. With live residual branches the random
 teacher's deep maps have the spatial context pretrained ones have, and 6 epochs give image
