@@ -143,9 +143,12 @@ def _rotate(images: Tensor, angles: Tensor, padding_mode: str = "zeros") -> Tens
     src_y = sin * dx + cos * dy + cy
     grid = _to_normalised(src_y, src_x, height, width)
     return F.grid_sample(
-        images, grid.to(images.dtype), mode="bilinear", padding_mode=padding_mode,
+        images,
+        grid.to(images.dtype),
+        mode="bilinear",
+        padding_mode=padding_mode,
         align_corners=False,
-    )  # fmt: skip
+    )
 
 
 def _gray(images: Tensor) -> Tensor:
@@ -465,9 +468,14 @@ class PerlinBlend:
             if _uniform(g, 0, 1) >= probability:
                 continue
             mask = perlin_mask(
-                height, width, generator=g, threshold=self.threshold,
-                min_scale=self.min_scale, max_scale=self.max_scale, device=images.device,
-            )  # fmt: skip
+                height,
+                width,
+                generator=g,
+                threshold=self.threshold,
+                min_scale=self.min_scale,
+                max_scale=self.max_scale,
+                device=images.device,
+            )
             image = images[i : i + 1].float()
             source = self._source(image, g)
             beta = _uniform(g, *self.beta)
@@ -668,17 +676,18 @@ def _paste_footprint(
     half_y = (abs(pw * sin) + abs(ph * cos)) / 2
 
     def centre(extent: float, size: int) -> int:
-        low = min(math.ceil(extent - 0.5), (size - 1) // 2)
+        low = min(math.ceil(extent - 0.5), size // 2)
         high = max(size - 1 - math.ceil(extent - 0.5), low)
         return _randint(g, low, high + 1)
 
     cy, cx = centre(half_y, height), centre(half_x, width)
     ys, xs = _pixel_grid(height, width, device)
     dy, dx = ys - cy, xs - cx
-    # Inverse rotation to patch coordinates; float64 keeps the axis-aligned case exact.
-    u = (cos * dx.double() + sin * dy.double()) + (pw - 1) / 2
-    v = (-sin * dx.double() + cos * dy.double()) + (ph - 1) / 2
-    cols, rows = torch.round(u).long(), torch.round(v).long()
+    # Inverse rotation to patch coordinates, where patch pixel j covers [j, j + 1): flooring is
+    # nearest-neighbour sampling and, unrotated, a one-to-one copy (float64 keeps that exact).
+    u = (cos * dx.double() + sin * dy.double()) + pw / 2
+    v = (-sin * dx.double() + cos * dy.double()) + ph / 2
+    cols, rows = torch.floor(u).long(), torch.floor(v).long()
     mask = (cols >= 0) & (cols < pw) & (rows >= 0) & (rows < ph)
     return mask, rows[mask], cols[mask]
 
@@ -691,11 +700,13 @@ class LocalWarp:
     pixels are pushed in a random direction by a smooth Gaussian bump of displacement.
 
     Args:
-        radius: Range of the bump's standard deviation as a fraction of the image's smaller
-            side.
-        strength: Range of the peak displacement as a fraction of that standard deviation.
-            Below sqrt(e) ~ 1.65 the warp never folds the image over itself; at least one pixel
-            whatever the fraction, so the mask is never empty.
+        radius: Range of the bump's radius (like the size of GIMP's warp brush) as a fraction
+            of the image's smaller side: two standard deviations of the Gaussian falloff, where
+            the push has fallen to 14 % of its peak.
+        strength: Range of the peak displacement as a fraction of the radius. Up to 0.8 the
+            warp never folds the image over itself (the Gaussian's steepest slope times the
+            peak stays below one); the peak is at least one pixel whatever the fraction, so
+            the mask is never empty.
         on_structure: Draw the bump's centre with probability proportional to the local image
             gradient, so warps land on edges and texture where they are visible (a warp of a
             flat area changes nothing); False draws it uniformly.
@@ -711,12 +722,12 @@ class LocalWarp:
     def __init__(
         self,
         radius: tuple[float, float] = (0.05, 0.2),
-        strength: tuple[float, float] = (0.3, 1.0),
+        strength: tuple[float, float] = (0.15, 0.5),
         *,
         on_structure: bool = True,
     ) -> None:
         self.radius = _range("LocalWarp: radius", radius, 1e-4, 10.0)
-        self.strength = _range("LocalWarp: strength", strength, 0.0, 1.6)
+        self.strength = _range("LocalWarp: strength", strength, 0.0, 0.8)
         self.on_structure = bool(on_structure)
 
     def __repr__(self) -> str:
@@ -732,8 +743,9 @@ class LocalWarp:
         b, _, height, width = images.shape
         centres = self._centres(images, g)  # B x 2 (y, x), pixel centres
         side = min(height, width)
-        sigma = torch.tensor([max(1.0, _uniform(g, *self.radius) * side) for _ in range(b)])
-        push = torch.maximum(_uniform(g, *self.strength, b) * sigma, torch.ones(b))
+        radius = _uniform(g, *self.radius, b) * side
+        sigma = torch.clamp(radius / 2, min=1.0)
+        push = torch.clamp(_uniform(g, *self.strength, b) * radius, min=1.0)
         angle = _uniform(g, 0, 2 * math.pi, b)
         vy, vx = push * angle.sin(), push * angle.cos()
 
