@@ -214,7 +214,8 @@ def perlin_noise(
     fy, fx = (y - y0)[:, None], (x - x0)[None, :]
 
     def corner(dy: int, dx: int) -> Tensor:
-        g = gradients[(y0 + dy)[:, None], (x0 + dx)[None, :]]
+        # Two index_selects: the lattice row depends on y only and the column on x only.
+        g = gradients.index_select(0, y0 + dy).index_select(1, x0 + dx)
         return g[..., 0] * (fx - dx) + g[..., 1] * (fy - dy)
 
     u, v = _fade(fx), _fade(fy)
@@ -249,14 +250,7 @@ def perlin_mask(
     part of the last noise above half its maximum, so it is never empty.
     """
     generator = _generator(generator)
-    if isinstance(min_scale, bool) or not isinstance(min_scale, int) or min_scale < 0:
-        raise DatasetError(f"perlin_mask: min_scale must be an int >= 0, got {min_scale!r}")
-    if isinstance(max_scale, bool) or not isinstance(max_scale, int) or max_scale <= min_scale:
-        raise DatasetError(
-            f"perlin_mask: max_scale must be an int > min_scale ({min_scale}), got {max_scale!r}"
-        )
-    if not -1 < threshold < 1:
-        raise DatasetError(f"perlin_mask: threshold must be in (-1, 1), got {threshold!r}")
+    _check_perlin("perlin_mask", threshold, min_scale, max_scale)
     noise = None
     for _ in range(_MASK_DRAWS):
         ky = _randint(generator, min_scale, max_scale)
@@ -279,6 +273,20 @@ def perlin_mask(
 
 
 _MASK_DRAWS = 8
+
+
+def _check_perlin(what: str, threshold: float, min_scale: int, max_scale: int) -> None:
+    if isinstance(min_scale, bool) or not isinstance(min_scale, int) or min_scale < 0:
+        raise DatasetError(f"{what}: min_scale must be an int >= 0, got {min_scale!r}")
+    if isinstance(max_scale, bool) or not isinstance(max_scale, int) or max_scale <= min_scale:
+        raise DatasetError(
+            f"{what}: max_scale must be an int > min_scale ({min_scale}), got {max_scale!r}"
+        )
+    if max_scale > 16:
+        # 2**16 lattice cells per axis is far finer than any image's pixels.
+        raise DatasetError(f"{what}: max_scale must be <= 16, got {max_scale}")
+    if not isinstance(threshold, int | float) or not -1 < threshold < 1:
+        raise DatasetError(f"{what}: threshold must be a number in (-1, 1), got {threshold!r}")
 
 
 # ------------------------------------------------------------------------ DRAEM's augmentations
@@ -409,10 +417,8 @@ class PerlinBlend:
         cache_size: int = 512,
     ) -> None:
         self.beta = _range("PerlinBlend: beta", beta, 0.0, 1.0)
-        if not -1 < threshold < 1:
-            raise DatasetError(f"PerlinBlend: threshold must be in (-1, 1), got {threshold!r}")
+        _check_perlin("PerlinBlend", threshold, min_scale, max_scale)
         self.threshold = float(threshold)
-        perlin_mask(2, 2, generator=0, min_scale=min_scale, max_scale=max_scale)  # checks them
         self.min_scale, self.max_scale = min_scale, max_scale
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise DatasetError(f"PerlinBlend: cache_size must be an int >= 0, got {cache_size!r}")

@@ -343,7 +343,8 @@ def test_warp_lands_on_structure():
     [
         (lambda: PerlinBlend(beta=(0.5, 0.2)), "beta"),
         (lambda: PerlinBlend(beta=1.5), "beta"),
-        (lambda: PerlinBlend(max_scale=0), "max_scale"),
+        (lambda: PerlinBlend(max_scale=0), "PerlinBlend: max_scale"),
+        (lambda: PerlinBlend(threshold="high"), "PerlinBlend: threshold"),
         (lambda: CutPaste(area_ratio=(0.1, 2.0)), "area_ratio"),
         (lambda: CutPaste(aspect_ratio=(0, 1)), "aspect_ratio"),
         (lambda: CutPaste(jitter=-0.1), "jitter"),
