@@ -1,10 +1,19 @@
-"""Data sets for anomaly-sweep: the synthetic glue-line generator and in-memory loaders for the
-MVTec AD and folder layouts.
+"""Data sets for anomaly-sweep: the synthetic glue-line generator, in-memory loaders for the
+MVTec AD and folder layouts, and synthetic anomaly generators (``data.anomalies``).
 
 ``data`` never imports ``sweep``: the engine calls :func:`load_dataset` and nothing else needs
 to know where images come from.
 """
 
+from data.anomalies import (
+    SYNTHETIC_KINDS,
+    CutPaste,
+    LocalWarp,
+    PerlinBlend,
+    perlin_mask,
+    perlin_noise,
+    synthesize,
+)
 from data.datasets import (
     DATASET_KINDS,
     IMAGE_SUFFIXES,
@@ -35,11 +44,15 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "PARTS",
+    "SYNTHETIC_KINDS",
     "AnomalyDataset",
+    "CutPaste",
     "DatasetError",
     "DatasetSplits",
     "GlueSetConfig",
+    "LocalWarp",
     "PartSpec",
+    "PerlinBlend",
     "ensure_generated",
     "generate",
     "load_dataset",
@@ -47,6 +60,9 @@ __all__ = [
     "load_mvtec",
     "load_synthetic_glue",
     "normalize",
+    "perlin_mask",
+    "perlin_noise",
     "render_defect",
     "render_normal",
+    "synthesize",
 ]
