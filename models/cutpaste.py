@@ -15,6 +15,12 @@ at test time every patch of a dense grid (stride ``patch_stride``) is scored; ea
 the mean score of the patches covering it, Gaussian-smoothed. The image score is then the
 largest patch score. That is one network forward per patch (2401 per image at 256 px with the
 paper's 64 px patches, stride 4), so it is off by default and the detector is image-level.
+
+The paper trains at 256 px (the study's image size sets it here). Departures from it: the
+Gaussian is refitted after every epoch (so scores exist mid-training, for validation-driven
+schedulers; the last refit is the paper's fit after training), the cosine decay steps per epoch
+rather than per update, and the training images get no random translation or colour jitter
+besides the anomalies' own jitter of the pasted patch (the caller's data pipeline may add them).
 """
 
 from __future__ import annotations
@@ -197,14 +203,16 @@ class CutPaste(Detector):
             patch_size: side in pixels of the patches of the patch-level model (the paper's 64
                 at 256 px); images must be at least this large. Used only with ``localize``.
             patch_stride: stride in pixels of the dense patch grid scored at test time (the
-                paper's 4). The Gaussian is fitted to the training patches at a coarser stride
-                (at least half a patch), since neighbouring patches add little. Used only with
-                ``localize``.
+                paper's 4). The Gaussian is fitted to a random subset of that grid's patches in
+                every training image, as many as a grid at a stride of half a patch holds
+                (neighbouring patches add little, and the refit runs after every epoch). Used
+                only with ``localize``.
             blur_sigma: standard deviation in pixels of the Gaussian smoothing of the anomaly
                 map (the patch scores spread over the pixels they cover); 0 disables it. Used
                 only with ``localize``.
             seed: seeds the initialisation of the head (and of the backbone when it is not
-                pretrained) and every random choice of the synthetic anomalies and crops.
+                pretrained), every random choice of the synthetic anomalies and crops, and the
+                patches the patch-level Gaussian is fitted to.
             pretrained: start the backbone from timm's ImageNet weights (the paper does).
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
@@ -253,9 +261,9 @@ class CutPaste(Detector):
         self.patch_size = patch_size
         self.patch_stride = patch_stride
         self.blur_sigma = float(blur_sigma)
-        # The Gaussian of the patch model sees about one scoring-grid patch in
+        # The patch-level Gaussian sees about one scoring-grid patch in
         # (_fit_stride / patch_stride)^2 of every training image: neighbours add little, and
-        # the refit after every epoch must stay cheap next to the epoch's three crops per image.
+        # the refit after every epoch must stay cheap next to the epoch's few crops per image.
         self._fit_stride = max(patch_stride, patch_size // 2)
         self.seed = seed
 
@@ -300,10 +308,11 @@ class CutPaste(Detector):
         if problem is not None or image_size is None:
             return problem
         merged = {**hyperparameters(cls.name), **(hparams or {})}
-        if merged.get("localize") and image_size < merged["patch_size"]:
+        patch = merged.get("patch_size")
+        if merged.get("localize") is True and isinstance(patch, int) and image_size < patch:
             return (
-                f"with localize its patches are {merged['patch_size']} px, larger than the "
-                f"{image_size} px images; use a smaller patch_size"
+                f"with localize its patches are {patch} px, larger than the {image_size} px "
+                "images; use a smaller patch_size"
             )
         return None
 
