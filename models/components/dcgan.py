@@ -1,0 +1,215 @@
+"""DCGAN-style networks and the square power-of-two plumbing of the GAN detectors.
+
+GANomaly (Akçay et al., ACCV 2018) and Skip-GANomaly (Akçay et al., IJCNN 2019) build their
+networks in the DCGAN manner (Radford et al., ICLR 2016): 4 x 4 convolutions of stride 2 halve
+a square image until it is 4 x 4 (doubling the channels each time), a final 4 x 4 convolution
+maps that to a 1 x 1 code, and the decoder mirrors it with transposed convolutions. The number of
+layers, and with it the parameter count, therefore follows the image side: a 256 px image has
+five halving layers after the first, a 64 px image three.
+
+:class:`SquareGAN` holds what both detectors share: images are taken from ImageNet
+normalisation to the ``[-1, 1]`` range of the papers' Tanh outputs, zero-padded (mid-grey) to the
+next power of two of their longer side, and the networks are built for that side. They are built
+for 256 px (the reference study's resolution, so that parameter counts before training are those
+of its Table 2) and rebuilt, from the same seed, when the first training batch needs another
+side; the side is a buffer, so a state dict carries it and loading one rebuilds to match.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import Detector, ModelError
+from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "DEFAULT_SIDE",
+    "MIN_SIDE",
+    "DCGANDecoder",
+    "DCGANEncoder",
+    "SquareGAN",
+    "dcgan_init_",
+    "network_side",
+    "to_tanh_range",
+]
+
+DEFAULT_SIDE = 256
+"""The side the networks are built for before any training (the reference study's 256 px)."""
+MIN_SIDE = 16
+"""The smallest network side: the first layer halves it to 8 and one more halving reaches 4."""
+
+
+def network_side(height: int, width: int) -> int:
+    """The square power-of-two side an ``height x width`` image is padded to (at least 16)."""
+    longer = max(height, width, MIN_SIDE)
+    return 1 << (longer - 1).bit_length()
+
+
+def to_tanh_range(images: Tensor) -> Tensor:
+    """ImageNet-normalised images as pixels in ``[-1, 1]`` (the range of a Tanh output)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return ((images * std + mean) * 2 - 1).clamp(-1, 1)
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """DCGAN's initialisation: convolutions N(0, 0.02), batch-norm scales N(1, 0.02), biases 0.
+
+    Draws from the global generator: call it inside ``torch.random.fork_rng`` after seeding.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def _halvings(side: int) -> int:
+    if side < MIN_SIDE or side & (side - 1):
+        raise ValueError(f"the DCGAN side must be a power of two >= {MIN_SIDE}, got {side}")
+    return int(math.log2(side)) - 2
+
+
+class DCGANEncoder(nn.Module):
+    """``side x side`` image -> ``out_channels x 1 x 1`` code.
+
+    ``body``: a 4 x 4 stride-2 convolution to ``n_features`` channels with LeakyReLU(0.2), then
+    4 x 4 stride-2 convolutions with batch norm and LeakyReLU that double the channels until the
+    map is 4 x 4; ``final``: a 4 x 4 convolution without padding to the code. ``forward`` returns
+    the code and the body's ``C x 4 x 4`` features (what a discriminator's feature matching
+    compares).
+    """
+
+    def __init__(self, side: int, in_channels: int, out_channels: int, n_features: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, n_features, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        channels = n_features
+        for _ in range(_halvings(side) - 1):
+            layers += [
+                nn.Conv2d(channels, 2 * channels, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(2 * channels),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+            channels *= 2
+        self.body = nn.Sequential(*layers)
+        self.final = nn.Conv2d(channels, out_channels, 4, 1, 0, bias=False)
+        self.feature_channels = channels
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(images)
+        return self.final(features), features
+
+
+class DCGANDecoder(nn.Module):
+    """``in_channels x 1 x 1`` code -> ``side x side`` image in ``[-1, 1]``.
+
+    The mirror of :class:`DCGANEncoder`: a 4 x 4 transposed convolution to a 4 x 4 map, 4 x 4
+    stride-2 transposed convolutions with batch norm and ReLU that halve the channels while
+    doubling the size, and a last one to ``out_channels`` with Tanh.
+    """
+
+    def __init__(self, side: int, in_channels: int, out_channels: int, n_features: int) -> None:
+        super().__init__()
+        halvings = _halvings(side)
+        channels = n_features * 2 ** (halvings - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(in_channels, channels, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        ]
+        for _ in range(halvings - 1):
+            layers += [
+                nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(channels // 2),
+                nn.ReLU(inplace=True),
+            ]
+            channels //= 2
+        layers += [nn.ConvTranspose2d(channels, out_channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, code: Tensor) -> Tensor:
+        return self.main(code)
+
+
+class SquareGAN(Detector):
+    """Base of the detectors whose networks are built for one square power-of-two side.
+
+    Subclasses implement :meth:`_build` (create every network for a side, seeded) and call
+    :meth:`_init_side` at the end of ``__init__``.
+    """
+
+    def _init_side(self) -> None:
+        self.register_buffer("side", torch.tensor(DEFAULT_SIDE))
+        self.register_buffer("fitted", torch.tensor(False))
+        self._build(DEFAULT_SIDE)
+
+    def _build(self, side: int) -> None:
+        raise NotImplementedError
+
+    def _rebuild(self, side: int) -> None:
+        device = self.side.device
+        self._build(side)
+        self.side.fill_(side)
+        self.fitted.fill_(False)
+        self.to(device)
+
+    def _prepare_side(self, images: Tensor) -> None:
+        """Build the networks for the training images' side, if they are not already."""
+        height, width = images.shape[-2:]
+        if max(height, width) < MIN_SIDE:
+            raise ModelError(
+                f"{self.name}: images must be at least {MIN_SIDE} px on their longer side, "
+                f"got {height} x {width}"
+            )
+        side = network_side(height, width)
+        if side != int(self.side):
+            self._rebuild(side)
+
+    def _network_input(self, images: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+        """Images in ``[-1, 1]`` placed on the networks' square, and the box they occupy.
+
+        The images are zero-padded (mid-grey), centred; images whose own side differs from the
+        networks' (only at prediction) are first resized by the ratio of the two sides.
+        """
+        x = to_tanh_range(images)
+        side = int(self.side)
+        height, width = x.shape[-2:]
+        natural = network_side(height, width)
+        if natural != side:
+            scale = side / natural
+            height, width = max(1, round(height * scale)), max(1, round(width * scale))
+            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        top, left = (side - height) // 2, (side - width) // 2
+        x = F.pad(x, (left, side - width - left, top, side - height - top))
+        return x, (top, left, height, width)
+
+    @staticmethod
+    def _input_map(maps: Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> Tensor:
+        """``B x side x side`` maps cropped to the image's box and resized to ``size``."""
+        top, left, height, width = box
+        maps = maps[:, top : top + height, left : left + width]
+        if (height, width) != tuple(size):
+            maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)
+            maps = maps[:, 0]
+        return maps
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load a state dict, first rebuilding the networks for the side it was trained at."""
+        side = state_dict.get("side")
+        if side is not None and int(side) != int(self.side):
+            self._rebuild(int(side))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
