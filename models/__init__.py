@@ -20,6 +20,7 @@ from models import (  # noqa: F401  isort: skip
     cfa,
     cflow,
     csflow,
+    cutpaste,
     dfkde,
     dfm,
     efficient_ad,

@@ -26,6 +26,7 @@ ISSUE_ZOO = {
 TINY: dict[str, dict] = {
     "cflow": {"backbone": "resnet18", "layers": ("layer2", "layer3"), "coupling_blocks": 1},
     "csflow": {"backbone": "efficientnet_b0", "layer": "blocks.3", "hidden_channels": 16},
+    "cutpaste": {"head_dims": (32,)},
     "efficient_ad_ast": {
         "layers": ("layer2",),
         "n_coupling_blocks": 1,
