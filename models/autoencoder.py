@@ -176,7 +176,7 @@ class ConvAutoencoder(Detector):
         self.map_kernel = map_kernel
         self.seed = seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             self.network = _Network()
         self.register_buffer("fitted", torch.tensor(False))
 

@@ -185,16 +185,24 @@ class SkipGANomaly(SquareGAN):
 
     def _build(self, side: int) -> None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._generator_seed)
+            torch.default_generator.manual_seed(self._generator_seed)
             self.generator = UNetGenerator(side, self.n_features)
             dcgan_init_(self.generator)
-            self.discriminator = _Discriminator(side, self.latent_dim, self.n_features)
-        self._init_discriminator(0)
+        self.discriminator = self._new_discriminator(side, 0)
 
-    def _init_discriminator(self, count: int) -> None:
+    def _new_discriminator(self, side: int, count: int) -> nn.Module:
+        # Drawn on the CPU from its own seed (the count-th re-initialisation gets seed + count),
+        # so that neither the global CPU nor any accelerator generator is touched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._discriminator_seed + count)
-            dcgan_init_(self.discriminator)
+            torch.default_generator.manual_seed(self._discriminator_seed + count)
+            discriminator = _Discriminator(side, self.latent_dim, self.n_features)
+            dcgan_init_(discriminator)
+        return discriminator
+
+    def _reinit_discriminator(self, count: int) -> None:
+        # Copied into the existing tensors: the optimizer keeps updating the same parameters.
+        fresh = self._new_discriminator(int(self.side), count)
+        self.discriminator.load_state_dict(fresh.state_dict())
 
     def fit(
         self,
@@ -249,7 +257,7 @@ class SkipGANomaly(SquareGAN):
             d_loss = float(d_loss.detach())
             if d_loss < D_COLLAPSE:
                 reinits += 1
-                self._init_discriminator(reinits)
+                self._reinit_discriminator(reinits)
             return {
                 "loss": float(loss.detach()),
                 "adv": float(adv.detach()),
