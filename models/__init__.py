@@ -17,6 +17,7 @@ from models.base import (
 
 # Detector modules register themselves on import.
 from models import (  # noqa: F401  isort: skip
+    autoencoder,
     cfa,
     cflow,
     csflow,
@@ -26,11 +27,13 @@ from models import (  # noqa: F401  isort: skip
     efficient_ad,
     efficient_ad_ast,
     fastflow,
+    ganomaly,
     mmr,
     padim,
     patchcore,
     reverse_distillation,
     simplenet,
+    skip_ganomaly,
     stfpm,
     uflow,
 )

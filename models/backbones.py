@@ -618,7 +618,7 @@ class FeatureExtractor(torch.nn.Module):
         try:
             # timm initialises weights from the global generator: seed it in a forked state.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 from_weights = pretrained or weights_file is not None
                 self.model = _create_model(
                     self.spec,

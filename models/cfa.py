@@ -199,7 +199,7 @@ class CFA(Detector):
                 f"cfa: gamma_d must be at most the {channels} feature channels, got {gamma_d}"
             )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(descriptor_seed)
+            torch.default_generator.manual_seed(descriptor_seed)
             self.descriptor = CoordConvDescriptor(channels, channels // gamma_d)
         self.register_buffer("memory_bank", torch.empty(0, channels // gamma_d))
 

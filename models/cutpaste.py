@@ -281,7 +281,7 @@ class CutPaste(Detector):
         )
         width = self.backbone.channels[LAYER]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(head_seed)
+            torch.default_generator.manual_seed(head_seed)
             layers: list[nn.Module] = []
             for dim in dims[:-1]:
                 layers += [nn.Linear(width, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]

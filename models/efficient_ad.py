@@ -168,11 +168,11 @@ class EfficientAD(Detector):
             self._penalty_seed,
         ) = seeds
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(teacher_seed)
+            torch.default_generator.manual_seed(teacher_seed)
             self.teacher = patch_description_network(model_size, self.out_channels, padding)
-            torch.manual_seed(student_seed)
+            torch.default_generator.manual_seed(student_seed)
             self.student = patch_description_network(model_size, 2 * self.out_channels, padding)
-            torch.manual_seed(ae_seed)
+            torch.default_generator.manual_seed(ae_seed)
             self.autoencoder = ImageAutoencoder(self.out_channels)
         if teacher_weights is not None:
             path = Path(teacher_weights).expanduser()

@@ -314,11 +314,11 @@ class EfficientADAST(Detector):
             ]
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(student_seed)
+            torch.default_generator.manual_seed(student_seed)
             self.student = ResidualStudent(
                 channels + pos_enc_dim, 2 * channels, student_hidden_channels, n_student_blocks
             )
-            torch.manual_seed(ae_seed)
+            torch.default_generator.manual_seed(ae_seed)
             self.autoencoder = FeatureAutoencoder(channels + pos_enc_dim, channels)
         self.register_buffer("fitted", torch.tensor(False))
         self.eval()

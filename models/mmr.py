@@ -316,7 +316,7 @@ class MMR(Detector):
         steps = _scale_steps(patch_size, self.teacher.strides)
         assert isinstance(steps, dict)  # backbone_problem has checked it
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(vit_seed)
+            torch.default_generator.manual_seed(vit_seed)
             self.vit = MaskedViT(patch_size, vit_embed_dim, vit_depth, vit_heads, vit_mlp_ratio)
             self.pyramid = nn.ModuleDict(
                 {

@@ -168,7 +168,7 @@ class ReverseDistillation(Detector):
                 f"{self.teacher.channels}, its decoder expects {expected}"
             )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(student_seed)
+            torch.default_generator.manual_seed(student_seed)
             self.bottleneck = OneClassBottleneck(arch)
             self.decoder = ResNetDecoder(arch)
             init_conv_weights(self.bottleneck)

@@ -164,7 +164,7 @@ class SimpleNet(Detector):
             )
         dim = self.embed_dim
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(head_seed)
+            torch.default_generator.manual_seed(head_seed)
             self.adaptor = nn.Sequential(*(nn.Linear(dim, dim) for _ in range(self.pre_proj)))
             blocks: list[nn.Module] = []
             width = dim

@@ -36,8 +36,10 @@ TINY: dict[str, dict] = {
         "n_student_blocks": 1,
     },
     "fastflow": {"flow_steps": 1},
+    "ganomaly": {"n_features": 8, "latent_dim": 16},
     "mmr": {"patch_size": 8, "vit_embed_dim": 32, "vit_depth": 1, "vit_heads": 2},
     "reverse_distillation": {"backbone": "resnet18"},
+    "skip_ganomaly": {"n_features": 8, "latent_dim": 16},
     "stfpm": {"layers": ("layer1", "layer2")},
     "uflow": {"flow_steps": 1},
 }

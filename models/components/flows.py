@@ -174,7 +174,7 @@ class AffineCoupling(nn.Module):
             return values if self.multi_scale else values[0]
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+            torch.default_generator.manual_seed(init_seed)
             # subnet1 reads the first half and transforms the second; subnet2 the reverse.
             self.subnet1 = subnet(unwrap(sizes(first)), unwrap([2 * h for h in second]))
             self.subnet2 = (
