@@ -424,9 +424,16 @@ class MemSeg(Detector):
         """``(features - closest memory image's)**2`` per level; the closest memory image of an
         input has the smallest mean squared difference, summed over the levels."""
         memory = self.memory()
-        distance = sum(
-            torch.cdist(f.flatten(1), m.flatten(1)).square() / f[0].numel()
-            for f, m in zip(features, memory, strict=True)
+        # One memory image at a time: exact (a self-match is exactly 0) and never B x N x D.
+        distance = torch.stack(
+            [
+                sum(
+                    (f - m[i]).square().flatten(1).mean(dim=1)
+                    for f, m in zip(features, memory, strict=True)
+                )
+                for i in range(len(memory[0]))
+            ],
+            dim=1,
         )
         closest = distance.argmin(dim=1)
         return [(f - m[closest]).square() for f, m in zip(features, memory, strict=True)]
