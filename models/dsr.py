@@ -65,8 +65,9 @@ NEAREST_EXCLUDED = 0.05
 """Share of the codebook nearest to a code never used as its replacement: swapping a code for
 an almost identical one would teach the detector to flag normal variation."""
 ANOMALY_PROBABILITY = 0.5
-"""Share of training images that get an anomaly, latent or image-space; the others teach the
-detection and upsampling modules to stay silent on normal images."""
+"""Share of training images that get an anomaly (image-space in the VQ-VAE and upsampling phases,
+latent in the DSR phase); the others teach the detection and upsampling modules to stay silent
+on normal images."""
 STRIDE = 8
 """Input sides are padded to a multiple of the top grid's stride."""
 
@@ -257,9 +258,8 @@ class DSR(Detector):
                 training (codebook starts, masks, strengths, swapped codes, image anomalies).
         """
         super().__init__()
-        for name, value in (("lr", lr),):
-            if not _is_real(value) or value <= 0:
-                raise ModelError(f"dsr: {name} must be > 0, got {value!r}")
+        if not _is_real(lr) or lr <= 0:
+            raise ModelError(f"dsr: lr must be > 0, got {lr!r}")
         if not _is_real(latent_anomaly_strength) or not 0 < latent_anomaly_strength <= 1:
             raise ModelError(
                 f"dsr: latent_anomaly_strength must be in (0, 1], got {latent_anomaly_strength!r}"
