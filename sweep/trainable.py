@@ -191,13 +191,16 @@ def run_trial(
 
 
 def _validation_metrics(detector: models.Detector, val, study: Study, device) -> dict[str, float]:
-    """Score the validation split mid-training, for a scheduler; training mode is restored."""
-    was_training = detector.training
+    """Score the validation split mid-training, for a scheduler; every module's mode is restored."""
+    # Each submodule gets its own mode back: a detector mid-training may hold frozen parts in
+    # eval mode, which a blanket train() would flip.
+    modes = [(module, module.training) for module in detector.modules()]
     detector.eval()
     try:
         outputs = _predict_split(detector, val, study.evaluation.batch_size, device)
     finally:
-        detector.train(was_training)
+        for module, training in modes:
+            module.training = training
     if len(np.unique(outputs.labels)) < 2:
         raise ValueError(
             f"scheduler metric {study.scheduler.metric!r} needs normal and anomalous images in "

@@ -15,6 +15,7 @@ import models
 from models.backbones import get_backbone, list_backbones
 
 ISSUE_ZOO = {
+    "draem", "dsr", "ganomaly", "skip_ganomaly", "autoencoder", "cutpaste", "memseg",
     "patchcore", "padim", "stfpm",
     "dfkde", "dfm", "cfa",
     "cflow", "csflow", "fastflow", "uflow",
@@ -27,6 +28,16 @@ TINY: dict[str, dict] = {
     "cflow": {"backbone": "resnet18", "layers": ("layer2", "layer3"), "coupling_blocks": 1},
     "csflow": {"backbone": "efficientnet_b0", "layer": "blocks.3", "hidden_channels": 16},
     "cutpaste": {"head_dims": (32,)},
+    "draem": {"reconstructive_channels": 4, "discriminative_channels": 4, "score_kernel": 5},
+    "dsr": {
+        "hidden_channels": 8,
+        "residual_channels": 4,
+        "n_residual_layers": 1,
+        "embedding_dim": 8,
+        "num_embeddings": 16,
+        "unet_width": 4,
+        "score_filter_size": 5,
+    },
     "efficient_ad_ast": {
         "layers": ("layer2",),
         "n_coupling_blocks": 1,
@@ -37,6 +48,7 @@ TINY: dict[str, dict] = {
     },
     "fastflow": {"flow_steps": 1},
     "ganomaly": {"n_features": 8, "latent_dim": 16},
+    "memseg": {"memory_size": 2},
     "mmr": {"patch_size": 8, "vit_embed_dim": 32, "vit_depth": 1, "vit_heads": 2},
     "reverse_distillation": {"backbone": "resnet18"},
     "skip_ganomaly": {"n_features": 8, "latent_dim": 16},
