@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sweep.errors import StudyError
 from sweep.runner import study_schema
@@ -70,3 +71,21 @@ def test_what_a_detector_could_not_use_lands_in_the_row(glue_root, tmp_path):
     row = run_trial(expand_trials(study)[0], _context(study, tmp_path))
     assert "imagenet_dir" in row["notes"] and "teacher" in row["notes"]
     assert row["params_trainable"] > 0 and row["params_frozen"] > 0
+
+
+def test_validation_mid_training_gives_each_module_its_own_mode_back(glue_root, tmp_path):
+    import models
+    from sweep.trainable import _validation_metrics, load_data
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "stfpm", "backbone": "resnet18", "pretrained": False}
+    raw["scheduler"] = {"kind": "asha"}
+    study = study_from_dict(raw)
+    detector = models.create("stfpm", backbone="resnet18", pretrained=False)
+    detector.train()
+    frozen_part = detector.student.model.layer1
+    frozen_part.eval()  # e.g. a phase of training that holds part of the network fixed
+    values = _validation_metrics(detector, load_data(study, 64).val, study, torch.device("cpu"))
+    assert 0.0 <= values["val_image_auroc"] <= 1.0
+    assert detector.training and detector.student.training
+    assert not frozen_part.training
