@@ -2,9 +2,9 @@
 
 The encoder is a randomly initialised resnet18 from a local weight file built with live residual
 branches (``zero_init_last=False``), as the reverse-distillation tests do: its frozen layer1..3
-then see defects, which the memory comparison needs. A memory of 8 images and 6 epochs of
-batch 4 (24 steps) give image AUROC 1.0 on the toy set for seeds 0, 1 and 2 (pixel AUROC 0.99,
-0.54, 0.99).
+then see defects, which the memory comparison needs. A memory of 8 images and 3 epochs of
+batch 2 (24 steps) give image AUROC 0.97, 1.0 and 1.0 on the toy set for seeds 0, 1 and 2
+(pixel AUROC 0.68, 0.76, 0.64).
 
 The tests train at lr 1e-3 instead of the default 0.003: in a run this short the decoder's
 weights change faster than its batch-norm running statistics (momentum 0.1) can follow, and at
@@ -26,7 +26,7 @@ import models
 from models.base import ModelError, backbone_problem, hyperparameters
 from models.memseg import LEVELS, CoordinateAttention, MemSeg
 
-FIT_EPOCHS = 6
+FIT_EPOCHS = 3
 LR = 1e-3
 
 
@@ -66,7 +66,7 @@ def fitted(toy, encoder_weights):
         history.append((epoch, metrics))
         return False
 
-    stats = detector.fit(batches(toy.train, 4), epochs=FIT_EPOCHS, on_epoch_end=on_epoch_end)
+    stats = detector.fit(batches(toy.train, 2), epochs=FIT_EPOCHS, on_epoch_end=on_epoch_end)
     return detector, stats, history, detector.predict(toy.test)
 
 
@@ -75,8 +75,8 @@ def test_detects_and_localises_defects(toy, fitted):
     check_prediction(toy, prediction, localizes=True)
     assert not detector.training
     assert image_auroc(toy, prediction.score) >= 0.9
-    # 0.99 with this seed, but as low as 0.54 with others after so few steps.
-    assert pixel_auroc(toy, prediction.anomaly_map) > 0.5
+    # Localisation is still rough after 24 steps (0.64-0.76 over three seeds).
+    assert pixel_auroc(toy, prediction.anomaly_map) > 0.55
     # The map is a probability, and the score the mean of its 100 largest values.
     assert prediction.anomaly_map.min() >= 0 and prediction.anomaly_map.max() <= 1
     top = prediction.anomaly_map.flatten(1).topk(100, dim=1).values.mean(dim=1)
