@@ -138,3 +138,27 @@ def test_parameter_counts_split_the_whole_model(name):
     assert trainable + frozen == sum(p.numel() for p in detector.parameters()) > 0
     if detector.learning_type == "one_pass":
         assert trainable == 0, "one-pass detectors learn no weights by gradient"
+
+
+# The reference study's model x backbone pairs (Tables 4-5 and B.8) at its image sizes.
+REFERENCE_PAIRS = [
+    ("cfa", "resnet18", 224), ("cfa", "wide_resnet50_2", 224),
+    ("cflow", "wide_resnet50_2", 256),
+    ("csflow", "efficientnet_b5", 768),
+    ("dfkde", "resnet18", 256), ("dfkde", "wide_resnet50_2", 256),
+    ("dfm", "resnet18", 256), ("dfm", "resnet50", 256),
+    ("fastflow", "resnet18", 256), ("fastflow", "wide_resnet50_2", 256),
+    ("fastflow", "cait_m48_448", 448), ("fastflow", "deit_base_distilled_patch16_384", 384),
+    ("mmr", "wide_resnet50_2", 256),
+    ("padim", "resnet18", 256), ("padim", "wide_resnet50_2", 256),
+    ("patchcore", "wide_resnet50_2", 256),
+    ("reverse_distillation", "resnet18", 256), ("reverse_distillation", "wide_resnet50_2", 256),
+    ("simplenet", "wide_resnet50_2", 288),
+    ("stfpm", "resnet18", 256), ("stfpm", "wide_resnet50_2", 256),
+    ("uflow", "mcait", 448), ("uflow", "resnet18", 256), ("uflow", "wide_resnet50_2", 256),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "backbone", "size"), REFERENCE_PAIRS)
+def test_the_reference_studys_pairs_are_compatible(name, backbone, size):
+    assert models.backbone_problem(name, backbone, None, size) is None
