@@ -27,29 +27,18 @@ min-max-scales scores over the test set; that is left to the evaluation (AUROC i
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import (
-    Batch,
-    EpochCallback,
     ModelError,
     Prediction,
-    check_epochs,
     register,
-    train_epochs,
 )
-from models.components.dcgan import DCGANDecoder, DCGANEncoder, SquareGAN, dcgan_init_
+from models.components.dcgan import DCGANDecoder, DCGANEncoder, SquareGAN
 
 __all__ = ["GANomaly"]
-
-D_COLLAPSE = 1e-5
-"""Discriminator loss below which D is re-initialised (the authors' code)."""
 
 
 class _Generator(nn.Module):
@@ -104,123 +93,36 @@ class GANomaly(SquareGAN):
                 re-initialisations.
         """
         super().__init__()
-        for name, value in (("latent_dim", latent_dim), ("n_features", n_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"ganomaly: {name} must be a positive int, got {value!r}")
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ModelError(f"ganomaly: lr must be > 0, got {lr!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ModelError(f"ganomaly: {name} must be in [0, 1), got {value!r}")
-        for name, value in (("wadv", wadv), ("wcon", wcon), ("wenc", wenc)):
-            if not isinstance(value, int | float) or not value >= 0:
-                raise ModelError(f"ganomaly: {name} must be >= 0, got {value!r}")
-        self.latent_dim = latent_dim
-        self.n_features = n_features
-        self.lr = float(lr)
-        self.betas = (float(beta1), float(beta2))
-        self.wadv, self.wcon, self.wenc = float(wadv), float(wcon), float(wenc)
-        self.epochs = check_epochs("ganomaly", epochs)
-        self.seed = seed
-        generator = torch.Generator().manual_seed(seed)
-        self._generator_seed, self._discriminator_seed = torch.randint(
-            2**62, (2,), generator=generator, device="cpu"
-        ).tolist()
-        self._init_side()
-
-    def _build(self, side: int) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self._generator_seed)
-            self.generator = _Generator(side, self.latent_dim, self.n_features)
-            dcgan_init_(self.generator)
-        self.discriminator = self._new_discriminator(side, 0)
-
-    def _new_discriminator(self, side: int, count: int) -> nn.Module:
-        # Drawn on the CPU from its own seed (the count-th re-initialisation gets seed + count),
-        # so that neither the global CPU nor any accelerator generator is touched.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self._discriminator_seed + count)
-            # D outputs a logit (BCE with logits is the paper's sigmoid + BCE, computed stably).
-            discriminator = DCGANEncoder(side, 3, 1, self.n_features)
-            dcgan_init_(discriminator)
-        return discriminator
-
-    def _reinit_discriminator(self, count: int) -> None:
-        # Copied into the existing tensors: the optimizer keeps updating the same parameters.
-        fresh = self._new_discriminator(int(self.side), count)
-        self.discriminator.load_state_dict(fresh.state_dict())
-
-    def fit(
-        self,
-        train: Iterable[Batch],
-        *,
-        epochs: int | None = None,
-        on_epoch_end: EpochCallback | None = None,
-    ) -> dict[str, Any]:
-        """Train generator and discriminator alternately, one Adam step each per batch.
-
-        ``on_epoch_end(epoch, metrics)`` runs after every epoch with the epoch's mean weighted
-        generator loss (``"loss"``), its three parts (``"adv"``, ``"con"``, ``"enc"``) and the
-        discriminator's loss (``"d_loss"``), and stops training when it returns True. The
-        networks are rebuilt for the first batch's side when they were built for another.
-        """
-        n_epochs = self.epochs if epochs is None else check_epochs("ganomaly", epochs, "fit epochs")
-        optimizers: dict[str, torch.optim.Optimizer] = {}
-        reinits = 0
-
-        def step(images: Tensor) -> dict[str, float]:
-            nonlocal reinits
-            if not optimizers:
-                self._prepare_side(images)
-                for key, net in (("g", self.generator), ("d", self.discriminator)):
-                    optimizers[key] = torch.optim.Adam(
-                        net.parameters(), lr=self.lr, betas=self.betas
-                    )
-            x, _ = self._network_input(images)
-            reconstruction, z, z_again = self.generator(x)
-
-            # D's pass on the real images serves both updates: the generator step leaves D as is.
-            real_logits, real_features = self.discriminator(x)
-            _, fake_features = self.discriminator(reconstruction)
-            adv = F.mse_loss(fake_features, real_features.detach())
-            con = F.l1_loss(reconstruction, x)
-            enc = F.mse_loss(z_again, z)
-            loss = self.wadv * adv + self.wcon * con + self.wenc * enc
-            optimizers["g"].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers["g"].step()
-
-            fake_logits, _ = self.discriminator(reconstruction.detach())
-            d_loss = 0.5 * (
-                F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-                + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-            )
-            optimizers["d"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            optimizers["d"].step()
-            if float(d_loss.detach()) < D_COLLAPSE:
-                reinits += 1
-                self._reinit_discriminator(reinits)
-            return {
-                "loss": float(loss.detach()),
-                "adv": float(adv.detach()),
-                "con": float(con.detach()),
-                "enc": float(enc.detach()),
-                "d_loss": float(d_loss.detach()),
-            }
-
-        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
-            self.fitted.fill_(True)
-
-        epochs_run, means = train_epochs(
-            self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end, end_of_epoch=end_of_epoch
+        self._setup_gan(
+            latent_dim=latent_dim,
+            n_features=n_features,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            loss_weights={"wadv": wadv, "wcon": wcon, "wenc": wenc},
+            epochs=epochs,
+            seed=seed,
         )
-        return {
-            "epochs": epochs_run,
-            "loss": means.get("loss", math.nan),
-            "d_loss": means.get("d_loss", math.nan),
-            "discriminator_reinits": reinits,
-        }
+
+    def _make_generator(self, side: int) -> nn.Module:
+        return _Generator(side, self.latent_dim, self.n_features)
+
+    def _make_discriminator(self, side: int) -> nn.Module:
+        # D outputs a logit (BCE with logits is the paper's sigmoid + BCE, computed stably).
+        return DCGANEncoder(side, 3, 1, self.n_features)
+
+    def _generator_losses(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """Feature-matching adversarial, L1 contextual and L2 encoder losses (``fit``'s
+        metrics ``adv``, ``con``, ``enc``)."""
+        reconstruction, z, z_again = self.generator(x)
+        # D's pass on the real images serves both updates: the generator step leaves D as is.
+        real_logits, real_features = self.discriminator(x)
+        _, fake_features = self.discriminator(reconstruction)
+        adv = F.mse_loss(fake_features, real_features.detach())
+        con = F.l1_loss(reconstruction, x)
+        enc = F.mse_loss(z_again, z)
+        loss = self.wadv * adv + self.wcon * con + self.wenc * enc
+        return loss, {"adv": adv, "con": con, "enc": enc}, reconstruction, real_logits
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

@@ -35,28 +35,19 @@ neither is done here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import (
-    Batch,
-    EpochCallback,
     ModelError,
     Prediction,
-    check_epochs,
     register,
-    train_epochs,
 )
-from models.components.dcgan import DCGANEncoder, SquareGAN, dcgan_init_
+from models.components.dcgan import DCGANEncoder, SquareGAN
 
 __all__ = ["SkipGANomaly", "UNetGenerator"]
-
-D_COLLAPSE = 1e-5
-"""Discriminator loss below which D is re-initialised (the authors' code)."""
 
 
 class UNetGenerator(nn.Module):
@@ -156,128 +147,38 @@ class SkipGANomaly(SquareGAN):
                 re-initialisations.
         """
         super().__init__()
-        for name, value in (("latent_dim", latent_dim), ("n_features", n_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"skip_ganomaly: {name} must be a positive int, got {value!r}")
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ModelError(f"skip_ganomaly: lr must be > 0, got {lr!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ModelError(f"skip_ganomaly: {name} must be in [0, 1), got {value!r}")
-        for name, value in (("w_adv", w_adv), ("w_con", w_con), ("w_lat", w_lat)):
-            if not isinstance(value, int | float) or not value >= 0:
-                raise ModelError(f"skip_ganomaly: {name} must be >= 0, got {value!r}")
         if not isinstance(lambda_score, int | float) or not 0 <= lambda_score <= 1:
             raise ModelError(f"skip_ganomaly: lambda_score must be in [0, 1], got {lambda_score!r}")
-        self.latent_dim = latent_dim
-        self.n_features = n_features
-        self.lr = float(lr)
-        self.betas = (float(beta1), float(beta2))
-        self.w_adv, self.w_con, self.w_lat = float(w_adv), float(w_con), float(w_lat)
         self.lambda_score = float(lambda_score)
-        self.epochs = check_epochs("skip_ganomaly", epochs)
-        self.seed = seed
-        generator = torch.Generator().manual_seed(seed)
-        self._generator_seed, self._discriminator_seed = torch.randint(
-            2**62, (2,), generator=generator, device="cpu"
-        ).tolist()
-        self._init_side()
-
-    def _build(self, side: int) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self._generator_seed)
-            self.generator = UNetGenerator(side, self.n_features)
-            dcgan_init_(self.generator)
-        self.discriminator = self._new_discriminator(side, 0)
-
-    def _new_discriminator(self, side: int, count: int) -> nn.Module:
-        # Drawn on the CPU from its own seed (the count-th re-initialisation gets seed + count),
-        # so that neither the global CPU nor any accelerator generator is touched.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self._discriminator_seed + count)
-            discriminator = _Discriminator(side, self.latent_dim, self.n_features)
-            dcgan_init_(discriminator)
-        return discriminator
-
-    def _reinit_discriminator(self, count: int) -> None:
-        # Copied into the existing tensors: the optimizer keeps updating the same parameters.
-        fresh = self._new_discriminator(int(self.side), count)
-        self.discriminator.load_state_dict(fresh.state_dict())
-
-    def fit(
-        self,
-        train: Iterable[Batch],
-        *,
-        epochs: int | None = None,
-        on_epoch_end: EpochCallback | None = None,
-    ) -> dict[str, Any]:
-        """Train generator and discriminator alternately, one Adam step each per batch.
-
-        ``on_epoch_end(epoch, metrics)`` runs after every epoch with the epoch's mean weighted
-        generator loss (``"loss"``), its parts (``"adv"``, ``"con"``, ``"lat"``) and the
-        discriminator's loss (``"d_loss"``), and stops training when it returns True. The
-        networks are rebuilt for the first batch's side when they were built for another.
-        """
-        n_epochs = (
-            self.epochs if epochs is None else check_epochs("skip_ganomaly", epochs, "fit epochs")
+        self._setup_gan(
+            latent_dim=latent_dim,
+            n_features=n_features,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            loss_weights={"w_adv": w_adv, "w_con": w_con, "w_lat": w_lat},
+            epochs=epochs,
+            seed=seed,
         )
-        optimizers: dict[str, torch.optim.Optimizer] = {}
-        reinits = 0
 
-        def step(images: Tensor) -> dict[str, float]:
-            nonlocal reinits
-            if not optimizers:
-                self._prepare_side(images)
-                for key, net in (("g", self.generator), ("d", self.discriminator)):
-                    optimizers[key] = torch.optim.Adam(
-                        net.parameters(), lr=self.lr, betas=self.betas
-                    )
-            x, _ = self._network_input(images)
-            reconstruction = self.generator(x)
+    def _make_generator(self, side: int) -> nn.Module:
+        return UNetGenerator(side, self.n_features)
 
-            # D's pass on the real images serves both updates: the generator step leaves D as is.
-            real_logits, real_latent = self.discriminator(x)
-            fake_logits, fake_latent = self.discriminator(reconstruction)
-            adv = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
-            con = F.l1_loss(reconstruction, x)
-            lat = F.mse_loss(fake_latent, real_latent.detach())
-            loss = self.w_adv * adv + self.w_con * con + self.w_lat * lat
-            optimizers["g"].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers["g"].step()
+    def _make_discriminator(self, side: int) -> nn.Module:
+        return _Discriminator(side, self.latent_dim, self.n_features)
 
-            fake_logits, _ = self.discriminator(reconstruction.detach())
-            d_loss = 0.5 * (
-                F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-                + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-            )
-            optimizers["d"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            optimizers["d"].step()
-            d_loss = float(d_loss.detach())
-            if d_loss < D_COLLAPSE:
-                reinits += 1
-                self._reinit_discriminator(reinits)
-            return {
-                "loss": float(loss.detach()),
-                "adv": float(adv.detach()),
-                "con": float(con.detach()),
-                "lat": float(lat.detach()),
-                "d_loss": d_loss,
-            }
-
-        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
-            self.fitted.fill_(True)
-
-        epochs_run, means = train_epochs(
-            self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end, end_of_epoch=end_of_epoch
-        )
-        return {
-            "epochs": epochs_run,
-            "loss": means.get("loss", math.nan),
-            "d_loss": means.get("d_loss", math.nan),
-            "discriminator_reinits": reinits,
-        }
+    def _generator_losses(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """Adversarial BCE, L1 contextual and discriminator-latent L2 losses (``fit``'s
+        metrics ``adv``, ``con``, ``lat``)."""
+        reconstruction = self.generator(x)
+        # D's pass on the real images serves both updates: the generator step leaves D as is.
+        real_logits, real_latent = self.discriminator(x)
+        fake_logits, fake_latent = self.discriminator(reconstruction)
+        adv = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+        con = F.l1_loss(reconstruction, x)
+        lat = F.mse_loss(fake_latent, real_latent.detach())
+        loss = self.w_adv * adv + self.w_con * con + self.w_lat * lat
+        return loss, {"adv": adv, "con": con, "lat": lat}, reconstruction, real_logits
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

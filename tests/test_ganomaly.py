@@ -18,7 +18,7 @@ import torch
 from toy_defects import batches, check_prediction, image_auroc, toy_set
 
 import models
-import models.ganomaly as ganomaly_module
+import models.components.dcgan as dcgan_module
 from models.base import ModelError, backbone_problem, hyperparameters
 from models.ganomaly import GANomaly
 
@@ -105,7 +105,7 @@ def test_creating_and_fitting_leave_the_global_rng_alone(toy):
 
 def test_a_collapsed_discriminator_is_reinitialised(toy, monkeypatch):
     # Any loss counts as collapsed: D is re-drawn after every step, each time differently.
-    monkeypatch.setattr(ganomaly_module, "D_COLLAPSE", math.inf)
+    monkeypatch.setattr(dcgan_module, "D_COLLAPSE", math.inf)
     detector = small()
     before = detector.discriminator.final.weight.clone()
     stats = detector.fit(batches(toy.train[:4], 2), epochs=2)

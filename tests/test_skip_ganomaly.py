@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
 import models
-import models.skip_ganomaly as skip_module
+import models.components.dcgan as dcgan_module
 from models.base import ModelError, backbone_problem, hyperparameters
 from models.components.dcgan import to_tanh_range
 from models.skip_ganomaly import SkipGANomaly, UNetGenerator
@@ -130,7 +130,7 @@ def test_creating_and_fitting_leave_the_global_rng_alone(toy):
 
 
 def test_a_collapsed_discriminator_is_reinitialised(toy, monkeypatch):
-    monkeypatch.setattr(skip_module, "D_COLLAPSE", math.inf)
+    monkeypatch.setattr(dcgan_module, "D_COLLAPSE", math.inf)
     detector = small()
     stats = detector.fit(batches(toy.train[:4], 2), epochs=2)
     assert stats["discriminator_reinits"] == 4

@@ -18,14 +18,21 @@ side; the side is a buffer, so a state dict carries it and loading one rebuilds 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import Detector, ModelError
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    ModelError,
+    check_epochs,
+    train_epochs,
+)
 from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -143,12 +150,68 @@ class DCGANDecoder(nn.Module):
         return self.main(code)
 
 
-class SquareGAN(Detector):
-    """Base of the detectors whose networks are built for one square power-of-two side.
+D_COLLAPSE = 1e-5
+"""Discriminator loss below which D is re-initialised (the authors' code)."""
 
-    Subclasses implement :meth:`_build` (create every network for a side, seeded) and call
-    :meth:`_init_side` at the end of ``__init__``.
+
+class SquareGAN(Detector):
+    """Base of the GAN detectors: a generator and a discriminator built for one square
+    power-of-two side, trained alternately.
+
+    Subclasses call :meth:`_setup_gan` in ``__init__`` and implement
+    :meth:`_make_generator` and :meth:`_make_discriminator` (a network for a side; D returns
+    ``(logits, features)``) and :meth:`_generator_losses` (the generator's objective).
     """
+
+    def _setup_gan(
+        self,
+        *,
+        latent_dim: int,
+        n_features: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        loss_weights: Mapping[str, float],
+        epochs: int,
+        seed: int,
+    ) -> None:
+        """Check and keep the hyperparameters GANs share, draw the networks' seeds, build."""
+        name = self.name
+        for key, value in (("latent_dim", latent_dim), ("n_features", n_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelError(f"{name}: {key} must be a positive int, got {value!r}")
+        if not isinstance(lr, int | float) or not lr > 0:
+            raise ModelError(f"{name}: lr must be > 0, got {lr!r}")
+        for key, value in (("beta1", beta1), ("beta2", beta2)):
+            if not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ModelError(f"{name}: {key} must be in [0, 1), got {value!r}")
+        for key, value in loss_weights.items():
+            if not isinstance(value, int | float) or not value >= 0:
+                raise ModelError(f"{name}: {key} must be >= 0, got {value!r}")
+        self.latent_dim = latent_dim
+        self.n_features = n_features
+        self.lr = float(lr)
+        self.betas = (float(beta1), float(beta2))
+        for key, value in loss_weights.items():
+            setattr(self, key, float(value))
+        self.epochs = check_epochs(name, epochs)
+        self.seed = seed
+        generator = torch.Generator().manual_seed(seed)
+        self._generator_seed, self._discriminator_seed = torch.randint(
+            2**62, (2,), generator=generator, device="cpu"
+        ).tolist()
+        self._init_side()
+
+    def _make_generator(self, side: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _make_discriminator(self, side: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _generator_losses(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """The generator's weighted loss on a batch ``x`` in [-1, 1], its parts by name, the
+        reconstruction, and D's logits on ``x`` (reused by the discriminator's update)."""
+        raise NotImplementedError
 
     def _init_side(self) -> None:
         self.register_buffer("side", torch.tensor(DEFAULT_SIDE))
@@ -156,7 +219,89 @@ class SquareGAN(Detector):
         self._build(DEFAULT_SIDE)
 
     def _build(self, side: int) -> None:
-        raise NotImplementedError
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self._generator_seed)
+            self.generator = self._make_generator(side)
+            dcgan_init_(self.generator)
+        self.discriminator = self._new_discriminator(side, 0)
+
+    def _new_discriminator(self, side: int, count: int) -> nn.Module:
+        # Drawn on the CPU from its own seed (the count-th re-initialisation gets seed + count),
+        # so that neither the global CPU nor any accelerator generator is touched.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self._discriminator_seed + count)
+            discriminator = self._make_discriminator(side)
+            dcgan_init_(discriminator)
+        return discriminator
+
+    def _reinit_discriminator(self, count: int) -> None:
+        # Copied into the existing tensors: the optimizer keeps updating the same parameters.
+        fresh = self._new_discriminator(int(self.side), count)
+        self.discriminator.load_state_dict(fresh.state_dict())
+
+    def fit(
+        self,
+        train: Iterable[Batch],
+        *,
+        epochs: int | None = None,
+        on_epoch_end: EpochCallback | None = None,
+    ) -> dict[str, Any]:
+        """Train generator and discriminator alternately, one Adam step each per batch.
+
+        ``on_epoch_end(epoch, metrics)`` runs after every epoch with the epoch's mean weighted
+        generator loss (``"loss"``), its parts and the discriminator's loss (``"d_loss"``), and
+        stops training when it returns True. D is re-initialised whenever its loss collapses
+        below :data:`D_COLLAPSE`. The networks are rebuilt for the first batch's side when they
+        were built for another.
+        """
+        n_epochs = self.epochs if epochs is None else check_epochs(self.name, epochs, "fit epochs")
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        reinits = 0
+
+        def step(images: Tensor) -> dict[str, float]:
+            nonlocal reinits
+            if not optimizers:
+                self._prepare_side(images)
+                for key, net in (("g", self.generator), ("d", self.discriminator)):
+                    optimizers[key] = torch.optim.Adam(
+                        net.parameters(), lr=self.lr, betas=self.betas
+                    )
+            x, _ = self._network_input(images)
+            loss, parts, reconstruction, real_logits = self._generator_losses(x)
+            optimizers["g"].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers["g"].step()
+
+            fake_logits, _ = self.discriminator(reconstruction.detach())
+            d_loss = 0.5 * (
+                F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+            )
+            optimizers["d"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizers["d"].step()
+            d_value = float(d_loss.detach())
+            if d_value < D_COLLAPSE:
+                reinits += 1
+                self._reinit_discriminator(reinits)
+            return {
+                "loss": float(loss.detach()),
+                **{key: float(value.detach()) for key, value in parts.items()},
+                "d_loss": d_value,
+            }
+
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            self.fitted.fill_(True)
+
+        epochs_run, means = train_epochs(
+            self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end, end_of_epoch=end_of_epoch
+        )
+        return {
+            "epochs": epochs_run,
+            "loss": means.get("loss", math.nan),
+            "d_loss": means.get("d_loss", math.nan),
+            "discriminator_reinits": reinits,
+        }
 
     def _rebuild(self, side: int) -> None:
         device = self.side.device
