@@ -69,3 +69,21 @@ def tiny_study(glue_root: Path, output: Path, **overrides) -> dict:
     for key, value in overrides.items():
         study[key] = value
     return study
+
+
+@pytest.fixture(scope="session")
+def random_resnet18_weights(tmp_path_factory) -> str:
+    """A weight file of one fixed random resnet18 (seed 0) whose residual branches are live.
+
+    Detector tests that need a particular random teacher load it through ``weights=`` so
+    that their figures do not depend on how a detector derives its backbone's seed.
+    """
+    import timm
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        network = timm.create_model("resnet18", zero_init_last=False)
+    path = tmp_path_factory.mktemp("random_resnet18") / "resnet18.pth"
+    torch.save(network.state_dict(), path)
+    return str(path)

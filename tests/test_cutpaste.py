@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 import pytest
-import timm
 import torch
 from sklearn.covariance import LedoitWolf
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
@@ -34,18 +33,8 @@ def toy():
     return toy_set()
 
 
-@pytest.fixture(scope="module")
-def backbone_weights(tmp_path_factory) -> str:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        network = timm.create_model("resnet18", zero_init_last=False)
-    path = tmp_path_factory.mktemp("backbone") / "resnet18.pth"
-    torch.save(network.state_dict(), path)
-    return str(path)
-
-
-def small(backbone_weights: str, **overrides) -> CutPaste:
-    config = {"pretrained": False, "weights": backbone_weights}
+def small(random_resnet18_weights: str, **overrides) -> CutPaste:
+    config = {"pretrained": False, "weights": random_resnet18_weights}
     return models.create("cutpaste", **{**config, **overrides})
 
 
@@ -54,8 +43,8 @@ def small_images(n: int = 8) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def fitted(toy, backbone_weights):
-    detector = small(backbone_weights)
+def fitted(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     history = []
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
@@ -91,11 +80,11 @@ def test_every_epoch_is_reported_with_a_cosine_learning_rate(fitted):
     assert stats == {"epochs": FIT_EPOCHS, "loss": last["loss"], "accuracy": last["accuracy"]}
 
 
-def test_the_self_supervised_classifier_learns(backbone_weights):
+def test_the_self_supervised_classifier_learns(random_resnet18_weights):
     # Binary CutPaste on 8 small images with a one-layer head: enough updates in a few seconds
     # for the classifier to learn to spot pasted patches.
     images = small_images()
-    detector = small(backbone_weights, variant="binary", head_dims=(64,))
+    detector = small(random_resnet18_weights, variant="binary", head_dims=(64,))
     history = []
     detector.fit([images], epochs=12, on_epoch_end=lambda e, m: history.append(m) or False)
     losses = [m["loss"] for m in history]
@@ -105,8 +94,8 @@ def test_the_self_supervised_classifier_learns(backbone_weights):
     assert np.mean(accuracies[-3:]) > 0.75
 
 
-def test_training_stops_when_the_callback_says_so(toy, backbone_weights):
-    detector = small(backbone_weights, head_dims=(32,))
+def test_training_stops_when_the_callback_says_so(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights, head_dims=(32,))
     calls = []
     stats = detector.fit(
         batches(small_images(4)), epochs=5, on_epoch_end=lambda e, m: calls.append(e) or e == 2
@@ -116,9 +105,9 @@ def test_training_stops_when_the_callback_says_so(toy, backbone_weights):
     assert not detector.training
 
 
-def test_same_seed_same_scores_and_another_seed_differs(toy, backbone_weights):
+def test_same_seed_same_scores_and_another_seed_differs(toy, random_resnet18_weights):
     def run(seed: int) -> torch.Tensor:
-        detector = small(backbone_weights, seed=seed, head_dims=(32,))
+        detector = small(random_resnet18_weights, seed=seed, head_dims=(32,))
         detector.fit([small_images(4)], epochs=1)
         return detector.predict(toy.test[:4]).score
 
@@ -127,9 +116,9 @@ def test_same_seed_same_scores_and_another_seed_differs(toy, backbone_weights):
     assert not torch.equal(first, run(1))
 
 
-def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, backbone_weights):
+def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, random_resnet18_weights):
     detector, _, _, prediction = fitted
-    restored = small(backbone_weights, seed=5)
+    restored = small(random_resnet18_weights, seed=5)
     assert "density.precision" in detector.state_dict()
     restored.load_state_dict(detector.state_dict())
     assert torch.allclose(restored.predict(toy.test).score, prediction.score)
@@ -145,8 +134,8 @@ def test_predict_runs_in_eval_mode_and_restores_the_mode(toy, fitted):
         detector.eval()
 
 
-def test_synthetic_views_differ_from_the_originals_only_where_pasted(toy, backbone_weights):
-    detector = small(backbone_weights)
+def test_synthetic_views_differ_from_the_originals_only_where_pasted(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     images = toy.train[:4]
     views, labels = detector._synthesize(images, torch.Generator().manual_seed(0))
     assert views.shape == (12, 3, 64, 64)
@@ -159,16 +148,18 @@ def test_synthetic_views_differ_from_the_originals_only_where_pasted(toy, backbo
         assert changed.float().mean() < 0.15
 
 
-def test_predict_before_fit_and_empty_training_set_are_errors(toy, backbone_weights):
-    detector = small(backbone_weights, head_dims=(32,))
+def test_predict_before_fit_and_empty_training_set_are_errors(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights, head_dims=(32,))
     with pytest.raises(ModelError, match="before fit"):
         detector.predict(toy.test[:2])
     with pytest.raises(ModelError, match="empty"):
         detector.fit([], epochs=1)
 
 
-def test_patch_level_model_localises(toy, backbone_weights):
-    detector = small(backbone_weights, localize=True, patch_size=16, patch_stride=8, blur_sigma=2.0)
+def test_patch_level_model_localises(toy, random_resnet18_weights):
+    detector = small(
+        random_resnet18_weights, localize=True, patch_size=16, patch_stride=8, blur_sigma=2.0
+    )
     assert detector.localizes and not CutPaste.localizes
     detector.fit(batches(toy.train), epochs=FIT_EPOCHS)
     prediction = detector.predict(toy.test)
@@ -213,8 +204,8 @@ def test_a_degenerate_training_set_still_gives_finite_distances():
     assert distances[0] == 0 and distances[1] > 0
 
 
-def test_parameters_are_all_trained(backbone_weights):
-    detector = small(backbone_weights)
+def test_parameters_are_all_trained(random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     trainable, frozen = detector.param_counts()
     assert frozen == 0
     backbone = sum(p.numel() for p in detector.backbone.parameters())
@@ -241,14 +232,14 @@ def test_parameters_are_all_trained(backbone_weights):
         ({"blur_sigma": -1}, "blur_sigma must be >= 0"),
     ],
 )
-def test_bad_hyperparameters_are_model_errors(backbone_weights, overrides, message):
+def test_bad_hyperparameters_are_model_errors(random_resnet18_weights, overrides, message):
     with pytest.raises(ModelError, match=f"cutpaste: {message}"):
-        small(backbone_weights, **overrides)
+        small(random_resnet18_weights, **overrides)
 
 
-def test_bad_fit_epochs_is_a_model_error(toy, backbone_weights):
+def test_bad_fit_epochs_is_a_model_error(toy, random_resnet18_weights):
     with pytest.raises(ModelError, match="fit epochs must be a positive int"):
-        small(backbone_weights, head_dims=(32,)).fit(batches(toy.train[:2]), epochs=0)
+        small(random_resnet18_weights, head_dims=(32,)).fit(batches(toy.train[:2]), epochs=0)
 
 
 def test_defaults_are_the_papers():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
@@ -35,21 +34,11 @@ def toy():
     return toy_set()
 
 
-@pytest.fixture(scope="module")
-def encoder_weights(tmp_path_factory) -> str:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        network = timm.create_model("resnet18", zero_init_last=False)
-    path = tmp_path_factory.mktemp("encoder") / "resnet18.pth"
-    torch.save(network.state_dict(), path)
-    return str(path)
-
-
-def small(encoder_weights: str, **overrides) -> MemSeg:
+def small(random_resnet18_weights: str, **overrides) -> MemSeg:
     config = {
         "backbone": "resnet18",
         "pretrained": False,
-        "weights": encoder_weights,
+        "weights": random_resnet18_weights,
         "memory_size": 8,
         "lr": LR,
         "min_lr": 1e-5,
@@ -58,8 +47,8 @@ def small(encoder_weights: str, **overrides) -> MemSeg:
 
 
 @pytest.fixture(scope="module")
-def fitted(toy, encoder_weights):
-    detector = small(encoder_weights)
+def fitted(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     history = []
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
@@ -98,8 +87,8 @@ def test_every_epoch_is_reported_with_the_schedule(fitted):
     assert any("texture_dir" in note for note in stats["notes"])
 
 
-def test_learning_rate_schedule_warms_up_then_decays(encoder_weights):
-    detector = small(encoder_weights, lr=0.01, min_lr=0.001, warmup_ratio=0.2)
+def test_learning_rate_schedule_warms_up_then_decays(random_resnet18_weights):
+    detector = small(random_resnet18_weights, lr=0.01, min_lr=0.001, warmup_ratio=0.2)
     # Progress is the share of the budget's images seen: 0.2 ends the warm-up.
     assert detector._learning_rate(0.0) == pytest.approx(0.001)
     assert detector._learning_rate(0.1) == pytest.approx(0.0055)
@@ -125,15 +114,15 @@ def test_memory_holds_training_features_and_matches_itself(toy, fitted):
     assert all(float(d.abs().max()) > 0.0 for d in others)
 
 
-def test_small_training_set_gives_a_smaller_memory(toy, encoder_weights):
-    detector = small(encoder_weights)
+def test_small_training_set_gives_a_smaller_memory(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     stats = detector.fit(batches(toy.train[:3], 2), epochs=1)
     assert stats["memory_size"] == 3
     assert detector.memory()[0].shape[0] == 3
 
 
-def test_training_stops_when_the_callback_says_so(toy, encoder_weights):
-    detector = small(encoder_weights, memory_size=2)
+def test_training_stops_when_the_callback_says_so(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights, memory_size=2)
     calls = []
     stats = detector.fit(
         batches(toy.train[:4], 2), epochs=5, on_epoch_end=lambda e, m: calls.append(e) or e == 2
@@ -143,24 +132,24 @@ def test_training_stops_when_the_callback_says_so(toy, encoder_weights):
     assert not detector.training
 
 
-def test_same_seed_same_scores_and_another_seed_differs(toy, encoder_weights):
+def test_same_seed_same_scores_and_another_seed_differs(toy, random_resnet18_weights):
     def run(seed: int):
-        detector = small(encoder_weights, seed=seed, memory_size=2)
+        detector = small(random_resnet18_weights, seed=seed, memory_size=2)
         detector.fit(batches(toy.train[:4], 2), epochs=1)
         return detector.predict(toy.test[:2])
 
     first, again = run(0), run(0)
     assert torch.equal(first.score, again.score)
     assert torch.equal(first.anomaly_map, again.anomaly_map)
-    other = small(encoder_weights, seed=1).head.state_dict()
-    for key, value in small(encoder_weights, seed=0).head.state_dict().items():
+    other = small(random_resnet18_weights, seed=1).head.state_dict()
+    for key, value in small(random_resnet18_weights, seed=0).head.state_dict().items():
         if key.endswith("weight") and value.ndim == 4:
             assert not torch.equal(value, other[key])
 
 
-def test_state_dict_round_trip_keeps_memory_and_weights(toy, fitted, encoder_weights):
+def test_state_dict_round_trip_keeps_memory_and_weights(toy, fitted, random_resnet18_weights):
     detector, _, _, prediction = fitted
-    restored = small(encoder_weights, seed=5)
+    restored = small(random_resnet18_weights, seed=5)
     restored.load_state_dict(detector.state_dict())
     restored.eval()
     again = restored.predict(toy.test)
@@ -175,22 +164,22 @@ def test_predict_at_another_size_is_an_error(toy, fitted):
         detector.predict(images)
 
 
-def test_predict_before_fit_and_empty_training_set_are_errors(toy, encoder_weights):
-    detector = small(encoder_weights)
+def test_predict_before_fit_and_empty_training_set_are_errors(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     with pytest.raises(ModelError, match="before fit"):
         detector.predict(toy.test[:2])
     with pytest.raises(ModelError, match="empty"):
         detector.fit([], epochs=1)
 
 
-def test_missing_texture_folder_is_a_model_error(toy, encoder_weights, tmp_path):
-    detector = small(encoder_weights, texture_dir=str(tmp_path / "dtd"))
+def test_missing_texture_folder_is_a_model_error(toy, random_resnet18_weights, tmp_path):
+    detector = small(random_resnet18_weights, texture_dir=str(tmp_path / "dtd"))
     with pytest.raises(ModelError, match="dtd"):
         detector.fit(batches(toy.train[:2]), epochs=1)
 
 
-def test_encoder_is_frozen_and_only_layer4_and_head_train(encoder_weights):
-    detector = small(encoder_weights)
+def test_encoder_is_frozen_and_only_layer4_and_head_train(random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     trainable, frozen = detector.param_counts()
     assert frozen == sum(p.numel() for p in detector.encoder.parameters())
     deep = sum(p.numel() for p in detector.deep.parameters())
@@ -229,9 +218,9 @@ def test_coordinate_attention_keeps_shape_and_scales_positively():
         ({"epochs": 0}, "epochs must be a positive int"),
     ],
 )
-def test_bad_hyperparameters_are_model_errors(encoder_weights, overrides, message):
+def test_bad_hyperparameters_are_model_errors(random_resnet18_weights, overrides, message):
     with pytest.raises(ModelError, match=message):
-        small(encoder_weights, **overrides)
+        small(random_resnet18_weights, **overrides)
 
 
 def test_defaults_are_the_reference_values():

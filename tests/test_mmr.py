@@ -16,7 +16,6 @@ import itertools
 import math
 
 import pytest
-import timm
 import torch
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
@@ -43,23 +42,13 @@ def toy():
     return toy_set()
 
 
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory) -> str:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        network = timm.create_model("resnet18", zero_init_last=False)
-    path = tmp_path_factory.mktemp("teacher") / "resnet18.pth"
-    torch.save(network.state_dict(), path)
-    return str(path)
-
-
-def small(teacher_weights: str, **overrides) -> MMR:
-    return models.create("mmr", **{**TINY, "weights": teacher_weights, **overrides})
+def small(random_resnet18_weights: str, **overrides) -> MMR:
+    return models.create("mmr", **{**TINY, "weights": random_resnet18_weights, **overrides})
 
 
 @pytest.fixture(scope="module")
-def fitted(toy, teacher_weights):
-    detector = small(teacher_weights)
+def fitted(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     history = []
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
@@ -93,15 +82,15 @@ def test_every_epoch_is_reported_the_loss_falls_and_the_rate_warms_up_then_decay
     assert rates[-1] < 0.05 * TINY["lr"]
 
 
-def test_warmup_is_linear(teacher_weights):
-    detector = small(teacher_weights, warmup_epochs=4)
+def test_warmup_is_linear(random_resnet18_weights):
+    detector = small(random_resnet18_weights, warmup_epochs=4)
     assert [detector._learning_rate(e, 10) for e in (1, 2, 4)] == pytest.approx(
         [0.25 * TINY["lr"], 0.5 * TINY["lr"], TINY["lr"]]
     )
 
 
-def test_training_stops_when_the_callback_says_so(toy, teacher_weights):
-    detector = small(teacher_weights)
+def test_training_stops_when_the_callback_says_so(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     calls = []
     stats = detector.fit(
         batches(toy.train[:4]), epochs=5, on_epoch_end=lambda e, m: calls.append(e) or e == 2
@@ -111,9 +100,9 @@ def test_training_stops_when_the_callback_says_so(toy, teacher_weights):
     assert not detector.training
 
 
-def test_same_seed_same_scores_and_another_seed_differs(toy, teacher_weights):
+def test_same_seed_same_scores_and_another_seed_differs(toy, random_resnet18_weights):
     def run(seed: int):
-        detector = small(teacher_weights, seed=seed)
+        detector = small(random_resnet18_weights, seed=seed)
         detector.fit(batches(toy.train[:4]), epochs=2)
         return detector.predict(toy.test[:2])
 
@@ -123,8 +112,8 @@ def test_same_seed_same_scores_and_another_seed_differs(toy, teacher_weights):
     assert not torch.equal(first.score, other.score)
 
 
-def test_masking_hides_patches_completely(toy, teacher_weights):
-    detector = small(teacher_weights, mask_ratio=0.4).eval()
+def test_masking_hides_patches_completely(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights, mask_ratio=0.4).eval()
     images = toy.test[:2]
     keep = detector._keep_indices(images, torch.Generator().manual_seed(0))
     n_patches = (64 // 8) ** 2
@@ -155,9 +144,9 @@ def test_position_embedding_is_maes_sine_cosine():
     assert embedding[5].tolist() == pytest.approx(column + row, abs=1e-6)
 
 
-def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, teacher_weights):
+def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, random_resnet18_weights):
     detector, _, _, prediction = fitted
-    restored = small(teacher_weights, seed=5)
+    restored = small(random_resnet18_weights, seed=5)
     restored.load_state_dict(detector.state_dict())
     restored.eval()
     again = restored.predict(toy.test)
@@ -165,34 +154,34 @@ def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, teacher_weigh
     assert torch.allclose(again.anomaly_map, prediction.anomaly_map)
 
 
-def test_vit_weights_load_from_an_mae_style_checkpoint(teacher_weights, tmp_path):
-    source = small(teacher_weights, seed=1)
+def test_vit_weights_load_from_an_mae_style_checkpoint(random_resnet18_weights, tmp_path):
+    source = small(random_resnet18_weights, seed=1)
     state = {k: v for k, v in source.vit.state_dict().items() if k != "mask_token"}
     # An MAE checkpoint also holds a position embedding and its pixel decoder; both are ignored.
     state["pos_embed"] = torch.zeros(1, 65, 64)
     state["decoder_embed.weight"] = torch.zeros(32, 64)
     path = tmp_path / "mae.pth"
     torch.save({"model": state}, path)
-    loaded = small(teacher_weights, seed=2, vit_weights=str(path))
+    loaded = small(random_resnet18_weights, seed=2, vit_weights=str(path))
     for key, value in source.vit.state_dict().items():
         if key != "mask_token":
             assert torch.equal(loaded.vit.state_dict()[key], value), key
     with pytest.raises(ModelError, match="does not fit a ViT"):
-        small(teacher_weights, vit_weights=str(path), vit_embed_dim=32)
+        small(random_resnet18_weights, vit_weights=str(path), vit_embed_dim=32)
     with pytest.raises(ModelError, match="does not exist"):
-        small(teacher_weights, vit_weights=str(tmp_path / "missing.pth"))
+        small(random_resnet18_weights, vit_weights=str(tmp_path / "missing.pth"))
 
 
-def test_predict_before_fit_and_empty_training_set_are_errors(toy, teacher_weights):
-    detector = small(teacher_weights)
+def test_predict_before_fit_and_empty_training_set_are_errors(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     with pytest.raises(ModelError, match="before fit"):
         detector.predict(toy.test[:2])
     with pytest.raises(ModelError, match="empty"):
         detector.fit([], epochs=1)
 
 
-def test_parameters_are_the_vit_and_pyramid_and_the_cnn_is_frozen(teacher_weights):
-    detector = small(teacher_weights)
+def test_parameters_are_the_vit_and_pyramid_and_the_cnn_is_frozen(random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     trainable, frozen = detector.param_counts()
     learned = sum(p.numel() for p in (*detector.vit.parameters(), *detector.pyramid.parameters()))
     assert trainable == learned
@@ -226,9 +215,9 @@ def test_odd_input_size_gives_maps_of_input_size(toy, fitted):
         ({"patch_size": 0}, "patch_size must be a positive int"),
     ],
 )
-def test_bad_hyperparameters_are_model_errors(teacher_weights, overrides, message):
+def test_bad_hyperparameters_are_model_errors(random_resnet18_weights, overrides, message):
     with pytest.raises(ModelError, match=message):
-        small(teacher_weights, **overrides)
+        small(random_resnet18_weights, **overrides)
 
 
 def test_defaults_are_the_study_and_paper_values():

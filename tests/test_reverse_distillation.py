@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
@@ -32,24 +31,14 @@ def toy():
     return toy_set()
 
 
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory) -> str:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        network = timm.create_model("resnet18", zero_init_last=False)
-    path = tmp_path_factory.mktemp("teacher") / "resnet18.pth"
-    torch.save(network.state_dict(), path)
-    return str(path)
-
-
-def small(teacher_weights: str, **overrides) -> ReverseDistillation:
-    config = {"backbone": "resnet18", "pretrained": False, "weights": teacher_weights}
+def small(random_resnet18_weights: str, **overrides) -> ReverseDistillation:
+    config = {"backbone": "resnet18", "pretrained": False, "weights": random_resnet18_weights}
     return models.create("reverse_distillation", **{**config, **overrides})
 
 
 @pytest.fixture(scope="module")
-def fitted(toy, teacher_weights):
-    detector = small(teacher_weights)
+def fitted(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     history = []
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
@@ -79,8 +68,8 @@ def test_every_epoch_is_reported_and_the_loss_falls(fitted):
     assert stats == {"epochs": FIT_EPOCHS, "loss": losses[-1]}
 
 
-def test_training_stops_when_the_callback_says_so(toy, teacher_weights):
-    detector = small(teacher_weights)
+def test_training_stops_when_the_callback_says_so(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     calls = []
     stats = detector.fit(
         batches(toy.train[:4]), epochs=5, on_epoch_end=lambda e, m: calls.append(e) or e == 2
@@ -90,24 +79,24 @@ def test_training_stops_when_the_callback_says_so(toy, teacher_weights):
     assert not detector.training
 
 
-def test_same_seed_same_scores_and_another_seed_differs(toy, teacher_weights):
+def test_same_seed_same_scores_and_another_seed_differs(toy, random_resnet18_weights):
     def run(seed: int):
-        detector = small(teacher_weights, seed=seed)
+        detector = small(random_resnet18_weights, seed=seed)
         detector.fit(batches(toy.train[:4]), epochs=1)
         return detector.predict(toy.test[:2])
 
     first, again = run(0), run(0)
     assert torch.equal(first.score, again.score)
     assert torch.equal(first.anomaly_map, again.anomaly_map)
-    other = small(teacher_weights, seed=1).decoder.state_dict()
-    for key, value in small(teacher_weights, seed=0).decoder.state_dict().items():
+    other = small(random_resnet18_weights, seed=1).decoder.state_dict()
+    for key, value in small(random_resnet18_weights, seed=0).decoder.state_dict().items():
         if key.endswith("weight") and value.ndim == 4:
             assert not torch.equal(value, other[key])
 
 
-def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, teacher_weights):
+def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, random_resnet18_weights):
     detector, _, _, prediction = fitted
-    restored = small(teacher_weights, seed=5)
+    restored = small(random_resnet18_weights, seed=5)
     restored.load_state_dict(detector.state_dict())
     restored.eval()
     again = restored.predict(toy.test)
@@ -115,25 +104,27 @@ def test_state_dict_round_trip_keeps_what_was_learned(toy, fitted, teacher_weigh
     assert torch.allclose(again.anomaly_map, prediction.anomaly_map)
 
 
-def test_multiplied_maps_also_detect(toy, fitted, teacher_weights):
+def test_multiplied_maps_also_detect(toy, fitted, random_resnet18_weights):
     detector, _, _, _ = fitted
-    product = small(teacher_weights, anomaly_map_mode="multiply")
+    product = small(random_resnet18_weights, anomaly_map_mode="multiply")
     product.load_state_dict(detector.state_dict())
     prediction = product.predict(toy.test)
     check_prediction(toy, prediction, localizes=True)
     assert image_auroc(toy, prediction.score) >= 0.9
 
 
-def test_predict_before_fit_and_empty_training_set_are_errors(toy, teacher_weights):
-    detector = small(teacher_weights)
+def test_predict_before_fit_and_empty_training_set_are_errors(toy, random_resnet18_weights):
+    detector = small(random_resnet18_weights)
     with pytest.raises(ModelError, match="before fit"):
         detector.predict(toy.test[:2])
     with pytest.raises(ModelError, match="empty"):
         detector.fit([], epochs=1)
 
 
-def test_parameters_are_the_bottleneck_and_decoder_and_the_teacher_is_frozen(teacher_weights):
-    detector = small(teacher_weights)
+def test_parameters_are_the_bottleneck_and_decoder_and_the_teacher_is_frozen(
+    random_resnet18_weights,
+):
+    detector = small(random_resnet18_weights)
     trainable, frozen = detector.param_counts()
     bottleneck = sum(p.numel() for p in detector.bottleneck.parameters())
     decoder = sum(p.numel() for p in detector.decoder.parameters())
@@ -183,14 +174,14 @@ def test_odd_input_size_gives_maps_of_input_size(toy, fitted):
         ({"layers": ("layer1", "layer2", "layer4")}, "layer1, layer2, layer3"),
     ],
 )
-def test_bad_hyperparameters_are_model_errors(teacher_weights, overrides, message):
+def test_bad_hyperparameters_are_model_errors(random_resnet18_weights, overrides, message):
     with pytest.raises(ModelError, match=message):
-        small(teacher_weights, **overrides)
+        small(random_resnet18_weights, **overrides)
 
 
-def test_bad_fit_epochs_is_a_model_error(toy, teacher_weights):
+def test_bad_fit_epochs_is_a_model_error(toy, random_resnet18_weights):
     with pytest.raises(ModelError, match="fit epochs must be a positive int"):
-        small(teacher_weights).fit(batches(toy.train[:2]), epochs=0)
+        small(random_resnet18_weights).fit(batches(toy.train[:2]), epochs=0)
 
 
 def test_defaults_are_the_study_and_paper_values():
