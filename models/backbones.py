@@ -51,6 +51,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.base import ModelError, _suggest
+from models.cache import active_cache, make_key
 
 __all__ = [
     "BACKBONES",
@@ -650,6 +651,8 @@ class FeatureExtractor(torch.nn.Module):
         if self.frozen:
             self.model.requires_grad_(False)
             self.eval()
+        # (tensor versions and addresses, weights fingerprint) of the last fingerprinting.
+        self._weights_memo: tuple[tuple, str] | None = None
 
     def _check_built(self, order: list[str]) -> None:
         """Fail loudly when timm's model no longer matches the spec (a timm upgrade)."""
@@ -677,7 +680,97 @@ class FeatureExtractor(torch.nn.Module):
 
         ``norm=True`` passes transformer tokens through the model's final LayerNorm first (what
         FastFlow and U-Flow read); CNNs have no such norm and refuse it.
+
+        Inside ``models.cache.use_cache(cache)`` a frozen extractor reads the features of a
+        batch it has seen before from the cache, bit-identical to computing them (see
+        :meth:`feature_cache_key`); a trainable one always computes them.
         """
+        cache = active_cache()
+        if cache is None or not self._cacheable(images):
+            return self._compute(images, norm)
+        key = self.feature_cache_key(images, norm=norm)
+        stored = cache.get(key, device=images.device)
+        if stored is None:
+            features = self._compute(images, norm)
+            # Layers that alias one native layer share one tensor: store it once.
+            cache.put(key, {self._native[layer]: f for layer, f in features.items()})
+            return features
+        return {layer: stored[self._native[layer]] for layer in self.layers}
+
+    def _cacheable(self, images: Tensor) -> bool:
+        """Whether features of ``images`` are a pure function of the weights and the batch."""
+        if not self.frozen or images.requires_grad:
+            return False
+        for module in self.modules():
+            # Training mode (batch statistics) or hooks (side effects a hit would skip).
+            if module.training or module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return not any(p.requires_grad for p in self.parameters())
+
+    def feature_cache_key(self, images: Tensor, *, norm: bool = False) -> str:
+        """The cache key of ``forward(images, norm=norm)``: everything its result depends on.
+
+        The extractor (backbone, layers, norm, input conversion, a fingerprint of the weights),
+        the numerics (torch and timm versions, device kind, CPU threads or CUDA device and
+        TF32/cuDNN flags, autocast) and the whole batch (dtype, shape, strides, bytes). The key
+        is per batch, not per image: a convolution can round differently on a sub-batch, so
+        per-image entries would not reproduce a batch's features bit for bit.
+        """
+        device = images.device
+        if device.type == "cuda":
+            numerics = (
+                torch.cuda.get_device_name(device),
+                torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark,
+            )
+        elif device.type == "cpu":
+            numerics = (torch.get_num_threads(),)
+        else:
+            numerics = ()
+        autocast = torch.is_autocast_enabled(device.type)
+        autocast_dtype = str(torch.get_autocast_dtype(device.type)) if autocast else None
+        return make_key(
+            "FeatureExtractor/1",
+            torch.__version__,
+            timm.__version__,
+            self.spec.name,
+            self.spec.timm_name,
+            list(self._indices),
+            sorted(set(self._native.values())),
+            norm,
+            self._renormalise,
+            self._weights_fingerprint(),
+            device.type,
+            numerics,
+            torch.get_float32_matmul_precision(),
+            autocast,
+            autocast_dtype,
+            list(images.stride()),
+            images,
+        )
+
+    def _weights_fingerprint(self) -> str:
+        """A hash of every parameter and buffer, recomputed only when one of them changed.
+
+        An in-place change (``load_state_dict``, an optimiser step) bumps a tensor's version;
+        moving or replacing one changes its address.
+        """
+        tensors = [*self.named_parameters(), *self.named_buffers()]
+        try:
+            signature = tuple(
+                (name, t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+                for name, t in tensors
+            )
+        except RuntimeError:  # inference tensors have no version: hash them every time
+            signature = None
+        if signature is None or self._weights_memo is None or self._weights_memo[0] != signature:
+            parts = [part for name, tensor in tensors for part in (name, tensor)]
+            self._weights_memo = (signature, make_key(*parts))
+        return self._weights_memo[1]
+
+    def _compute(self, images: Tensor, norm: bool) -> dict[str, Tensor]:
         if self._renormalise:
             images = images * self.input_scale + self.input_shift
         if self.spec.kind == "cnn":

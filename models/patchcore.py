@@ -27,7 +27,8 @@ from models.base import (
     iter_images,
     register,
 )
-from models.components.coreset import greedy_coreset
+from models.cache import active_cache, make_key
+from models.components.coreset import GreedyCoreset, coreset_size, greedy_coreset
 from models.components.feature_utils import (
     NearestNeighbors,
     concat_to_first,
@@ -147,13 +148,7 @@ class PatchCore(Detector):
         del patches
         extracted = _synchronized_clock(device)
         if self.coreset_ratio < 1.0:
-            generator = torch.Generator().manual_seed(self.seed)
-            selected = greedy_coreset(
-                features,
-                self.coreset_ratio,
-                projection_dim=self.projection_dim,
-                generator=generator,
-            )
+            selected = self._select_coreset(features)
             self.memory_bank = features[selected].contiguous()
         else:
             self.memory_bank = features
@@ -168,6 +163,48 @@ class PatchCore(Detector):
         if on_epoch_end is not None:
             on_epoch_end(1, {"memory_bank_size": stats["memory_bank_size"]})
         return stats
+
+    def _select_coreset(self, features: Tensor) -> Tensor:
+        """The memory bank's indices into ``features``.
+
+        Inside ``models.cache.use_cache(cache)`` the greedy run is shared through the cache,
+        keyed by the features' content, the projection and the generator's state: a stored run
+        at least as long gives its prefix, a shorter one is resumed and stored longer. Both give
+        exactly the indices of a fresh run, so the memory bank does not depend on the cache.
+        """
+        generator = torch.Generator().manual_seed(self.seed)
+        cache = active_cache()
+        if cache is None:
+            return greedy_coreset(
+                features,
+                self.coreset_ratio,
+                projection_dim=self.projection_dim,
+                generator=generator,
+            )
+        size = coreset_size(features.shape[0], self.coreset_ratio)
+        key = make_key(
+            "patchcore.coreset/1",
+            torch.__version__,
+            features.device.type,
+            features,
+            self.projection_dim,
+            generator.get_state(),
+        )
+        stored = cache.get(key, device=features.device)
+        if stored is not None and stored["selected"].shape[0] >= size:
+            return stored["selected"][:size]
+        options = {"projection_dim": self.projection_dim, "generator": generator}
+        try:
+            run = GreedyCoreset(features, **options, state=stored)
+        except ValueError:
+            if stored is None:
+                raise
+            # A stored run that does not fit (not expected for a matching key): start afresh.
+            options["generator"] = torch.Generator().manual_seed(self.seed)
+            run = GreedyCoreset(features, **options)
+        selected = run.select(size)
+        cache.put(key, run.state_dict())
+        return selected
 
     def _neighbors(self) -> NearestNeighbors:
         # The search index is a cache of the memory bank; moving the module to another device or

@@ -19,16 +19,29 @@ before computing any full distance:
 Only the few points left get the full distance. :func:`naive_greedy_coreset` is the textbook
 version that updates every point at every step; it selects the same indices and exists to
 verify and benchmark the fast one.
+
+The selection is prefix-consistent: the first ``k`` centres of a run for ``K > k`` centres are
+the run for ``k`` (same projection and start). :class:`GreedyCoreset` keeps a run's state
+(centres so far, each point's distance to its nearest centre and which one that is) so it can be
+extended later, or saved and resumed elsewhere with :meth:`GreedyCoreset.state_dict`: a study of
+several coreset ratios on the same features pays for its largest ratio once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["coreset_size", "greedy_coreset", "naive_greedy_coreset", "random_projection"]
+__all__ = [
+    "GreedyCoreset",
+    "coreset_size",
+    "greedy_coreset",
+    "naive_greedy_coreset",
+    "random_projection",
+]
 
 # A point is ruled out only when a bound clears its current squared distance by this relative
 # margin. Float32 rounding of a squared distance over 128 coordinates is below 1e-5 relative, so
@@ -107,12 +120,9 @@ def _argmax(values: Tensor) -> int:
 
 
 def _prepare(
-    features: Tensor,
-    n: int | float,
-    projection_dim: int | None,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, int, int]:
-    """The points both algorithms select from, the number of centres and the first centre."""
+    features: Tensor, projection_dim: int | None, generator: torch.Generator | None
+) -> tuple[Tensor, int]:
+    """The points both algorithms select from, and the first centre."""
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(
             f"features must be a non-empty N x D tensor, got shape {tuple(features.shape)}"
@@ -121,10 +131,153 @@ def _prepare(
         raise ValueError("features contain NaN or infinite values")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    size = coreset_size(features.shape[0], n)
     points = _principal_axes(random_projection(features, projection_dim, generator))
     first = int(torch.randint(points.shape[0], (1,), generator=generator))
-    return points, size, first
+    return points, first
+
+
+class GreedyCoreset:
+    """A greedy k-center selection over fixed features that can be extended to more centres.
+
+    ``select(n)`` returns the first ``n`` centres of the run, running it further when it is
+    shorter; the indices are those :func:`greedy_coreset` gives for the same arguments, however
+    the run got there (one call, several, or a restored state).
+
+    Args:
+        features: ``N x D`` points (patch features), on any device.
+        projection_dim: dimension of the random projection distances are measured in; None
+            measures them on the features themselves.
+        generator: source of the projection matrix and the first centre (a CPU generator, in
+            the state a fresh run would get it); None means ``torch.Generator().manual_seed(0)``.
+        state: a :meth:`state_dict` of an earlier run on the same features, projection and
+            generator state, to resume from; one that does not fit is a ``ValueError``.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        features: Tensor,
+        *,
+        projection_dim: int | None = 128,
+        generator: torch.Generator | None = None,
+        state: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        points, first = _prepare(features, projection_dim, generator)
+        self._points = points
+        self._head = points[:, :_HEAD_DIMS].contiguous()
+        self._capacity = 0
+        self._selected = torch.empty(0, dtype=torch.long, device=points.device)
+        self._centres = torch.empty(0, points.shape[1], dtype=points.dtype, device=points.device)
+        if state is None:
+            self._count = 1
+            self._reserve(1)
+            self._selected[0] = first
+            self._centres[0] = points[first]
+            self._min_d2 = _squared_distances(points, self._centres[0])
+            self._nearest = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+        else:
+            self._restore(state, first)
+        # _TRIANGLE_FACTOR * min_d2, kept alongside so the per-step test needs no multiply; it is
+        # that product for every point at every step, so it is rebuilt rather than stored.
+        self._triangle_threshold = self._min_d2 * _TRIANGLE_FACTOR
+
+    def __len__(self) -> int:
+        """Centres selected so far."""
+        return self._count
+
+    @property
+    def num_points(self) -> int:
+        return self._points.shape[0]
+
+    @torch.no_grad()
+    def select(self, n: int | float) -> Tensor:
+        """The first ``n`` centres (an ``int`` count or a ``float`` ratio of the points), as
+        int64 indices in selection order on the features' device."""
+        size = coreset_size(self.num_points, n)
+        self._extend(size)
+        return self._selected[:size].clone()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The run so far, on the CPU: ``selected`` (indices), ``min_d2`` (each point's squared
+        projected distance to its nearest centre) and ``nearest`` (that centre's position in
+        ``selected``)."""
+        return {
+            # Copies: the run goes on updating its own tensors in place.
+            "selected": self._selected[: self._count].to("cpu", copy=True),
+            "min_d2": self._min_d2.to("cpu", copy=True),
+            "nearest": self._nearest.to("cpu", copy=True),
+        }
+
+    def _restore(self, state: Mapping[str, Tensor], first: int) -> None:
+        device, n_points = self._points.device, self._points.shape[0]
+        try:
+            selected = state["selected"].to(device, torch.long)
+            min_d2 = state["min_d2"].to(device, self._points.dtype).clone()
+            nearest = state["nearest"].to(device, torch.long).clone()
+        except (KeyError, AttributeError, TypeError) as error:
+            raise ValueError(
+                f"coreset state: needs selected, min_d2 and nearest ({error})"
+            ) from None
+        count = selected.shape[0]
+        problem = None
+        if selected.ndim != 1 or not 1 <= count <= n_points:
+            problem = f"{tuple(selected.shape)} selected indices for {n_points} points"
+        elif min_d2.shape != (n_points,) or nearest.shape != (n_points,):
+            problem = f"min_d2 / nearest are not {n_points}-vectors"
+        elif int(selected[0]) != first:
+            problem = "it starts from another point (other features, projection or generator)"
+        elif int(selected.min()) < 0 or int(selected.max()) >= n_points:
+            problem = "selected indices out of range"
+        elif int(nearest.min()) < 0 or int(nearest.max()) >= count:
+            problem = "nearest-centre positions out of range"
+        if problem is not None:
+            raise ValueError(f"coreset state does not fit these features: {problem}")
+        self._count = count
+        self._reserve(count)
+        self._selected[:count] = selected
+        self._centres[:count] = self._points[selected]
+        self._min_d2, self._nearest = min_d2, nearest
+
+    def _reserve(self, size: int) -> None:
+        if size <= self._capacity:
+            return
+        # Grow geometrically, so extending one centre at a time costs amortised O(1) copies.
+        capacity = max(size, 2 * self._capacity)
+        selected = torch.empty(capacity, dtype=torch.long, device=self._points.device)
+        centres = self._points.new_empty(capacity, self._points.shape[1])
+        selected[: self._capacity] = self._selected[: self._capacity]
+        centres[: self._capacity] = self._centres[: self._capacity]
+        self._selected, self._centres, self._capacity = selected, centres, capacity
+
+    def _extend(self, size: int) -> None:
+        if size <= self._count:
+            return
+        self._reserve(size)
+        points, head, centres, selected = self._points, self._head, self._centres, self._selected
+        min_d2, nearest = self._min_d2, self._nearest
+        triangle_threshold = self._triangle_threshold
+        for k in range(self._count, size):
+            index = _argmax(min_d2)
+            selected[k] = index
+            centre = points[index]
+            centres[k] = centre
+            # Step 1: triangle inequality through each point's nearest centre.
+            to_centres = _squared_distances(centres[:k], centre)
+            candidates = to_centres.index_select(0, nearest) < triangle_threshold
+            candidates = torch.nonzero(candidates).squeeze(1)
+            current = min_d2.index_select(0, candidates)
+            # Step 2: distance over the leading principal coordinates, a lower bound.
+            partial = _squared_distances(head.index_select(0, candidates), head[index])
+            keep = partial < current * (1.0 + _MARGIN)
+            candidates, current = candidates[keep], current[keep]
+            # Full distances for what is left; update the points that got closer.
+            d2 = _squared_distances(points.index_select(0, candidates), centre)
+            closer = d2 < current
+            improved, d2 = candidates[closer], d2[closer]
+            min_d2.index_copy_(0, improved, d2)
+            triangle_threshold.index_copy_(0, improved, d2 * _TRIANGLE_FACTOR)
+            nearest.index_fill_(0, improved, k)
+        self._count = size
 
 
 @torch.no_grad()
@@ -149,39 +302,10 @@ def greedy_coreset(
         ``n`` distinct int64 indices into ``features``, in selection order, on ``features``'
         device. Identical to :func:`naive_greedy_coreset` for the same arguments.
     """
-    points, size, first = _prepare(features, n, projection_dim, generator)
-    head = points[:, :_HEAD_DIMS].contiguous()
-    device = points.device
-    selected = torch.empty(size, dtype=torch.long, device=device)
-    centres = torch.empty(size, points.shape[1], dtype=points.dtype, device=device)
-    selected[0] = first
-    centres[0] = points[first]
-    min_d2 = _squared_distances(points, centres[0])
-    nearest = torch.zeros(points.shape[0], dtype=torch.long, device=device)
-    # _TRIANGLE_FACTOR * min_d2, kept alongside so the per-step test needs no multiply.
-    triangle_threshold = min_d2 * _TRIANGLE_FACTOR
-    for k in range(1, size):
-        index = _argmax(min_d2)
-        selected[k] = index
-        centre = points[index]
-        centres[k] = centre
-        # Step 1: triangle inequality through each point's nearest centre.
-        to_centres = _squared_distances(centres[:k], centre)
-        candidates = to_centres.index_select(0, nearest) < triangle_threshold
-        candidates = torch.nonzero(candidates).squeeze(1)
-        current = min_d2.index_select(0, candidates)
-        # Step 2: distance over the leading principal coordinates, a lower bound.
-        partial = _squared_distances(head.index_select(0, candidates), head[index])
-        keep = partial < current * (1.0 + _MARGIN)
-        candidates, current = candidates[keep], current[keep]
-        # Full distances for what is left; update the points that got closer.
-        d2 = _squared_distances(points.index_select(0, candidates), centre)
-        closer = d2 < current
-        improved, d2 = candidates[closer], d2[closer]
-        min_d2.index_copy_(0, improved, d2)
-        triangle_threshold.index_copy_(0, improved, d2 * _TRIANGLE_FACTOR)
-        nearest.index_fill_(0, improved, k)
-    return selected
+    if features.ndim == 2 and features.shape[0] > 0:
+        coreset_size(features.shape[0], n)  # a bad n fails before any work
+    run = GreedyCoreset(features, projection_dim=projection_dim, generator=generator)
+    return run.select(n)
 
 
 @torch.no_grad()
@@ -196,7 +320,10 @@ def naive_greedy_coreset(
 
     Same arguments and result as :func:`greedy_coreset`, at ``O(n N D)`` cost.
     """
-    points, size, first = _prepare(features, n, projection_dim, generator)
+    if features.ndim == 2 and features.shape[0] > 0:
+        coreset_size(features.shape[0], n)  # a bad n fails before any work
+    points, first = _prepare(features, projection_dim, generator)
+    size = coreset_size(points.shape[0], n)
     selected = torch.empty(size, dtype=torch.long, device=points.device)
     selected[0] = first
     min_d2 = _squared_distances(points, points[first])
