@@ -100,6 +100,10 @@ class TransformSpec:
     def __hash__(self) -> int:
         return hash(json.dumps(self.spec(), sort_keys=True))
 
+    def __reduce__(self) -> tuple:
+        # A read-only mapping view cannot be pickled (Ray ships specs to its workers).
+        return (TransformSpec, (self.name, dict(self.kwargs)))
+
     def spec(self) -> dict[str, dict[str, Any]]:
         """``{name: kwargs}``, as a study file writes it."""
         return {self.name: json.loads(json.dumps(dict(self.kwargs)))}

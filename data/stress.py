@@ -234,6 +234,10 @@ class StressSpec:
     def __hash__(self) -> int:
         return hash((self.name, json.dumps(self.spec(), sort_keys=True)))
 
+    def __reduce__(self) -> tuple:
+        # A read-only mapping view cannot be pickled (Ray ships specs to its workers).
+        return (StressSpec, (self.name, self.kind, dict(self.params)))
+
     def spec(self) -> dict[str, Any]:
         """JSON-able ``{"kind": ..., <every parameter, defaults included>}``: what result rows
         record and trial ids hash."""
