@@ -39,7 +39,6 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-__all__ = ["CacheStats", "TensorCache", "active_cache", "make_key", "use_cache"]
+__all__ = ["TensorCache", "active_cache", "make_key", "use_cache"]
 
 _SUFFIX = ".safetensors"
 _FORMAT = "anomaly-sweep/tensor-cache/1"
@@ -120,25 +119,16 @@ def _tensor_bytes(tensor: Tensor) -> memoryview:
 # ----------------------------------------------------------------------------- the cache
 
 
-@dataclass
-class CacheStats:
-    """What a :class:`TensorCache` object did (this process only; the directory is shared)."""
-
-    hits: int = 0
-    misses: int = 0
-    writes: int = 0
-    evictions: int = 0
-    corrupt: int = 0
-    """Entries that failed to read back (truncated, bad checksum) and were deleted."""
-    too_large: int = 0
-    """Entries not written because alone they exceed ``max_bytes``."""
-    bytes_read: int = 0
-    bytes_written: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        lookups = self.hits + self.misses
-        return self.hits / lookups if lookups else 0.0
+_COUNTERS = (
+    "hits",
+    "misses",
+    "writes",
+    "evictions",
+    "corrupt",  # entries that failed to read back (truncated, bad checksum) and were deleted
+    "too_large",  # entries not written because alone they exceed max_bytes
+    "bytes_read",
+    "bytes_written",
+)
 
 
 class TensorCache:
@@ -162,7 +152,7 @@ class TensorCache:
                 f"TensorCache: cannot create the cache directory {str(self.directory)!r}: {error}"
             ) from error
         self.max_bytes = max_bytes
-        self._stats = CacheStats()
+        self._stats = dict.fromkeys(_COUNTERS, 0)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -183,15 +173,18 @@ class TensorCache:
             raise ValueError(f"TensorCache: a key is a lowercase hex digest, got {key!r}")
         return self.directory / key[:2] / f"{key}{_SUFFIX}"
 
-    def stats(self) -> CacheStats:
-        """A copy of this object's counters."""
+    def stats(self) -> dict[str, int]:
+        """This object's counters (this process's use; the directory is shared): ``hits``,
+        ``misses``, ``writes``, ``evictions``, ``corrupt`` (entries that failed to read back and
+        were deleted), ``too_large`` (entries not written: alone they exceed ``max_bytes``),
+        ``bytes_read`` and ``bytes_written``."""
         with self._lock:
-            return CacheStats(**vars(self._stats))
+            return dict(self._stats)
 
     def _count(self, **increments: int) -> None:
         with self._lock:
             for name, value in increments.items():
-                setattr(self._stats, name, getattr(self._stats, name) + value)
+                self._stats[name] += value
 
     # ------------------------------------------------------------------------- read
 
