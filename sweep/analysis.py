@@ -42,6 +42,7 @@ __all__ = [
     "select",
     "selection_to_dict",
     "topsis",
+    "variant_deltas",
 ]
 
 CONFIG_COLUMNS = (
@@ -52,8 +53,13 @@ CONFIG_COLUMNS = (
     "dataset",
     "category",
     "augmentation",
+    "stress",
 )
 """Fixed result columns that identify a configuration (``hp.*`` columns come after them)."""
+
+VARIANT_COLUMNS = ("augmentation", "stress")
+"""Configuration columns that name a data variant; ``none`` is the clean baseline."""
+CLEAN = "none"
 
 CONFIG_COLUMNS_EXCLUDED = (
     "seed",
@@ -168,6 +174,43 @@ def aggregate_seeds(
         key=lambda i: tuple(_sort_key(result.at[i, c]) for c in by),
     )
     return result.iloc[order].reset_index(drop=True)[columns]
+
+
+def variant_deltas(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Each data variant of each configuration against the same configuration clean.
+
+    A variant is a training augmentation set and/or a test-time stress other than ``none``
+    (:data:`VARIANT_COLUMNS`). One row per configuration and variant: the configuration columns,
+    ``n_seeds``, ``<metric>_mean`` / ``_std`` under the variant, ``<metric>_clean`` (the clean
+    configuration's mean) and ``<metric>_delta`` (variant mean minus clean mean; NaN where the
+    clean configuration has no ok rows). This is the reference study's Table C.9 with the clean
+    baseline beside it. Rows without variant columns count as clean.
+    """
+    metrics = list(dict.fromkeys(metrics))
+    df = df.copy()
+    for column in VARIANT_COLUMNS:
+        df[column] = df[column].fillna(CLEAN) if column in df.columns else CLEAN
+    agg = aggregate_seeds(df, metrics)
+    base = [c for c in config_columns(df) if c not in VARIANT_COLUMNS]
+    columns = [
+        *base,
+        *VARIANT_COLUMNS,
+        "n_seeds",
+        *(f"{m}_{part}" for m in metrics for part in ("mean", "std", "clean", "delta")),
+    ]
+    if agg.empty:
+        return pd.DataFrame(columns=columns)
+    keys = agg[base].apply(lambda row: json.dumps([_hashable(v) for v in row], default=str), axis=1)
+    is_clean = (agg[list(VARIANT_COLUMNS)] == CLEAN).all(axis=1)
+    clean = {key: agg.loc[i] for i, key in keys[is_clean].items()}
+    variants = agg[~is_clean].copy()
+    for metric in metrics:
+        reference = [
+            clean[key][f"{metric}_mean"] if key in clean else np.nan for key in keys[~is_clean]
+        ]
+        variants[f"{metric}_clean"] = np.asarray(reference, dtype=float)
+        variants[f"{metric}_delta"] = variants[f"{metric}_mean"] - variants[f"{metric}_clean"]
+    return variants.reset_index(drop=True)[columns]
 
 
 # --------------------------------------------------------------------------- Pareto front

@@ -27,6 +27,8 @@ app.add_typer(data_app, name="data")
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
+ROBUSTNESS_METRICS = ("image_auroc", "image_f1", "pixel_auroc", "pixel_f1")
+"""The metrics of the reference study's robustness table (Table C.9)."""
 REPORT_METRICS = (
     "image_auroc",
     "image_f1",
@@ -72,13 +74,23 @@ def run(
     retry_errors: Annotated[
         bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")
     ] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke",
+            help="Run the study's smoke form: tiny models, tiny generated data, one seed, a few "
+            "trials, on CPU, into <output>-smoke (CI dry-runs every study this way).",
+        ),
+    ] = False,
 ) -> None:
     """Run a study: every trial its output does not hold yet, one Parquet row each."""
     from sweep.runner import run_study
-    from sweep.study import load_study
+    from sweep.study import load_study, smoke_form
 
     try:
         study = load_study(study_file, overrides=set_ or [])
+        if smoke:
+            study = smoke_form(study)
         summary = run_study(
             study,
             output=output,
@@ -109,20 +121,28 @@ def run(
 def validate(
     study_file: Annotated[Path, typer.Argument(help="The study YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a study key.")] = None,
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="Print the trials of the study's smoke form.")
+    ] = False,
 ) -> None:
-    """Check a study file and print its trials, without running anything."""
-    from sweep.study import config_hash, expand_trials, load_study
+    """Check a study file (and its smoke form) and print its trials, without running anything."""
+    from sweep.study import VARIANT_KEYS, config_hash, expand_trials, load_study, smoke_form
 
     try:
         study = load_study(study_file, overrides=set_ or [])
+        smoke_study = smoke_form(study)
     except _user_errors() as exc:
         _bad_input(exc)
+    if smoke:
+        study = smoke_study
     if study.search.algorithm == "optuna":
         out.print(f"{study.name}: valid; optuna search, {study.search.n_trials} trials")
         return
     trials = expand_trials(study)
+    variants = [k for k in VARIANT_KEYS if k in study.space]
     table = Table(title=f"{study.name}: {len(trials)} trials")
-    for column in ("config_hash", "model", "backbone", "seed", "image_size", "hyperparameters"):
+    columns = ("config_hash", "model", "backbone", "seed", "image_size", *variants)
+    for column in (*columns, "hyperparameters"):
         table.add_column(column)
     for trial in trials:
         extra = {k: v for k, v in trial.hparams.items() if k not in ("backbone", "seed")}
@@ -132,6 +152,7 @@ def validate(
             trial.backbone or "-",
             str(trial.seed),
             str(trial.image_size),
+            *(getattr(trial, k) for k in variants),
             ", ".join(f"{k}={v}" for k, v in sorted(extra.items())),
         )
     out.print(table)
@@ -173,6 +194,8 @@ def _study_objectives(results_dir: Path, objectives: list[str] | None) -> list[t
 
 def build_report(results_dir: Path, objectives: list[tuple[str, str]], plots_dir: Path) -> dict:
     """Aggregate, select and plot; return the report as a JSON-able dict."""
+    import pandas as pd
+
     from sweep import analysis, plots
     from sweep.results import read_results
 
@@ -181,7 +204,10 @@ def build_report(results_dir: Path, objectives: list[tuple[str, str]], plots_dir
         raise SweepError(f"results {str(results_dir)!r}: no trial rows found")
     errors = df[df["status"] != "ok"]
     metrics = list(dict.fromkeys([*REPORT_METRICS, *(m for m, _ in objectives)]))
-    agg = analysis.aggregate_seeds(df, metrics)
+    variant_columns = [c for c in analysis.VARIANT_COLUMNS if c in df.columns]
+    has_variants = bool(variant_columns) and bool(
+        (df[variant_columns].fillna(analysis.CLEAN) != analysis.CLEAN).any(axis=None)
+    )
     report: dict[str, Any] = {
         "results": str(results_dir),
         "trials": len(df),
@@ -191,9 +217,16 @@ def build_report(results_dir: Path, objectives: list[tuple[str, str]], plots_dir
             for r in errors.itertuples()
         ],
         "objectives": [{"metric": m, "mode": d} for m, d in objectives],
-        "configurations": json.loads(agg.to_json(orient="records")),
         "plots": {},
     }
+    if has_variants:
+        deltas = analysis.variant_deltas(df, ROBUSTNESS_METRICS)
+        report["robustness"] = json.loads(deltas.to_json(orient="records"))
+        # Model selection compares detectors as they would run: trained and tested clean.
+        clean = (df[variant_columns].fillna(analysis.CLEAN) == analysis.CLEAN).all(axis=1)
+        df = df[clean]
+    agg = analysis.aggregate_seeds(df, metrics) if not df.empty else pd.DataFrame()
+    report["configurations"] = json.loads(agg.to_json(orient="records")) if len(agg) else []
     if agg.empty:
         report["selection"] = None
         return report
@@ -267,6 +300,8 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
             )
         for note in selection.get("notes", []):
             out.print(f"  [dim]{note}[/dim]")
+    if report.get("robustness"):
+        _print_robustness(report["robustness"])
     for error in report["errors"]:
         out.print(
             f"[red]error row[/red] {error['model']}/{error['backbone'] or '-'} "
@@ -274,6 +309,35 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
         )
     for name, path in report["plots"].items():
         out.print(f"{name} plot: {path}")
+
+
+def _print_robustness(rows: list[dict]) -> None:
+    """Table C.9's shape: per detector and variant, mean ± std and the change from clean."""
+    table = Table(
+        title="Robustness: each augmentation set / stress vs the same configuration clean "
+        "(mean ± std over seeds, Δ = change of the mean)"
+    )
+    variants = [c for c in ("augmentation", "stress") if any(r.get(c) != "none" for r in rows)]
+    for column in ("model", "backbone", "size", *variants, "seeds", *ROBUSTNESS_METRICS):
+        table.add_column(column, justify="left" if column in ("model", "backbone") else "right")
+    for row in rows:
+        cells = []
+        for metric in ROBUSTNESS_METRICS:
+            text = _fmt(row.get(f"{metric}_mean"), row.get(f"{metric}_std"))
+            delta = row.get(f"{metric}_delta")
+            if delta is not None and not math.isnan(delta):
+                colour = "green" if delta > 0 else "red" if delta < 0 else "dim"
+                text += f" [{colour}]Δ {delta:+.3f}[/{colour}]"
+            cells.append(text)
+        table.add_row(
+            str(row.get("model")),
+            str(row.get("backbone") or "-"),
+            str(row.get("image_size") or "-"),
+            *(str(row.get(c)) for c in variants),
+            str(row.get("n_seeds")),
+            *cells,
+        )
+    out.print(table)
 
 
 @app.command()

@@ -24,14 +24,18 @@ from rich.console import Console
 import models
 from sweep.errors import SweepError
 from sweep.progress import SweepProgress
+from sweep.resources import ClusterShape, merge_warnings, ray_resources, trial_resources
 from sweep.results import ResultStore, hp_column_types, row_schema
 from sweep.study import (
     TRIAL_KEYS,
     Param,
     Study,
     TrialConfig,
+    assignment_from_sampler,
     config_hash,
     expand_trials,
+    resolve_trial,
+    study_image_sizes,
     study_to_yaml,
 )
 from sweep.trainable import Reporter, TrialContext, load_data, stopped_row, tune_trial
@@ -140,7 +144,50 @@ def _suggest(trial: Any, key: str, param: Param) -> None:
         trial.suggest_int(key, int(param.low), int(param.high))
 
 
-def _optuna_searcher(study: Study):
+OPTUNA_JOURNAL = "_optuna/journal.log"
+"""Where a study's Optuna journal lives under its output (``search.storage: journal``)."""
+
+
+def optuna_storage(study: Study, store: ResultStore):
+    """The Optuna storage of a study: its journal file under the output, an RDB, or None."""
+    import optuna
+
+    kind = study.search.storage_kind
+    if kind == "memory":
+        return None
+    if kind == "url":
+        try:
+            return optuna.storages.RDBStorage(study.search.storage)
+        except Exception as exc:  # sqlalchemy's errors vary by driver
+            raise SweepError(
+                f"search.storage: cannot open {study.search.storage!r}: {exc}"
+            ) from None
+    if not store.local:
+        raise SweepError(
+            f"search.storage: the Optuna journal needs a local output, not {store.uri}; give "
+            "search.storage an RDB URL (sqlite:///optuna.db) or 'memory'"
+        )
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(store.root) / OPTUNA_JOURNAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def finished_optuna_trials(study: Study, storage) -> int:
+    """Trials of the study's Optuna study that completed in an earlier run (0 without one)."""
+    import optuna
+
+    if storage is None:
+        return 0
+    try:
+        existing = optuna.load_study(study_name=study.name, storage=storage)
+    except KeyError:  # no such study yet
+        return 0
+    return len(existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _optuna_searcher(study: Study, storage=None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -152,11 +199,12 @@ def _optuna_searcher(study: Study):
     sampler = samplers[study.search.sampler or "tpe"](study.search.seed)
     metrics = [o.metric for o in study.objectives]
     modes = [o.direction for o in study.objectives]
+    shared = {"space": _DefineByRun(study), "sampler": sampler, "storage": storage}
+    if storage is not None:
+        shared["study_name"] = study.name
     if len(metrics) == 1:
-        return OptunaSearch(
-            space=_DefineByRun(study), metric=metrics[0], mode=modes[0], sampler=sampler
-        )
-    return OptunaSearch(space=_DefineByRun(study), metric=metrics, mode=modes, sampler=sampler)
+        return OptunaSearch(metric=metrics[0], mode=modes[0], **shared)
+    return OptunaSearch(metric=metrics, mode=modes, **shared)
 
 
 FINAL_STATUSES = ("ok", "stopped")
@@ -213,6 +261,22 @@ class _StoppedTrialRows(Callback):
         ResultStore(self.ctx.output).write_row(row, self.ctx.schema)
 
 
+class _TrialRequest:
+    """Each trial's Ray resources: its detector's default for its backbone and image size,
+    overridden by the study (a class rather than a closure: Tune pickles it)."""
+
+    def __init__(self, study: Study, cluster: ClusterShape):
+        self.study = study
+        self.cluster = cluster
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, float]:
+        if "trial" in config:
+            trial = TrialConfig.from_dict(config["trial"])
+        else:
+            trial = resolve_trial(self.study, assignment_from_sampler(self.study, config))
+        return ray_resources(trial_resources(self.study, trial, self.cluster))
+
+
 def _write_study_copy(store: ResultStore, study: Study) -> None:
     if not store.local:
         return
@@ -246,7 +310,7 @@ def run_study(
     if preflight:
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
         # the synthetic data set once here rather than in every worker at the same time.
-        for size in _image_sizes(study):
+        for size in study_image_sizes(study):
             with console.status(f"preparing data ({study.dataset.kind}, {size}px)"):
                 splits = load_data(study, size)
             console.print(f"data: {splits.describe()}")
@@ -261,10 +325,14 @@ def run_study(
         retry_errors=retry_errors,
         trial_runner=trial_runner,
     )
+    storage = None
     if study.search.algorithm == "optuna":
+        storage = optuna_storage(study, store)
         planned = study.search.n_trials or 0
         pending: list[TrialConfig] = []
-        skipped = 0
+        # A re-run resumes the Optuna study: its sampler learns from the finished trials and
+        # only the rest of n_trials run.
+        skipped = min(planned, finished_optuna_trials(study, storage))
     else:
         trials = expand_trials(study)
         planned = len(trials)
@@ -273,15 +341,19 @@ def run_study(
         pending = [t for t in trials if done.get(config_hash(study, t)) not in keep]
         skipped = planned - len(pending)
     summary = RunSummary(output=store.uri, run_id=run_id, planned=planned, skipped=skipped)
-    if study.search.algorithm != "optuna" and not pending:
+    if (study.search.algorithm != "optuna" and not pending) or planned == skipped:
         console.print(f"all {planned} trials of {study.name!r} are already in {store.uri}")
         return summary
 
     summary.ray_start_s = connect_ray(address, num_cpus)
-    resources = {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
-    if study.resources.memory_gb:
-        resources["memory"] = study.resources.memory_gb * 2**30
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), resources)
+    cluster = ClusterShape.from_ray()
+    warnings: list[str] = []
+    for trial in pending:
+        trial_resources(study, trial, cluster, warnings)
+    for line in merge_warnings(warnings):
+        console.print(f"[yellow]resources:[/yellow] {line}")
+    request = _TrialRequest(study, cluster)
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, ctx=ctx), request)
     scheduler = None
     callbacks: list[Callback] = []
     if study.scheduler is not None:
@@ -293,13 +365,13 @@ def run_study(
 
     if study.search.algorithm == "optuna":
         param_space: dict[str, Any] = {}
+        total = planned - skipped
         tune_config = tune.TuneConfig(
-            search_alg=_optuna_searcher(study),
-            num_samples=planned,
+            search_alg=_optuna_searcher(study, storage),
+            num_samples=total,
             max_concurrent_trials=study.max_concurrent,
             reuse_actors=True,
         )
-        total = planned
     else:
         param_space = {"trial": tune.grid_search([t.to_dict() for t in pending])}
         tune_config = tune.TuneConfig(
@@ -340,9 +412,3 @@ def run_study(
         summary.lost = sum(1 for r in grid if r.error is not None)
         summary.interrupted = summary.interrupted or grid.num_terminated < len(grid) - summary.lost
     return summary
-
-
-def _image_sizes(study: Study) -> list[int]:
-    if "image_size" in study.space and study.space["image_size"].is_enumerable:
-        return sorted({int(v) for v in study.space["image_size"].options()})
-    return [study.dataset.image_size]

@@ -9,10 +9,12 @@ file; ``expand_trials`` turns a grid or random space into concrete :class:`Trial
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sweep.errors import StudyError, did_you_mean
 
 # Keys of the space that are not detector hyperparameters, or not only.
-TRIAL_KEYS = ("model", "seed", "image_size", "epochs")
+TRIAL_KEYS = ("model", "seed", "image_size", "epochs", "augmentation", "stress")
+# Trial keys that name a data variant: a training augmentation set or a test-time stress.
+VARIANT_KEYS = ("augmentation", "stress")
+# Trial keys a study may also give per model (``cfa.image_size: 224``).
+PER_MODEL_TRIAL_KEYS = ("image_size",)
+NATIVE_SIZE = "native"
+"""An image size that means: the backbone's fixed input size (transformers), else the data
+set's ``image_size``."""
 # Detector hyperparameters that most detectors share; they apply wherever the detector has them.
 SHARED_HPARAMS = ("backbone", "pretrained", "weights")
 
@@ -50,6 +59,8 @@ METRICS: dict[str, Literal["max", "min"]] = {
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
+DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"
+CACHE_DIR_ENV = "ANOMALY_SWEEP_CACHE_DIR"
 
 
 class _Strict(BaseModel):
@@ -137,14 +148,33 @@ class SearchConfig(_Strict):
     n_trials: int | None = Field(None, ge=1, description="optuna: number of trials")
     num_samples: int = Field(1, ge=1, description="random: draws per grid point")
     seed: int = 0
+    storage: str | None = Field(
+        None,
+        description="optuna: where the Optuna study lives; 'journal' (the default) is a journal "
+        "file under the output (<output>/_optuna/journal.log, which optuna-dashboard opens and a "
+        "re-run resumes from), 'memory' keeps nothing, anything else is an RDB URL "
+        "(sqlite:///path.db, postgresql://...)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
         if self.algorithm == "optuna" and self.n_trials is None:
             raise ValueError("search algorithm 'optuna' needs 'n_trials'")
-        if self.algorithm != "optuna" and self.sampler is not None:
-            raise ValueError("'sampler' applies only to search algorithm 'optuna'")
+        if self.algorithm != "optuna":
+            for name in ("sampler", "storage"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name!r} applies only to search algorithm 'optuna'")
+        if self.storage not in (None, "journal", "memory") and "://" not in self.storage:
+            raise ValueError(
+                f"storage: expected 'journal', 'memory' or an RDB URL such as "
+                f"sqlite:///optuna.db, got {self.storage!r}"
+            )
         return self
+
+    @property
+    def storage_kind(self) -> Literal["journal", "memory", "url"]:
+        storage = self.storage or "journal"
+        return storage if storage in ("journal", "memory") else "url"  # type: ignore[return-value]
 
 
 class Objective(_Strict):
@@ -166,17 +196,48 @@ class Objective(_Strict):
         return self.mode or METRICS[self.metric]
 
 
-class Resources(_Strict):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
-    memory_gb: float | None = Field(None, gt=0)
+class ResourceOverride(_Strict):
+    """A trial's resource request; a key left out takes the detector's default."""
+
+    cpu: float | None = Field(None, gt=0)
+    gpu: float | None = Field(None, ge=0, description="GPUs: a fraction packs trials on one GPU")
+    memory_gb: float | None = Field(None, gt=0, description="host memory")
 
     @field_validator("gpu")
     @classmethod
-    def _whole_or_fraction(cls, gpu: float) -> float:
-        if gpu > 1 and gpu != int(gpu):
+    def _whole_or_fraction(cls, gpu: float | None) -> float | None:
+        if gpu is not None and gpu > 1 and gpu != int(gpu):
             raise ValueError("a GPU request above 1 must be a whole number")
         return gpu
+
+
+class Resources(ResourceOverride):
+    """Resource requests: each detector's default (by backbone and image size), overridden by
+    the study-wide keys, overridden in turn by ``models.<model>``."""
+
+    models: dict[str, ResourceOverride] = Field(default_factory=dict)
+
+
+class CacheConfig(_Strict):
+    """Reuse of work across trials (see ``models.cache``)."""
+
+    features: bool = Field(
+        True,
+        description="keep frozen backbones' features (and PatchCore coreset selections) in a "
+        "content-addressed cache on each node's disk, so trials that share backbone, weights, "
+        "layers, image size, data split and augmentation reuse them",
+    )
+    dir: str | None = Field(
+        None,
+        description="the node-local cache folder (default $ANOMALY_SWEEP_CACHE_DIR, else "
+        "~/.cache/anomaly-sweep/features)",
+    )
+    max_gb: float = Field(20.0, gt=0, description="size bound; least recently used entries go")
+
+    @property
+    def directory(self) -> Path:
+        configured = self.dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+        return Path(configured).expanduser()
 
 
 class EvaluationConfig(_Strict):
@@ -184,6 +245,14 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="eval batch size (throughput is measured at it)")
     latency_warmup: int = Field(3, ge=0)
     latency_repeats: int = Field(20, ge=1)
+    exclusive_timing: bool = Field(
+        True,
+        description="time latency and throughput while no other trial on the node is timing "
+        "(a node-wide lock); the row's timing_exclusive says whether it was",
+    )
+    timing_lock_timeout_s: float = Field(
+        600.0, gt=0, description="how long a trial waits for the timing lock before timing anyway"
+    )
 
 
 EPOCH_METRICS: dict[str, Literal["max", "min"]] = {
@@ -261,6 +330,23 @@ class Study(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     failure: FailureSettings = FailureSettings()
     scheduler: SchedulerConfig | None = None
+    cache: CacheConfig = CacheConfig()
+    augmentations: dict[str, Any] = Field(
+        default_factory=dict,
+        description="training augmentation sets of this study: name -> list of "
+        "{AlbumentationsTransform: {kwargs}}; the builtins (none, defocus, brightness_contrast, "
+        "iso_noise, table3_all) need no definition",
+    )
+    stresses: dict[str, Any] = Field(
+        default_factory=dict,
+        description="test-time stress perturbations of this study: name -> {kind: ..., params}; "
+        "the builtins (none, lighting, background, rotation, orientation) need no definition",
+    )
+    smoke: dict[str, Any] = Field(
+        default_factory=dict,
+        description="how `sweep run --smoke` shrinks this study further: dotted keys -> values, "
+        "as --set takes them (space.image_size: 64)",
+    )
     source: str | None = Field(None, exclude=True, description="the file this study came from")
 
     @field_validator("name")
@@ -287,15 +373,75 @@ class Study(_Strict):
             raise ValueError(f"objectives repeat a metric: {names}")
         return objectives
 
+    @field_validator("augmentations")
+    @classmethod
+    def _augmentation_sets(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if not raw:
+            return raw
+        from data.augment import parse_augmentation_sets
+        from data.errors import DatasetError
+
+        try:
+            parse_augmentation_sets(raw)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        return raw
+
+    @field_validator("stresses")
+    @classmethod
+    def _stress_specs(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if not raw:
+            return raw
+        from data.errors import DatasetError
+        from data.stress import parse_stresses
+
+        try:
+            parse_stresses(raw)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+        return raw
+
+    @field_validator("smoke")
+    @classmethod
+    def _smoke_keys(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        for key in raw:
+            if not isinstance(key, str) or not key or key.split(".")[0] not in cls.model_fields:
+                raise ValueError(
+                    f"smoke: {key!r} is not a dotted study key (e.g. space.image_size, "
+                    "dataset.synthetic.n_train)"
+                )
+        return raw
+
     @model_validator(mode="after")
     def _check_space(self) -> Study:
         _validate_space(self)
+        _validate_variants(self)
+        unknown = sorted(set(self.resources.models) - set(self.models))
+        if unknown:
+            raise ValueError(
+                f"resources.models: {', '.join(map(repr, unknown))} not among the study's models "
+                f"({', '.join(self.models)})"
+            )
         if self.scheduler is not None and self.search.algorithm == "optuna":
             raise ValueError(
                 "scheduler: ASHA runs with search algorithm 'grid' or 'random'; an optuna search "
                 "takes no per-epoch results here"
             )
         return self
+
+    @functools.cached_property
+    def augmentation_sets(self) -> dict[str, Any]:
+        """Every training augmentation set the study can name: builtins and its own."""
+        from data.augment import augmentation_sets
+
+        return augmentation_sets(self.augmentations)
+
+    @functools.cached_property
+    def stress_specs(self) -> dict[str, Any]:
+        """Every test-time stress the study can name: builtins and its own."""
+        from data.stress import BUILTIN_STRESSES, parse_stresses
+
+        return {**BUILTIN_STRESSES, **parse_stresses(self.stresses)}
 
     @property
     def output_dir(self) -> str:
@@ -342,6 +488,24 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _validate_variants(study: Study) -> None:
+    """The space's augmentation sets and stresses must be defined (builtin or in the study)."""
+    for key, variants in (("augmentation", "augmentation_sets"), ("stress", "stress_specs")):
+        if key not in study.space:
+            continue
+        known = getattr(study, variants)
+        param = study.space[key]
+        if not param.is_enumerable:
+            raise ValueError(f"space key {key!r} takes names: a value or a grid/choice of names")
+        section = "augmentations" if key == "augmentation" else "stresses"
+        for name in param.options():
+            if name not in known:
+                raise ValueError(
+                    f"space key {key!r}: unknown {key} {name!r}{did_you_mean(str(name), known)} "
+                    f"(known: {', '.join(known)}; define your own under '{section}:')"
+                )
+
+
 def _validate_space(study: Study) -> None:
     import models
 
@@ -374,6 +538,8 @@ def _validate_space(study: Study) -> None:
                     f"space key {key!r} applies to model {model!r}, which the study's 'model' "
                     f"does not include ({', '.join(study_models)})"
                 )
+            if hp in PER_MODEL_TRIAL_KEYS:
+                continue
             if hp not in hparams[model] or hp == "seed":
                 raise ValueError(
                     f"space key {key!r}: model {model!r} has no hyperparameter {hp!r}"
@@ -397,18 +563,22 @@ def _validate_space(study: Study) -> None:
                     f"{did_you_mean(name, known_backbones)} (known: {', '.join(known_backbones)})"
                 )
     _check_backbone_pairs(study, study_models, hparams)
-    for key in ("seed", "image_size", "epochs"):
+    size_keys = [k for k in space if k == "image_size" or k.endswith(".image_size")]
+    for key in ("seed", "epochs", *size_keys):
         if key in space:
             param = space[key]
             if param.kind in ("uniform", "loguniform"):
                 raise ValueError(f"space key {key!r} takes whole numbers, not {param.kind}")
             for value in param.options():
+                if key in size_keys and value == NATIVE_SIZE:
+                    continue
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"space key {key!r}: expected a whole number, got {value!r}")
-    if "image_size" in space:
-        for value in space["image_size"].options():
-            if value < 32:
-                raise ValueError(f"space key 'image_size': {value} is below the minimum of 32")
+                    expected = (
+                        "a whole number or 'native'" if key in size_keys else "a whole number"
+                    )
+                    raise ValueError(f"space key {key!r}: expected {expected}, got {value!r}")
+                if key in size_keys and value < 32:
+                    raise ValueError(f"space key {key!r}: {value} is below the minimum of 32")
     if study.search.algorithm == "grid":
         for key, param in space.items():
             if not param.is_enumerable:
@@ -432,15 +602,16 @@ def _check_backbone_pairs(
                 return space[name].options() if space[name].is_enumerable else None
         return (hparams[model][key],)
 
-    sizes = space["image_size"].options() if "image_size" in space else (study.dataset.image_size,)
     for model in study_models:
         if "backbone" not in hparams[model]:
             continue
         backbones = options(model, "backbone")
         layer_options = options(model, "layers") if "layers" in hparams[model] else (None,)
-        if backbones is None or layer_options is None:
+        sizes = _size_options(study, model)
+        if backbones is None or layer_options is None or sizes is None:
             continue
-        for backbone, layers, size in itertools.product(backbones, layer_options, sizes):
+        for backbone, layers, size_option in itertools.product(backbones, layer_options, sizes):
+            size = resolve_image_size(study, backbone, size_option)
             given = {} if layers is None else {"layers": _freeze(layers)}
             problem = models.backbone_problem(model, backbone, given, size)
             if problem is None:
@@ -456,6 +627,54 @@ def _check_backbone_pairs(
                 f"model {model!r} cannot use backbone {backbone!r}{where} at {size} px: "
                 f"{problem}{hint} (give each model its own backbones with '{model}.backbone')"
             )
+
+
+def _size_options(study: Study, model: str) -> tuple[Any, ...] | None:
+    """The image sizes (ints or 'native') a model's trials may take; None when sampled."""
+    for key in (f"{model}.image_size", "image_size"):
+        if key in study.space:
+            param = study.space[key]
+            return param.options() if param.is_enumerable else None
+    return (study.dataset.image_size,)
+
+
+def resolve_image_size(study: Study, backbone: str | None, size: Any) -> int:
+    """A trial's image size in pixels: ``size``, or for 'native' the backbone's fixed input size
+    (the data set's ``image_size`` for a backbone that takes any size)."""
+    if size != NATIVE_SIZE:
+        return int(size)
+    if backbone is not None:
+        from models.backbones import get_backbone
+
+        native = get_backbone(backbone).input_size
+        if native is not None:
+            return int(native)
+    return study.dataset.image_size
+
+
+def study_image_sizes(study: Study) -> list[int]:
+    """Every image size a trial of the study can have (the data is prepared at each)."""
+    import models
+
+    sizes: set[int] = set()
+    for model in study.models:
+        options = _size_options(study, model)
+        if options is None:  # a sampled size: its bounds
+            key = f"{model}.image_size" if f"{model}.image_size" in study.space else "image_size"
+            param = study.space[key]
+            options = (int(param.low or 0), int(param.high or 0))
+        backbones: tuple[Any, ...] = (None,)
+        if "backbone" in models.hyperparameters(model):
+            for key in (f"{model}.backbone", "backbone"):
+                if key in study.space and study.space[key].is_enumerable:
+                    backbones = study.space[key].options()
+                    break
+            else:
+                backbones = (models.hyperparameters(model)["backbone"],)
+        for size in options:
+            for backbone in backbones:
+                sizes.add(resolve_image_size(study, backbone, size))
+    return sorted(sizes)
 
 
 # --------------------------------------------------------------------------- loading
@@ -536,20 +755,31 @@ def _section_fields(loc: list[str]) -> list[str]:
     return [name for name in model.model_fields if name != "source"]
 
 
-def apply_override(raw: dict, override: str, source: str | None = None) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw study mapping in place.
+_UNSET = object()
+
+
+def apply_override(
+    raw: dict, override: str, source: str | None = None, *, value: Any = _UNSET
+) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw study mapping in place; with
+    ``value`` given, ``override`` is the dotted key alone.
 
     Space keys contain dots themselves (``patchcore.coreset_ratio``), so everything after
     ``space.`` is one key.
     """
-    if "=" not in override:
-        raise StudyError(f"--set expects key=value, got {override!r}", path=source)
-    dotted, _, text = override.partition("=")
+    if value is _UNSET:
+        if "=" not in override:
+            raise StudyError(f"--set expects key=value, got {override!r}", path=source)
+        dotted, _, text = override.partition("=")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise StudyError(
+                f"--set {dotted.strip()}: value {text!r} is not valid YAML", path=source
+            ) from None
+    else:
+        dotted = override
     dotted = dotted.strip()
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise StudyError(f"--set {dotted}: value {text!r} is not valid YAML", path=source) from None
     parts = dotted.split(".")
     if parts[0] == "space" and len(parts) > 2:
         parts = ["space", ".".join(parts[1:])]
@@ -579,6 +809,10 @@ class TrialConfig:
     epochs: int | None
     hparams: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments of ``models.create(model, ...)`` (seed included)."""
+    augmentation: str = "none"
+    """The training augmentation set (a name of ``Study.augmentation_sets``)."""
+    stress: str = "none"
+    """The test-time stress perturbation (a name of ``Study.stress_specs``)."""
 
     @property
     def backbone(self) -> str | None:
@@ -592,6 +826,8 @@ class TrialConfig:
             "image_size": self.image_size,
             "epochs": self.epochs,
             "hparams": {k: _jsonable(v) for k, v in sorted(self.hparams.items())},
+            # Left out when unused, so that trials without variants keep their ids.
+            **{k: getattr(self, k) for k in VARIANT_KEYS if getattr(self, k) != "none"},
         }
 
     @classmethod
@@ -602,13 +838,18 @@ class TrialConfig:
             image_size=int(raw["image_size"]),
             epochs=None if raw.get("epochs") is None else int(raw["epochs"]),
             hparams={k: _freeze(v) for k, v in raw.get("hparams", {}).items()},
+            augmentation=str(raw.get("augmentation", "none")),
+            stress=str(raw.get("stress", "none")),
         )
 
     def label(self) -> str:
         parts = [self.model]
         if self.backbone:
             parts.append(self.backbone)
-        return "/".join(parts) + f" seed={self.seed} {self.image_size}px"
+        variants = "".join(
+            f" {k}={getattr(self, k)}" for k in VARIANT_KEYS if getattr(self, k) != "none"
+        )
+        return "/".join(parts) + f" seed={self.seed} {self.image_size}px" + variants
 
 
 def _jsonable(value: Any) -> Any:
@@ -619,17 +860,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# How timing is scheduled does not change what a trial computes.
+_TIMING_POLICY = {"exclusive_timing", "timing_lock_timeout_s"}
+
+
 def config_hash(study: Study, trial: TrialConfig) -> str:
     """A stable id of everything that determines a trial's result.
 
     Study name, output, resources and concurrency are left out: the same configuration on the
     same data gives the same result wherever it runs.
     """
-    identity = {
+    identity: dict[str, Any] = {
         "trial": trial.to_dict(),
         "dataset": study.dataset.model_dump(exclude={"image_size"}, exclude_none=True),
-        "evaluation": study.evaluation.model_dump(),
+        "evaluation": study.evaluation.model_dump(exclude=_TIMING_POLICY),
     }
+    # A variant's definition, not only its name, decides the result.
+    if trial.augmentation != "none":
+        identity["augmentation"] = study.augmentation_sets[trial.augmentation].spec()
+    if trial.stress != "none":
+        identity["stress"] = study.stress_specs[trial.stress].spec()
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -648,17 +898,23 @@ def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
     # A model-prefixed key is more specific and wins over a shared one.
     for key, value in assignment.items():
         owner, dot, hp = key.partition(".")
-        if dot and owner == model:
+        if dot and owner == model and hp not in PER_MODEL_TRIAL_KEYS:
             hparams[hp] = _freeze(value)
     if "seed" in known:
         hparams["seed"] = seed
     epochs = assignment.get("epochs")
+    size = assignment.get(
+        f"{model}.image_size", assignment.get("image_size", study.dataset.image_size)
+    )
+    backbone = hparams.get("backbone", known.get("backbone"))
     return TrialConfig(
         model=model,
         seed=seed,
-        image_size=int(assignment.get("image_size", study.dataset.image_size)),
+        image_size=resolve_image_size(study, backbone, size),
         epochs=None if epochs is None else int(epochs),
         hparams=hparams,
+        augmentation=str(assignment.get("augmentation", "none")),
+        stress=str(assignment.get("stress", "none")),
     )
 
 
@@ -733,3 +989,137 @@ def study_to_yaml(study: Study) -> str:
             space[key] = {param.kind: [param.low, param.high]}
     raw["space"] = space
     return yaml.safe_dump(copy.deepcopy(raw), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- smoke form
+
+DEFAULT_SMOKE_DATA_ROOT = "~/.cache/anomaly-sweep/glue-smoke"
+SMOKE_IMAGE_SIZES = (64, 96)
+SMOKE_DATASET = {
+    "kind": "synthetic_glue",
+    "category": "part1",
+    "image_size": SMOKE_IMAGE_SIZES[0],
+    "synthetic": {
+        "n_train": 10,
+        "n_val_good": 3,
+        "n_val_defect": 1,
+        "n_test_good": 4,
+        "n_test_defect": 1,
+        "height": 240,
+        "width": 320,
+    },
+}
+SMOKE_OPTUNA_TRIALS = 3
+
+
+def smoke_form(
+    study: Study, *, data_root: str | None = None, cache_dir: str | None = None
+) -> Study:
+    """The study shrunk to run in about a minute on a CPU: the same detectors, keys, variants
+    and search, on tiny models and tiny data.
+
+    Every detector gets its tiny configuration (``models.tiny``: random-init resnet18, narrow
+    heads), one epoch, the first seed only, 64 px (two sizes, 64 and 96, where the study sweeps
+    image sizes), a small generated glue-line part, optuna's trials cut to a few and a random
+    search to one draw per grid point, one CPU per trial and no GPU; rows go to
+    ``<output>-smoke`` under the name ``<name>-smoke``. The study's own ``smoke:`` block (dotted
+    keys, as ``--set`` takes them) is applied last and may undo any of this.
+    """
+    import models
+    from models.tiny import tiny_hparams
+
+    raw = yaml.safe_load(study_to_yaml(study))
+    space: dict[str, Any] = raw["space"]
+    models_ = list(study.models)
+
+    raw["name"] = f"{study.name}-smoke"
+    raw["output"] = f"{study.output_dir.rstrip('/')}-smoke"
+    raw["dataset"] = {
+        **copy.deepcopy(SMOKE_DATASET),
+        "root": data_root or DEFAULT_SMOKE_DATA_ROOT,
+        "seed": study.dataset.seed,
+    }
+    if "seed" in space:
+        seeds = study.space["seed"]
+        space["seed"] = int(seeds.options()[0]) if seeds.is_enumerable else int(seeds.low or 0)
+    if "image_size" in space:
+        param = study.space["image_size"]
+        count = len(set(param.options())) if param.is_enumerable else 1
+        sizes = list(SMOKE_IMAGE_SIZES[: min(count, len(SMOKE_IMAGE_SIZES))])
+        space["image_size"] = sizes[0] if len(sizes) == 1 else {"grid": sizes}
+    iterative = any(models.get_class(m).learning_type == "iterative" for m in models_)
+    if "epochs" in space or iterative:
+        space["epochs"] = 1
+    for key in list(space):
+        name = key.partition(".")[2] or key
+        if name == "epochs":
+            space[key] = 1
+        elif name == "image_size" and key != "image_size":
+            space[key] = SMOKE_IMAGE_SIZES[0]
+        elif name == "weights":
+            del space[key]
+    if "pretrained" in space:
+        space["pretrained"] = False
+    for model in models_:
+        tiny = tiny_hparams(model)
+        layers_key = f"{model}.layers" if f"{model}.layers" in space else "layers"
+        if (
+            "backbone" in tiny
+            and "layers" not in tiny
+            and layers_key in study.space
+            and not _layers_fit(model, tiny["backbone"], study.space[layers_key])
+        ):
+            # The study's layers belong to its own backbones: the tiny one takes its defaults.
+            space[f"{model}.layers"] = _jsonable(models.hyperparameters(model)["layers"])
+        for hp, value in tiny.items():
+            space[f"{model}.{hp}"] = _jsonable(value)
+    search = raw["search"]
+    if search.get("algorithm") == "optuna":
+        search["n_trials"] = min(int(search["n_trials"]), SMOKE_OPTUNA_TRIALS)
+    if search.get("algorithm") == "random":
+        search["num_samples"] = 1
+    if raw.get("scheduler"):
+        raw["scheduler"]["max_t"] = 1
+        raw["scheduler"]["grace_period"] = 1
+    raw["resources"] = {"cpu": 1, "gpu": 0}
+    raw["max_concurrent"] = min(int(raw.get("max_concurrent") or 2), 2)
+    raw["evaluation"] = {
+        **raw.get("evaluation", {}),
+        "train_batch_size": min(int(raw.get("evaluation", {}).get("train_batch_size", 8)), 8),
+        "batch_size": 8,
+        "latency_warmup": 1,
+        "latency_repeats": 3,
+    }
+    if cache_dir is not None:
+        raw["cache"] = {**raw.get("cache", {}), "dir": cache_dir}
+    raw["smoke"] = {}
+    for dotted, value in study.smoke.items():
+        apply_override(raw, dotted, source=study.source, value=value)
+    # A smoke block that drops models drops their own keys with them.
+    kept = raw["space"]["model"]
+    kept = set(kept.get("grid") or kept.get("choice") or ()) if isinstance(kept, dict) else {kept}
+    for key in list(raw["space"]):
+        owner, dot, _ = key.partition(".")
+        if dot and owner not in kept:
+            del raw["space"][key]
+    raw["resources"]["models"] = {}
+    try:
+        return study_from_dict(raw, source=study.source)
+    except StudyError as exc:
+        where = f"{study.source}: " if study.source else ""
+        raise StudyError(
+            f"the smoke form of the study is invalid: {str(exc).removeprefix(where)} (adjust "
+            "the study's smoke: block)",
+            path=study.source,
+        ) from None
+
+
+def _layers_fit(model: str, backbone: str, param: Param) -> bool:
+    import models
+
+    if not param.is_enumerable:
+        return False
+    return all(
+        models.backbone_problem(model, backbone, {"layers": value}, SMOKE_IMAGE_SIZES[0]) is None
+        for value in param.options()
+    )

@@ -2,16 +2,23 @@
 
 ``latency_ms`` is the median time of one image (batch 1) through ``predict`` after warm-up:
 model forward plus anomaly map, no data loading, CUDA synchronised on GPU. ``throughput_fps``
-is images per second at the evaluation batch size.
+is images per second at the evaluation batch size. Trials time under :func:`exclusive_timing`,
+a node-wide lock, so that packed trials never time at the same moment.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
 import psutil
 import torch
@@ -131,3 +138,78 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._start
+
+
+# ----------------------------------------------------------------------------- the timing lock
+
+TIMING_LOCK_ENV = "ANOMALY_SWEEP_TIMING_LOCK"
+# How often a waiting trial retries the lock: short next to any timing it waits for.
+_LOCK_POLL_S = 0.005
+
+
+def timing_lock_path() -> Path:
+    """The node-wide lock file (``$ANOMALY_SWEEP_TIMING_LOCK``, else one in the temp folder)."""
+    configured = os.environ.get(TIMING_LOCK_ENV)
+    return (
+        Path(configured)
+        if configured
+        else Path(tempfile.gettempdir()) / "anomaly-sweep-timing.lock"
+    )
+
+
+@dataclass
+class TimingSlot:
+    """What :func:`exclusive_timing` got: whether no other trial on the node timed meanwhile."""
+
+    exclusive: bool
+    wait_s: float = 0.0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@contextmanager
+def exclusive_timing(
+    *, enabled: bool = True, timeout_s: float = 600.0, path: str | Path | None = None
+) -> Iterator[TimingSlot]:
+    """Hold the node's timing lock while the block runs.
+
+    Trials packed on one node (fractional GPUs, or several CPU trials) would otherwise time their
+    latency while others time theirs on the same device, and each would measure the others' work.
+    The lock is an exclusive ``flock`` on a file every trial process of the node opens: the
+    kernel releases it when its holder exits or dies, so a crashed trial never leaves it held,
+    and it works with or without Ray. A trial that waits longer than ``timeout_s`` times anyway
+    and says so (``exclusive=False``). Trials that are training meanwhile still share the device;
+    the lock keeps timings from overlapping each other.
+    """
+    slot = TimingSlot(exclusive=False)
+    if not enabled:
+        slot.started_at = datetime.now(timezone.utc)
+        try:
+            yield slot
+        finally:
+            slot.finished_at = datetime.now(timezone.utc)
+        return
+    lock_path = Path(path) if path is not None else timing_lock_path()
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        waited_from = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                slot.exclusive = True
+                break
+            except BlockingIOError:
+                if time.monotonic() - waited_from >= timeout_s:
+                    break
+                time.sleep(_LOCK_POLL_S)
+        slot.wait_s = time.monotonic() - waited_from
+        slot.started_at = datetime.now(timezone.utc)
+        try:
+            yield slot
+        finally:
+            slot.finished_at = datetime.now(timezone.utc)
+            if slot.exclusive:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)

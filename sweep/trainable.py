@@ -7,6 +7,7 @@ out of memory) becomes a row with ``status="error"`` and the cause, and the swee
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -25,10 +26,17 @@ import pyarrow as pa
 import torch
 
 import models
+from data.transforms import normalize
 from sweep import metrics as metric_fns
 from sweep.results import HP_PREFIX, ResultStore
 from sweep.study import Study, TrialConfig, assignment_from_sampler, config_hash, resolve_trial
-from sweep.timing import PeakMemory, Stopwatch, measure_latency, measure_throughput
+from sweep.timing import (
+    PeakMemory,
+    Stopwatch,
+    exclusive_timing,
+    measure_latency,
+    measure_throughput,
+)
 
 Reporter = Callable[[dict[str, Any]], None]
 """Receives per-epoch results while a trial trains (Ray Tune's ``report`` in a sweep)."""
@@ -55,16 +63,32 @@ _DATA_CACHE: OrderedDict[str, Any] = OrderedDict()
 _DATA_CACHE_SIZE = 4
 
 
-def load_data(study: Study, image_size: int):  # -> data.DatasetSplits
-    """The study's data at ``image_size``, cached in this process for the trials that follow."""
+def load_data(study: Study, image_size: int, stress: str = "none"):  # -> data.DatasetSplits
+    """The study's data at ``image_size``, its test split under ``stress`` (a name of the
+    study's stresses), cached in this process for the trials that follow.
+
+    The stressed test split is drawn from the data set's seed, not the trial's: every trial of a
+    study sees the same perturbed images, so their scores compare.
+    """
     import data
 
     args = study.dataset.loader_arguments(image_size)
     key = json.dumps([study.dataset.kind, args], sort_keys=True, default=repr)
+    if stress != "none":
+        spec = study.stress_specs[stress]
+        key = json.dumps([key, spec.spec()], sort_keys=True, default=repr)
     if key in _DATA_CACHE:
         _DATA_CACHE.move_to_end(key)
         return _DATA_CACHE[key]
-    splits = data.load_dataset(study.dataset.kind, **args)
+    if stress == "none":
+        splits = data.load_dataset(study.dataset.kind, **args)
+    else:
+        from data.stress import apply_stress
+
+        clean = load_data(study, image_size)
+        splits = dataclasses.replace(
+            clean, test=apply_stress(clean.test, spec, seed=study.dataset.seed)
+        )
     _DATA_CACHE[key] = splits
     while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
         _DATA_CACHE.popitem(last=False)
@@ -72,26 +96,61 @@ def load_data(study: Study, image_size: int):  # -> data.DatasetSplits
 
 
 class _Epochs:
-    """Training batches, reshuffled every epoch from the trial's seed, on the trial's device."""
+    """Training batches, reshuffled every epoch from the trial's seed, on the trial's device,
+    through the trial's augmentation set (fresh random draws every epoch)."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, dataset, batch_size: int, seed: int, device: torch.device, augmenter=None):
         self.dataset = dataset
         self.batch_size = min(batch_size, len(dataset))
         self.generator = torch.Generator().manual_seed(seed)
         self.device = device
+        self.augmenter = augmenter
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.dataset.batches(self.batch_size, shuffle=True, generator=self.generator):
+            if self.augmenter is not None:
+                batch["image"] = normalize(self.augmenter(self.dataset.pixels[batch["index"]]))
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+_FEATURE_CACHES: dict[tuple[str, int], Any] = {}
+
+
+def feature_cache(study: Study):  # -> models.cache.TensorCache | None
+    """This process's handle on the node's feature cache, or None when the study disables it."""
+    from models.cache import TensorCache
+
+    if not study.cache.features:
+        return None
+    key = (str(study.cache.directory), int(study.cache.max_gb * 2**30))
+    if key not in _FEATURE_CACHES:
+        _FEATURE_CACHES[key] = TensorCache(study.cache.directory, max_bytes=key[1])
+    return _FEATURE_CACHES[key]
 
 
 # ----------------------------------------------------------------------------- the trial
 
 
-def select_device(study: Study) -> torch.device:
-    if study.resources.gpu > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def select_device() -> torch.device:
+    """CUDA when this trial may use a GPU: one Ray assigned it, or any outside Ray."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _assigned_cpus(study: Study) -> int:
+    """Torch threads for the trial: the CPUs Ray gave it, else the study's request (else 1)."""
+    import ray
+
+    if ray.is_initialized():
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if assigned:
+            return max(1, int(assigned))
+    return max(1, int(study.resources.cpu or 1))
 
 
 def _predict_split(detector: models.Detector, dataset, batch_size: int, device: torch.device):
@@ -117,9 +176,18 @@ def run_trial(
 ) -> dict[str, Any]:
     """Fit and evaluate one configuration; return its result row (without bookkeeping columns)."""
     study = ctx.study
-    device = select_device(study)
-    torch.set_num_threads(max(1, int(study.resources.cpu)))
-    splits = load_data(study, trial.image_size)
+    device = select_device()
+    torch.set_num_threads(_assigned_cpus(study))
+    splits = load_data(study, trial.image_size, trial.stress)
+    augmenter = None
+    if trial.augmentation != "none":
+        from data.augment import Augmenter
+
+        augmenter = Augmenter(study.augmentation_sets[trial.augmentation], seed=trial.seed)
+    from models.cache import use_cache
+
+    cache = feature_cache(study)
+    cache_before = cache.stats() if cache is not None else None
 
     detector = models.create(trial.model, **trial.hparams).to(device)
     epochs_run = 0
@@ -148,26 +216,34 @@ def run_trial(
         report(result)
         return False
 
-    train = _Epochs(splits.train, study.evaluation.train_batch_size, trial.seed, device)
+    train = _Epochs(splits.train, study.evaluation.train_batch_size, trial.seed, device, augmenter)
+    # Features are reused only where the backbone is frozen for good: one-pass training and
+    # evaluation. Timing runs without the cache, or it would time disk reads.
+    fit_cache = cache if detector.learning_type == "one_pass" else None
     with PeakMemory(device=device) as memory:
-        with Stopwatch() as fit_time:
+        with Stopwatch() as fit_time, use_cache(fit_cache):
             stats = detector.fit(train, epochs=trial.epochs, on_epoch_end=on_epoch_end)
         detector.eval()
         batch_size = study.evaluation.batch_size
-        val = _predict_split(detector, splits.val, batch_size, device)
-        test = _predict_split(detector, splits.test, batch_size, device)
+        with use_cache(cache):
+            val = _predict_split(detector, splits.val, batch_size, device)
+            test = _predict_split(detector, splits.test, batch_size, device)
         scores = metric_fns.evaluate(val, test)
 
         images = splits.test.images()
-        latency = measure_latency(
-            detector.predict,
-            images[:1].to(device),
-            warmup=study.evaluation.latency_warmup,
-            repeats=study.evaluation.latency_repeats,
-        )
         repeat = math.ceil(batch_size / len(images))
         batch = images.repeat(repeat, 1, 1, 1)[:batch_size].to(device)
-        throughput = measure_throughput(detector.predict, batch)
+        evaluation = study.evaluation
+        with exclusive_timing(
+            enabled=evaluation.exclusive_timing, timeout_s=evaluation.timing_lock_timeout_s
+        ) as timing:
+            latency = measure_latency(
+                detector.predict,
+                images[:1].to(device),
+                warmup=evaluation.latency_warmup,
+                repeats=evaluation.latency_repeats,
+            )
+            throughput = measure_throughput(detector.predict, batch)
 
     trainable, frozen = detector.param_counts()
     return {
@@ -176,7 +252,13 @@ def run_trial(
         "train_s": fit_time.seconds,
         "latency_ms": latency.median_ms,
         "throughput_fps": throughput,
+        "timing_exclusive": timing.exclusive,
+        "timing_wait_s": timing.wait_s,
+        "timing_started_at": timing.started_at,
+        "timing_finished_at": timing.finished_at,
+        **_cache_counts(cache, cache_before),
         "eval_batch_size": batch_size,
+        "memory_bank_size": (stats or {}).get("memory_bank_size"),
         "params_trainable": trainable,
         "params_frozen": frozen,
         "params_total": trainable + frozen,
@@ -187,6 +269,16 @@ def run_trial(
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "category": splits.category,
         "notes": "; ".join((stats or {}).get("notes", ())) or None,
+    }
+
+
+def _cache_counts(cache, before: dict[str, int] | None) -> dict[str, int | None]:
+    if cache is None or before is None:
+        return {"cache_hits": None, "cache_misses": None}
+    after = cache.stats()
+    return {
+        "cache_hits": after["hits"] - before["hits"],
+        "cache_misses": after["misses"] - before["misses"],
     }
 
 
@@ -313,7 +405,10 @@ def _row_header(trial: TrialConfig, ctx: TrialContext, trial_id: str) -> dict[st
         "epochs": trial.epochs,
         "dataset": study.dataset.label,
         "category": study.dataset.category,
-        "augmentation": "none",
+        "augmentation": trial.augmentation,
+        "augmentation_spec": _variant_spec(study, "augmentation_sets", trial.augmentation),
+        "stress": trial.stress,
+        "stress_spec": _variant_spec(study, "stress_specs", trial.stress),
         "hostname": socket.gethostname(),
         "versions": _versions(),
         "trial_config": json.dumps(trial.to_dict(), sort_keys=True),
@@ -322,6 +417,13 @@ def _row_header(trial: TrialConfig, ctx: TrialContext, trial_id: str) -> dict[st
     hparams = {**models.hyperparameters(trial.model), **trial.hparams}
     row.update({HP_PREFIX + k: v for k, v in hparams.items() if HP_PREFIX + k in ctx.schema.names})
     return row
+
+
+def _variant_spec(study: Study, variants: str, name: str) -> str | None:
+    """The JSON definition of a trial's augmentation set or stress (None for ``none``)."""
+    if name == "none":
+        return None
+    return json.dumps(getattr(study, variants)[name].spec(), sort_keys=True)
 
 
 def final_metrics(study: Study, row: dict[str, Any]) -> dict[str, Any]:

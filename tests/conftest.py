@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The feature cache and the timing lock are node-wide by design; the tests get their own, so a
+# test run neither reads the user's cache nor waits on another run's timings. Set before Ray
+# starts, its workers inherit them.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="anomaly-sweep-tests-"))
+os.environ["ANOMALY_SWEEP_CACHE_DIR"] = str(_SESSION_DIR / "features")
+os.environ["ANOMALY_SWEEP_TIMING_LOCK"] = str(_SESSION_DIR / "timing.lock")
 
 
 @pytest.fixture(scope="session")

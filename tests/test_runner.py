@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pandas as pd
@@ -129,3 +130,70 @@ def test_asha_stops_poor_trials_early_and_records_them(ray_session, glue_root, t
 
     again = run_study(study, trial_runner=epoch_runner, preflight=False)
     assert (again.planned, again.skipped) == (3, 3)
+
+
+def test_optuna_study_lives_in_a_journal_and_a_rerun_resumes_it(ray_session, glue_root, tmp_path):
+    import optuna
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {
+        "model": "patchcore",
+        "backbone": "resnet18",
+        "pretrained": False,
+        "seed": {"int": [0, 50]},
+        "patchcore.coreset_ratio": {"loguniform": [0.01, 0.5]},
+    }
+    raw["search"] = {"algorithm": "optuna", "sampler": "tpe", "n_trials": 3, "seed": 1}
+    first = run_study(study_from_dict(raw), trial_runner=trivial_runner, preflight=False)
+    assert first.ok == 3 and first.skipped == 0
+    journal = tmp_path / "out" / "_optuna" / "journal.log"
+    assert journal.is_file()
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))
+    )
+    stored = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(stored.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    assert [d.name for d in stored.directions] == ["MAXIMIZE", "MINIMIZE"]
+
+    raw["search"]["n_trials"] = 5
+    second = run_study(study_from_dict(raw), trial_runner=trivial_runner, preflight=False)
+    assert second.skipped == 3, "the finished trials count towards n_trials"
+    assert second.ok + second.errors == 2
+    stored = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(stored.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 5
+    assert len(read_results(tmp_path / "out")) >= 3
+
+    again = run_study(study_from_dict(raw), trial_runner=trivial_runner, preflight=False)
+    assert again.skipped == 5 and again.ok == 0
+
+
+def test_optuna_memory_storage_keeps_no_journal(ray_session, glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "patchcore", "seed": {"int": [0, 9]}}
+    raw["search"] = {"algorithm": "optuna", "n_trials": 2, "storage": "memory"}
+    summary = run_study(study_from_dict(raw), trial_runner=trivial_runner, preflight=False)
+    assert summary.ok == 2
+    assert not (tmp_path / "out" / "_optuna").exists()
+
+
+def test_packed_trials_never_time_at_once(ray_session, glue_root, tmp_path):
+    # Two real trials run side by side on the 2 CPUs; each times 40 predictions. Their timing
+    # windows, recorded in the rows, must not overlap.
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {
+        "model": "padim",
+        "backbone": "resnet18",
+        "pretrained": False,
+        "seed": {"grid": [0, 1, 2, 3]},
+    }
+    raw["evaluation"] = {**raw["evaluation"], "latency_repeats": 40}
+    summary = run_study(study_from_dict(raw))
+    assert summary.ok == 4
+    df = read_results(tmp_path / "out").sort_values("timing_started_at")
+    assert df["timing_exclusive"].all()
+    windows = list(zip(df["timing_started_at"], df["timing_finished_at"], strict=True))
+    for (_, end), (start, _) in itertools.pairwise(windows):
+        assert start >= end, "two trials timed at the same time"
+    # The trials did run concurrently (so the lock had something to keep apart).
+    spans = sorted(zip(df["started_at"], df["finished_at"], strict=True))
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))

@@ -13,6 +13,7 @@ from toy_defects import batches, toy_set
 
 import models
 from models.backbones import get_backbone, list_backbones
+from models.tiny import tiny_hparams
 
 ISSUE_ZOO = {
     "draem", "dsr", "ganomaly", "skip_ganomaly", "autoencoder", "cutpaste", "memseg",
@@ -22,47 +23,9 @@ ISSUE_ZOO = {
     "reverse_distillation", "efficient_ad", "efficient_ad_ast", "simplenet", "mmr",
 }  # fmt: skip
 
-# The smallest configuration of each detector that still runs its whole training step; the
-# per-detector test files check what they learn.
-TINY: dict[str, dict] = {
-    "cflow": {"backbone": "resnet18", "layers": ("layer2", "layer3"), "coupling_blocks": 1},
-    "csflow": {"backbone": "efficientnet_b0", "layer": "blocks.3", "hidden_channels": 16},
-    "cutpaste": {"head_dims": (32,)},
-    "draem": {"reconstructive_channels": 4, "discriminative_channels": 4, "score_kernel": 5},
-    "dsr": {
-        "hidden_channels": 8,
-        "residual_channels": 4,
-        "n_residual_layers": 1,
-        "embedding_dim": 8,
-        "num_embeddings": 16,
-        "unet_width": 4,
-        "score_filter_size": 5,
-    },
-    "efficient_ad_ast": {
-        "layers": ("layer2",),
-        "n_coupling_blocks": 1,
-        "teacher_hidden_channels": 16,
-        "teacher_epochs": 1,
-        "student_hidden_channels": 16,
-        "n_student_blocks": 1,
-    },
-    "fastflow": {"flow_steps": 1},
-    "ganomaly": {"n_features": 8, "latent_dim": 16},
-    "memseg": {"memory_size": 2},
-    "mmr": {"patch_size": 8, "vit_embed_dim": 32, "vit_depth": 1, "vit_heads": 2},
-    "reverse_distillation": {"backbone": "resnet18"},
-    "skip_ganomaly": {"n_features": 8, "latent_dim": 16},
-    "stfpm": {"layers": ("layer1", "layer2")},
-    "uflow": {"flow_steps": 1},
-}
-
 
 def tiny(name: str, **overrides) -> models.Detector:
-    hparams = models.hyperparameters(name)
-    config = {"pretrained": False} if "pretrained" in hparams else {}
-    if "backbone" in hparams:
-        config["backbone"] = "resnet18"
-    return models.create(name, **{**config, **TINY.get(name, {}), **overrides})
+    return models.create(name, **{**tiny_hparams(name), **overrides})
 
 
 def test_the_zoo_has_every_detector_of_the_issue():
