@@ -187,6 +187,10 @@ class ConvAutoencoder(Detector):
         padded = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else images
         return self.network(padded)[..., :height, :width]
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the reconstruction of the batch."""
+        self.reconstruct(images)
+
     def fit(
         self,
         train: Iterable[Batch],

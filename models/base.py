@@ -11,11 +11,14 @@ import difflib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from models.costs import CostProfile
 
 LearningType = Literal["one_pass", "iterative"]
 EpochCallback = Callable[[int, dict], bool]
@@ -37,6 +40,78 @@ class Prediction:
     """``B``: image-level anomaly score, higher = more anomalous."""
     anomaly_map: Tensor | None
     """``B x H x W`` at input resolution, or None for image-level-only detectors."""
+
+
+# ----------------------------------------------------------------------------- resources
+
+REFERENCE_GPU_MEMORY_GB = 16.0
+"""The GPU a default request is sized for (a T4/V100-16GB/A4000 class card); ``sweep plan``
+re-sizes the fraction to the GPUs a cluster really has."""
+GPU_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+"""GPU shares a default request takes: they pack without waste (8, 4, 2 or 1 per GPU). One
+trial runs in one process on one device, so no default asks for more than one GPU."""
+DEVICE_OVERHEAD_GB = 0.5
+"""Per process on a GPU: the CUDA context and cuDNN/cuBLAS workspaces (0.3-0.6 GB on recent
+cards and PyTorch releases)."""
+ALLOCATOR_SLACK = 1.2
+"""PyTorch's caching allocator rounds blocks up and fragments: tensors take ~20 % more."""
+HOST_BASE_GB = 0.8
+"""A Ray worker with torch, timm, the detectors and the data code imported, before any model
+or data set (measured: ``docs/resources.md``)."""
+DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0}
+"""CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
+threads for host-side work: one-pass fits run their statistics, nearest-neighbour search
+(faiss) and coreset selection partly on the host; iterative ones also synthesise anomalies and
+shuffle batches every step, and evaluate the validation split between epochs."""
+DEFAULT_TRAIN_BATCH_SIZE = 32
+"""A study's ``evaluation.train_batch_size`` default."""
+DEFAULT_TRAIN_IMAGES = 200
+"""Training images assumed when a study does not say (the synthetic glue-line default; MVTec AD
+categories have 60-391)."""
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What one trial asks of the cluster, and the device memory it is expected to take."""
+
+    gpu: float
+    """Share of one GPU (``GPU_FRACTIONS``) or whole GPUs; 0 runs on the CPU."""
+    cpu: float
+    """CPUs (torch threads) of the trial."""
+    memory_gb: float
+    """Host memory (Ray's ``memory`` resource)."""
+    gpu_memory_gb: float
+    """Estimated device memory of the trial on a GPU (what the fraction is sized from)."""
+
+    def __post_init__(self) -> None:
+        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
+            raise ModelError(f"a GPU request is a fraction up to 1 or whole GPUs, got {self.gpu}")
+        if self.cpu <= 0 or self.memory_gb < 0 or self.gpu_memory_gb < 0:
+            raise ModelError(
+                f"a resource request needs cpu > 0 and memory >= 0, got cpu={self.cpu}, "
+                f"memory_gb={self.memory_gb}, gpu_memory_gb={self.gpu_memory_gb}"
+            )
+
+    def replace(self, **changes: float) -> ResourceRequest:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def grown(self, device_gb: float = 0.0, host_gb: float = 0.0) -> ResourceRequest:
+        """A copy with more device and host memory, the GPU share sized up to match."""
+        device = self.gpu_memory_gb + device_gb
+        gpu = max(self.gpu, gpu_fraction(device)) if self.gpu > 0 else 0.0
+        return replace(self, gpu=gpu, gpu_memory_gb=device, memory_gb=self.memory_gb + host_gb)
+
+
+def gpu_fraction(memory_gb: float, gpu_memory_gb: float = REFERENCE_GPU_MEMORY_GB) -> float:
+    """The smallest share in ``GPU_FRACTIONS`` of a ``gpu_memory_gb`` card that holds
+    ``memory_gb``; a whole GPU when even that is too small (the plan warns about it)."""
+    need = memory_gb / gpu_memory_gb
+    return next((share for share in GPU_FRACTIONS if need <= share), GPU_FRACTIONS[-1])
+
+
+def _gb(n_bytes: float) -> float:
+    return n_bytes / 2**30
 
 
 def batch_images(batch: Batch) -> Tensor:
@@ -110,6 +185,107 @@ class Detector(torch.nn.Module):
         if spec.kind != "composite":
             return spec.size_problem(image_size)
         return None
+
+    # ------------------------------------------------------------------------- resources
+
+    def resource_probe(self, images: Tensor) -> None:
+        """Run, on ``images`` (a meta-device training batch), the forward pass of one training
+        step: the networks ``fit`` runs and trains, without losses or optimiser steps.
+
+        :mod:`models.costs` measures it (FLOPs, activations autograd keeps) to size the
+        detector's resource request; nothing is computed. The default runs every
+        :class:`~models.backbones.FeatureExtractor` of the detector, which is the whole story for
+        one-pass detectors; detectors that train networks of their own override it. It must not
+        read tensor values (no ``.item()``, no data-dependent shapes).
+        """
+        from models.backbones import FeatureExtractor
+
+        for module in self.modules():
+            if isinstance(module, FeatureExtractor):
+                module(images)
+
+    @classmethod
+    def _trial_hparams(
+        cls, backbone: str | None, hparams: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        merged = {**hyperparameters(cls.name), **(hparams or {})}
+        if backbone is not None and "backbone" in merged:
+            merged["backbone"] = backbone
+        return merged
+
+    @classmethod
+    def cost_profile(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> CostProfile:
+        """Parameters, activations and FLOPs of this detector at ``image_size`` and
+        ``batch_size``, measured on the meta device (see :mod:`models.costs`; memoised)."""
+        from models.costs import cost_profile
+
+        return cost_profile(cls, cls._trial_hparams(backbone, hparams), image_size, batch_size)
+
+    @classmethod
+    def default_resources(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+    ) -> ResourceRequest:
+        """The resources a trial of this detector asks for by default.
+
+        ``backbone`` (None: the detector's default) and ``hparams`` (missing ones take their
+        defaults) are the trial's; ``batch_size`` its training batch and ``n_train`` its
+        training images. Device memory = ``DEVICE_OVERHEAD_GB`` + ``ALLOCATOR_SLACK`` x (fp32
+        weights, with gradient and two Adam moments for trained ones + activations autograd
+        keeps over a training batch + the largest single operation), all from
+        :meth:`cost_profile`; the GPU share is that over ``REFERENCE_GPU_MEMORY_GB``, rounded up
+        to ``GPU_FRACTIONS``. Host memory = ``HOST_BASE_GB`` + the data set in memory (about
+        1.5 x ``n_train`` images as float32, validation and test included) + a CPU copy of the
+        weights. CPUs: ``DEFAULT_CPUS`` by learning type. Detectors whose fit holds more (a
+        memory bank, per-position covariances) override this and add it with
+        :meth:`ResourceRequest.grown`.
+        """
+        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
+        tensors = profile.weight_bytes + profile.saved_bytes + profile.working_bytes
+        device_gb = DEVICE_OVERHEAD_GB + ALLOCATOR_SLACK * _gb(tensors)
+        data_bytes = 1.5 * n_train * 3 * image_size**2 * 4
+        params = profile.trainable_params + profile.frozen_params
+        host_gb = HOST_BASE_GB + _gb(data_bytes + 4 * params)
+        return ResourceRequest(
+            gpu=gpu_fraction(device_gb),
+            cpu=DEFAULT_CPUS[cls.learning_type],
+            memory_gb=round(host_gb, 2),
+            gpu_memory_gb=round(device_gb, 2),
+        )
+
+    @classmethod
+    def training_flops(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        epochs: int | None = None,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> float:
+        """Floating-point operations of a whole ``fit``: ``n_train`` images x the epochs
+        (``epochs``, else the detector's default; one pass for one-pass detectors) x the
+        per-image training FLOPs of :meth:`cost_profile`. Detectors with costly work beyond
+        their networks (coreset selection, covariance inversion) override it."""
+        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
+        if cls.learning_type == "one_pass":
+            return n_train * profile.forward_flops
+        if epochs is None:
+            epochs = cls._trial_hparams(backbone, hparams).get("epochs") or 1
+        return n_train * int(epochs) * profile.train_flops
 
     def fit(
         self,

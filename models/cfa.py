@@ -263,6 +263,14 @@ class CFA(Detector):
             loss = loss + F.relu(r2 - nearest[:, k:] - self.repulsion_margin).mean()
         return loss / self.nu
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: adapted features and their distances to a memory bank of
+        one feature per grid position (``/ gamma_c`` clusters), the loss's largest tensor."""
+        adapted = self.adapted_features(images)
+        positions = adapted.shape[0] // images.shape[0]
+        self.memory_bank = adapted.new_empty(max(1, positions // self.gamma_c), adapted.shape[1])
+        self.loss(adapted)
+
     def fit(
         self,
         train: Iterable[Batch],

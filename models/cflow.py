@@ -182,6 +182,16 @@ class CFlow(Detector):
         z, log_det = decoder(vectors, conditions)
         return gaussian_log_likelihood(z, log_det) / vectors.shape[1]
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the encoder, then one fiber batch per decoder (a step
+        trains on ``fiber_batch_size`` vectors at a time)."""
+        with torch.no_grad():
+            features = self.encoder(images)
+        for decoder, feature in zip(self.decoders, features.values(), strict=True):
+            vectors, conditions = self._fibers(feature)
+            batch = slice(0, self.fiber_batch_size)
+            self._log_p(decoder, vectors[batch], conditions[batch])
+
     def fit(
         self,
         train: Iterable[Batch],

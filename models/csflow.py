@@ -299,6 +299,12 @@ class CSFlow(Detector):
             maps.append(self.backbone_features(scaled))
         return maps
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the three-scale features and the flow."""
+        with torch.no_grad():
+            maps = self.features(images)
+        self.flow(maps)
+
     def fit(
         self,
         train: Iterable[Batch],

@@ -365,6 +365,13 @@ class CutPaste(Detector):
             labels.append(torch.full((len(images),), label, dtype=torch.long))
         return torch.cat(views), torch.cat(labels).to(images.device)
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the batch (cropped to patches with ``localize``) and one
+        spoiled copy per anomaly class through backbone, head and classifier."""
+        if self.localize:
+            images = images[..., : self.patch_size, : self.patch_size]
+        self.forward_features(images.repeat(1 + len(self.anomalies), 1, 1, 1))
+
     def fit(
         self,
         train: Iterable[Batch],

@@ -315,6 +315,12 @@ class Draem(Detector):
         terms["loss"] = sum(terms.values())
         return terms
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: both sub-networks and the loss terms (an anomalous batch
+        has the shapes of the normal one)."""
+        pixels = self._pixels(images)
+        self.losses(pixels, pixels, pixels[:, :1])
+
     def fit(
         self,
         train: Iterable[Batch],

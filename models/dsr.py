@@ -406,6 +406,17 @@ class DSR(Detector):
         )[:, 0]
         return top, bottom, target
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward in the main phase, which has most of the epoch budget: the
+        frozen VQ-VAE's codes and general reconstruction, the subspace restriction and
+        object-specific decoder, and the anomaly detection module."""
+        unit = self._unit(images)
+        with torch.no_grad():
+            codes = self.vq.encode(unit)
+            general = self.vq.decode(codes["top"], codes["bottom"])
+        _, _, specific = self._restore(codes["top"], codes["bottom"])
+        self.anomaly_module(torch.cat([specific, general], dim=1))
+
     def fit(
         self,
         train: Iterable[Batch],

@@ -220,6 +220,10 @@ class EfficientAD(Detector):
 
     # ------------------------------------------------------------------------------ fit
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: teacher, student (twice) and autoencoder losses."""
+        self._losses(images, None, torch.Generator().manual_seed(0))
+
     def fit(
         self,
         train: Iterable[Batch],

@@ -351,6 +351,11 @@ class EfficientADAST(Detector):
 
     # ------------------------------------------------------------------------------ fit
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward in the student phase: features, the flow teacher's
+        latents, student and autoencoder."""
+        self._losses(images, None)
+
     def fit(
         self,
         train: Iterable[Batch],

@@ -222,6 +222,10 @@ class FastFlow(Detector):
             log_dets.append(log_det)
         return zs, log_dets
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: frozen features and every scale's flow."""
+        self._latents(images)
+
     def fit(
         self,
         train: Iterable[Batch],

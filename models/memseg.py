@@ -467,6 +467,18 @@ class MemSeg(Detector):
         decay = (progress - self.warmup_ratio) / (1 - self.warmup_ratio)
         return self.min_lr + span * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0)))
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: segmentation of the (blended) batch against a memory
+        of ``memory_size`` images."""
+        with torch.no_grad():
+            encoded = self.encoder(images[:1])
+        for level in LEVELS:
+            feature = encoded[level]
+            setattr(
+                self, f"memory_{level}", feature.new_empty(self.memory_size, *feature.shape[1:])
+            )
+        self.segment(images)
+
     def fit(
         self,
         train: Iterable[Batch],

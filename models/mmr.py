@@ -390,6 +390,16 @@ class MMR(Detector):
         progress = (epoch - 1 - self.warmup_epochs) / max(1, n_epochs - self.warmup_epochs)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the teacher's features and the masked ViT's
+        reconstruction of every layer."""
+        with torch.no_grad():
+            target = self.teacher(images)
+        keep = None
+        if self.mask_ratio > 0:
+            keep = self._keep_indices(images, torch.Generator().manual_seed(0))
+        self.loss(target, self.reconstruct(images, keep))
+
     def fit(
         self,
         train: Iterable[Batch],

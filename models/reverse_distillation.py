@@ -211,6 +211,12 @@ class ReverseDistillation(Detector):
         ]
         return torch.stack(terms).sum()
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the teacher, then bottleneck and decoder."""
+        with torch.no_grad():
+            target = self.teacher(images)
+        self.loss(target, self.student(target))
+
     def fit(
         self,
         train: Iterable[Batch],

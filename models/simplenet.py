@@ -214,6 +214,12 @@ class SimpleNet(Detector):
         rows = features.permute(0, 2, 3, 1).reshape(-1, dim)
         return self.adaptor(rows), (batch, height, width)
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: adapted features and the discriminator on them and on
+        their noisy copies."""
+        true, _ = self._adapted(images)
+        self.discriminator(torch.cat([true, true]))
+
     def fit(
         self,
         train: Iterable[Batch],

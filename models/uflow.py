@@ -319,6 +319,12 @@ class UFlow(Detector):
         # normalisation also works at any image size.
         return [F.layer_norm(maps[layer], maps[layer].shape[1:]) for layer in self.layers]
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: frozen features and the U-shaped flow."""
+        with torch.no_grad():
+            features = self.features(images)
+        self.flow(features)
+
     def fit(
         self,
         train: Iterable[Batch],

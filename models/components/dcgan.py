@@ -239,6 +239,20 @@ class SquareGAN(Detector):
         fresh = self._new_discriminator(int(self.side), count)
         self.discriminator.load_state_dict(fresh.state_dict())
 
+    def resource_probe(self, images: Tensor) -> None:
+        """A training step's forward: the networks built on the meta device for the batch's
+        side (they are built per side at the first batch), the generator's losses and the
+        discriminator on the reconstruction."""
+        from models.backbones import meta_init
+
+        side = network_side(*images.shape[-2:])
+        with meta_init():
+            self._build(side)
+        self.side = torch.tensor(side)
+        x, _ = self._network_input(images)
+        _, _, reconstruction, _ = self._generator_losses(x)
+        self.discriminator(reconstruction.detach())
+
     def fit(
         self,
         train: Iterable[Batch],

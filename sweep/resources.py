@@ -1,0 +1,461 @@
+"""What each trial asks of the cluster, and what the cluster has to give.
+
+A trial's request starts from its detector's default (``Detector.default_resources``: sized
+from the backbone, hyperparameters, image size and training batch, see ``docs/resources.md``)
+and is then overridden by the study, most specific last::
+
+    detector default  <  study ``resources``  <  study ``resources.models.<model>``
+
+The result is fitted to the cluster: without GPUs a trial runs on the CPU (GPU request 0, and
+the device memory it would have taken comes out of host memory); the default GPU share is sized
+to the cluster's real GPU memory rather than the 16 GB reference; and a request larger than the
+largest node is clipped to it, with a warning, so no trial is left unschedulable.
+
+:class:`ClusterShape` describes the cluster: this machine (:meth:`ClusterShape.local`), the
+connected Ray cluster (:meth:`ClusterShape.from_ray`) or a Ray cluster launcher file
+(:meth:`ClusterShape.from_cluster_yaml`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import models
+from models.base import (
+    DEFAULT_TRAIN_IMAGES,
+    DEVICE_OVERHEAD_GB,
+    REFERENCE_GPU_MEMORY_GB,
+    ResourceRequest,
+    gpu_fraction,
+)
+from sweep.errors import StudyError
+from sweep.study import Study, TrialConfig
+
+__all__ = [
+    "ClusterShape",
+    "NodeShape",
+    "ray_resources",
+    "study_image_counts",
+    "study_train_images",
+    "trial_resources",
+]
+
+RAY_OBJECT_STORE_SHARE = 0.3
+"""Share of a node's memory Ray keeps for its object store by default; the rest is the node's
+``memory`` resource."""
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """One node: what Ray can schedule on it."""
+
+    name: str
+    cpus: float
+    gpus: float = 0.0
+    gpu_memory_gb: float | None = None
+    """Memory of each of its GPUs, when known (not in a cluster launcher file)."""
+    memory_gb: float = math.inf
+    """Ray's ``memory`` resource of the node (unlimited when not given)."""
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """The nodes a study can run on."""
+
+    nodes: tuple[NodeShape, ...]
+    source: str = ""
+    """Where the shape came from ("this machine", "ray cluster at ...", a file)."""
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def cpus(self) -> float:
+        return sum(node.cpus for node in self.nodes)
+
+    @property
+    def gpus(self) -> float:
+        return sum(node.gpus for node in self.nodes)
+
+    @property
+    def gpu_memory_gb(self) -> float | None:
+        """The smallest known GPU memory of the cluster (a share sized for it fits on any)."""
+        known = [n.gpu_memory_gb for n in self.nodes if n.gpus > 0 and n.gpu_memory_gb]
+        return min(known) if known else None
+
+    def describe(self) -> str:
+        """``3 nodes: 48 CPUs, 4 GPUs (80 GB), 480 GB`` and where it came from."""
+        memory = sum(n.memory_gb for n in self.nodes)
+        parts = [f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}"]
+        parts.append(f"{_number(self.cpus)} CPUs")
+        if self.gpus:
+            gpu_memory = self.gpu_memory_gb
+            parts.append(
+                f"{_number(self.gpus)} GPUs"
+                + (f" ({_number(gpu_memory)} GB)" if gpu_memory else " (memory unknown)")
+            )
+        else:
+            parts.append("no GPU")
+        if math.isfinite(memory):
+            parts.append(f"{memory:.0f} GB memory")
+        return ", ".join(parts) + (f" [{self.source}]" if self.source else "")
+
+    # ------------------------------------------------------------------------ constructors
+
+    @classmethod
+    def local(cls, gpus: float | None = None, gpu_memory_gb: float | None = None) -> ClusterShape:
+        """This machine: its CPUs, its CUDA GPUs and its memory (less Ray's object store).
+
+        ``gpus`` pretends it has that many GPUs (``sweep plan --gpus N``), of
+        ``gpu_memory_gb`` each (default: the real one's, else the 16 GB reference).
+        """
+        import psutil
+        import torch
+
+        cpus = float(os.cpu_count() or 1)
+        memory = psutil.virtual_memory().total / 2**30 * (1 - RAY_OBJECT_STORE_SHARE)
+        real_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        real_memory = None
+        if real_gpus:
+            real_memory = min(
+                torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(real_gpus)
+            )
+        count = float(real_gpus if gpus is None else gpus)
+        if count < 0:
+            raise StudyError(f"--gpus must be >= 0, got {gpus}")
+        per_gpu = gpu_memory_gb or real_memory or (REFERENCE_GPU_MEMORY_GB if count else None)
+        source = "this machine" + (f", {_number(count)} GPUs assumed" if gpus is not None else "")
+        node = NodeShape("local", cpus, count, per_gpu if count else None, memory)
+        return cls((node,), source=source)
+
+    @classmethod
+    def from_ray(cls, address: str | None = None) -> ClusterShape:
+        """The alive nodes of the Ray cluster this process is connected to (``ray.init`` is
+        called with ``address`` when it is not)."""
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
+            except ConnectionError as error:
+                raise StudyError(f"cannot reach the Ray cluster at {address!r}: {error}") from None
+        nodes = []
+        for i, info in enumerate(n for n in ray.nodes() if n.get("Alive", True)):
+            resources = info.get("Resources", {})
+            gpus = float(resources.get("GPU", 0.0))
+            memory = resources.get("memory")
+            nodes.append(
+                NodeShape(
+                    name=str(info.get("NodeManagerHostname") or info.get("NodeID", i)),
+                    cpus=float(resources.get("CPU", 0.0)),
+                    gpus=gpus,
+                    gpu_memory_gb=None,
+                    memory_gb=math.inf if memory is None else float(memory) / 2**30,
+                )
+            )
+        if not nodes:
+            raise StudyError("the Ray cluster has no alive nodes")
+        return cls(tuple(nodes), source=f"ray cluster {address or 'auto'}")
+
+    @classmethod
+    def from_cluster_yaml(
+        cls, path: str | Path, workers: str = "max", gpu_memory_gb: float | None = None
+    ) -> ClusterShape:
+        """The nodes a Ray cluster launcher file describes: the head node plus, per node type
+        of ``available_node_types``, its ``max_workers`` (``workers="min"``: ``min_workers``)
+        nodes with that type's ``resources`` (``CPU``, ``GPU``, ``memory`` in bytes), capped by
+        the file's top-level ``max_workers``. GPU memory is not in such a file: give
+        ``gpu_memory_gb`` or the plan assumes the 16 GB reference.
+
+        Every problem is a :class:`StudyError` naming the file and the key.
+        """
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise StudyError("no such cluster file", path=source) from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise StudyError(f"cannot read the cluster file ({error})", path=source) from None
+        except yaml.YAMLError as error:
+            raise StudyError(f"invalid YAML: {error}", path=source) from None
+        if workers not in ("max", "min"):
+            raise StudyError(f"workers must be 'max' or 'min', got {workers!r}", path=source)
+        if not isinstance(raw, Mapping):
+            raise StudyError("a cluster file is a YAML mapping", path=source)
+        types = raw.get("available_node_types")
+        if not isinstance(types, Mapping) or not types:
+            raise StudyError(
+                "needs 'available_node_types': a mapping of node type -> {resources, "
+                "min_workers, max_workers}",
+                path=source,
+                key="available_node_types",
+            )
+        head = raw.get("head_node_type")
+        if head is not None and head not in types:
+            raise StudyError(
+                f"head node type {head!r} is not one of available_node_types "
+                f"({', '.join(map(str, types))})",
+                path=source,
+                key="head_node_type",
+            )
+        if head is None and len(types) == 1:
+            head = next(iter(types))
+        budget = _count(raw, "max_workers", source, default=math.inf)
+        nodes: list[NodeShape] = []
+        for name, spec in types.items():
+            key = f"available_node_types.{name}"
+            if not isinstance(spec, Mapping):
+                raise StudyError("a node type is a mapping", path=source, key=key)
+            shape = _node_from_resources(str(name), spec.get("resources"), source, key)
+            shape = NodeShape(shape.name, shape.cpus, shape.gpus, None, shape.memory_gb)
+            if shape.gpus and gpu_memory_gb:
+                shape = NodeShape(
+                    shape.name, shape.cpus, shape.gpus, gpu_memory_gb, shape.memory_gb
+                )
+            low = _count(spec, "min_workers", source, key, default=0)
+            high = _count(spec, "max_workers", source, key, default=low)
+            if high < low:
+                raise StudyError(
+                    f"max_workers {high} is below min_workers {low}", path=source, key=key
+                )
+            count = int(low if workers == "min" else high)
+            if name == head:
+                nodes.append(NodeShape(f"{name} (head)", *_fields(shape)))
+            for i in range(count):
+                if budget <= 0:
+                    break
+                nodes.append(NodeShape(f"{name}[{i}]", *_fields(shape)))
+                budget -= 1
+        if head is None:
+            raise StudyError(
+                "name the head node's type with 'head_node_type'", path=source, key="head_node_type"
+            )
+        notes = ()
+        if any(n.gpus for n in nodes) and not gpu_memory_gb:
+            notes = (f"GPU memory not given: {REFERENCE_GPU_MEMORY_GB:g} GB assumed per GPU",)
+        return cls(tuple(nodes), source=f"{source} ({workers}_workers)", notes=notes)
+
+
+def _fields(node: NodeShape) -> tuple[float, float, float | None, float]:
+    return node.cpus, node.gpus, node.gpu_memory_gb, node.memory_gb
+
+
+def _count(
+    spec: Mapping[str, Any], name: str, source: str, key: str | None = None, default: float = 0
+) -> float:
+    value = spec.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        where = f"{key}.{name}" if key else name
+        raise StudyError(f"expected a whole number >= 0, got {value!r}", path=source, key=where)
+    return value
+
+
+def _node_from_resources(name: str, resources: Any, source: str, key: str) -> NodeShape:
+    key = f"{key}.resources"
+    if resources is None:
+        raise StudyError(
+            "give the node type's resources ({CPU: n, GPU: n, memory: bytes}): the plan cannot "
+            "ask a cloud provider what an instance type has",
+            path=source,
+            key=key,
+        )
+    if not isinstance(resources, Mapping):
+        raise StudyError("resources is a mapping {CPU, GPU, memory}", path=source, key=key)
+    values = {}
+    for field_name in ("CPU", "GPU", "memory"):
+        value = resources.get(field_name, 0 if field_name == "GPU" else None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise StudyError(
+                f"expected a number >= 0, got {value!r}", path=source, key=f"{key}.{field_name}"
+            )
+        values[field_name] = float(value)
+    if "CPU" not in values:
+        raise StudyError("the number of CPUs is missing", path=source, key=f"{key}.CPU")
+    memory = values.get("memory")
+    return NodeShape(
+        name=name,
+        cpus=values["CPU"],
+        gpus=values.get("GPU", 0.0),
+        memory_gb=math.inf if memory is None else memory / 2**30,
+    )
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+# ----------------------------------------------------------------------------- trial requests
+
+_FIELDS = ("cpu", "gpu", "memory_gb")
+
+
+def _explicit(overrides: Any, name: str) -> float | None:
+    """The value a study gave for ``name``, or None where it left the detector's default.
+
+    A field counts only when the study file set it: with the older schema (``cpu: 1.0`` as
+    the model's own default) an unset field still has a value, which is not the user's.
+    """
+    if overrides is None:
+        return None
+    value = getattr(overrides, name, None)
+    fields_set = getattr(overrides, "model_fields_set", None)
+    if value is None or (fields_set is not None and name not in fields_set):
+        return None
+    return float(value)
+
+
+def study_image_counts(study: Study) -> tuple[int, int]:
+    """(training, validation + test) images of the study's data set, as far as the plan can
+    know without loading it: the synthetic generator's settings, the ``train/good`` folder of
+    an MVTec category on this machine, else ``DEFAULT_TRAIN_IMAGES`` and half as many again
+    for evaluation."""
+    dataset = study.dataset
+    if dataset.kind == "synthetic_glue":
+        from data.synthetic_glue import GlueSetConfig
+
+        values = dataset.synthetic.model_dump(exclude_none=True) if dataset.synthetic else {}
+        if "defect_types" in values:
+            values["defect_types"] = tuple(values["defect_types"])
+        config = GlueSetConfig(**values)
+        kinds = len(config.defect_types)
+        evaluation = (
+            config.n_val_good
+            + kinds * config.n_val_defect
+            + config.n_test_good
+            + kinds * config.n_test_defect
+        )
+        return config.n_train, evaluation
+    n_train = DEFAULT_TRAIN_IMAGES
+    if dataset.kind == "mvtec" and dataset.root and dataset.category:
+        folder = Path(dataset.root).expanduser() / dataset.category / "train" / "good"
+        if folder.is_dir():
+            n_train = sum(1 for p in folder.iterdir() if p.is_file()) or DEFAULT_TRAIN_IMAGES
+    return n_train, n_train // 2
+
+
+def study_train_images(study: Study) -> int:
+    """The study's training images (see :func:`study_image_counts`)."""
+    return study_image_counts(study)[0]
+
+
+def default_request(study: Study, trial: TrialConfig) -> ResourceRequest:
+    """The detector's default request for ``trial`` (before the study's overrides)."""
+    cls = models.get_class(trial.model)
+    return cls.default_resources(
+        trial.backbone,
+        trial.hparams,
+        trial.image_size,
+        batch_size=study.evaluation.train_batch_size,
+        n_train=study_train_images(study),
+    )
+
+
+def trial_resources(
+    study: Study,
+    trial: TrialConfig,
+    cluster: ClusterShape,
+    warnings: list[str] | None = None,
+) -> ResourceRequest:
+    """The resources ``trial`` runs with on ``cluster``.
+
+    Detector default, then the study's ``resources``, then ``resources.models[<model>]``; then
+    fitted to the cluster (see the module docstring). What was clipped or changed against the
+    study's wish is appended to ``warnings`` (when given) as one line each.
+    """
+    notes: list[str] = []
+    request = default_request(study, trial)
+    gpu_memory = cluster.gpu_memory_gb
+    if gpu_memory and cluster.gpus:
+        # The default share was sized for the reference card: size it for the real one.
+        request = request.replace(gpu=gpu_fraction(request.gpu_memory_gb, gpu_memory))
+    chosen = {name: getattr(request, name) for name in _FIELDS}
+    explicit: set[str] = set()
+    layers = [getattr(study, "resources", None)]
+    per_model = getattr(layers[0], "models", None) or {}
+    layers.append(per_model.get(trial.model) if isinstance(per_model, Mapping) else None)
+    for overrides in layers:
+        for name in _FIELDS:
+            value = _explicit(overrides, name)
+            if value is not None:
+                chosen[name] = value
+                explicit.add(name)
+    request = request.replace(**chosen)
+    label = _label(trial)
+
+    if request.gpu > 0 and not cluster.gpus:
+        if "gpu" in explicit:
+            notes.append(f"{label}: the cluster has no GPU; gpu {request.gpu:g} -> 0 (CPU)")
+        request = request.replace(gpu=0.0)
+    if request.gpu == 0 and "memory_gb" not in explicit:
+        # On the CPU the model, its activations and optimiser state live in host memory.
+        host = request.memory_gb + max(0.0, request.gpu_memory_gb - DEVICE_OVERHEAD_GB)
+        request = request.replace(memory_gb=round(host, 2))
+    if request.gpu > 0:
+        card = gpu_memory or REFERENCE_GPU_MEMORY_GB
+        share = min(request.gpu, 1.0) * card
+        if request.gpu_memory_gb > share:
+            notes.append(
+                f"{label}: estimated {request.gpu_memory_gb:.1f} GB of GPU memory, more than "
+                f"the {share:.1f} GB of gpu {request.gpu:g} on a {card:g} GB GPU; it may run "
+                "out of memory (lower evaluation.train_batch_size or the image size)"
+            )
+    request = _clip(request, cluster, label, notes)
+    if warnings is not None:
+        warnings.extend(notes)
+    return request
+
+
+def _label(trial: TrialConfig) -> str:
+    parts = [trial.model]
+    if trial.backbone:
+        parts.append(trial.backbone)
+    return "/".join(parts) + f" {trial.image_size}px"
+
+
+def _clip(
+    request: ResourceRequest, cluster: ClusterShape, label: str, notes: list[str]
+) -> ResourceRequest:
+    """The request clipped to the largest node that could host it (a GPU node for a GPU
+    trial), one note per clipped resource."""
+    candidates = [n for n in cluster.nodes if n.gpus > 0] if request.gpu > 0 else cluster.nodes
+    candidates = candidates or list(cluster.nodes)
+    limits = {
+        "cpu": max(n.cpus for n in candidates),
+        "gpu": max(n.gpus for n in candidates),
+        "memory_gb": max(n.memory_gb for n in candidates),
+    }
+    changes = {}
+    for name, limit in limits.items():
+        value = getattr(request, name)
+        if value <= limit:
+            continue
+        if name == "gpu" and limit >= 1:
+            limit = float(math.floor(limit))  # whole GPUs above one
+        changes[name] = limit
+        unit = " GB" if name == "memory_gb" else ""
+        notes.append(
+            f"{label}: {name} {value:g}{unit} is more than the largest node has; "
+            f"clipped to {limit:g}{unit}"
+        )
+    return request.replace(**changes) if changes else request
+
+
+def ray_resources(request: ResourceRequest) -> dict[str, float]:
+    """The request as ``tune.with_resources`` takes it (memory in bytes)."""
+    resources = {"cpu": request.cpu, "gpu": request.gpu}
+    if request.memory_gb > 0:
+        resources["memory"] = request.memory_gb * 2**30
+    return resources
+
+
+def merge_warnings(lines: Iterable[str]) -> list[str]:
+    """Warnings in first-seen order without repeats (one per configuration, not per seed)."""
+    return list(dict.fromkeys(lines))
