@@ -6,7 +6,7 @@ thread samples the process's resident memory. The memory ``fit`` adds on top of 
 detector is compared with the estimate of the same thing (gradients and Adam moments of the
 trained weights, activations autograd keeps, the largest single operation; the estimate's CUDA
 overhead and allocator slack left out), and the seconds of the step with the estimated FLOPs
-(the CPU throughput constant of ``sweep.plan`` is calibrated from this).
+and bytes moved (the CPU throughput constants of ``sweep.plan`` are fitted to this).
 
     python bench/resources.py [--size 128] [--batch 8] [--threads 1] [--models a,b] [--json OUT]
 
@@ -23,6 +23,12 @@ import subprocess
 import sys
 import time
 
+EXTRA_HPARAMS = {"efficient_ad_ast": {"teacher_epochs": 1}}
+"""Settings that keep one-batch fits short (EfficientAD-AST's 240 teacher epochs)."""
+EPOCHS = {"dsr": 5}
+"""Epochs of one batch each: DSR's first epochs train only its VQ-VAE; with five, every phase
+runs (the time is per epoch)."""
+
 CHILD = r"""
 import json, sys, threading, time
 import psutil, torch
@@ -30,10 +36,13 @@ import models
 from models.base import ALLOCATOR_SLACK  # noqa: F401
 
 name, size, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+epochs = int(sys.argv[5])
+extra = json.loads(sys.argv[6])
 torch.set_num_threads(threads)
 cls = models.get_class(name)
 known = models.hyperparameters(name)
 kwargs = {"pretrained": False} if "pretrained" in known else {}
+kwargs.update(extra)
 profile = cls.cost_profile(None, kwargs, size, batch_size=batch)
 detector = models.create(name, **kwargs)
 images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -49,8 +58,8 @@ def sample():
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
 started = time.perf_counter()
-detector.fit([images], epochs=1)
-seconds = time.perf_counter() - started
+detector.fit([images], epochs=epochs)
+seconds = (time.perf_counter() - started) / epochs
 stop.set()
 thread.join()
 peak = max(peak, process.memory_info().rss)
@@ -62,6 +71,7 @@ print(json.dumps({
     "fit_s": seconds,
     "train_gflop": batch * profile.train_flops / 1e9,
     "forward_gflop": batch * profile.forward_flops / 1e9,
+    "train_gb_traffic": batch * profile.train_traffic / 2**30,
     "learning_type": cls.learning_type,
 }))
 """
@@ -87,7 +97,17 @@ def main() -> None:
     for name in names:
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, name, str(args.size), str(args.batch), str(args.threads)],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                name,
+                str(args.size),
+                str(args.batch),
+                str(args.threads),
+                str(EPOCHS.get(name, 1)),
+                json.dumps(EXTRA_HPARAMS.get(name, {})),
+            ],
             capture_output=True,
             text=True,
             env=env,

@@ -100,7 +100,12 @@ class ResourceRequest:
         """A copy with more device and host memory, the GPU share sized up to match."""
         device = self.gpu_memory_gb + device_gb
         gpu = max(self.gpu, gpu_fraction(device)) if self.gpu > 0 else 0.0
-        return replace(self, gpu=gpu, gpu_memory_gb=device, memory_gb=self.memory_gb + host_gb)
+        return replace(
+            self,
+            gpu=gpu,
+            gpu_memory_gb=round(device, 2),
+            memory_gb=round(self.memory_gb + host_gb, 2),
+        )
 
 
 def gpu_fraction(memory_gb: float, gpu_memory_gb: float = REFERENCE_GPU_MEMORY_GB) -> float:
@@ -286,6 +291,21 @@ class Detector(torch.nn.Module):
         if epochs is None:
             epochs = cls._trial_hparams(backbone, hparams).get("epochs") or 1
         return n_train * int(epochs) * profile.train_flops
+
+    @classmethod
+    def predict_flops(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> float:
+        """Floating-point operations of ``predict`` per image: the probe's forward pass.
+        Detectors whose scoring costs more (a nearest-neighbour search over a memory bank of
+        ``n_train`` images) override it."""
+        return cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size).forward_flops
 
     def fit(
         self,

@@ -11,7 +11,9 @@ allocated, initialised or downloaded) and runs its training forward pass there
   activations a training step keeps alive, deduplicated by storage, parameters excluded);
 - the largest single operation (its inputs and output), the transient peak on top of that;
 - the floating-point operations per image, with ``torch.utils.flop_counter``'s formulas, split
-  into the ones whose inputs need gradients (they cost a backward pass too) and the rest.
+  into the ones whose inputs need gradients (they cost a backward pass too) and the rest;
+- the bytes every operation reads and writes (element-wise work, normalisations and the flows'
+  couplings are bound by memory bandwidth, which FLOPs do not see).
 
 :func:`cost_profile` memoises the result per detector, hyperparameters (seed and weight source
 left out: they change no shape), image size and batch size, so a study of many seeds pays once
@@ -57,8 +59,14 @@ class CostProfile:
     train_flops: float
     """Per image and training step: the forward pass plus a backward pass (twice the forward)
     of the operations whose inputs need gradients."""
-    image_size: int
-    batch_size: int
+    forward_traffic: float = 0.0
+    """Per image: bytes every non-view operation of the forward pass reads and writes (what
+    element-wise work costs: it is bound by memory bandwidth, not FLOPs)."""
+    train_traffic: float = 0.0
+    """Per image and training step: the forward traffic plus twice that of the operations
+    whose inputs need gradients."""
+    image_size: int = 0
+    batch_size: int = 1
     notes: tuple[str, ...] = ()
     """What the measurement could not do (e.g. the probe failed and only parameters count)."""
 
@@ -129,6 +137,8 @@ class _Meter(TorchDispatchMode):
         self.ignored = ignored_storages
         self.flops = 0.0
         self.grad_flops = 0.0
+        self.traffic = 0.0
+        self.grad_traffic = 0.0
         self.working_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -139,13 +149,18 @@ class _Meter(TorchDispatchMode):
         out = func(*args, **kwargs)
         packet = func.overloadpacket
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        needs_grad = any(t.requires_grad for t in inputs)
         if packet in flop_registry:
             flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
             self.flops += flops
-            if any(t.requires_grad for t in inputs):
+            if needs_grad:
                 self.grad_flops += flops
         if packet.__name__ not in _VIEW_OPS:
             outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+            traffic = sum(t.numel() * t.element_size() for t in (*inputs, *outputs))
+            self.traffic += traffic
+            if needs_grad:
+                self.grad_traffic += traffic
             touched = {
                 _storage_key(t): _nbytes(t)
                 for t in (*inputs, *outputs)
@@ -237,6 +252,8 @@ def _measure(
         working_bytes=meter.working_bytes,
         forward_flops=meter.flops / batch_size,
         train_flops=(meter.flops + 2 * meter.grad_flops) / batch_size,
+        forward_traffic=meter.traffic / batch_size,
+        train_traffic=(meter.traffic + 2 * meter.grad_traffic) / batch_size,
         image_size=image_size,
         batch_size=batch_size,
         notes=notes,

@@ -9,19 +9,24 @@ test embedding to its position's Gaussian is the anomaly map; its maximum is the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from models.backbones import FeatureExtractor
+from models.backbones import FeatureExtractor, get_backbone
 from models.base import (
+    ALLOCATOR_SLACK,
+    DEFAULT_TRAIN_BATCH_SIZE,
+    DEFAULT_TRAIN_IMAGES,
     Batch,
     Detector,
     EpochCallback,
     ModelError,
     Prediction,
+    ResourceRequest,
     iter_images,
     register,
 )
@@ -101,6 +106,78 @@ class PaDiM(Detector):
         self.register_buffer("channel_index", channels)
         self.register_buffer("mean", torch.empty(0, n_features))
         self.register_buffer("inv_covariance", torch.empty(0, n_features, n_features))
+
+    # ------------------------------------------------------------------ resources
+
+    @classmethod
+    def _gaussian_shape(
+        cls, backbone: str | None, hparams: Mapping[str, Any] | None, image_size: int
+    ) -> tuple[int, int]:
+        """(grid positions, embedding channels) of a trial's Gaussians."""
+        merged = cls._trial_hparams(backbone, hparams)
+        name = merged["backbone"]
+        spec = get_backbone(name)
+        layers = list(merged["layers"])
+        total = sum(spec.layer(layer)[1] for layer in layers)
+        channels = merged["n_features"] or PAPER_N_FEATURES.get(
+            name, min(total, _DEFAULT_N_FEATURES_CAP)
+        )
+        return math.ceil(image_size / spec.layer(layers[0])[0]) ** 2, channels
+
+    @classmethod
+    def default_resources(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+    ) -> ResourceRequest:
+        """The base request plus the model ``fit`` builds on the device: a ``C x C`` covariance
+        per grid position (float32, inverted in place) and the float64 chunk being inverted."""
+        request = super().default_resources(
+            backbone, hparams, image_size, batch_size=batch_size, n_train=n_train
+        )
+        positions, channels = cls._gaussian_shape(backbone, hparams, image_size)
+        model_bytes = 4 * positions * channels * (channels + 2) + 2 * _INVERSION_CHUNK_BYTES
+        return request.grown(device_gb=round(ALLOCATOR_SLACK * model_bytes / 2**30, 2))
+
+    @classmethod
+    def training_flops(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        epochs: int | None = None,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> float:
+        """Feature extraction, the per-position outer products of every image, and a Cholesky
+        factorisation and inversion per position (about ``4/3 C^3``)."""
+        flops = super().training_flops(
+            backbone, hparams, image_size, n_train=n_train, epochs=epochs, batch_size=batch_size
+        )
+        positions, channels = cls._gaussian_shape(backbone, hparams, image_size)
+        return flops + 2 * n_train * positions * channels**2 + positions * 4 / 3 * channels**3
+
+    @classmethod
+    def predict_flops(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> float:
+        """The backbone plus a Mahalanobis distance per grid position (``2 C^2`` each)."""
+        flops = super().predict_flops(
+            backbone, hparams, image_size, n_train=n_train, batch_size=batch_size
+        )
+        positions, channels = cls._gaussian_shape(backbone, hparams, image_size)
+        return flops + 2 * positions * channels**2
 
     def embed(self, images: Tensor) -> Tensor:
         """Embeddings of a batch: ``B x n_features x h x w`` on the first layer's grid."""

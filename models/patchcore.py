@@ -9,21 +9,26 @@ patch score, re-weighted by how isolated its nearest memory patch is.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.backbones import FeatureExtractor
+from models.backbones import FeatureExtractor, get_backbone
 from models.base import (
+    ALLOCATOR_SLACK,
+    DEFAULT_TRAIN_BATCH_SIZE,
+    DEFAULT_TRAIN_IMAGES,
     Batch,
     Detector,
     EpochCallback,
     ModelError,
     Prediction,
+    ResourceRequest,
     iter_images,
     register,
 )
@@ -37,6 +42,10 @@ from models.components.feature_utils import (
 )
 
 __all__ = ["PatchCore"]
+
+CORESET_PRUNING_SPEEDUP = 4.0
+"""How much less work :func:`greedy_coreset` does than the textbook greedy k-center (measured:
+``docs/BENCHMARKS.md``, 102,400 patches -> 10,240); sizes the coreset in ``training_flops``."""
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -109,6 +118,85 @@ class PatchCore(Detector):
         self.register_buffer("memory_bank", torch.empty(0, sum(self.extractor.channels.values())))
         self._index: NearestNeighbors | None = None
         self._index_source: Tensor | None = None
+
+    # ------------------------------------------------------------------ resources
+
+    @classmethod
+    def _bank_shape(
+        cls, backbone: str | None, hparams: Mapping[str, Any] | None, image_size: int
+    ) -> tuple[int, int, int, float]:
+        """(patches per image, patch channels, coreset selection dimension, coreset ratio)."""
+        merged = cls._trial_hparams(backbone, hparams)
+        spec = get_backbone(merged["backbone"])
+        layers = list(merged["layers"])
+        stride = spec.layer(layers[0])[0]
+        channels = sum(spec.layer(layer)[1] for layer in layers)
+        dim = min(merged["projection_dim"] or channels, channels)
+        return math.ceil(image_size / stride) ** 2, channels, dim, float(merged["coreset_ratio"])
+
+    @classmethod
+    def default_resources(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+    ) -> ResourceRequest:
+        """The base request plus what ``fit`` holds on the device: every training patch
+        feature, their projection and nearest-centre distances for the coreset, and the memory
+        bank."""
+        request = super().default_resources(
+            backbone, hparams, image_size, batch_size=batch_size, n_train=n_train
+        )
+        per_image, channels, dim, ratio = cls._bank_shape(backbone, hparams, image_size)
+        patches = n_train * per_image
+        bank_bytes = 4 * patches * (channels * (1 + ratio) + dim + 2)
+        return request.grown(device_gb=round(ALLOCATOR_SLACK * bank_bytes / 2**30, 2))
+
+    @classmethod
+    def training_flops(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        epochs: int | None = None,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> float:
+        """Feature extraction plus the coreset: the random projection and a greedy k-center
+        selection of ``coreset_ratio`` of the patches (``CORESET_PRUNING_SPEEDUP`` less than
+        the textbook algorithm's ``2 k n d``)."""
+        flops = super().training_flops(
+            backbone, hparams, image_size, n_train=n_train, epochs=epochs, batch_size=batch_size
+        )
+        per_image, channels, dim, ratio = cls._bank_shape(backbone, hparams, image_size)
+        patches = n_train * per_image
+        if ratio < 1.0:
+            centres = max(1, round(ratio * patches))
+            flops += 2 * patches * channels * dim
+            flops += 2 * centres * patches * dim / CORESET_PRUNING_SPEEDUP
+        return flops
+
+    @classmethod
+    def predict_flops(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> float:
+        """The backbone plus an exact nearest-neighbour search of every patch in the bank."""
+        flops = super().predict_flops(
+            backbone, hparams, image_size, n_train=n_train, batch_size=batch_size
+        )
+        per_image, channels, _, ratio = cls._bank_shape(backbone, hparams, image_size)
+        bank = max(1, round(ratio * n_train * per_image))
+        return flops + 2 * per_image * bank * channels
 
     def patch_features(self, images: Tensor) -> Tensor:
         """Locally aware patch features of a batch: ``B x D x h x w`` on the first layer's grid."""

@@ -337,9 +337,9 @@ class _Estimator:
             epochs=trial.epochs,
             batch_size=batch,
         )
-        forward = cls.cost_profile(
-            trial.backbone, trial.hparams, trial.image_size, batch_size=batch
-        ).forward_flops
+        forward = cls.predict_flops(
+            trial.backbone, trial.hparams, trial.image_size, n_train=self.n_train, batch_size=batch
+        )
         evaluation = study.evaluation
         scored = self.n_eval + 4 * evaluation.batch_size  # the splits, then throughput runs
         latency_calls = evaluation.latency_warmup + evaluation.latency_repeats
@@ -538,60 +538,54 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-GROUP_ABOVE = 12
-"""Trials listed one by one up to this many; above it, grouped by model x backbone x size."""
+SOURCE_LABELS = {
+    "history (same config)": "measured",
+    "history (model/backbone/size)": "similar rows",
+    "model": "FLOPs",
+}
+"""How the table names the estimate sources."""
 
 
-def _group_rows(plan: StudyPlan) -> list[tuple[str, int, TrialPlan, float, set[str]]]:
-    """(label, count, first trial, total seconds, sources) per group of trials."""
+def _group_rows(plan: StudyPlan) -> list[tuple[TrialPlan, int, float, list[str]]]:
+    """(first trial, count, total seconds, sources) per model x backbone x size x epochs x
+    request: seeds and hyperparameters that change neither are counted, not repeated."""
     groups: dict[tuple, list[TrialPlan]] = {}
     for trial_plan in plan.trials:
         trial = trial_plan.trial
-        if len(plan.trials) <= GROUP_ABOVE:
-            key: tuple = (id(trial_plan),)
-        else:
-            key = (trial.model, trial.backbone, trial.image_size, trial.epochs, trial_plan.request)
+        key = (trial.model, trial.backbone, trial.image_size, trial.epochs, trial_plan.request)
         groups.setdefault(key, []).append(trial_plan)
-    rows = []
-    for members in groups.values():
-        first = members[0]
-        trial = first.trial
-        label = trial.model + (f" / {trial.backbone}" if trial.backbone else "")
-        if len(plan.trials) <= GROUP_ABOVE:
-            label += f"  seed {trial.seed}"
-        total = sum(m.seconds for m in members)
-        rows.append((label, len(members), first, total, {m.source for m in members}))
-    return rows
+    return [
+        (
+            members[0],
+            len(members),
+            sum(m.seconds for m in members),
+            sorted({SOURCE_LABELS.get(m.source, m.source) for m in members}),
+        )
+        for members in groups.values()
+    ]
 
 
 def render_plan(plan: StudyPlan, console: Any) -> None:
-    """Print ``plan`` with rich: trials (grouped when many), packing summary, warnings."""
+    """Print ``plan`` with rich: its trials grouped by model x backbone x image size (with
+    counts), their resources and estimates; the packing summary; notes and warnings."""
     from rich.table import Table
 
     table = Table(
-        title=f"{plan.study}: {len(plan.trials)} trials ({plan.algorithm})", title_justify="left"
+        title=f"{plan.study}: {len(plan.trials)} trials ({plan.algorithm} search)",
+        title_justify="left",
+        pad_edge=False,
     )
-    for name, justify in (
-        ("trial", "left"),
-        ("n", "right"),
-        ("size", "right"),
-        ("epochs", "right"),
-        ("gpu", "right"),
-        ("cpu", "right"),
-        ("mem GB", "right"),
-        ("GPU mem GB", "right"),
-        ("per trial", "right"),
-        ("total", "right"),
-        ("estimate", "left"),
-    ):
-        table.add_column(name, justify=justify)
-    for label, count, first, total, sources in _group_rows(plan):
-        request = first.request
-        epochs = _trial_epochs(first.trial)
+    table.add_column("model / backbone")
+    for name in ("n", "px", "epochs", "GPU", "CPU", "RAM GB", "GPU GB", "each", "total"):
+        table.add_column(name, justify="right")
+    table.add_column("from")
+    for first, count, total, sources in _group_rows(plan):
+        trial, request = first.trial, first.request
+        epochs = _trial_epochs(trial)
         table.add_row(
-            label,
+            trial.model + (f" / {trial.backbone}" if trial.backbone else ""),
             str(count),
-            str(first.trial.image_size),
+            str(trial.image_size),
             "-" if epochs is None else str(epochs),
             f"{request.gpu:g}" if request.gpu else "-",
             f"{request.cpu:g}",
@@ -599,22 +593,22 @@ def render_plan(plan: StudyPlan, console: Any) -> None:
             f"{request.gpu_memory_gb:.1f}",
             format_duration(total / count),
             format_duration(total),
-            ", ".join(sorted(sources)),
+            ", ".join(sources),
         )
     console.print(table)
     packing = plan.packing
     console.print(f"cluster: {plan.cluster.describe()}")
-    lines = [
-        f"wall clock ~ {format_duration(packing.makespan_s)} "
-        f"(one at a time: {format_duration(plan.serial_s)})",
-        f"concurrent trials: up to {packing.max_concurrent}, "
-        f"{packing.mean_concurrent:.1f} on average",
-        f"CPU held: {packing.cpu_utilisation:.0%}",
-    ]
+    held = f"CPUs held {packing.cpu_utilisation:.0%}"
     if plan.cluster.gpus:
-        lines.append(f"GPU held: {packing.gpu_utilisation:.0%}")
-    for line in lines:
-        console.print(f"  {line}")
+        held += f", GPUs held {packing.gpu_utilisation:.0%}"
+    console.print(
+        f"  wall clock ~ {format_duration(packing.makespan_s)} "
+        f"(one at a time: {format_duration(plan.serial_s)})"
+    )
+    console.print(
+        f"  trials at once: up to {packing.max_concurrent}, "
+        f"{packing.mean_concurrent:.1f} on average; {held}"
+    )
     for note in plan.notes:
         console.print(f"[dim]note: {note}[/dim]")
     for warning in plan.warnings:

@@ -47,6 +47,8 @@ __all__ = [
     "trial_resources",
 ]
 
+UNBUILDABLE_REQUEST = ResourceRequest(gpu=0.0, cpu=1.0, memory_gb=1.0, gpu_memory_gb=0.0)
+"""What a trial asks for when its detector refuses its hyperparameters (it fails at once)."""
 RAY_OBJECT_STORE_SHARE = 0.3
 """Share of a node's memory Ray keeps for its object store by default; the rest is the node's
 ``memory`` resource."""
@@ -347,15 +349,22 @@ def study_train_images(study: Study) -> int:
 
 
 def default_request(study: Study, trial: TrialConfig) -> ResourceRequest:
-    """The detector's default request for ``trial`` (before the study's overrides)."""
+    """The detector's default request for ``trial`` (before the study's overrides).
+
+    A trial whose hyperparameters the detector refuses gets the smallest request: it will
+    fail on its own as an error row, and must not stop the planning of the others.
+    """
     cls = models.get_class(trial.model)
-    return cls.default_resources(
-        trial.backbone,
-        trial.hparams,
-        trial.image_size,
-        batch_size=study.evaluation.train_batch_size,
-        n_train=study_train_images(study),
-    )
+    try:
+        return cls.default_resources(
+            trial.backbone,
+            trial.hparams,
+            trial.image_size,
+            batch_size=study.evaluation.train_batch_size,
+            n_train=study_train_images(study),
+        )
+    except models.ModelError:
+        return UNBUILDABLE_REQUEST
 
 
 def trial_resources(
@@ -457,5 +466,21 @@ def ray_resources(request: ResourceRequest) -> dict[str, float]:
 
 
 def merge_warnings(lines: Iterable[str]) -> list[str]:
-    """Warnings in first-seen order without repeats (one per configuration, not per seed)."""
-    return list(dict.fromkeys(lines))
+    """Warnings without repeats: lines ``subject: message`` with the same message become one,
+    naming its subjects (a clipped CPU request is one line, not one per configuration)."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        subject, colon, message = line.partition(": ")
+        subjects = groups.setdefault(message if colon else line, [])
+        if colon and subject not in subjects:
+            subjects.append(subject)
+    merged = []
+    for message, subjects in groups.items():
+        if len(subjects) <= 1:
+            merged.append(f"{subjects[0]}: {message}" if subjects else message)
+            continue
+        shown = ", ".join(subjects[:4])
+        if len(subjects) > 4:
+            shown += f" and {len(subjects) - 4} more"
+        merged.append(f"{message} ({shown})")
+    return merged
