@@ -187,7 +187,7 @@ def finished_optuna_trials(study: Study, storage) -> int:
     return len(existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _optuna_searcher(study: Study, storage=None):
+def _optuna_searcher(study: Study, storage=None, finished: int = 0):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -196,7 +196,9 @@ def _optuna_searcher(study: Study, storage=None):
         "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     }
-    sampler = samplers[study.search.sampler or "tpe"](study.search.seed)
+    # A resumed study re-seeds its sampler past the trials it has: with the same seed, the
+    # random start-up draws would repeat the first run's configurations.
+    sampler = samplers[study.search.sampler or "tpe"](study.search.seed + finished)
     metrics = [o.metric for o in study.objectives]
     modes = [o.direction for o in study.objectives]
     shared = {"space": _DefineByRun(study), "sampler": sampler, "storage": storage}
@@ -367,7 +369,7 @@ def run_study(
         param_space: dict[str, Any] = {}
         total = planned - skipped
         tune_config = tune.TuneConfig(
-            search_alg=_optuna_searcher(study, storage),
+            search_alg=_optuna_searcher(study, storage, finished=skipped),
             num_samples=total,
             max_concurrent_trials=study.max_concurrent,
             reuse_actors=True,
