@@ -241,6 +241,28 @@ def build_report(results_dir: Path, objectives: list[tuple[str, str]], plots_dir
     return report
 
 
+def _varying_columns(configs: list[dict]) -> list[str]:
+    """Hyperparameter columns whose value differs between the configurations of a model: what
+    tells two rows of the same model, backbone and size apart."""
+    varying = []
+    columns = sorted({k for c in configs for k in c if k.startswith("hp.") and k != "hp.seed"})
+    for column in columns:
+        by_model: dict[Any, set] = {}
+        for config in configs:
+            value = config.get(column)
+            if value is not None:
+                by_model.setdefault(config.get("model"), set()).add(json.dumps(value))
+        if any(len(values) > 1 for values in by_model.values()):
+            varying.append(column)
+    return varying
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
     configs = report["configurations"]
     metrics = list(dict.fromkeys([*REPORT_METRICS, *(m for m, _ in objectives)]))
@@ -254,8 +276,12 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
         title=f"{report['results']}: {report['ok']}/{report['trials']} trials ok "
         "(mean ± std over seeds)"
     )
-    for column in ("model", "backbone", "size", "seeds", *metrics, "front"):
-        table.add_column(column, justify="right" if column not in ("model", "backbone") else "left")
+    varying = _varying_columns(configs)
+    for column in ("model", "backbone", "size", *varying, "seeds", *metrics, "front"):
+        table.add_column(
+            column.removeprefix("hp."),
+            justify="right" if column not in ("model", "backbone") else "left",
+        )
     best = {}
     for metric in metrics:
         values = [c.get(f"{metric}_mean") for c in configs if c.get(f"{metric}_mean") is not None]
@@ -281,6 +307,7 @@ def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
             str(config.get("model")),
             str(config.get("backbone") or "-"),
             str(config.get("image_size") or "-"),
+            *(_cell(config.get(c)) for c in varying),
             str(config.get("n_seeds")),
             *cells,
             flag,
