@@ -329,6 +329,8 @@ def _with_layout(data: Tensor, stride: list[int], offset: int, device: torch.dev
     """``data`` (contiguous, on the CPU) copied into a tensor with the given strides and storage
     offset on ``device``."""
     shape = data.shape
+    if offset == 0 and tuple(stride) == data.stride():
+        return data.to(device)  # the common case: it was contiguous; no second copy
     if data.numel() == 0 or not _non_overlapping(shape, stride):
         return data.to(device)
     extent = offset + 1 + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
