@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from models.costs import CostProfile
+    from models.costs import CostProfile, Work
 
 LearningType = Literal["one_pass", "iterative"]
 EpochCallback = Callable[[int, dict], bool]
@@ -271,7 +271,7 @@ class Detector(torch.nn.Module):
         )
 
     @classmethod
-    def training_flops(
+    def fit_work(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
@@ -280,20 +280,31 @@ class Detector(torch.nn.Module):
         n_train: int = DEFAULT_TRAIN_IMAGES,
         epochs: int | None = None,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    ) -> float:
-        """Floating-point operations of a whole ``fit``: ``n_train`` images x the epochs
-        (``epochs``, else the detector's default; one pass for one-pass detectors) x the
-        per-image training FLOPs of :meth:`cost_profile`. Detectors with costly work beyond
-        their networks (coreset selection, covariance inversion) override it."""
+    ) -> Work:
+        """The work of a whole ``fit``: ``n_train`` images x the epochs (``epochs``, else the
+        detector's default; one pass for one-pass detectors) x the per-image FLOPs and memory
+        traffic of :meth:`cost_profile`, and for iterative detectors one optimiser step per
+        batch and epoch, each moving ``OPTIMIZER_BYTES_PER_PARAM`` per trained parameter.
+        Detectors with costly work beyond their networks (coreset selection, covariance
+        inversion) or more steps per batch override it."""
+        from models.costs import OPTIMIZER_BYTES_PER_PARAM, Work
+
         profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
         if cls.learning_type == "one_pass":
-            return n_train * profile.forward_flops
+            return Work(n_train * profile.forward_flops, n_train * profile.forward_traffic)
         if epochs is None:
             epochs = cls._trial_hparams(backbone, hparams).get("epochs") or 1
-        return n_train * int(epochs) * profile.train_flops
+        steps = math.ceil(n_train / batch_size) * int(epochs)
+        images = n_train * int(epochs)
+        return Work(
+            images * profile.train_flops,
+            images * profile.train_traffic
+            + steps * OPTIMIZER_BYTES_PER_PARAM * profile.trainable_params,
+            steps,
+        )
 
     @classmethod
-    def predict_flops(
+    def predict_work(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
@@ -301,11 +312,14 @@ class Detector(torch.nn.Module):
         *,
         n_train: int = DEFAULT_TRAIN_IMAGES,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    ) -> float:
-        """Floating-point operations of ``predict`` per image: the probe's forward pass.
-        Detectors whose scoring costs more (a nearest-neighbour search over a memory bank of
-        ``n_train`` images) override it."""
-        return cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size).forward_flops
+    ) -> Work:
+        """The work of ``predict`` per image: the probe's forward pass. Detectors whose scoring
+        costs more (a nearest-neighbour search over a memory bank of ``n_train`` images)
+        override it."""
+        from models.costs import Work
+
+        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
+        return Work(profile.forward_flops, profile.forward_traffic)
 
     def fit(
         self,

@@ -26,15 +26,17 @@ after every epoch, so the detector can be scored mid-training.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import FeatureExtractor
+from models.backbones import FeatureExtractor, get_backbone
 from models.base import (
+    DEFAULT_TRAIN_BATCH_SIZE,
+    DEFAULT_TRAIN_IMAGES,
     Batch,
     Detector,
     EpochCallback,
@@ -51,6 +53,7 @@ from models.components.flows import (
     gaussian_log_likelihood,
     positional_encoding_2d,
 )
+from models.costs import OPTIMIZER_BYTES_PER_PARAM, Work
 
 __all__ = ["CFlow", "conditional_decoder"]
 
@@ -181,6 +184,70 @@ class CFlow(Detector):
         # Log-likelihood per dimension of every vector.
         z, log_det = decoder(vectors, conditions)
         return gaussian_log_likelihood(z, log_det) / vectors.shape[1]
+
+    @classmethod
+    def _decoder_work(
+        cls, backbone: str | None, hparams: Mapping[str, Any] | None, image_size: int, batch: int
+    ) -> tuple[float, float, list[int]]:
+        """(FLOPs per image of every decoder over every position, FLOPs of the probe's one fiber
+        batch per decoder, fiber batches per decoder and training batch). A flow of linear
+        subnets costs about twice its parameters per vector."""
+        merged = cls._trial_hparams(backbone, hparams)
+        spec = get_backbone(merged["backbone"])
+        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch)
+        fiber = merged["fiber_batch_size"]
+        full = probed = 0.0
+        steps = []
+        for i, layer in enumerate(merged["layers"]):
+            per_vector = 2 * profile.module_params.get(f"decoders.{i}", 0)
+            positions = math.ceil(image_size / spec.layer(layer)[0]) ** 2
+            full += per_vector * positions
+            probed += per_vector * min(fiber, batch * positions)
+            steps.append(math.ceil(batch * positions / fiber))
+        return full, probed, steps
+
+    @classmethod
+    def fit_work(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        epochs: int | None = None,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> Work:
+        """The encoder once per image and epoch; the decoders, forward and backward, over every
+        feature vector (the probe runs one fiber batch per decoder, a training batch runs them
+        all); one optimiser step per fiber batch, each over one decoder's parameters."""
+        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
+        full, probed, steps = cls._decoder_work(backbone, hparams, image_size, batch_size)
+        encoder = max(0.0, profile.forward_flops - probed / batch_size)
+        if epochs is None:
+            epochs = cls._trial_hparams(backbone, hparams)["epochs"]
+        batches = math.ceil(n_train / batch_size) * int(epochs)
+        per_step = OPTIMIZER_BYTES_PER_PARAM * profile.trainable_params / max(1, len(steps))
+        return Work(
+            n_train * int(epochs) * (encoder + 3 * full),
+            n_train * int(epochs) * profile.train_traffic + batches * sum(steps) * per_step,
+            batches * sum(steps),
+        )
+
+    @classmethod
+    def predict_work(
+        cls,
+        backbone: str | None,
+        hparams: Mapping[str, Any] | None,
+        image_size: int,
+        *,
+        n_train: int = DEFAULT_TRAIN_IMAGES,
+        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    ) -> Work:
+        """The encoder and every decoder over every position."""
+        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
+        full, probed, _ = cls._decoder_work(backbone, hparams, image_size, batch_size)
+        flops = max(0.0, profile.forward_flops - probed / batch_size) + full
+        return Work(flops, profile.forward_traffic)
 
     def resource_probe(self, images: Tensor) -> None:
         """A training step's forward: the encoder, then one fiber batch per decoder (a step

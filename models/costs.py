@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,11 +37,36 @@ from torch.utils.flop_counter import flop_registry
 if TYPE_CHECKING:
     from models.base import Detector
 
-__all__ = ["CostProfile", "build_on_meta", "cost_profile"]
+__all__ = ["OPTIMIZER_BYTES_PER_PARAM", "CostProfile", "Work", "build_on_meta", "cost_profile"]
 
 IGNORED_HPARAMS = ("seed", "weights", "pretrained", "epochs")
 """Hyperparameters that change no shape: left out of the memoisation key (and weights are never
 loaded: the build always uses ``pretrained=False``, ``weights=None``)."""
+
+
+OPTIMIZER_BYTES_PER_PARAM = 32
+"""Memory traffic of one Adam step per trained fp32 parameter: parameter, gradient and both
+moments read, parameter and moments written, the gradient zeroed (8 x 4 bytes)."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a computation's time is made of: arithmetic, memory traffic and optimiser steps
+    (each with a fixed overhead: kernel launches, the optimiser's loop, Python)."""
+
+    flops: float = 0.0
+    traffic_bytes: float = 0.0
+    steps: int = 0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(
+            self.flops + other.flops,
+            self.traffic_bytes + other.traffic_bytes,
+            self.steps + other.steps,
+        )
+
+    def __mul__(self, factor: float) -> Work:
+        return Work(self.flops * factor, self.traffic_bytes * factor, round(self.steps * factor))
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,9 @@ class CostProfile:
     whose inputs need gradients."""
     image_size: int = 0
     batch_size: int = 1
+    module_params: Mapping[str, int] = field(default_factory=dict)
+    """Parameters of each module up to two levels deep (``"decoders"``, ``"decoders.0"``), for
+    detectors whose cost model needs a part's size."""
     notes: tuple[str, ...] = ()
     """What the measurement could not do (e.g. the probe failed and only parameters count)."""
 
@@ -245,6 +273,11 @@ def _measure(
         notes = (f"{cls.name}: activations and FLOPs not measured ({type(error).__name__})",)
     # Counted after the probe: some detectors build their networks for the image size there.
     trainable, frozen = detector.param_counts()
+    module_params = {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in detector.named_modules()
+        if name and name.count(".") <= 1
+    }
     return CostProfile(
         trainable_params=trainable,
         frozen_params=frozen,
@@ -256,5 +289,6 @@ def _measure(
         train_traffic=(meter.traffic + 2 * meter.grad_traffic) / batch_size,
         image_size=image_size,
         batch_size=batch_size,
+        module_params=module_params,
         notes=notes,
     )

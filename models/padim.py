@@ -31,6 +31,7 @@ from models.base import (
     register,
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+from models.costs import Work
 
 __all__ = ["PaDiM"]
 
@@ -144,7 +145,7 @@ class PaDiM(Detector):
         return request.grown(device_gb=round(ALLOCATOR_SLACK * model_bytes / 2**30, 2))
 
     @classmethod
-    def training_flops(
+    def fit_work(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
@@ -153,17 +154,22 @@ class PaDiM(Detector):
         n_train: int = DEFAULT_TRAIN_IMAGES,
         epochs: int | None = None,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    ) -> float:
+    ) -> Work:
         """Feature extraction, the per-position outer products of every image, and a Cholesky
-        factorisation and inversion per position (about ``4/3 C^3``)."""
-        flops = super().training_flops(
+        factorisation and inversion per position (about ``4/3 C^3``, in float64)."""
+        work = super().fit_work(
             backbone, hparams, image_size, n_train=n_train, epochs=epochs, batch_size=batch_size
         )
         positions, channels = cls._gaussian_shape(backbone, hparams, image_size)
-        return flops + 2 * n_train * positions * channels**2 + positions * 4 / 3 * channels**3
+        outer = 2 * n_train * positions * channels**2
+        inversion = positions * 4 / 3 * channels**3
+        # Every batch reads and writes the P x C x C sums; the inversion passes them in float64.
+        batches = math.ceil(n_train / batch_size)
+        traffic = 4 * positions * channels**2 * (2 * batches + 6)
+        return work + Work(outer + inversion, traffic)
 
     @classmethod
-    def predict_flops(
+    def predict_work(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
@@ -171,13 +177,14 @@ class PaDiM(Detector):
         *,
         n_train: int = DEFAULT_TRAIN_IMAGES,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    ) -> float:
-        """The backbone plus a Mahalanobis distance per grid position (``2 C^2`` each)."""
-        flops = super().predict_flops(
+    ) -> Work:
+        """The backbone plus a Mahalanobis distance per grid position (``2 C^2`` each, reading
+        that position's ``C x C`` inverse covariance)."""
+        work = super().predict_work(
             backbone, hparams, image_size, n_train=n_train, batch_size=batch_size
         )
         positions, channels = cls._gaussian_shape(backbone, hparams, image_size)
-        return flops + 2 * positions * channels**2
+        return work + Work(2 * positions * channels**2, 4 * positions * channels**2)
 
     def embed(self, images: Tensor) -> Tensor:
         """Embeddings of a batch: ``B x n_features x h x w`` on the first layer's grid."""

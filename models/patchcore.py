@@ -40,12 +40,15 @@ from models.components.feature_utils import (
     gaussian_blur,
     upsample_maps,
 )
+from models.costs import Work
 
 __all__ = ["PatchCore"]
 
-CORESET_PRUNING_SPEEDUP = 4.0
-"""How much less work :func:`greedy_coreset` does than the textbook greedy k-center (measured:
-``docs/BENCHMARKS.md``, 102,400 patches -> 10,240); sizes the coreset in ``training_flops``."""
+CORESET_COST_FACTOR = 1.0
+"""Effective FLOPs of :func:`greedy_coreset` per FLOP of the textbook greedy k-center: its
+pruning does about 4x less arithmetic, but what remains is bound by memory, not compute
+(calibrated on ``docs/BENCHMARKS.md``'s 102,400 -> 10,240 patches in 3.8 s; see
+``docs/resources.md``)."""
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -156,7 +159,7 @@ class PatchCore(Detector):
         return request.grown(device_gb=round(ALLOCATOR_SLACK * bank_bytes / 2**30, 2))
 
     @classmethod
-    def training_flops(
+    def fit_work(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
@@ -165,23 +168,24 @@ class PatchCore(Detector):
         n_train: int = DEFAULT_TRAIN_IMAGES,
         epochs: int | None = None,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    ) -> float:
+    ) -> Work:
         """Feature extraction plus the coreset: the random projection and a greedy k-center
-        selection of ``coreset_ratio`` of the patches (``CORESET_PRUNING_SPEEDUP`` less than
-        the textbook algorithm's ``2 k n d``)."""
-        flops = super().training_flops(
+        selection of ``coreset_ratio`` of the patches, ``2 k n d`` FLOPs for the textbook
+        algorithm, scaled by ``CORESET_COST_FACTOR``."""
+        work = super().fit_work(
             backbone, hparams, image_size, n_train=n_train, epochs=epochs, batch_size=batch_size
         )
         per_image, channels, dim, ratio = cls._bank_shape(backbone, hparams, image_size)
         patches = n_train * per_image
         if ratio < 1.0:
             centres = max(1, round(ratio * patches))
-            flops += 2 * patches * channels * dim
-            flops += 2 * centres * patches * dim / CORESET_PRUNING_SPEEDUP
-        return flops
+            projection = 2 * patches * channels * dim
+            selection = 2 * centres * patches * dim * CORESET_COST_FACTOR
+            work += Work(projection + selection, 4 * patches * (channels + dim))
+        return work
 
     @classmethod
-    def predict_flops(
+    def predict_work(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
@@ -189,14 +193,14 @@ class PatchCore(Detector):
         *,
         n_train: int = DEFAULT_TRAIN_IMAGES,
         batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    ) -> float:
+    ) -> Work:
         """The backbone plus an exact nearest-neighbour search of every patch in the bank."""
-        flops = super().predict_flops(
+        work = super().predict_work(
             backbone, hparams, image_size, n_train=n_train, batch_size=batch_size
         )
         per_image, channels, _, ratio = cls._bank_shape(backbone, hparams, image_size)
         bank = max(1, round(ratio * n_train * per_image))
-        return flops + 2 * per_image * bank * channels
+        return work + Work(2 * per_image * bank * channels, 4 * bank * channels)
 
     def patch_features(self, images: Tensor) -> Tensor:
         """Locally aware patch features of a batch: ``B x D x h x w`` on the first layer's grid."""

@@ -8,9 +8,10 @@ data is loaded and Ray is not started.
 
 Durations come from measured rows when there are some (``history``: a results directory or its
 rows) for the same configuration, or for the same model, backbone and image size (scaled to the
-trial's epochs and training images) on the same kind of device; otherwise from a cost model:
-the FLOPs of the whole fit and evaluation (:meth:`Detector.training_flops`, counted on the meta
-device) over an assumed throughput (:data:`CPU_GFLOPS_PER_THREAD`, :data:`GPU_TFLOPS`) plus
+trial's epochs and training images) on the same kind of device; otherwise from a cost model: the
+work of the whole fit and evaluation (:meth:`Detector.fit_work`, :meth:`Detector.predict_work`:
+FLOPs, memory traffic and optimiser steps counted on the meta device) over the device's speed
+(:class:`DeviceSpeed`: CPU constants fitted to ``bench/resources.py``, GPU ones assumed) plus
 :data:`TRIAL_OVERHEAD_S`. Every estimate says where it came from.
 
 The packing is a first-fit-decreasing list schedule: whenever resources free up, the pending
@@ -32,6 +33,7 @@ from typing import Any
 
 import models
 from models.base import ResourceRequest
+from models.costs import Work
 from sweep.errors import StudyError
 from sweep.resources import (
     ClusterShape,
@@ -50,9 +52,12 @@ from sweep.study import (
 )
 
 __all__ = [
+    "CPU_GBPS_PER_THREAD",
     "CPU_GFLOPS_PER_THREAD",
+    "GPU_GBPS",
     "GPU_TFLOPS",
     "TRIAL_OVERHEAD_S",
+    "DeviceSpeed",
     "Packing",
     "StudyPlan",
     "TrialPlan",
@@ -62,23 +67,55 @@ __all__ = [
     "render_plan",
 ]
 
-CPU_GFLOPS_PER_THREAD = 15.0
-"""Effective GFLOP/s of one CPU thread on the FLOPs the meta count sees (convolutions and
-matrix products): the median of ``bench/resources.py`` over every detector (one training step,
-128 px, batch 8, one thread: 4-38 GFLOP/s by detector) and consistent with the per-epoch fit
-times of ``docs/BENCHMARKS.md``; see ``docs/resources.md``. Throughput is taken to grow
-linearly with the trial's CPUs (its torch threads)."""
+CPU_GFLOPS_PER_THREAD = 50.0
+"""Arithmetic speed of one CPU thread on convolutions and matrix products (GFLOP/s)."""
+CPU_GBPS_PER_THREAD = 3.0
+"""Memory traffic one CPU thread sustains through element-wise work (GB/s)."""
+CPU_STEP_S = 0.002
+"""Fixed cost of one optimiser step on the CPU beyond its FLOPs and traffic (s)."""
 GPU_TFLOPS = 10.0
-"""Effective TFLOP/s of one trial on a GPU: fp32 training of small convolutional networks at
-batch 32 reaches a fraction of a card's peak (19.5 TFLOP/s fp32 on an A100, 82 on an RTX 4090,
-67 on an H100); an assumption, not a measurement (no GPU was at hand, ``docs/resources.md``).
-Trials sharing a GPU are assumed not to slow each other."""
+"""Arithmetic speed of one trial on a GPU (TFLOP/s): fp32 training of small networks at batch
+32 reaches a fraction of a card's peak (19.5 TFLOP/s fp32 on an A100, 82 on an RTX 4090, 67 on
+an H100); an assumption, not a measurement (no GPU was at hand, ``docs/resources.md``)."""
+GPU_GBPS = 1000.0
+"""Memory traffic of one trial on a GPU (GB/s): about half of an A100's or RTX 4090's HBM/GDDR
+bandwidth; an assumption like ``GPU_TFLOPS``."""
+GPU_STEP_S = 0.003
+"""Fixed cost of one optimiser step on a GPU: a few hundred kernel launches (s)."""
 TRIAL_OVERHEAD_S = 3.0
-"""Seconds per trial beyond its FLOPs: building the detector, the data set from the worker's
+"""Seconds per trial beyond its work: building the detector, the data set from the worker's
 cache, the result row (the quickstart's rows: 4-7 s of wall time beyond ``train_s``, evaluation
 included)."""
-GPU_CALL_S = 0.004
-"""Shortest batch-1 ``predict`` on a GPU (kernel launches): the latency measurement's floor."""
+# The CPU constants are fitted to ``bench/resources.py`` (every detector, steady-state epochs,
+# 128 px, batch 8, one thread); see docs/resources.md for the fit and its residuals. Trials
+# sharing a GPU are assumed not to slow each other, and CPU speed to grow linearly with threads.
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """How fast a trial's device does each kind of work."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    step_s: float
+
+    @classmethod
+    def cpu(cls, threads: float) -> DeviceSpeed:
+        n = max(1, int(threads))
+        return cls(CPU_GFLOPS_PER_THREAD * 1e9 * n, CPU_GBPS_PER_THREAD * 1e9 * n, CPU_STEP_S)
+
+    @classmethod
+    def gpu(cls) -> DeviceSpeed:
+        return cls(GPU_TFLOPS * 1e12, GPU_GBPS * 1e9, GPU_STEP_S)
+
+    def seconds(self, work: Work) -> float:
+        """Time of ``work``: arithmetic, traffic and step overheads added (a roofline would
+        take the larger of the first two; added, they fit the measured epochs better)."""
+        return (
+            work.flops / self.flops_per_s
+            + work.traffic_bytes / self.bytes_per_s
+            + work.steps * self.step_s
+        )
 
 
 @dataclass(frozen=True)
@@ -325,36 +362,26 @@ class _Estimator:
         return self.model_seconds(trial, request), "model"
 
     def model_seconds(self, trial: TrialConfig, request: ResourceRequest) -> float:
-        """FLOPs of fit and evaluation over the device's assumed throughput, plus overhead."""
+        """The work of fit and evaluation over the device's assumed speed, plus overhead."""
         study = self.study
         cls = models.get_class(trial.model)
         batch = study.evaluation.train_batch_size
-        train = cls.training_flops(
-            trial.backbone,
-            trial.hparams,
-            trial.image_size,
-            n_train=self.n_train,
-            epochs=trial.epochs,
-            batch_size=batch,
-        )
-        forward = cls.predict_flops(
-            trial.backbone, trial.hparams, trial.image_size, n_train=self.n_train, batch_size=batch
-        )
+        args = (trial.backbone, trial.hparams, trial.image_size)
+        fit = cls.fit_work(*args, n_train=self.n_train, epochs=trial.epochs, batch_size=batch)
+        predict = cls.predict_work(*args, n_train=self.n_train, batch_size=batch)
         evaluation = study.evaluation
         scored = self.n_eval + 4 * evaluation.batch_size  # the splits, then throughput runs
-        latency_calls = evaluation.latency_warmup + evaluation.latency_repeats
         scheduler = study.scheduler
         epochs = _trial_epochs(trial)
         if scheduler is not None and epochs and scheduler.metric.startswith("val_"):
             validation = self.n_eval // 2  # the validation split, every eval_every epochs
             scored += validation * (epochs // scheduler.eval_every)
-        if request.gpu > 0:
-            rate = GPU_TFLOPS * 1e12
-            latency = latency_calls * max(forward / rate, GPU_CALL_S)
-        else:
-            rate = CPU_GFLOPS_PER_THREAD * 1e9 * max(1, int(request.cpu))
-            latency = latency_calls * forward / (CPU_GFLOPS_PER_THREAD * 1e9)
-        return TRIAL_OVERHEAD_S + (train + scored * forward) / rate + latency
+        # Latency: batch-1 calls after warm-up, each at least a kernel launch's worth on a GPU.
+        latency_calls = evaluation.latency_warmup + evaluation.latency_repeats
+        speed = DeviceSpeed.gpu() if request.gpu > 0 else DeviceSpeed.cpu(request.cpu)
+        single = DeviceSpeed.gpu() if request.gpu > 0 else DeviceSpeed.cpu(1)
+        latency = latency_calls * max(single.seconds(predict), speed.step_s)
+        return TRIAL_OVERHEAD_S + speed.seconds(fit + predict * scored) + latency
 
 
 # ----------------------------------------------------------------------------- packing

@@ -95,9 +95,25 @@ def test_memory_bank_grows_with_training_images():
     few = patchcore.default_resources("wide_resnet50_2", {}, 256, n_train=50)
     many = patchcore.default_resources("wide_resnet50_2", {}, 256, n_train=1000)
     assert many.gpu_memory_gb > few.gpu_memory_gb + 4  # 1000 x 1024 patches x 1536 channels
-    fewer = patchcore.training_flops("wide_resnet50_2", {"coreset_ratio": 0.01}, 256)
-    more = patchcore.training_flops("wide_resnet50_2", {"coreset_ratio": 0.1}, 256)
-    assert more > fewer
+    fewer = patchcore.fit_work("wide_resnet50_2", {"coreset_ratio": 0.01}, 256)
+    more = patchcore.fit_work("wide_resnet50_2", {"coreset_ratio": 0.1}, 256)
+    assert more.flops > fewer.flops and more.steps == fewer.steps == 0
+
+
+def test_fit_work_counts_epochs_steps_and_fiber_batches():
+    stfpm = models.get_class("stfpm")
+    one = stfpm.fit_work("resnet18", {}, 128, n_train=64, epochs=1, batch_size=16)
+    ten = stfpm.fit_work("resnet18", {}, 128, n_train=64, epochs=10, batch_size=16)
+    assert (one.steps, ten.steps) == (4, 40)
+    assert ten.flops == pytest.approx(10 * one.flops)
+    assert one.traffic_bytes > 0
+    # CFlow steps once per fiber batch of every decoder: 16 images x 16x16 layer2 positions
+    # / 64 + 16 x 8x8 / 64 + 16 x 4x4 / 64 = 64 + 16 + 4 per training batch.
+    cflow = models.get_class("cflow").fit_work("resnet18", {}, 128, n_train=16, batch_size=16)
+    assert cflow.steps == 84 * models.hyperparameters("cflow")["epochs"]
+    padim = models.get_class("padim")
+    assert padim.fit_work("resnet18", {}, 128).steps == 0
+    assert padim.predict_work("resnet18", {}, 128).flops > 0
 
 
 def test_meta_measurement_matches_a_real_forward():
