@@ -26,6 +26,10 @@ Layout and guarantees:
 :func:`use_cache` makes a cache the active one for a block of code (a context variable, so it is
 per thread and per asyncio task); code deep inside a detector asks :func:`active_cache`. Nothing
 is cached unless a caller opts in.
+
+Local disk rather than Ray's object store: entries outlive a Ray session (a re-run or the next
+study on the node starts warm), the page cache serves hot entries at memory speed anyway, and
+``models`` stays free of Ray.
 """
 
 from __future__ import annotations

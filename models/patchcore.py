@@ -263,6 +263,8 @@ class PatchCore(Detector):
         keyed by the features' content, the projection and the generator's state: a stored run
         at least as long gives its prefix, a shorter one is resumed and stored longer. Both give
         exactly the indices of a fresh run, so the memory bank does not depend on the cache.
+        (Two trials extending one run at once both store theirs and the last write stays, maybe
+        the shorter: a later trial then resumes more of it. A cost, never a different result.)
         """
         generator = torch.Generator().manual_seed(self.seed)
         cache = active_cache()
