@@ -55,9 +55,10 @@ DEVICE_OVERHEAD_GB = 0.5
 cards and PyTorch releases)."""
 ALLOCATOR_SLACK = 1.2
 """PyTorch's caching allocator rounds blocks up and fragments: tensors take ~20 % more."""
-HOST_BASE_GB = 0.8
-"""A Ray worker with torch, timm, the detectors and the data code imported, before any model
-or data set (measured: ``docs/resources.md``)."""
+HOST_BASE_GB = 1.0
+"""A Ray worker before any model or data set: torch, timm, the detectors, the data code and
+Ray Tune imported take 0.87 GB of resident memory, the worker's runtime the rest
+(``docs/resources.md``)."""
 DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0}
 """CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
 threads for host-side work: one-pass fits run their statistics, nearest-neighbour search

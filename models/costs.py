@@ -51,8 +51,9 @@ moments read, parameter and moments written, the gradient zeroed (8 x 4 bytes)."
 
 @dataclass(frozen=True)
 class Work:
-    """What a computation's time is made of: arithmetic, memory traffic and optimiser steps
-    (each with a fixed overhead: kernel launches, the optimiser's loop, Python)."""
+    """What a computation's time is made of: arithmetic, memory traffic and sequential steps
+    (optimiser steps, greedy coreset iterations), each with a fixed overhead beyond its FLOPs
+    and bytes: kernel launches, the optimiser's loop, Python."""
 
     flops: float = 0.0
     traffic_bytes: float = 0.0

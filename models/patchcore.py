@@ -44,11 +44,11 @@ from models.costs import Work
 
 __all__ = ["PatchCore"]
 
-CORESET_COST_FACTOR = 1.0
-"""Effective FLOPs of :func:`greedy_coreset` per FLOP of the textbook greedy k-center: its
-pruning does about 4x less arithmetic, but what remains is bound by memory, not compute
-(calibrated on ``docs/BENCHMARKS.md``'s 102,400 -> 10,240 patches in 3.8 s; see
-``docs/resources.md``)."""
+CORESET_COST_FACTOR = 2.3
+"""Effective FLOPs of :func:`greedy_coreset` per FLOP of the textbook greedy k-center
+(``2 k n d``): its pruning does about 4x less arithmetic, but what remains is scattered memory
+access, not matrix products (calibrated: ``docs/BENCHMARKS.md``'s 102,400 -> 10,240 patches in
+3.8 s on 2 threads; ``docs/resources.md``)."""
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -171,7 +171,7 @@ class PatchCore(Detector):
     ) -> Work:
         """Feature extraction plus the coreset: the random projection and a greedy k-center
         selection of ``coreset_ratio`` of the patches, ``2 k n d`` FLOPs for the textbook
-        algorithm, scaled by ``CORESET_COST_FACTOR``."""
+        algorithm scaled by ``CORESET_COST_FACTOR``, and one sequential step per centre."""
         work = super().fit_work(
             backbone, hparams, image_size, n_train=n_train, epochs=epochs, batch_size=batch_size
         )
@@ -181,7 +181,8 @@ class PatchCore(Detector):
             centres = max(1, round(ratio * patches))
             projection = 2 * patches * channels * dim
             selection = 2 * centres * patches * dim * CORESET_COST_FACTOR
-            work += Work(projection + selection, 4 * patches * (channels + dim))
+            # Each greedy iteration is a sequential step (a handful of kernels on a GPU).
+            work += Work(projection + selection, 4 * patches * (channels + dim), centres)
         return work
 
     @classmethod

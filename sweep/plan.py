@@ -67,12 +67,13 @@ __all__ = [
     "render_plan",
 ]
 
-CPU_GFLOPS_PER_THREAD = 50.0
+CPU_GFLOPS_PER_THREAD = 84.0
 """Arithmetic speed of one CPU thread on convolutions and matrix products (GFLOP/s)."""
-CPU_GBPS_PER_THREAD = 3.0
+CPU_GBPS_PER_THREAD = 10.0
 """Memory traffic one CPU thread sustains through element-wise work (GB/s)."""
-CPU_STEP_S = 0.002
-"""Fixed cost of one optimiser step on the CPU beyond its FLOPs and traffic (s)."""
+CPU_STEP_S = 0.0
+"""Fixed cost of one optimiser step on the CPU beyond its FLOPs and traffic (s): the fit finds
+none, it is lost in the optimiser's memory traffic."""
 GPU_TFLOPS = 10.0
 """Arithmetic speed of one trial on a GPU (TFLOP/s): fp32 training of small networks at batch
 32 reaches a fraction of a card's peak (19.5 TFLOP/s fp32 on an A100, 82 on an RTX 4090, 67 on
@@ -595,6 +596,7 @@ def _group_rows(plan: StudyPlan) -> list[tuple[TrialPlan, int, float, list[str]]
 def render_plan(plan: StudyPlan, console: Any) -> None:
     """Print ``plan`` with rich: its trials grouped by model x backbone x image size (with
     counts), their resources and estimates; the packing summary; notes and warnings."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(
@@ -624,7 +626,7 @@ def render_plan(plan: StudyPlan, console: Any) -> None:
         )
     console.print(table)
     packing = plan.packing
-    console.print(f"cluster: {plan.cluster.describe()}")
+    console.print(f"cluster: {escape(plan.cluster.describe())}")
     held = f"CPUs held {packing.cpu_utilisation:.0%}"
     if plan.cluster.gpus:
         held += f", GPUs held {packing.gpu_utilisation:.0%}"
@@ -637,9 +639,9 @@ def render_plan(plan: StudyPlan, console: Any) -> None:
         f"{packing.mean_concurrent:.1f} on average; {held}"
     )
     for note in plan.notes:
-        console.print(f"[dim]note: {note}[/dim]")
+        console.print(f"[dim]note: {escape(note)}[/dim]")
     for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def plan_command(

@@ -49,6 +49,21 @@ __all__ = [
 
 UNBUILDABLE_REQUEST = ResourceRequest(gpu=0.0, cpu=1.0, memory_gb=1.0, gpu_memory_gb=0.0)
 """What a trial asks for when its detector refuses its hyperparameters (it fails at once)."""
+ACCELERATOR_MEMORY_GB = {
+    "H200": 141.0,
+    "H100": 80.0,
+    "A100": 40.0,
+    "A40": 48.0,
+    "L40S": 48.0,
+    "L40": 48.0,
+    "A10G": 24.0,
+    "L4": 24.0,
+    "V100": 16.0,
+    "T4": 16.0,
+}
+"""Memory of the GPUs Ray names in a node's ``accelerator_type:<name>`` resource (the smaller
+variant where there are two: A100 40 GB, V100 16 GB)."""
+
 RAY_OBJECT_STORE_SHARE = 0.3
 """Share of a node's memory Ray keeps for its object store by default; the rest is the node's
 ``memory`` resource."""
@@ -105,7 +120,7 @@ class ClusterShape:
             parts.append("no GPU")
         if math.isfinite(memory):
             parts.append(f"{memory:.0f} GB memory")
-        return ", ".join(parts) + (f" [{self.source}]" if self.source else "")
+        return ", ".join(parts) + (f"; {self.source}" if self.source else "")
 
     # ------------------------------------------------------------------------ constructors
 
@@ -151,12 +166,14 @@ class ClusterShape:
             resources = info.get("Resources", {})
             gpus = float(resources.get("GPU", 0.0))
             memory = resources.get("memory")
+            kinds = [k.partition(":")[2] for k in resources if k.startswith("accelerator_type:")]
+            known = [ACCELERATOR_MEMORY_GB[k] for k in kinds if k in ACCELERATOR_MEMORY_GB]
             nodes.append(
                 NodeShape(
                     name=str(info.get("NodeManagerHostname") or info.get("NodeID", i)),
                     cpus=float(resources.get("CPU", 0.0)),
                     gpus=gpus,
-                    gpu_memory_gb=None,
+                    gpu_memory_gb=min(known) if gpus and known else None,
                     memory_gb=math.inf if memory is None else float(memory) / 2**30,
                 )
             )

@@ -97,7 +97,7 @@ def test_memory_bank_grows_with_training_images():
     assert many.gpu_memory_gb > few.gpu_memory_gb + 4  # 1000 x 1024 patches x 1536 channels
     fewer = patchcore.fit_work("wide_resnet50_2", {"coreset_ratio": 0.01}, 256)
     more = patchcore.fit_work("wide_resnet50_2", {"coreset_ratio": 0.1}, 256)
-    assert more.flops > fewer.flops and more.steps == fewer.steps == 0
+    assert more.flops > fewer.flops and more.steps > fewer.steps > 0  # greedy iterations
 
 
 def test_fit_work_counts_epochs_steps_and_fiber_batches():
