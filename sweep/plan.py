@@ -645,7 +645,7 @@ def render_plan(plan: StudyPlan, console: Any) -> None:
 
 
 def plan_command(
-    study_path: str | Path,
+    study: Study | str | Path,
     *,
     cluster: str | Path | None = None,
     gpus: float | None = None,
@@ -657,17 +657,20 @@ def plan_command(
 ) -> StudyPlan:
     """What ``sweep plan STUDY.yaml [--cluster FILE | --gpus N] [--json] [--set k=v]`` does.
 
-    The cluster is the launcher file ``cluster`` (``max_workers`` of each node type), else this
-    machine (with ``gpus`` GPUs when given). The history is ``history``, else the study's own
-    output when it holds rows. Prints the plan (as JSON with ``as_json``) and returns it; bad
-    input is a :class:`StudyError` (exit status 2).
+    ``study`` is a study file (read with ``overrides``) or a loaded :class:`Study`. The cluster
+    is the launcher file ``cluster`` (each node type at ``max_workers``), else this machine
+    (with ``gpus`` GPUs when given); ``gpu_memory_gb`` is the memory of each GPU where the
+    cluster does not say. The history is ``history``, else the study's own output when it
+    holds rows. Prints the plan (as JSON with ``as_json``) and returns it; bad input is a
+    :class:`StudyError` (exit status 2).
     """
     import json
 
     from rich.console import Console
 
     console = console or Console()
-    study = load_study(study_path, list(overrides))
+    if not isinstance(study, Study):
+        study = load_study(study, list(overrides))
     if cluster is not None and gpus is not None:
         raise StudyError("give --cluster or --gpus, not both")
     if cluster is not None:
@@ -681,7 +684,7 @@ def plan_command(
         raise StudyError(f"no such results directory: {history}")
     plan = plan_study(study, shape, history=history)
     if as_json:
-        console.print_json(json.dumps(plan.to_dict()))
+        console.out(json.dumps(plan.to_dict(), indent=2), highlight=False)
     else:
         render_plan(plan, console)
     return plan
