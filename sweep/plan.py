@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import models
-from models.base import ResourceRequest
+from models.base import ModelError, ResourceRequest
 from models.costs import Work
 from sweep.errors import StudyError
 from sweep.resources import (
@@ -360,7 +360,10 @@ class _Estimator:
             epochs = _trial_epochs(trial)
             times = [_scaled_wall_s(row, trial, epochs, self.n_train) for row in similar]
             return statistics.median(times), "history (model/backbone/size)"
-        return self.model_seconds(trial, request), "model"
+        try:
+            return self.model_seconds(trial, request), "model"
+        except ModelError:  # trial_resources has warned: the trial will fail on its own
+            return TRIAL_OVERHEAD_S, "unknown"
 
     def model_seconds(self, trial: TrialConfig, request: ResourceRequest) -> float:
         """The work of fit and evaluation over the device's assumed speed, plus overhead."""
@@ -525,18 +528,17 @@ def plan_study(study: Study, cluster: ClusterShape, history: Any = None) -> Stud
             "scheduler (ASHA): estimates assume every trial trains its full epochs; early "
             "stopping makes the study shorter"
         )
-    profile_notes = {
-        note
-        for p in planned
-        for note in models.get_class(p.trial.model)
-        .cost_profile(
+    profile_notes: set[str] = set()
+    for p in planned:
+        if p.source == "unknown":  # its detector cannot be built: warned already
+            continue
+        profile = models.get_class(p.trial.model).cost_profile(
             p.trial.backbone,
             p.trial.hparams,
             p.trial.image_size,
             batch_size=study.evaluation.train_batch_size,
         )
-        .notes
-    }
+        profile_notes.update(profile.notes)
     notes.extend(sorted(profile_notes))
     if history is not None and not any(p.source.startswith("history") for p in planned):
         notes.append("history: no finished row matches a trial on its kind of device")
@@ -570,6 +572,7 @@ SOURCE_LABELS = {
     "history (same config)": "measured",
     "history (model/backbone/size)": "similar rows",
     "model": "FLOPs",
+    "unknown": "unknown",
 }
 """How the table names the estimate sources."""
 

@@ -32,6 +32,7 @@ from models.base import (
     DEFAULT_TRAIN_IMAGES,
     DEVICE_OVERHEAD_GB,
     REFERENCE_GPU_MEMORY_GB,
+    ModelError,
     ResourceRequest,
     gpu_fraction,
 )
@@ -366,22 +367,16 @@ def study_train_images(study: Study) -> int:
 
 
 def default_request(study: Study, trial: TrialConfig) -> ResourceRequest:
-    """The detector's default request for ``trial`` (before the study's overrides).
-
-    A trial whose hyperparameters the detector refuses gets the smallest request: it will
-    fail on its own as an error row, and must not stop the planning of the others.
-    """
+    """The detector's default request for ``trial`` (before the study's overrides); a
+    :class:`ModelError` when the detector refuses the trial's hyperparameters."""
     cls = models.get_class(trial.model)
-    try:
-        return cls.default_resources(
-            trial.backbone,
-            trial.hparams,
-            trial.image_size,
-            batch_size=study.evaluation.train_batch_size,
-            n_train=study_train_images(study),
-        )
-    except models.ModelError:
-        return UNBUILDABLE_REQUEST
+    return cls.default_resources(
+        trial.backbone,
+        trial.hparams,
+        trial.image_size,
+        batch_size=study.evaluation.train_batch_size,
+        n_train=study_train_images(study),
+    )
 
 
 def trial_resources(
@@ -397,9 +392,15 @@ def trial_resources(
     study's wish is appended to ``warnings`` (when given) as one line each.
     """
     notes: list[str] = []
-    request = default_request(study, trial)
+    try:
+        request = default_request(study, trial)
+    except ModelError as error:
+        # The trial will fail at once with this error and write an error row: it needs next to
+        # nothing, and sizing it must not stop the others.
+        request = UNBUILDABLE_REQUEST
+        notes.append(f"{_label(trial)}: cannot be built ({error}); it will fail as an error row")
     gpu_memory = cluster.gpu_memory_gb
-    if gpu_memory and cluster.gpus:
+    if gpu_memory and cluster.gpus and request.gpu > 0:
         # The default share was sized for the reference card: size it for the real one.
         request = request.replace(gpu=gpu_fraction(request.gpu_memory_gb, gpu_memory))
     chosen = {name: getattr(request, name) for name in _FIELDS}

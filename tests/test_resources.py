@@ -17,6 +17,7 @@ from models.base import (
 )
 from models.costs import build_on_meta
 from sweep.errors import StudyError
+from sweep.plan import plan_study
 from sweep.resources import (
     ClusterShape,
     NodeShape,
@@ -223,6 +224,17 @@ def test_memory_warning_when_the_estimate_exceeds_the_share():
     warnings: list[str] = []
     trial_resources(cramped, trial, GPU_NODE, warnings)
     assert any("may run out of memory" in w for w in warnings)
+
+
+def test_a_trial_that_cannot_be_built_asks_for_little_and_warns():
+    bad = study(**{"padim.n_features": 100000})
+    padim = expand_trials(bad)[0]
+    warnings: list[str] = []
+    request = trial_resources(bad, padim, GPU_NODE, warnings)
+    assert (request.gpu, request.cpu) == (0, 1)
+    assert any("cannot be built" in w and "n_features" in w for w in warnings)
+    plan = plan_study(bad, GPU_NODE)
+    assert plan.trials[0].source == "unknown" and plan.trials[1].source == "model"
 
 
 def test_merge_warnings_groups_subjects_of_one_message():
