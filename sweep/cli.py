@@ -158,6 +158,49 @@ def validate(
     out.print(table)
 
 
+@app.command()
+def plan(
+    study_file: Annotated[Path, typer.Argument(help="The study YAML file.")],
+    cluster: Annotated[
+        Path | None,
+        typer.Option(help="A Ray cluster launcher file (cluster.yaml): plan for its nodes."),
+    ] = None,
+    gpus: Annotated[
+        float | None, typer.Option(help="Plan for this machine with this many GPUs.")
+    ] = None,
+    gpu_memory_gb: Annotated[
+        float | None, typer.Option(help="Memory of each GPU where the cluster does not say.")
+    ] = None,
+    history: Annotated[
+        Path | None,
+        typer.Option(help="Results whose measured times the estimates use (default: the study's)."),
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a study key.")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Plan the study's smoke form.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Print the trials, their resources, how they pack on the cluster and a time estimate,
+    without running anything."""
+    from sweep.plan import plan_command
+    from sweep.study import load_study, smoke_form
+
+    try:
+        study = load_study(study_file, overrides=set_ or [])
+        if smoke:
+            study = smoke_form(study)
+        plan_command(
+            study,
+            cluster=cluster,
+            gpus=gpus,
+            gpu_memory_gb=gpu_memory_gb,
+            as_json=as_json,
+            history=history,
+            console=out,
+        )
+    except _user_errors() as exc:
+        _bad_input(exc)
+
+
 # --------------------------------------------------------------------------- report
 
 
