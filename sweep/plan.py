@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ def _representative(key: str, param: Param) -> Any:
     # One value of a continuous parameter for costing: the costly end of the cost-bearing keys,
     # the middle of the others.
     assert param.low is not None and param.high is not None
-    if key in ("epochs", "image_size") or key.endswith(".epochs"):
+    if key.rpartition(".")[2] in ("epochs", "image_size"):
         return int(param.high)
     if param.kind == "int":
         return round((param.low + param.high) / 2)
@@ -289,12 +290,15 @@ def _history_rows(history: Any) -> list[dict[str, Any]]:
     return [
         row
         for row in rows
-        if row.get("status", "ok") == "ok" and _finite(row.get("train_s")) and row.get("model")
+        if row.get("status", "ok") == "ok"
+        and row.get("model")
+        and _finite(row.get("train_s"))
+        and _finite(row.get("image_size"))
     ]
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _wall_s(row: Mapping[str, Any]) -> float:
@@ -310,7 +314,7 @@ def _wall_s(row: Mapping[str, Any]) -> float:
     return float(row["train_s"]) + TRIAL_OVERHEAD_S
 
 
-def _scaled_wall_s(row: Mapping[str, Any], trial: TrialConfig, epochs: int | None, n_train: int):
+def _scaled_wall_s(row: Mapping[str, Any], epochs: int | None, n_train: int) -> float:
     """A similar row's wall time with its training part scaled to the trial's epochs and
     training images."""
     scale = 1.0
@@ -358,7 +362,7 @@ class _Estimator:
         similar = self.by_kind.get((trial.model, trial.backbone, trial.image_size, device))
         if similar:
             epochs = _trial_epochs(trial)
-            times = [_scaled_wall_s(row, trial, epochs, self.n_train) for row in similar]
+            times = [_scaled_wall_s(row, epochs, self.n_train) for row in similar]
             return statistics.median(times), "history (model/backbone/size)"
         try:
             return self.model_seconds(trial, request), "model"
@@ -380,11 +384,11 @@ class _Estimator:
         if scheduler is not None and epochs and scheduler.metric.startswith("val_"):
             validation = self.n_eval // 2  # the validation split, every eval_every epochs
             scored += validation * (epochs // scheduler.eval_every)
-        # Latency: batch-1 calls after warm-up, each at least a kernel launch's worth on a GPU.
+        # Latency: batch-1 calls after warm-up, each at least a step's overhead (a GPU's kernel
+        # launches).
         latency_calls = evaluation.latency_warmup + evaluation.latency_repeats
         speed = DeviceSpeed.gpu() if request.gpu > 0 else DeviceSpeed.cpu(request.cpu)
-        single = DeviceSpeed.gpu() if request.gpu > 0 else DeviceSpeed.cpu(1)
-        latency = latency_calls * max(single.seconds(predict), speed.step_s)
+        latency = latency_calls * max(speed.seconds(predict), speed.step_s)
         return TRIAL_OVERHEAD_S + speed.seconds(fit + predict * scored) + latency
 
 
