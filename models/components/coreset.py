@@ -17,8 +17,8 @@ before computing any full distance:
    ruled out at a fraction of the cost.
 
 Step 1 needs ``d(a, c)`` for every centre ``a`` so far, a cost that grows with the centres and
-dominates at large ratios; it uses the same partial-distance lower bound, which can only keep a
-point in the running, never rule out one that the full distance would keep.
+dominates at large ratios; there it uses the same partial-distance lower bound instead, which
+can only keep a point in the running, never rule out one that the full distance would keep.
 
 Only the few points left get the full distance. :func:`naive_greedy_coreset` is the textbook
 version that updates every point at every step; it selects the same indices and exists to
@@ -57,6 +57,11 @@ _TRIANGLE_FACTOR = 4.0 * (1.0 + _MARGIN)
 # Principal coordinates in the partial-distance bound: enough to hold most of the spread of
 # CNN patch features, few enough to be cheap next to the full distance.
 _HEAD_DIMS = 16
+# Once the centres reach this fraction of the points, step 1 bounds the distances between
+# centres by their leading principal coordinates: an eighth of the cost per centre, but a looser
+# test (more points go on to step 2, a cost per point). Measured crossover: about N / 20 centres
+# at N = 20k and 78k; at 16k of 78k centres the bound makes a step 2.5x faster.
+_HEAD_BOUND_FRACTION = 0.05
 # Rows used to estimate the principal axes, and rows per block in the naive update.
 _AXES_SAMPLE_ROWS = 16384
 _NAIVE_BLOCK_ROWS = 8192
@@ -260,14 +265,17 @@ class GreedyCoreset:
         points, head, centres, selected = self._points, self._head, self._centres, self._selected
         min_d2, nearest = self._min_d2, self._nearest
         triangle_threshold = self._triangle_threshold
+        head_bound_from = _HEAD_BOUND_FRACTION * points.shape[0]
         for k in range(self._count, size):
             index = _argmax(min_d2)
             selected[k] = index
             centre = points[index]
             centres[k] = centre
-            # Step 1: triangle inequality through each point's nearest centre, with a lower
-            # bound of the distances between centres (measured: 2x faster at 40k centres).
-            to_centres = _squared_distances(centres[:k, :_HEAD_DIMS], head[index])
+            # Step 1: triangle inequality through each point's nearest centre.
+            if k < head_bound_from:
+                to_centres = _squared_distances(centres[:k], centre)
+            else:
+                to_centres = _squared_distances(centres[:k, :_HEAD_DIMS], head[index])
             candidates = to_centres.index_select(0, nearest) < triangle_threshold
             candidates = torch.nonzero(candidates).squeeze(1)
             current = min_d2.index_select(0, candidates)
