@@ -131,13 +131,26 @@ def feature_cache(study: Study):  # -> models.cache.TensorCache | None
 # ----------------------------------------------------------------------------- the trial
 
 
+def _in_ray_worker() -> bool:
+    """True inside a Ray task or actor, where Ray decides this trial's GPUs and CPUs.
+
+    A driver that has called ``ray.init`` is not a worker: a trial run there (a test, a
+    notebook) owns whatever the process has, and Ray's assigned-resource calls refuse it.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def select_device() -> torch.device:
     """CUDA when this trial may use a GPU: one Ray assigned it, or any outside Ray."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     import ray
 
-    if ray.is_initialized() and not ray.get_gpu_ids():
+    if _in_ray_worker() and not ray.get_gpu_ids():
         return torch.device("cpu")
     return torch.device("cuda")
 
@@ -146,7 +159,7 @@ def _assigned_cpus(study: Study) -> int:
     """Torch threads for the trial: the CPUs Ray gave it, else the study's request (else 1)."""
     import ray
 
-    if ray.is_initialized():
+    if _in_ray_worker():
         assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if assigned:
             return max(1, int(assigned))
