@@ -12,13 +12,14 @@ random init, 128 px, one torch thread per process) at batch 1 the way every tria
 It prints the median latency of each setting and its ratio to alone, and the time the locked
 workers waited. Medians over ``--rounds`` rounds.
 
-    python bench/timing_lock.py [--workers 2] [--rounds 5] [--repeats 40]
+    python bench/timing_lock.py [--workers 2] [--threads 1] [--rounds 5] [--repeats 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -28,12 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _detector():
+def _detector(threads: int):
     import torch
 
     import models
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     train = torch.randn(16, 3, 128, 128, generator=generator)
     detector = models.create("padim", backbone="resnet18", pretrained=False)
@@ -41,23 +42,23 @@ def _detector():
     return detector, torch.randn(1, 3, 128, 128, generator=generator)
 
 
-def _time(lock: str | None, repeats: int, barrier, results) -> None:
+def _time(lock: str | None, repeats: int, threads: int, barrier, results) -> None:
     from sweep.timing import exclusive_timing, measure_latency
 
-    detector, image = _detector()
+    detector, image = _detector(threads)
     barrier.wait()
     with exclusive_timing(enabled=lock is not None, path=lock) as slot:
         latency = measure_latency(detector.predict, image, warmup=3, repeats=repeats)
     results.append((latency.median_ms, slot.wait_s))
 
 
-def _round(workers: int, lock: str | None, repeats: int) -> list[tuple[float, float]]:
+def _round(workers: int, lock: str | None, repeats: int, threads: int) -> list[tuple[float, float]]:
     context = multiprocessing.get_context("fork")
     with context.Manager() as manager:
         results = manager.list()
         barrier = context.Barrier(workers)
         processes = [
-            context.Process(target=_time, args=(lock, repeats, barrier, results))
+            context.Process(target=_time, args=(lock, repeats, threads, barrier, results))
             for _ in range(workers)
         ]
         for process in processes:
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="trials packed on the node")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per trial")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     args = parser.parse_args()
     lock = str(Path(tempfile.mkdtemp()) / "timing.lock")
 
@@ -79,13 +81,16 @@ def main() -> None:
     started = time.perf_counter()
     for _ in range(args.rounds):
         # Interleaved, so that a change in the machine's load hits every setting alike.
-        alone += [m for m, _ in _round(1, None, args.repeats)]
-        unlocked += [m for m, _ in _round(args.workers, None, args.repeats)]
-        packed = _round(args.workers, lock, args.repeats)
+        alone += [m for m, _ in _round(1, None, args.repeats, args.threads)]
+        unlocked += [m for m, _ in _round(args.workers, None, args.repeats, args.threads)]
+        packed = _round(args.workers, lock, args.repeats, args.threads)
         locked += [m for m, _ in packed]
         waits += [w for _, w in packed]
     base = statistics.median(alone)
-    print(f"PaDiM resnet18 128 px, batch 1, 1 thread per process, {args.workers} packed workers,")
+    print(
+        f"PaDiM resnet18 128 px, batch 1, {args.threads} torch thread(s) per process, "
+        f"{args.workers} packed workers on {os.cpu_count()} CPUs,"
+    )
     elapsed = time.perf_counter() - started
     print(f"{args.rounds} rounds x {args.repeats} timed calls ({elapsed:.0f} s)")
     print(f"{'setting':<22}{'median latency':>16}{'vs alone':>10}")
