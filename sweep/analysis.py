@@ -13,6 +13,9 @@ it three ways:
   after min-max normalising each objective over the front;
 * ``topsis``: the highest TOPSIS closeness coefficient (Hwang & Yoon 1981), which takes any
   number of objectives and optional weights.
+
+Each pick is then tested against seed noise (:func:`pick_stability`): does it change when one
+objective moves one seed-std against it?
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, did_you_mean
 
 __all__ = [
     "CONFIG_COLUMNS",
@@ -39,6 +42,7 @@ __all__ = [
     "knee_kneedle",
     "knee_utopia",
     "pareto_mask",
+    "pick_stability",
     "select",
     "selection_to_dict",
     "topsis",
@@ -370,10 +374,16 @@ class Selection:
     picks: dict[str, int | None]
     """Method (``kneedle``, ``utopia``, ``topsis``) -> row label in ``table`` (None if none)."""
     notes: list[str] = field(default_factory=list)
-    """Fallbacks taken, rows left out and how stable the utopia pick is under seed noise."""
+    """Fallbacks taken, rows left out and how stable each pick is under seed noise."""
     chosen: str | None = None
     """The method whose pick is the recommendation: kneedle for 2 objectives (utopia when
-    Kneedle has no knee), TOPSIS for 3 or more, utopia for one."""
+    Kneedle has no knee), TOPSIS for 3 or more or when weights are given, utopia for one."""
+    stability: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    """Method -> ``{objective: new pick}`` for each objective whose one-seed-std move against
+    the pick changes it (empty: the pick holds). Only methods that were tested (a pick, and
+    more than one seed somewhere) appear."""
+    weights: dict[str, float] | None = None
+    """The TOPSIS weights by objective (normalised to sum 1), None for equal weights."""
 
 
 def _describe(table: pd.DataFrame, row: int) -> str:
@@ -382,37 +392,89 @@ def _describe(table: pd.DataFrame, row: int) -> str:
     return f"row {row} ({'/'.join(parts)})" if parts else f"row {row}"
 
 
-def _stability_note(
+def _topsis_pick(
+    points: np.ndarray, maximize: Sequence[bool], weights: Sequence[float] | None = None
+) -> int | None:
+    """The front row with the highest TOPSIS closeness, or None without a front."""
+    on_front = pareto_mask(points, maximize)
+    if not on_front.any():
+        return None
+    closeness = topsis(points, maximize, weights)
+    return int(np.argmax(np.where(on_front, closeness, -np.inf)))
+
+
+def pick_stability(
     points: np.ndarray,
     spread: np.ndarray,
     maximize: Sequence[bool],
     pick: int,
-    names: Sequence[str],
-    describe: Callable[[int], str],
-) -> str:
-    """Whether the utopia pick survives each objective moving one seed-std against it.
+    picker: Callable[[np.ndarray], int | None],
+) -> dict[int, int | None]:
+    """Whether a pick survives each objective moving one seed-std against it.
 
-    For objective ``j`` the pick gets worse by its own std while every other configuration
-    gets better by its own: the least favourable case within one std.
+    For objective ``j`` the picked row gets worse by its own std while every other row gets
+    better by its own: the least favourable case within one std. ``picker`` is the method
+    (points -> row or None). Returns ``{j: new pick}`` for each objective whose move changes
+    the pick (None: the method then picks nothing); empty when the pick holds.
     """
-    changed = []
-    for j, name in enumerate(names):
+    changed: dict[int, int | None] = {}
+    for j in range(points.shape[1]):
         better = 1.0 if maximize[j] else -1.0
         shifted = points.copy()
         shifted[:, j] += better * spread[:, j]
         shifted[pick, j] -= 2.0 * better * spread[pick, j]
-        other = knee_utopia(shifted, maximize)
-        if other is not None and other != pick:
-            changed.append(f"{name} (to {describe(other)})")
-    if changed:
+        other = picker(shifted)
+        if other != pick:
+            changed[j] = other
+    return changed
+
+
+def _stability_note(
+    method: str,
+    pick: int,
+    changed: dict[int, int | None],
+    names: Sequence[str],
+    describe: Callable[[int], str],
+) -> str:
+    if not changed:
         return (
-            f"uncertainty: the utopia pick {describe(pick)} changes when one objective moves "
-            f"one seed-std against it: {', '.join(changed)}"
+            f"uncertainty: the {method} pick {describe(pick)} holds when any one objective "
+            "moves one seed-std against it"
         )
-    return (
-        f"uncertainty: the utopia pick {describe(pick)} holds when any one objective moves "
-        "one seed-std against it"
+    moves = ", ".join(
+        f"{names[j]} (to {'no pick' if other is None else describe(other)})"
+        for j, other in changed.items()
     )
+    return (
+        f"uncertainty: the {method} pick {describe(pick)} changes within one seed-std, when "
+        f"one objective moves one seed-std against it: {moves}"
+    )
+
+
+def _objective_weights(
+    weights: Mapping[str, float] | None, names: Sequence[str]
+) -> list[float] | None:
+    """TOPSIS weights in objective order from ``{metric: weight}`` (unnamed objectives: 1)."""
+    if not weights:
+        return None
+    unknown = [m for m in weights if m not in names]
+    if unknown:
+        raise SweepError(
+            f"weights: {', '.join(map(repr, unknown))} "
+            f"{'is not an objective' if len(unknown) == 1 else 'are not objectives'}"
+            f"{did_you_mean(unknown[0], names)} (objectives: {', '.join(names)})"
+        )
+    values = []
+    for name in names:
+        value = weights.get(name, 1.0)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise SweepError(f"weights: {name}={value!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise SweepError(f"weights: {name}={value!r} must be a positive number")
+        values.append(value)
+    return values
 
 
 def _validate_objectives(
@@ -434,16 +496,23 @@ def _validate_objectives(
     return parsed
 
 
-def select(agg: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> Selection:
+def select(
+    agg: pd.DataFrame,
+    objectives: Sequence[tuple[str, str]],
+    weights: Mapping[str, float] | None = None,
+) -> Selection:
     """Pareto front and knee picks over ``<metric>_mean`` columns of :func:`aggregate_seeds`.
 
     ``objectives`` are ``(metric, "max" | "min")`` pairs. Kneedle runs for exactly 2
-    objectives; utopia distance and TOPSIS for any number. ``<metric>_std`` columns, when
-    present, are used to say whether the utopia pick is within seed noise of another.
+    objectives; utopia distance and TOPSIS for any number. ``weights`` (``{metric: weight}``,
+    positive; objectives left out weigh 1) apply to TOPSIS, and make its pick the chosen one.
+    ``<metric>_std`` columns, when present, are used to say whether each method's pick changes
+    when one objective moves one seed-std against it.
     """
     objectives = _validate_objectives(agg, objectives)
     names = [m for m, _ in objectives]
     maximize = [mode == "max" for _, mode in objectives]
+    topsis_weights = _objective_weights(weights, names)
     table = agg.reset_index(drop=True).copy()
     points = np.column_stack(
         [pd.to_numeric(table[f"{m}_mean"], errors="coerce").to_numpy(float) for m in names]
@@ -456,18 +525,21 @@ def select(agg: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> Selectio
             "left out of the front"
         )
     table["on_front"] = pareto_mask(points, maximize)
-    closeness = topsis(points, maximize)
-    table["topsis_closeness"] = closeness
+    table["topsis_closeness"] = topsis(points, maximize, topsis_weights)
 
+    pickers: dict[str, Callable[[np.ndarray], int | None]] = {
+        "utopia": lambda p: knee_utopia(p, maximize),
+        "topsis": lambda p: _topsis_pick(p, maximize, topsis_weights),
+    }
+    if len(objectives) == 2:
+        pickers["kneedle"] = lambda p: knee_kneedle(p, maximize)
     picks: dict[str, int | None] = dict.fromkeys(KNEE_METHODS)
-    picks["utopia"] = knee_utopia(points, maximize)
+    for method, picker in pickers.items():
+        picks[method] = picker(points)
     on_front = table["on_front"].to_numpy()
-    if on_front.any():
-        picks["topsis"] = int(np.argmax(np.where(on_front, closeness, -np.inf)))
 
     n_front = len(_unique_front(_gains(points, maximize))) if on_front.any() else 0
     if len(objectives) == 2:
-        picks["kneedle"] = knee_kneedle(points, maximize)
         if picks["kneedle"] is not None:
             chosen: str | None = "kneedle"
         else:
@@ -484,6 +556,10 @@ def select(agg: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> Selectio
     else:
         chosen = "topsis" if picks["topsis"] is not None else None
         notes.append(f"kneedle: needs exactly 2 objectives, got {len(objectives)}; topsis used")
+    if topsis_weights is not None and picks["topsis"] is not None:
+        chosen = "topsis"
+        shown = ", ".join(f"{m}={w:g}" for m, w in zip(names, topsis_weights, strict=True))
+        notes.append(f"weights {shown}: TOPSIS's pick is the chosen one")
     if not on_front.any():
         notes.append("no configuration has a finite value for every objective: no front")
 
@@ -494,8 +570,11 @@ def select(agg: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> Selectio
     def describe(row: int) -> str:
         return _describe(table, row)
 
+    stability: dict[str, dict[str, int | None]] = {}
     std_columns = [f"{m}_std" for m in names]
-    if picks["utopia"] is not None and all(c in table.columns for c in std_columns):
+    tested = [m for m in KNEE_METHODS if picks[m] is not None]
+    tested.sort(key=lambda m: m != chosen)  # the recommendation's note first
+    if tested and all(c in table.columns for c in std_columns):
         spread = np.nan_to_num(
             np.column_stack(
                 [pd.to_numeric(table[c], errors="coerce").to_numpy(float) for c in std_columns]
@@ -504,9 +583,11 @@ def select(agg: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> Selectio
         if "n_seeds" in table.columns and (table["n_seeds"] <= 1).all():
             notes.append("uncertainty: one seed per configuration, no seed-std to test against")
         else:
-            notes.append(
-                _stability_note(points, spread, maximize, picks["utopia"], names, describe)
-            )
+            for method in tested:
+                pick = int(picks[method])  # type: ignore[arg-type]
+                changed = pick_stability(points, spread, maximize, pick, pickers[method])
+                stability[method] = {names[j]: other for j, other in changed.items()}
+                notes.append(_stability_note(method, pick, changed, names, describe))
     return Selection(
         table=table,
         objectives=objectives,
@@ -514,6 +595,12 @@ def select(agg: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> Selectio
         picks=picks,
         notes=notes,
         chosen=chosen,
+        stability=stability,
+        weights=(
+            None
+            if topsis_weights is None
+            else {m: w / sum(topsis_weights) for m, w in zip(names, topsis_weights, strict=True)}
+        ),
     )
 
 
@@ -548,4 +635,9 @@ def selection_to_dict(sel: Selection) -> dict:
         "picks": {k: None if v is None else int(v) for k, v in sel.picks.items()},
         "chosen": sel.chosen,
         "notes": list(sel.notes),
+        "stability": {
+            method: {m: None if r is None else int(r) for m, r in changed.items()}
+            for method, changed in sel.stability.items()
+        },
+        "weights": None if sel.weights is None else dict(sel.weights),
     }

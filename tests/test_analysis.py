@@ -199,6 +199,40 @@ def test_knees_on_degenerate_fronts():
         knee_kneedle(np.ones((4, 3)), [True, True, True])
 
 
+def test_knees_of_analytic_convex_fronts():
+    """Two fronts whose knee is known in closed form.
+
+    Quarter circle x = cos t, y = sin t (t in [0, 90] degrees, both maximised): each
+    objective spans [0, 1] over the front, so normalising changes nothing. The utopia point is
+    (1, 1); the distance to it, sqrt((1 - cos t)^2 + (1 - sin t)^2) = sqrt(3 - 2(cos t + sin t)),
+    is smallest where cos t + sin t = sqrt(2) sin(t + 45) is largest: t = 45 degrees. Kneedle's
+    difference curve on normalised axes is (x + y) - 1 up to a constant, largest at the same t.
+
+    y = 1 / x for x in [1/4, 4] (both minimised): the front is symmetric under x <-> y and both
+    objectives span [1/4, 4]. The normalised distance to the utopia point (1/4, 1/4) and
+    Kneedle's difference curve both depend on x + 1/x, smallest at x = 1.
+    """
+    degrees = np.arange(0.0, 91.0, 5.0)
+    t = np.radians(degrees)
+    circle = np.column_stack([np.cos(t), np.sin(t)])
+    inside = np.array([[0.5, 0.5], [0.7, 0.1], [0.1, 0.7]])  # dominated points inside
+    points = np.vstack([inside, circle])
+    order = np.random.default_rng(5).permutation(len(points))
+    points = points[order]
+    knee = int(np.flatnonzero(order == len(inside) + 9)[0])  # t = 45 degrees
+    np.testing.assert_allclose(points[knee], [math.sqrt(0.5), math.sqrt(0.5)])
+    assert pareto_mask(points, [True, True]).sum() == len(circle)
+    assert knee_utopia(points, [True, True]) == knee
+    assert knee_kneedle(points, [True, True]) == knee
+
+    x = 2.0 ** np.linspace(-2, 2, 17)  # 1/4 .. 4, x = 1 at index 8
+    hyperbola = np.column_stack([x, 1 / x])
+    points = np.vstack([hyperbola, hyperbola[::3] * 1.5])  # dominated copies further out
+    assert knee_utopia(points, [False, False]) == 8
+    assert knee_kneedle(points, [False, False]) == 8
+    assert points[8].tolist() == [1.0, 1.0]
+
+
 def test_topsis_hand_worked_example():
     # Criteria: c1 benefit (max), c2 cost (min); weights 3:1 -> 0.75, 0.25.
     #   A = (3, 6), B = (4, 0), C = (0, 8)
@@ -217,6 +251,90 @@ def test_topsis_hand_worked_example():
     assert closeness[1:] == pytest.approx([1.0, 0.0])
     # Equal weights: A is exactly halfway (v = (0.3, 0.3), ideal (0.4, 0), anti (0, 0.4)).
     assert topsis(points, [True, False])[0] == pytest.approx(0.5)
+
+
+def test_topsis_three_criteria_hand_worked_through_select():
+    """Three criteria: c1 = image_auroc (max), c2 = latency_ms (min), c3 = pixel_auroc (max).
+
+        A = (1, 2, 2), B = (2, 1, 2), C = (2, 2, 1)
+    Every column has norm sqrt(1 + 4 + 4) = 3, so r = value / 3.
+    Weights 2:1:1 -> (1/2, 1/4, 1/4); v = r * w:
+        A (1/6, 1/6, 1/6), B (1/3, 1/12, 1/6), C (1/3, 1/6, 1/12)
+    Ideal (max, min, max) = (1/3, 1/12, 1/6); anti-ideal = (1/6, 1/6, 1/12).
+        A: d+ = sqrt(1/36 + 1/144) = sqrt(5)/12, d- = 1/12  -> 1 / (sqrt(5) + 1) = 0.309017
+        B: d+ = 0                                           -> 1
+        C: d+ = sqrt(2)/12, d- = 1/6                        -> 2 / (sqrt(2) + 2) = 0.585786
+    Equal weights (1/3 each): v = r / 3, ideal = B's v = (2/9, 1/9, 2/9), anti (1/9, 2/9, 1/9).
+        A: d+ = sqrt(2)/9, d- = 1/9 -> 1 / (sqrt(2) + 1) = 0.414214; C the same; B: 1
+    """
+    agg = pd.DataFrame(
+        {
+            "model": ["A", "B", "C"],
+            "n_seeds": 1,
+            "image_auroc_mean": [1.0, 2.0, 2.0],
+            "latency_ms_mean": [2.0, 1.0, 2.0],
+            "pixel_auroc_mean": [2.0, 2.0, 1.0],
+        }
+    )
+    objectives = [*OBJECTIVES, ("pixel_auroc", "max")]
+    weighted = select(agg, objectives, weights={"image_auroc": 2})  # the others weigh 1
+    assert weighted.table["topsis_closeness"].tolist() == pytest.approx(
+        [1 / (math.sqrt(5) + 1), 1.0, 2 / (math.sqrt(2) + 2)]
+    )
+    assert weighted.table["topsis_closeness"][0] == pytest.approx(0.309017, abs=1e-6)
+    assert weighted.weights == pytest.approx(
+        {"image_auroc": 0.5, "latency_ms": 0.25, "pixel_auroc": 0.25}
+    )
+    assert weighted.picks["topsis"] == 1 and weighted.chosen == "topsis"
+    equal = select(agg, objectives)
+    assert equal.table["topsis_closeness"].tolist() == pytest.approx(
+        [1 / (math.sqrt(2) + 1), 1.0, 1 / (math.sqrt(2) + 1)]
+    )
+    assert equal.weights is None
+
+
+def test_weights_change_the_topsis_pick_and_are_validated():
+    # A fast, weak model and a slow, strong one: weighting accuracy moves TOPSIS's pick.
+    agg = _agg_from_points(np.array([[1.0, 0.70], [10.0, 0.99], [4.0, 0.75]]))
+    fast = select(agg, OBJECTIVES, weights={"latency_ms": 10})
+    strong = select(agg, OBJECTIVES, weights={"image_auroc": 10})
+    assert fast.picks["topsis"] == 0 and strong.picks["topsis"] == 1
+    assert strong.chosen == "topsis"
+    assert any(n.startswith("weights image_auroc=10, latency_ms=1") for n in strong.notes)
+    assert selection_to_dict(strong)["weights"] == pytest.approx(
+        {"image_auroc": 10 / 11, "latency_ms": 1 / 11}
+    )
+    with pytest.raises(SweepError, match=r"'image_aurco' is not an objective; did you mean"):
+        select(agg, OBJECTIVES, weights={"image_aurco": 2})
+    for bad in (0, -1, float("nan"), "x"):
+        with pytest.raises(SweepError, match="latency_ms="):
+            select(agg, OBJECTIVES, weights={"latency_ms": bad})
+
+
+def test_every_pick_is_tested_against_seed_noise():
+    points, knee_row = _elbow_front()
+    steady = select(_agg_from_points(points, std=1e-4), OBJECTIVES)
+    assert steady.stability == {"kneedle": {}, "utopia": {}, "topsis": {}}
+    assert [n.split(" pick ")[0] for n in steady.notes if n.startswith("uncertainty")] == [
+        "uncertainty: the kneedle",  # the chosen method's note comes first
+        "uncertainty: the utopia",
+        "uncertainty: the topsis",
+    ]
+    noisy = select(_agg_from_points(points, std=0.05), OBJECTIVES)
+    assert set(noisy.stability) == {"kneedle", "utopia", "topsis"}
+    assert "image_auroc" in noisy.stability["kneedle"]
+    moved = noisy.stability["kneedle"]["image_auroc"]
+    assert moved != knee_row
+    note = next(n for n in noisy.notes if n.startswith("uncertainty: the kneedle"))
+    assert "changes within one seed-std" in note
+    # The same check by hand: the knee moves one std down, every other point one std up.
+    shifted = points.copy()
+    shifted[:, 1] += 0.05
+    shifted[knee_row, 1] -= 0.1
+    assert knee_kneedle(shifted, [False, True]) == moved
+    assert json.loads(json.dumps(selection_to_dict(noisy)))["stability"]["kneedle"] == {
+        "image_auroc": moved
+    }
 
 
 def test_topsis_degenerate_and_bad_weights():
