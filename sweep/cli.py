@@ -126,11 +126,20 @@ def validate(
     ] = False,
 ) -> None:
     """Check a study file (and its smoke form) and print its trials, without running anything."""
-    from sweep.study import VARIANT_KEYS, config_hash, expand_trials, load_study, smoke_form
+    from sweep.study import (
+        VARIANT_KEYS,
+        check_hyperparameters,
+        config_hash,
+        expand_trials,
+        load_study,
+        smoke_form,
+    )
 
     try:
         study = load_study(study_file, overrides=set_ or [])
+        check_hyperparameters(study)
         smoke_study = smoke_form(study)
+        check_hyperparameters(smoke_study)
     except _user_errors() as exc:
         _bad_input(exc)
     if smoke:

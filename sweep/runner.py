@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from sweep.study import (
     Study,
     TrialConfig,
     assignment_from_sampler,
+    check_hyperparameters,
     config_hash,
     expand_trials,
     resolve_trial,
@@ -82,6 +84,34 @@ def _param_values(param: Param) -> list[Any]:
     if param.kind == "int":
         return [int(param.low or 0), int(param.high or 0)]
     return [float(param.low or 0.0), float(param.high or 0.0)]
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a message, on a Ray address that is malformed or where nothing answers.
+
+    ``ray.init`` itself keeps retrying an unreachable address for minutes; a study should not
+    wait that long to learn of a typo. ``auto`` (and no address) are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port_text = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SweepError(
+            f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
+            "default), ray://HOST:PORT (Ray Client, 10001) or 'auto'"
+        )
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise SweepError(
+            f"cannot reach the Ray cluster at {address!r}: nothing answers on "
+            f"{host}:{port_text} ({reason}); is the head node up (`ray status` on it) and the "
+            "port open to this machine?"
+        ) from None
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> float:
@@ -307,6 +337,11 @@ def run_study(
     console = console or Console(stderr=True)
     output = output or study.output_dir
     store = ResultStore(output)
+    import ray
+
+    if not ray.is_initialized():
+        check_ray_address(address or os.environ.get("RAY_ADDRESS"))
+    check_hyperparameters(study)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     if preflight:

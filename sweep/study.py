@@ -142,6 +142,24 @@ class DatasetConfig(_Strict):
         return self.kind
 
 
+def _check_rdb_url(url: str) -> None:
+    """An Optuna RDB storage URL must name a database dialect SQLAlchemy knows."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    expected = "expected 'journal', 'memory' or an RDB URL such as sqlite:///optuna.db"
+    try:
+        make_url(url).get_dialect()
+    except ArgumentError:
+        raise ValueError(f"storage: {expected}, got {url!r}") from None
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise ValueError(
+            f"storage: {scheme!r} is not a database SQLAlchemy knows ({expected}, "
+            f"postgresql://..., mysql+pymysql://...); got {url!r}"
+        ) from None
+
+
 class SearchConfig(_Strict):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     sampler: Literal["tpe", "nsga2", "random"] | None = None
@@ -161,14 +179,11 @@ class SearchConfig(_Strict):
         if self.algorithm == "optuna" and self.n_trials is None:
             raise ValueError("search algorithm 'optuna' needs 'n_trials'")
         if self.algorithm != "optuna":
-            for name in ("sampler", "storage"):
+            for name in ("sampler", "storage", "n_trials"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name!r} applies only to search algorithm 'optuna'")
-        if self.storage not in (None, "journal", "memory") and "://" not in self.storage:
-            raise ValueError(
-                f"storage: expected 'journal', 'memory' or an RDB URL such as "
-                f"sqlite:///optuna.db, got {self.storage!r}"
-            )
+        if self.storage not in (None, "journal", "memory"):
+            _check_rdb_url(self.storage)
         return self
 
     @property
@@ -252,6 +267,12 @@ class EvaluationConfig(_Strict):
     )
     timing_lock_timeout_s: float = Field(
         600.0, gt=0, description="how long a trial waits for the timing lock before timing anyway"
+    )
+    example_maps: int = Field(
+        4,
+        ge=0,
+        description="test images whose anomaly maps each trial saves under <output>/_examples "
+        "for the report's heatmap grid (anomalous first; 0 = none)",
     )
 
 
@@ -860,8 +881,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# How timing is scheduled does not change what a trial computes.
+# How timing is scheduled, and how many example maps a trial saves beside its row, do not
+# change what a trial computes: neither is part of its config hash.
 _TIMING_POLICY = {"exclusive_timing", "timing_lock_timeout_s"}
+_NOT_IN_HASH = _TIMING_POLICY | {"example_maps"}
 
 
 def config_hash(study: Study, trial: TrialConfig) -> str:
@@ -873,7 +896,7 @@ def config_hash(study: Study, trial: TrialConfig) -> str:
     identity: dict[str, Any] = {
         "trial": trial.to_dict(),
         "dataset": study.dataset.model_dump(exclude={"image_size"}, exclude_none=True),
-        "evaluation": study.evaluation.model_dump(exclude=_TIMING_POLICY),
+        "evaluation": study.evaluation.model_dump(exclude=_NOT_IN_HASH),
     }
     # A variant's definition, not only its name, decides the result.
     if trial.augmentation != "none":
@@ -1010,6 +1033,43 @@ SMOKE_DATASET = {
     },
 }
 SMOKE_OPTUNA_TRIALS = 3
+
+
+def check_hyperparameters(study: Study) -> None:
+    """Raise :class:`StudyError` when a detector refuses a configuration the grid produces.
+
+    Each distinct configuration (seeds aside) is built on PyTorch's meta device: the detector
+    checks its arguments as it would in a trial, with no weights loaded or memory used (about
+    0.1 s a configuration). Optuna draws are checked as they are sampled: a refused draw is an
+    error row.
+    """
+    if study.search.algorithm == "optuna":
+        return
+    from models.base import ModelError, get_class
+    from models.costs import build_on_meta
+
+    refused: dict[str, str] = {}
+    seen: set[str] = set()
+    for trial in expand_trials(study):
+        settings = {k: v for k, v in trial.hparams.items() if k != "seed"}
+        label = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+        key = f"{trial.model}({label})"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            build_on_meta(get_class(trial.model), trial.hparams)
+        except ModelError as error:
+            refused[key] = str(error)
+    if refused:
+        shown = "; ".join(f"{key}: {reason}" for key, reason in list(refused.items())[:3])
+        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+        raise StudyError(
+            f"{len(refused)} of {len(seen)} configurations are refused by their detector: "
+            f"{shown}{more}",
+            path=study.source,
+            key="space",
+        )
 
 
 def smoke_form(

@@ -1,0 +1,316 @@
+"""Every entry of the bad-input catalogue (docs/errors.md) is tested here.
+
+Each catalogue entry has an id; ``CASES`` maps that id to the command line that provokes it.
+The test runs the command, expects exit status 2 and the message the catalogue quotes, and
+checks that the study's output was not created. A catalogue entry without a case here, or a
+case the catalogue does not list, fails ``test_catalogue_and_cases_match``.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sweep.cli import app
+from tests.conftest import tiny_study
+
+CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+ROW = re.compile(r"^\|\s*`(?P<id>[a-z0-9-]+)`\s*\|(?P<input>.*)\|\s*`(?P<message>[^`]+)`\s*\|\s*$")
+
+
+def catalogue() -> dict[str, str]:
+    """Entry id -> the message excerpt the catalogue quotes."""
+    entries: dict[str, str] = {}
+    for line in CATALOGUE.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            assert match["id"] not in entries, f"docs/errors.md repeats {match['id']!r}"
+            entries[match["id"]] = match["message"]
+    return entries
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    glue: Path
+
+    @property
+    def output(self) -> Path:
+        return self.tmp / "out"
+
+    def study(self, edit: Callable[[dict], Any] | None = None, **overrides) -> str:
+        """A valid tiny study file, changed by ``edit`` (in place) and ``overrides``."""
+        raw = tiny_study(self.glue, self.output, **overrides)
+        if edit is not None:
+            edit(raw)
+        path = self.tmp / "study.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return str(path)
+
+    def mvtec(self, *, anomalies: bool = True, mask_size: int = 40, train: int = 3) -> str:
+        """A tiny MVTec-layout category ``part`` under tmp/mvtec; returns the root."""
+        root = self.tmp / "mvtec"
+        category = root / "part"
+        for i in range(train):
+            _png(category / "train" / "good" / f"{i:03d}.png")
+        _png(category / "test" / "good" / "000.png")
+        if anomalies:
+            _png(category / "test" / "crack" / "000.png", value=30)
+            mask = np.zeros((mask_size, mask_size), np.uint8)
+            mask[:4, :4] = 255
+            (category / "ground_truth" / "crack").mkdir(parents=True)
+            cv2.imwrite(str(category / "ground_truth" / "crack" / "000_mask.png"), mask)
+        return str(root)
+
+    def mvtec_study(self, **dataset) -> str:
+        spec = {"kind": "mvtec", "root": self.mvtec(), "category": "part", "image_size": 64}
+        return self.study(dataset={**spec, **dataset})
+
+
+def _png(path: Path, value: int = 128, size: int = 40) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.full((size, size), value, np.uint8)
+    image[5:10, 5:10] = 255 - value
+    cv2.imwrite(str(path), image)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _space(**changes) -> Callable[[dict], None]:
+    return lambda raw: raw["space"].update(changes)
+
+
+def _set(section: str, **changes) -> Callable[[dict], None]:
+    return lambda raw: raw.setdefault(section, {}).update(changes)
+
+
+def _without(*keys: str) -> Callable[[dict], None]:
+    def edit(raw: dict) -> None:
+        for key in keys:
+            raw.pop(key)
+
+    return edit
+
+
+# Each case returns the command line (without the program name).
+CASES: dict[str, Callable[[Setup], list[str]]] = {
+    # --- the study file
+    "study-missing": lambda s: ["validate", str(s.tmp / "nope.yaml")],
+    "study-directory": lambda s: ["validate", str(s.tmp)],
+    "study-invalid-yaml": lambda s: [
+        "validate",
+        str(_write(s.tmp / "study.yaml", "name: x\nspace: {model: [patchcore\n")),
+    ],
+    "study-not-mapping": lambda s: [
+        "validate",
+        str(_write(s.tmp / "study.yaml", "- patchcore\n- padim\n")),
+    ],
+    "study-unknown-key": lambda s: ["validate", s.study(lambda raw: raw.update(spase={}))],
+    "study-missing-key": lambda s: ["validate", s.study(_without("space"))],
+    "study-bad-name": lambda s: ["validate", s.study(name="glue line/1")],
+    "study-no-model": lambda s: [
+        "validate",
+        s.study(lambda raw: raw["space"].pop("model")),
+    ],
+    "study-unknown-model": lambda s: ["validate", s.study(_space(model="patchcor"))],
+    "study-unknown-backbone": lambda s: ["validate", s.study(_space(backbone="resnet19"))],
+    "study-incompatible-backbone": lambda s: [
+        "validate",
+        s.study(_space(model="reverse_distillation", backbone="vit_base_patch16_224")),
+    ],
+    "study-unknown-hyperparameter": lambda s: [
+        "validate",
+        s.study(_space(model="patchcore", coreset_ration=0.1)),
+    ],
+    "study-bad-hyperparameter": lambda s: [
+        "validate",
+        s.study(_space(model="patchcore", coreset_ratio=1.5)),
+    ],
+    "study-bad-distribution": lambda s: [
+        "validate",
+        s.study(_space(model="patchcore", coreset_ratio={"uniform": [0.5, 0.1]})),
+    ],
+    "study-bad-loguniform": lambda s: [
+        "validate",
+        s.study(_space(model="patchcore", coreset_ratio={"loguniform": [0, 0.1]})),
+    ],
+    "study-small-image": lambda s: ["validate", s.study(_space(image_size=16))],
+    "study-no-objective": lambda s: ["validate", s.study(objectives=[])],
+    "study-repeated-objective": lambda s: [
+        "validate",
+        s.study(
+            objectives=[
+                {"metric": "image_auroc", "mode": "max"},
+                {"metric": "image_auroc", "mode": "min"},
+            ]
+        ),
+    ],
+    "study-unknown-metric": lambda s: [
+        "validate",
+        s.study(objectives=[{"metric": "image_aurocc", "mode": "max"}]),
+    ],
+    "study-optuna-without-trials": lambda s: [
+        "validate",
+        s.study(search={"algorithm": "optuna"}),
+    ],
+    "study-grid-option-on-optuna-key": lambda s: [
+        "validate",
+        s.study(search={"algorithm": "grid", "n_trials": 10}),
+    ],
+    "study-unknown-augmentation": lambda s: [
+        "validate",
+        s.study(_space(augmentation={"grid": ["none", "fog"]})),
+    ],
+    "augmentation-unknown-transform": lambda s: [
+        "validate",
+        s.study(augmentations={"blur": [{"Defokus": {"radius": [3, 5]}}]}),
+    ],
+    "augmentation-bad-argument": lambda s: [
+        "validate",
+        s.study(augmentations={"blur": [{"Defocus": {"radious": [3, 5]}}]}),
+    ],
+    "augmentation-changes-size": lambda s: [
+        "validate",
+        s.study(augmentations={"crop": [{"RandomCrop": {"height": 32, "width": 32}}]}),
+    ],
+    "study-unknown-stress": lambda s: [
+        "validate",
+        s.study(_space(stress={"grid": ["none", "earthquake"]})),
+    ],
+    "study-fractional-gpus-above-one": lambda s: [
+        "validate",
+        s.study(resources={"cpu": 1, "gpu": 1.5}),
+    ],
+    "study-bad-storage": lambda s: [
+        "validate",
+        s.study(search={"algorithm": "optuna", "n_trials": 3, "storage": "mongo://db/x"}),
+    ],
+    "set-syntax": lambda s: ["validate", s.study(), "--set", "space.seed"],
+    "set-unknown-key": lambda s: ["validate", s.study(), "--set", "spase.seed=1"],
+    "set-not-a-mapping": lambda s: ["validate", s.study(), "--set", "name.x=1"],
+    # --- the data set (found by the pre-flight of `sweep run`, before Ray starts)
+    "dataset-missing-root": lambda s: [
+        "run",
+        s.study(dataset={"kind": "mvtec", "root": str(s.tmp / "none"), "category": "part"}),
+    ],
+    "dataset-missing-category": lambda s: ["run", s.mvtec_study(category="bottle")],
+    "dataset-no-training-images": lambda s: [
+        "run",
+        s.study(
+            dataset={
+                "kind": "mvtec",
+                "root": s.mvtec(train=0),
+                "category": "part",
+                "image_size": 64,
+            }
+        ),
+    ],
+    "dataset-no-anomalies": lambda s: [
+        "run",
+        s.study(
+            dataset={
+                "kind": "mvtec",
+                "root": s.mvtec(anomalies=False),
+                "category": "part",
+                "image_size": 64,
+            }
+        ),
+    ],
+    "dataset-mask-size": lambda s: [
+        "run",
+        s.study(
+            dataset={
+                "kind": "mvtec",
+                "root": s.mvtec(mask_size=20),
+                "category": "part",
+                "image_size": 64,
+            }
+        ),
+    ],
+    "dataset-unreadable-image": lambda s: [
+        "run",
+        _damaged(s),
+    ],
+    "dataset-unknown-part": lambda s: [
+        "data",
+        "synth-glue",
+        str(s.tmp / "glue"),
+        "--part",
+        "part99",
+    ],
+    # --- where the results go
+    "output-not-creatable": lambda s: [
+        "run",
+        s.study(),
+        "--output",
+        str(_write(s.tmp / "file", "x") / "out"),
+    ],
+    "output-unknown-scheme": lambda s: ["run", s.study(), "--output", "nosuch://bucket/out"],
+    # --- the Ray cluster
+    "address-unreachable": lambda s: [
+        "run",
+        s.study(),
+        "--address",
+        f"127.0.0.1:{_closed_port()}",
+    ],
+    "address-malformed": lambda s: ["run", s.study(), "--address", "head-node:port"],
+    "cluster-file-missing": lambda s: [
+        "plan",
+        s.study(),
+        "--cluster",
+        str(s.tmp / "cluster.yaml"),
+    ],
+    # --- results given to report
+    "results-missing": lambda s: ["report", str(s.tmp / "nothing")],
+    "results-empty": lambda s: ["report", str(_mkdir(s.tmp / "empty"))],
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _damaged(s: Setup) -> str:
+    study = s.mvtec_study()
+    (s.tmp / "mvtec" / "part" / "train" / "good" / "001.png").write_bytes(b"not a png")
+    return study
+
+
+def test_catalogue_and_cases_match():
+    entries = catalogue()
+    assert len(entries) >= 40
+    assert sorted(set(entries) - set(CASES)) == [], "catalogue entries without a test"
+    assert sorted(set(CASES) - set(entries)) == [], "tests the catalogue does not list"
+
+
+@pytest.mark.parametrize("entry", sorted(CASES))
+def test_bad_input_exits_2_with_the_catalogued_message(entry, tmp_path, glue_root):
+    setup = Setup(tmp_path, glue_root)
+    argv = CASES[entry](setup)
+    result = CliRunner().invoke(app, argv)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, (entry, result.output, result.exception)
+    assert catalogue()[entry] in message, (entry, message)
+    assert "Traceback" not in result.output
+    assert not setup.output.exists(), f"{entry}: wrote {setup.output}"
