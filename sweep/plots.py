@@ -1,27 +1,63 @@
-"""PNG plots of a study's selection.
+"""PNG plots of a study's results: the reference study's Figs. 11-14 and the ablations.
+
+* :func:`tradeoff_plot` / :func:`pareto_plot`: inference time against an accuracy metric,
+  Pareto front and knee picks marked, seed std as error bars (Fig. 13);
+* :func:`image_vs_pixel_plot`: image-level against pixel-level performance (Fig. 14);
+* :func:`robustness_plot`: each augmentation / stress against clean, per configuration (Fig. 12);
+* :func:`param_plot`: metrics against any numeric hyperparameter a study varies (resolution,
+  PatchCore's coreset ratio), with latency and memory-bank size in a panel of their own;
+* :func:`examples_plot`: example test images, their ground truth and each chosen model's
+  anomaly map (Fig. 11), from the maps trials save (:mod:`sweep.examples`);
+* :func:`report_plots`: every one of these that a study's rows have data for.
 
 Figures are built with :class:`matplotlib.figure.Figure` on an Agg canvas rather than through
 ``pyplot``: nothing global (backend, current figure) changes, so plotting is safe in worker
-processes, tests and notebooks alike, and no display is needed.
+processes, tests and notebooks alike, and no display is needed. Every file is written
+atomically (a temporary file renamed into place).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
+import textwrap
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import Bbox
 
-from sweep.analysis import Selection, pareto_mask
+from sweep.analysis import (
+    CLEAN,
+    VARIANT_COLUMNS,
+    Selection,
+    aggregate_seeds,
+    config_columns,
+    pareto_mask,
+    select,
+    variant_deltas,
+)
 from sweep.errors import SweepError
 
-__all__ = ["pareto_plot"]
+__all__ = [
+    "examples_plot",
+    "image_vs_pixel_plot",
+    "param_plot",
+    "pareto_plot",
+    "report_plots",
+    "robustness_plot",
+    "swept_columns",
+    "tradeoff_plot",
+]
 
 DPI = 150
 MAX_LABELS = 40
@@ -56,7 +92,7 @@ LABEL_OFFSETS = (
 def _guess_mode(metric: str) -> str:
     """Better direction of a metric that is not an objective: times and sizes go down."""
     lower = metric.lower()
-    if lower.endswith(("_ms", "_s", "_mb")) or lower.startswith("params"):
+    if lower.endswith(("_ms", "_s", "_mb", "_size")) or lower.startswith(("params", "memory")):
         return "min"
     return "max"
 
@@ -90,14 +126,66 @@ def _column(sel: Selection, name: str, default: float = np.nan) -> np.ndarray:
     return np.asarray(sel.table[name], dtype=np.float64)
 
 
-def _point_label(sel: Selection, row: int) -> str:
+_SHORT_NAMES = {"image_size": "size", "augmentation": "aug", "stress": "stress", "epochs": "epochs"}
+
+
+def _short(column: str) -> str:
+    """A column's name as labels show it: ``hp.coreset_ratio`` -> ``coreset_ratio``."""
+    return _SHORT_NAMES.get(column, column.removeprefix("hp."))
+
+
+def _missing(value: Any) -> bool:
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _display(value: Any) -> str:
+    if _missing(value):
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{float(value):g}"
+    return str(value)
+
+
+def _base_label(table: pd.DataFrame, row: int) -> str:
     parts = []
     for column in ("model", "backbone"):
-        if column in sel.table.columns:
-            value = sel.table.at[row, column]
+        if column in table.columns:
+            value = table[column].iloc[row]
             if isinstance(value, str) and value:
                 parts.append(value)
     return "/".join(parts) or f"row {row}"
+
+
+def _config_labels(table: pd.DataFrame, columns: Sequence[str] | None = None) -> list[str]:
+    """A label per row: ``model/backbone`` plus the configuration columns that tell rows of
+    the same model and backbone apart (``patchcore/resnet18 coreset_ratio=0.01``).
+
+    ``columns`` are the candidates (default: every configuration column of ``table``).
+    """
+    base = [_base_label(table, i) for i in range(len(table))]
+    candidates = config_columns(table) if columns is None else list(columns)
+    distinguishing = []
+    for column in candidates:
+        if column in ("model", "backbone") or column not in table.columns:
+            continue
+        seen: dict[str, set[str]] = {}
+        for label, value in zip(base, table[column], strict=True):
+            seen.setdefault(label, set()).add(_display(value))
+        if any(len(values) > 1 for values in seen.values()):
+            distinguishing.append(column)
+    labels = []
+    for i, label in enumerate(base):
+        extras = [
+            f"{_short(c)}={_display(table[c].iloc[i])}"
+            for c in distinguishing
+            if not _missing(table[c].iloc[i])
+        ]
+        labels.append(" ".join([label, *extras]))
+    return labels
 
 
 def _axis_title(metric: str, mode: str, horizontal: bool) -> str:
@@ -176,23 +264,31 @@ def _save_atomically(fig: Figure, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def pareto_plot(
-    sel: Selection,
-    path: str | os.PathLike[str],
-    *,
-    x: str | None = None,
-    y: str | None = None,
-    title: str = "",
-) -> Path:
-    """Write a PNG of ``y`` against ``x`` (default: the time objective against accuracy).
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
-    Every configuration is a point with seed-std error bars (front points in colour,
-    dominated ones grey), the 2-D Pareto front of the plotted metrics is a step line, each
-    knee method's pick has its own marker in the legend, and points are labelled
-    ``model/backbone``. The x axis is logarithmic when its values span more than a decade.
-    The file is written atomically; the path is returned.
+
+def _log_x_if_wide(ax, values: np.ndarray) -> None:
+    """A logarithmic x axis with plain 1-2-5 tick numbers when the values span a decade."""
+    values = values[np.isfinite(values)]
+    if values.size and (values > 0).all() and values.max() / values.min() > 10:
+        ax.set_xscale("log")
+        # Plain numbers at 1-2-5 steps read better than bare powers of ten.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _front_panel(
+    fig: Figure, ax, sel: Selection, x: str, y: str, title: str
+) -> Callable[[], None] | None:
+    """Draw ``y`` against ``x`` of ``sel`` on ``ax``; return what labels the points.
+
+    The labels are placed by measuring text boxes, which needs the figure drawn once with
+    every panel in place: call the returned function after ``fig.canvas.draw()``.
     """
-    x, y = _axes_metrics(sel, x, y)
     modes = dict(sel.objectives)
     x_mode, y_mode = modes.get(x, _guess_mode(x)), modes.get(y, _guess_mode(y))
     xs, ys = _column(sel, f"{x}_mean"), _column(sel, f"{y}_mean")
@@ -201,9 +297,6 @@ def pareto_plot(
     on_front = _column(sel, "on_front", 0.0).astype(bool)
     valid = np.isfinite(xs) & np.isfinite(ys)
 
-    fig = Figure(figsize=(8.0, 5.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     ax.grid(True, which="major", alpha=0.3)
     n_valid = int(valid.sum())
     ax.set_title(
@@ -218,16 +311,8 @@ def pareto_plot(
         ax.text(
             0.5, 0.5, f"no configuration has both {x} and {y}", ha="center", transform=ax.transAxes
         )
-        _save_atomically(fig, Path(path))
-        return Path(path)
-
-    positive = xs[valid] > 0
-    if positive.all() and xs[valid].max() / xs[valid].min() > 10:
-        ax.set_xscale("log")
-        # Plain numbers at 1-2-5 steps read better than bare powers of ten.
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        return None
+    _log_x_if_wide(ax, xs[valid])
 
     for mask, color, label in (
         (valid & ~on_front, DOMINATED_COLOR, "dominated"),
@@ -290,9 +375,660 @@ def pareto_plot(
     for handle in legend.legend_handles:
         if isinstance(handle, PathCollection):  # knee markers: legend-sized, not plot-sized
             handle.set_sizes([90])
-    fig.canvas.draw()  # fixes limits and layout before measuring label boxes
-    labels = [_point_label(sel, int(r)) for r in rows]
+    all_labels = _config_labels(sel.table)
+    labels = [all_labels[int(r)] for r in rows]
     knees = {row for row in sel.picks.values() if row is not None}
-    _place_labels(fig, ax, xs[rows], ys[rows], list(rows), labels, list(on_front[rows]), knees)
+
+    def place() -> None:
+        _place_labels(fig, ax, xs[rows], ys[rows], list(rows), labels, list(on_front[rows]), knees)
+
+    return place
+
+
+def pareto_plot(
+    sel: Selection,
+    path: str | os.PathLike[str],
+    *,
+    x: str | None = None,
+    y: str | None = None,
+    title: str = "",
+) -> Path:
+    """Write a PNG of ``y`` against ``x`` (default: the time objective against accuracy).
+
+    Every configuration is a point with seed-std error bars (front points in colour,
+    dominated ones grey), the 2-D Pareto front of the plotted metrics is a step line, each
+    knee method's pick has its own marker in the legend, and points are labelled
+    ``model/backbone`` (plus the hyperparameters that tell a model's configurations apart).
+    The x axis is logarithmic when its values span more than a decade. The file is written
+    atomically; the path is returned.
+    """
+    x, y = _axes_metrics(sel, x, y)
+    fig = _new_figure(8.0, 5.6)
+    place = _front_panel(fig, fig.add_subplot(), sel, x, y, title)
+    if place is not None:
+        fig.canvas.draw()  # fixes limits and layout before measuring label boxes
+        place()
     _save_atomically(fig, Path(path))
     return Path(path)
+
+
+# --------------------------------------------------------------------------- Figs. 13 and 14
+
+
+def _finite(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return np.isfinite(pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float))
+
+
+def _pair_selection(
+    agg: pd.DataFrame, x: str, y: str, x_mode: str | None, y_mode: str | None
+) -> Selection | None:
+    """The Pareto front and knees of ``agg`` on the two metrics alone (None without a row that
+    has both)."""
+    if not (_finite(agg, f"{x}_mean") & _finite(agg, f"{y}_mean")).any():
+        return None
+    objectives = [(y, y_mode or _guess_mode(y)), (x, x_mode or _guess_mode(x))]
+    return select(agg.reset_index(drop=True), objectives)
+
+
+def tradeoff_plot(
+    agg: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    x: str = "latency_ms",
+    y: str = "image_auroc",
+    x_mode: str | None = None,
+    y_mode: str | None = None,
+    title: str = "",
+) -> Path | None:
+    """:func:`pareto_plot` of ``y`` against ``x`` with the front and knees of these two
+    metrics (not the study's objectives): the reference study's Fig. 13, one metric a file.
+
+    ``agg`` is a seed-aggregated table (:func:`sweep.analysis.aggregate_seeds`) with
+    ``<metric>_mean`` and ``<metric>_std`` columns. Returns None, writing nothing, when no
+    configuration has finite values of both.
+    """
+    sel = _pair_selection(agg, x, y, x_mode, y_mode)
+    if sel is None:
+        return None
+    return pareto_plot(sel, path, x=x, y=y, title=title)
+
+
+IMAGE_PIXEL_PAIRS = (("image_auroc", "pixel_auroc"), ("image_f1", "pixel_f1"))
+"""Fig. 14's panels: image-level metric on x, the pixel-level one on y."""
+
+
+def image_vs_pixel_plot(
+    agg: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    pairs: Sequence[tuple[str, str]] = IMAGE_PIXEL_PAIRS,
+) -> Path | None:
+    """Image-level against pixel-level performance per configuration (Fig. 14): one panel per
+    pair of ``pairs`` that has data, the upper right corner best, each panel with its own
+    front and knees. None, writing nothing, when no configuration has a pixel metric (an
+    image-level-only study, or a data set without masks).
+    """
+    selections = []
+    for x, y in pairs:
+        sel = _pair_selection(agg, x, y, "max", "max")
+        if sel is not None:
+            selections.append((x, y, sel))
+    if not selections:
+        return None
+    fig = _new_figure(7.0 * len(selections), 5.6)
+    axes = fig.subplots(1, len(selections), squeeze=False)[0]
+    placers = [
+        _front_panel(fig, ax, sel, x, y, f"{y} vs {x}")
+        for ax, (x, y, sel) in zip(axes, selections, strict=True)
+    ]
+    fig.suptitle("Image-level vs pixel-level performance (upper right is best)", fontsize=11)
+    fig.canvas.draw()
+    for place in placers:
+        if place is not None:
+            place()
+    _save_atomically(fig, Path(path))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- Fig. 12
+
+ROBUSTNESS_METRICS = ("image_auroc", "image_f1", "pixel_auroc", "pixel_f1")
+"""Fig. 12's panels (those with data); other metrics only when none of these has any."""
+VARIANT_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+def _variant_label(row: pd.Series) -> str:
+    parts = []
+    for column in VARIANT_COLUMNS:
+        value = row.get(column, CLEAN)
+        if not _missing(value) and value != CLEAN:
+            parts.append(f"{'augmentation' if column == 'augmentation' else 'stress'}: {value}")
+    return " + ".join(parts) or "clean"
+
+
+def robustness_plot(
+    deltas: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    metrics: Sequence[str] | None = None,
+) -> Path | None:
+    """Each data variant against clean, per configuration (the reference study's Fig. 12).
+
+    ``deltas`` is :func:`sweep.analysis.variant_deltas`'s frame. One panel per metric with a
+    finite ``<metric>_delta``; a group of horizontal bars per configuration, one bar per
+    variant (training augmentation set and/or test-time stress), its length the variant's
+    mean minus the clean mean, its error bar the variant's seed std. None, writing nothing,
+    when no delta is finite.
+    """
+    if metrics is None:
+        found = [c.removesuffix("_delta") for c in deltas.columns if str(c).endswith("_delta")]
+        usual = [m for m in ROBUSTNESS_METRICS if _finite(deltas, f"{m}_delta").any()]
+        metrics = usual or found
+    metrics = [m for m in metrics if _finite(deltas, f"{m}_delta").any()]
+    if deltas.empty or not metrics:
+        return None
+    frame = deltas.reset_index(drop=True)
+    variant_names = [_variant_label(row) for _, row in frame.iterrows()]
+    base_columns = [c for c in config_columns(frame) if c not in VARIANT_COLUMNS]
+    config_names = _config_labels(frame, base_columns)
+    configs = list(dict.fromkeys(config_names))
+    # Augmentation sets first, then stresses, then both at once; by name within each.
+    variants = sorted(
+        dict.fromkeys(variant_names),
+        key=lambda v: ("+" in v, v.startswith("stress"), v),
+    )
+    colors = {v: VARIANT_COLORS[i % len(VARIANT_COLORS)] for i, v in enumerate(variants)}
+
+    n_cols = min(2, len(metrics))
+    n_rows = math.ceil(len(metrics) / n_cols)
+    slots = len(configs) * len(variants)
+    height = min(40.0, max(2.6, 0.22 * slots + 1.2))
+    fig = _new_figure(6.2 * n_cols, height * n_rows + 0.6)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    bar = 0.8 / len(variants)
+    for ax, metric in zip(axes, metrics, strict=False):
+        values = pd.to_numeric(frame[f"{metric}_delta"], errors="coerce").to_numpy(float)
+        spread = (
+            np.nan_to_num(pd.to_numeric(frame[f"{metric}_std"], errors="coerce").to_numpy(float))
+            if f"{metric}_std" in frame.columns
+            else np.zeros(len(frame))
+        )
+        for j, variant in enumerate(variants):
+            rows = [
+                i
+                for i in range(len(frame))
+                if variant_names[i] == variant and np.isfinite(values[i])
+            ]
+            if not rows:
+                continue
+            ys = [
+                configs.index(config_names[i]) + (j - (len(variants) - 1) / 2) * bar for i in rows
+            ]
+            ax.barh(
+                ys,
+                values[rows],
+                height=bar * 0.9,
+                xerr=spread[rows],
+                color=colors[variant],
+                error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": "#333333"},
+                label=variant,
+            )
+        ax.axvline(0.0, color="#222222", lw=0.8)
+        ax.set_yticks(range(len(configs)), configs, fontsize=7)
+        ax.set_ylim(len(configs) - 0.5, -0.5)  # first configuration on top
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_title(f"{metric}: variant − clean", fontsize=10)
+        ax.set_xlabel(
+            f"Δ {metric}   (right = better than clean; bar: variant seed std)", fontsize=8
+        )
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    handles, labels = [], []
+    for ax in axes[: len(metrics)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(4, len(labels)), fontsize=8)
+    _save_atomically(fig, Path(path))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- ablations
+
+PARAM_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+COST_METRICS = ("latency_ms", "memory_bank_size")
+SWEEPABLE_FIXED = ("image_size", "epochs")
+"""Fixed result columns an ablation may vary; every numeric ``hp.*`` column may too."""
+SERIES_COLORS = VARIANT_COLORS
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+
+
+def _series_keys(agg: pd.DataFrame, param: str) -> list[str]:
+    """Which curve each row belongs to: every configuration column but ``param``."""
+    others = [c for c in config_columns(agg) if c != param]
+    return [json.dumps([_display(agg[c].iloc[i]) for c in others]) for i in range(len(agg))]
+
+
+def swept_columns(agg: pd.DataFrame) -> list[str]:
+    """Numeric configuration columns (``image_size``, ``epochs``, numeric ``hp.*``) that take
+    two or more values among configurations that agree on every other configuration column:
+    what a study varies as an ablation, and :func:`param_plot` can draw."""
+    candidates = [c for c in SWEEPABLE_FIXED if c in agg.columns]
+    candidates += [
+        c
+        for c in config_columns(agg)
+        if c.startswith("hp.")
+        and pd.api.types.is_numeric_dtype(agg[c])
+        and not pd.api.types.is_bool_dtype(agg[c])
+    ]
+    swept = []
+    for column in candidates:
+        values = _numeric(agg, column)
+        seen: dict[str, set[float]] = {}
+        for key, value in zip(_series_keys(agg, column), values, strict=True):
+            if np.isfinite(value):
+                seen.setdefault(key, set()).add(float(value))
+        if any(len(v) >= 2 for v in seen.values()):
+            swept.append(column)
+    return swept
+
+
+def param_plot(
+    agg: pd.DataFrame,
+    param: str,
+    path: str | os.PathLike[str],
+    *,
+    metrics: Sequence[str] | None = None,
+    cost_metrics: Sequence[str] = COST_METRICS,
+) -> Path | None:
+    """Metrics against a numeric configuration column ``param`` (``image_size``,
+    ``hp.coreset_ratio``, ...): a resolution or coreset-ratio study's picture.
+
+    One curve per configuration that varies ``param`` with everything else fixed (mean over
+    seeds, seed std as error bars); a panel per accuracy metric with data (``metrics``,
+    default :data:`PARAM_METRICS`), then a cost panel: ``latency_ms`` on the left axis and
+    ``memory_bank_size`` (dashed) on a right-hand one. The x axis is logarithmic when
+    ``param`` spans more than a decade. None, writing nothing, when no configuration has two
+    values of ``param``.
+    """
+    if param not in agg.columns or agg.empty:
+        return None
+    xs = _numeric(agg, param)
+    keys = _series_keys(agg, param)
+    members: dict[str, list[int]] = {}
+    for i, (key, value) in enumerate(zip(keys, xs, strict=True)):
+        if np.isfinite(value):
+            members.setdefault(key, []).append(i)
+    series = {
+        key: sorted(rows, key=lambda i: xs[i])
+        for key, rows in members.items()
+        if len({xs[i] for i in rows}) >= 2
+    }
+    if not series:
+        return None
+    used = sorted(i for rows in series.values() for i in rows)
+    metrics = list(PARAM_METRICS if metrics is None else metrics)
+    accuracy = [m for m in metrics if _finite(agg.iloc[used], f"{m}_mean").any()]
+    costs = [m for m in cost_metrics if _finite(agg.iloc[used], f"{m}_mean").any()]
+    panels: list[list[str]] = [[m] for m in accuracy] + ([costs] if costs else [])
+    if not panels:
+        return None
+
+    firsts = [rows[0] for rows in series.values()]
+    others = [c for c in config_columns(agg) if c != param]
+    names = _config_labels(agg.iloc[firsts].reset_index(drop=True), others)
+    colors = [SERIES_COLORS[i % len(SERIES_COLORS)] for i in range(len(series))]
+    n_cols = min(2, len(panels))
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig = _new_figure(6.4 * n_cols, 4.2 * n_rows + 0.5 + 0.18 * len(series))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    short = param.removeprefix("hp.")
+    distinct = np.unique(xs[used])
+    for ax, panel in zip(axes, panels, strict=False):
+        twin = None
+        for k, metric in enumerate(panel):
+            target = ax
+            if k == 1:  # the second cost metric gets its own scale on the right
+                twin = ax.twinx()
+                target = twin
+            for (_key, rows), name, color in zip(series.items(), names, colors, strict=True):
+                means = _numeric(agg.iloc[rows], f"{metric}_mean")
+                stds = (
+                    np.nan_to_num(_numeric(agg.iloc[rows], f"{metric}_std"))
+                    if f"{metric}_std" in agg.columns
+                    else None
+                )
+                keep = np.isfinite(means)
+                if not keep.any():
+                    continue
+                target.errorbar(
+                    xs[rows][keep],
+                    means[keep],
+                    yerr=None if stds is None else stds[keep],
+                    fmt="o-" if k == 0 else "s--",
+                    ms=4,
+                    lw=1.3,
+                    capsize=2,
+                    color=color,
+                    label=name if k == 0 else None,
+                )
+            mode = _guess_mode(metric)
+            target.set_ylabel(
+                f"{metric} ({'↓' if mode == 'min' else '↑'} better)"
+                + ("  [dashed]" if k == 1 else ""),
+                fontsize=8,
+            )
+        _log_x_if_wide(ax, xs[used])
+        if ax.get_xscale() == "linear" and distinct.size <= 8:
+            ax.set_xticks(distinct, [f"{v:g}" for v in distinct])
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel(short, fontsize=9)
+        what = " and ".join(panel)
+        ax.set_title(f"{what} vs {short}", fontsize=10)
+        if twin is not None:
+            twin.tick_params(labelsize=8)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles and len(panels) > 1:
+        handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8)
+    fig.suptitle(f"metrics vs {short} (mean ± std over seeds)", fontsize=11)
+    _save_atomically(fig, Path(path))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- Fig. 11
+
+MAX_EXAMPLE_MODELS = 6
+MAX_EXAMPLE_ROWS = 4
+
+
+def examples_plot(
+    columns: Sequence[tuple[str, dict[str, Any]]],
+    path: str | os.PathLike[str],
+    *,
+    max_rows: int = MAX_EXAMPLE_ROWS,
+) -> Path | None:
+    """A grid of example test images (the reference study's Fig. 11): one row per image, the
+    image and its ground-truth mask, then one column per model with its anomaly map over the
+    image and its image score.
+
+    ``columns`` are ``(label, examples)`` pairs, ``examples`` as
+    :func:`sweep.examples.load_examples` returns them. Rows are the images every model saved
+    (matched by file path, so models at different image sizes line up), in the first model's
+    order. Each model's maps share one colour scale, min-max over the rows shown. None, writing
+    nothing, without a model or an image they all saved.
+    """
+    columns = [(label, ex) for label, ex in columns if ex is not None]
+    if not columns or max_rows < 1:
+        return None
+    first = columns[0][1]
+    common = [p for p in first["path"] if all(p in ex["path"] for _, ex in columns[1:])]
+    common = common[:max_rows]
+    if not common:
+        return None
+    n_cols = 2 + len(columns)
+    fig = _new_figure(1.9 * n_cols, 1.9 * len(common) + 0.9)
+    axes = fig.subplots(len(common), n_cols, squeeze=False)
+    lookup = [{p: i for i, p in enumerate(ex["path"])} for _, ex in columns]
+    ranges = []
+    for (_, ex), where in zip(columns, lookup, strict=True):
+        maps = ex.get("anomaly_map")
+        if maps is None:
+            ranges.append(None)
+            continue
+        shown = np.concatenate([maps[where[p]].ravel() for p in common]).astype(np.float64)
+        shown = shown[np.isfinite(shown)]
+        low, high = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
+        ranges.append((low, high if high > low else low + 1.0))
+
+    for r, image_path in enumerate(common):
+        i0 = lookup[0][image_path]
+        image = first["image"][i0]
+        anomalous = int(first["label"][i0]) == 1
+        defect = first["defect"][i0] if anomalous else "normal"
+        row_axes = axes[r]
+        row_axes[0].imshow(image)
+        row_axes[0].set_ylabel(
+            f"{defect}\n{Path(image_path).name}", fontsize=7, rotation=0, ha="right", va="center"
+        )
+        mask = first.get("mask")
+        if mask is not None:
+            row_axes[1].imshow(mask[i0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            row_axes[1].text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8)
+        for c, ((_, ex), where, span) in enumerate(zip(columns, lookup, ranges, strict=True)):
+            ax = row_axes[2 + c]
+            i = where[image_path]
+            own = ex["image"][i]
+            ax.imshow(own.mean(axis=2), cmap="gray", vmin=0, vmax=255)
+            height, width = own.shape[:2]
+            maps = ex.get("anomaly_map")
+            if maps is not None and span is not None:
+                low, high = span
+                ax.imshow(
+                    (maps[i].astype(np.float64) - low) / (high - low),
+                    cmap="jet",
+                    vmin=0.0,
+                    vmax=1.0,
+                    alpha=0.5,
+                    extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                    interpolation="bilinear",
+                )
+                own_mask = ex.get("mask")
+                if own_mask is not None and own_mask[i].any():
+                    ax.contour(own_mask[i], levels=[0.5], colors="white", linewidths=0.7)
+            else:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no anomaly map",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=7,
+                    color="white",
+                )
+            ax.text(
+                0.03,
+                0.03,
+                f"score {float(ex['score'][i]):.3g}",
+                transform=ax.transAxes,
+                fontsize=6,
+                color="white",
+                bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.2, "lw": 0},
+            )
+    titles = ["image", "ground truth"] + [label for label, _ in columns]
+    for c, title in enumerate(titles):
+        axes[0][c].set_title("\n".join(textwrap.wrap(title, 22)), fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    caption = (
+        "Example test images, their ground truth and each model's anomaly map (per model: "
+        "blue low, red high over the images shown; white line: the ground truth)"
+    )
+    fig.suptitle(textwrap.fill(caption, int(12 * 1.9 * n_cols)), fontsize=8)
+    _save_atomically(fig, Path(path))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- the report
+
+TIME_METRIC = "latency_ms"
+TRADEOFF_METRICS = ("image_auroc", "image_f1", "pixel_auroc", "pixel_f1", "pixel_aupro")
+"""Accuracy metrics Fig. 13 draws against inference time (one file each) when they have data;
+an accuracy objective of the study outside this list is drawn too."""
+ACCURACY_METRICS = (*TRADEOFF_METRICS, "image_f1max", "pixel_f1max")
+
+
+def _has_values(frame: pd.DataFrame, column: str) -> bool:
+    return bool(_finite(frame, column).any())
+
+
+def _clean_rows(frame: pd.DataFrame) -> pd.Series:
+    present = [c for c in VARIANT_COLUMNS if c in frame.columns]
+    if not present:
+        return pd.Series(True, index=frame.index)
+    return (frame[present].fillna(CLEAN) == CLEAN).all(axis=1)
+
+
+def _key(values: Sequence[Any]) -> str:
+    """A configuration's identity that survives int/float and None/NaN differences."""
+    return json.dumps([_display(v) for v in values])
+
+
+def _example_choices(
+    sel: Selection, clean: pd.DataFrame, results_dir: str | os.PathLike[str], cap: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """The models of the heatmap grid: the knee picks (the recommended one first), then the
+    other front members by the first objective, up to ``cap``; each shown by its lowest seed
+    that saved example maps."""
+    from sweep.examples import load_examples
+
+    table = sel.table
+    order: list[int] = []
+    if sel.chosen is not None and sel.picks.get(sel.chosen) is not None:
+        order.append(int(sel.picks[sel.chosen]))
+    order += [int(r) for r in sel.picks.values() if r is not None]
+    front = [int(r) for r in table.index[table["on_front"].astype(bool)]]
+    first_metric, first_mode = sel.objectives[0]
+    values = pd.to_numeric(table[f"{first_metric}_mean"], errors="coerce")
+    front.sort(key=lambda r: (-values[r] if first_mode == "max" else values[r], r))
+    order += front
+    order = list(dict.fromkeys(order))
+
+    by = [c for c in config_columns(table) if c in clean.columns]
+    hashes: dict[str, list[str]] = {}
+    ranked = clean.sort_values("seed", kind="stable") if "seed" in clean.columns else clean
+    if "config_hash" not in ranked.columns:
+        return []
+    for _, row in ranked.iterrows():
+        hashes.setdefault(_key([row[c] for c in by]), []).append(str(row["config_hash"]))
+    labels = _config_labels(table)
+    chosen = []
+    for r in order:
+        if len(chosen) >= cap:
+            break
+        for digest in hashes.get(_key([table.at[r, c] for c in by]), []):
+            try:
+                examples = load_examples(results_dir, digest)
+            except SweepError:
+                continue
+            if examples is None or examples.get("anomaly_map") is None:
+                continue
+            knees = [m for m, pick in sel.picks.items() if pick == r]
+            tag = f" (knee: {', '.join(knees)})" if knees else " (front)"
+            chosen.append((labels[r] + tag, examples))
+            break
+    return chosen
+
+
+def report_plots(
+    df: pd.DataFrame,
+    selection: Selection | None,
+    objectives: list[tuple[str, str]],
+    out_dir: Path,
+    results_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Every plot the rows have data for, written under ``out_dir``; returns ``{name: path}``.
+
+    ``df`` is every row of a study (:func:`sweep.results.read_results`: ok, error and stopped
+    rows, clean and data-variant rows). Model selection pictures use the ok, clean rows
+    (trained and tested without augmentation or stress), aggregated over seeds:
+
+    * ``pareto_<metric>``: ``latency_ms`` against each accuracy metric with data (Fig. 13);
+    * ``pareto``: the study's own two objectives, when they are not one of those;
+    * ``image_vs_pixel``: image- against pixel-level metrics, when there are pixel metrics
+      (Fig. 14);
+    * ``robustness``: each augmentation / stress against clean, when there are variant rows
+      (Fig. 12);
+    * ``vs_<param>``: metrics against each numeric configuration column the study varies with
+      everything else fixed (``vs_image_size``, ``vs_coreset_ratio``);
+    * ``examples``: the heatmap grid of the knee picks and front members (Fig. 11), when
+      ``results_dir`` holds their saved example maps.
+
+    ``selection`` is the study's selection over the clean configurations (made here from
+    ``objectives`` when None); it decides the grid's models.
+    """
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    if df is None or df.empty:
+        return written
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    clean = ok[_clean_rows(ok)]
+    objective_metrics = [m for m, _ in objectives]
+    accuracy = [m for m in ACCURACY_METRICS if _has_values(clean, m)]
+    extra = [
+        m
+        for m, mode in objectives
+        if mode == "max" and m not in accuracy and m != TIME_METRIC and _has_values(clean, m)
+    ]
+    metrics = [
+        m
+        for m in dict.fromkeys(
+            [*accuracy, *extra, TIME_METRIC, "memory_bank_size", *objective_metrics]
+        )
+        if m in clean.columns
+    ]
+    agg = aggregate_seeds(clean, metrics) if len(clean) and metrics else pd.DataFrame()
+
+    def keep(name: str, path: Path | None) -> None:
+        if path is not None:
+            written[name] = path
+
+    tradeoff = [m for m in [*TRADEOFF_METRICS, *extra] if m in accuracy or m in extra]
+    if not agg.empty and _has_values(agg, f"{TIME_METRIC}_mean"):
+        for metric in tradeoff:
+            keep(
+                f"pareto_{metric}",
+                tradeoff_plot(agg, out_dir / f"pareto_{metric}.png", x=TIME_METRIC, y=metric),
+            )
+
+    if selection is None and not agg.empty and objectives:
+        try:
+            selection = select(agg, objectives)
+        except SweepError:
+            selection = None
+    if selection is not None and len(selection.objectives) == 2:
+        pair = {m for m, _ in selection.objectives}
+        if not any(pair == {TIME_METRIC, m} for m in tradeoff if f"pareto_{m}" in written):
+            with contextlib.suppress(SweepError):  # e.g. a selection without <metric>_mean
+                keep("pareto", pareto_plot(selection, out_dir / "pareto.png"))
+
+    if not agg.empty:
+        keep("image_vs_pixel", image_vs_pixel_plot(agg, out_dir / "image_vs_pixel.png"))
+
+    if not _clean_rows(ok).all():
+        robust = [m for m in ACCURACY_METRICS if _has_values(ok, m)]
+        if robust:
+            deltas = variant_deltas(ok, robust)
+            keep("robustness", robustness_plot(deltas, out_dir / "robustness.png"))
+
+    if not agg.empty:
+        for param in swept_columns(agg):
+            name = f"vs_{param.removeprefix('hp.')}"
+            keep(name, param_plot(agg, param, out_dir / f"{name}.png"))
+
+    if results_dir is not None and selection is not None and len(clean):
+        choices = _example_choices(selection, clean, results_dir, MAX_EXAMPLE_MODELS)
+        keep("examples", examples_plot(choices, out_dir / "examples.png"))
+    return written

@@ -258,6 +258,10 @@ def run_trial(
             )
             throughput = measure_throughput(detector.predict, batch)
 
+    notes = list((stats or {}).get("notes", ()))
+    problem = _save_examples(trial, ctx, splits.test, test)
+    if problem is not None:
+        notes.append(problem)
     trainable, frozen = detector.param_counts()
     return {
         **scores,
@@ -281,8 +285,37 @@ def run_trial(
         "n_test": len(splits.test),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "category": splits.category,
-        "notes": "; ".join((stats or {}).get("notes", ())) or None,
+        "notes": "; ".join(notes) or None,
     }
+
+
+def _save_examples(trial: TrialConfig, ctx: TrialContext, dataset, outputs) -> str | None:
+    """Save the trial's example maps (``evaluation.example_maps``) beside its row.
+
+    They are for the report's pictures only: a failure comes back as a note for the row,
+    never as an exception that would turn a scored trial into an error row.
+    """
+    n = ctx.study.evaluation.example_maps
+    if n <= 0:
+        return None
+    try:
+        from sweep.examples import save_examples
+
+        save_examples(
+            ResultStore(ctx.output),
+            config_hash(ctx.study, trial),
+            pixels=dataset.pixels.numpy(),
+            masks=dataset.masks.numpy() if dataset.has_masks else None,
+            maps=outputs.maps,
+            scores=outputs.scores,
+            labels=outputs.labels,
+            paths=dataset.paths,
+            defects=dataset.defects,
+            n=n,
+        )
+    except Exception as exc:  # the row matters more than its pictures
+        return f"example maps not saved ({exc.__class__.__name__}: {exc})"
+    return None
 
 
 def _cache_counts(cache, before: dict[str, int] | None) -> dict[str, int | None]:

@@ -1,4 +1,5 @@
-"""The Pareto plot is written as a real PNG, atomically, without touching pyplot."""
+"""The report's plots are real PNGs, written atomically without touching pyplot, and exactly
+those the results have data for; trials save the example maps the heatmap grid shows."""
 
 from __future__ import annotations
 
@@ -10,9 +11,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sweep.analysis import select
-from sweep.errors import SweepError
-from sweep.plots import pareto_plot
+from sweep.analysis import aggregate_seeds, select, variant_deltas
+from sweep.errors import StudyError, SweepError
+from sweep.examples import load_examples, save_examples
+from sweep.plots import (
+    image_vs_pixel_plot,
+    param_plot,
+    pareto_plot,
+    report_plots,
+    robustness_plot,
+    swept_columns,
+    tradeoff_plot,
+)
+from sweep.results import ResultStore, read_results
+from sweep.runner import study_schema
+from sweep.study import config_hash, expand_trials, study_from_dict
+from sweep.trainable import TrialContext, execute_trial, load_data
+from tests.conftest import tiny_study
+from tests.plot_frames import result_frame
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OBJECTIVES = [("image_auroc", "max"), ("latency_ms", "min")]
@@ -90,3 +106,239 @@ def test_importing_and_plotting_leaves_pyplot_alone(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# --------------------------------------------------------------------------- the report's plots
+
+
+def _is_png(path) -> bool:
+    return path is not None and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def _aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    clean = df[(df["status"] == "ok") & (df["augmentation"] == "none") & (df["stress"] == "none")]
+    return aggregate_seeds(clean, [*ACCURACY, "latency_ms", "memory_bank_size"])
+
+
+ACCURACY = ["image_auroc", "image_f1", "pixel_auroc", "pixel_f1", "pixel_aupro"]
+
+
+def test_each_plot_writes_a_png_or_nothing_when_it_has_no_data(tmp_path):
+    agg = _aggregate(result_frame(sizes=True, coreset=True))
+
+    # Fig. 13 for a metric that is not an objective: its own front and knees.
+    path = tradeoff_plot(agg, tmp_path / "t.png", x="latency_ms", y="pixel_aupro")
+    assert _is_png(path) and _png_size(path) == (1200, 840) and path.stat().st_size > 20_000
+    # Fig. 14: two panels side by side.
+    path = image_vs_pixel_plot(agg, tmp_path / "ivp.png")
+    assert _is_png(path) and _png_size(path) == (2100, 840)
+    # Metric vs hyperparameter: accuracy panels plus the cost panel (latency, memory bank).
+    for param in ("image_size", "hp.coreset_ratio"):
+        path = param_plot(agg, param, tmp_path / f"{param}.png")
+        assert _is_png(path) and path.stat().st_size > 30_000
+    # Fig. 12 from the analysis' own frame.
+    deltas = variant_deltas(result_frame(variants=True), ACCURACY)
+    path = robustness_plot(deltas, tmp_path / "r.png")
+    assert _is_png(path) and _png_size(path)[1] > 1000  # four panels of twelve bars each
+
+    # Nothing to draw: nothing written, None returned.
+    no_pixel = _aggregate(result_frame(pixel=False))
+    assert image_vs_pixel_plot(no_pixel, tmp_path / "none1.png") is None
+    assert tradeoff_plot(no_pixel, tmp_path / "none2.png", y="pixel_auroc") is None
+    assert param_plot(no_pixel, "image_size", tmp_path / "none3.png") is None  # one size
+    clean_only = variant_deltas(result_frame(), ACCURACY)
+    assert clean_only.empty and robustness_plot(clean_only, tmp_path / "none4.png") is None
+    assert not list(tmp_path.glob("none*")) and not list(tmp_path.glob(".*"))
+
+
+def test_swept_columns_are_those_varied_with_everything_else_fixed():
+    assert swept_columns(_aggregate(result_frame())) == []
+    assert swept_columns(_aggregate(result_frame(sizes=True))) == ["image_size"]
+    assert swept_columns(_aggregate(result_frame(coreset=True))) == ["hp.coreset_ratio"]
+    # Different detectors at different sizes is not a resolution study.
+    df = result_frame()
+    df.loc[df["model"] == "padim", "image_size"] = 256
+    assert swept_columns(_aggregate(df)) == []
+
+
+PARETO_IMAGE = {"pareto_image_auroc", "pareto_image_f1"}
+PARETO_ALL = PARETO_IMAGE | {"pareto_pixel_auroc", "pareto_pixel_f1", "pareto_pixel_aupro"}
+
+
+@pytest.mark.parametrize(
+    ("frame", "objectives", "expected"),
+    [
+        ({"pixel": False}, OBJECTIVES, PARETO_IMAGE),
+        ({}, OBJECTIVES, PARETO_ALL | {"image_vs_pixel"}),
+        ({"pixel": False, "variants": True}, OBJECTIVES, PARETO_IMAGE | {"robustness"}),
+        ({"pixel": False, "sizes": True}, OBJECTIVES, PARETO_IMAGE | {"vs_image_size"}),
+        ({"pixel": False, "coreset": True}, OBJECTIVES, PARETO_IMAGE | {"vs_coreset_ratio"}),
+        (
+            {"variants": True, "sizes": True, "coreset": True},
+            OBJECTIVES,
+            PARETO_ALL | {"image_vs_pixel", "robustness", "vs_image_size", "vs_coreset_ratio"},
+        ),
+        # Objectives that are not latency against an accuracy metric get their own plot.
+        ({"pixel": False}, [("image_auroc", "max"), ("train_s", "min")], PARETO_IMAGE | {"pareto"}),
+    ],
+)
+def test_report_plots_writes_exactly_the_applicable_plots(tmp_path, frame, objectives, expected):
+    df = result_frame(**frame)
+    assert set(df["status"]) == {"ok", "error", "stopped"}
+    written = report_plots(df, None, objectives, tmp_path / "plots")
+    assert set(written) == expected
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+        f"{name}.png" for name in expected
+    )
+    assert all(_is_png(path) and path.parent == tmp_path / "plots" for path in written.values())
+
+
+def test_report_plots_of_nothing_writes_nothing(tmp_path):
+    assert report_plots(pd.DataFrame(), None, OBJECTIVES, tmp_path / "a") == {}
+    failed = result_frame()
+    failed = failed[failed["status"] != "ok"]
+    assert report_plots(failed, None, OBJECTIVES, tmp_path / "b") == {}
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_model_selection_plots_use_clean_rows_only(tmp_path):
+    df = result_frame(pixel=False, variants=True)
+    # A variant row far better and faster than everything must not appear on the Pareto
+    # plots: models are selected as they run, trained and tested clean.
+    best = (
+        df[df["status"] == "ok"]
+        .iloc[:1]
+        .assign(augmentation="table3_all", image_auroc=1.0, latency_ms=0.01, model="dfm")
+    )
+    before = report_plots(df, None, OBJECTIVES, tmp_path / "before")
+    after = report_plots(pd.concat([df, best]), None, OBJECTIVES, tmp_path / "after")
+    assert set(before) == set(after) == PARETO_IMAGE | {"robustness"}
+    for name in PARETO_IMAGE:
+        assert before[name].read_bytes() == after[name].read_bytes()
+    assert before["robustness"].read_bytes() != after["robustness"].read_bytes()
+
+
+# --------------------------------------------------------------------------- example maps
+
+
+def _run(raw: dict, tmp_path) -> tuple[object, list[dict]]:
+    """Run every trial of a study without Ray, writing rows as a sweep does."""
+    study = study_from_dict(raw)
+    ctx = TrialContext(
+        study=study, output=str(raw["output"]), run_id="test", schema=study_schema(study)
+    )
+    store = ResultStore(ctx.output)
+    rows = []
+    for trial in expand_trials(study):
+        row = execute_trial(trial, ctx)
+        store.write_row(row, ctx.schema)
+        rows.append(row)
+    return study, rows
+
+
+def test_trials_save_the_same_example_images_for_every_model(glue_root, tmp_path):
+    output = tmp_path / "out"
+    raw = tiny_study(glue_root, output)
+    raw["evaluation"]["example_maps"] = 3
+    study, rows = _run(raw, tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(not r["notes"] for r in rows)
+
+    saved = [load_examples(output, r["config_hash"]) for r in rows]
+    assert sorted(p.name for p in (output / "_examples").iterdir()) == sorted(
+        f"{r['config_hash']}.npz" for r in rows
+    )
+    test = load_data(study, 64).test
+    expected = [i for i in range(len(test)) if test.labels[i] == 1][:3]
+    for examples in saved:
+        assert examples["index"].tolist() == expected  # anomalous first, in data-set order
+        assert examples["label"].tolist() == [1, 1, 1]
+        assert examples["path"] == [test.paths[i] for i in expected]
+        assert examples["image"].shape == (3, 64, 64, 3) and examples["image"].dtype == np.uint8
+        assert np.array_equal(examples["image"][0], test.pixels[expected[0]].permute(1, 2, 0))
+        assert np.array_equal(examples["mask"], test.masks[expected].numpy())
+        assert examples["anomaly_map"].shape == examples["mask"].shape
+        assert np.isfinite(examples["anomaly_map"]).all() and np.isfinite(examples["score"]).all()
+    # Different models, different maps, the same images.
+    assert not np.allclose(saved[0]["anomaly_map"], saved[1]["anomaly_map"])
+    assert load_examples(output, "0" * 16) is None
+    # The examples folder does not disturb the output as a Parquet dataset.
+    assert len(pd.read_parquet(output)) == 2
+
+    written = report_plots(read_results(output), None, OBJECTIVES, tmp_path / "plots", output)
+    assert _is_png(written["examples"]) and written["examples"].stat().st_size > 20_000
+
+
+def test_stressed_trials_save_what_the_model_saw(glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {**raw["space"], "model": "padim", "stress": "orientation"}
+    study, (row,) = _run(raw, tmp_path)
+    examples = load_examples(tmp_path / "out", row["config_hash"])
+    index = examples["index"].tolist()
+    stressed, clean = load_data(study, 64, "orientation").test, load_data(study, 64).test
+    assert len(index) == 4  # the default
+    pixels = stressed.pixels[index].permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(examples["image"], pixels)
+    assert not np.array_equal(examples["image"], clean.pixels[index].permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(examples["mask"], stressed.masks[index].numpy())
+
+
+def test_example_maps_setting_zero_none_and_bad_values(glue_root, tmp_path, monkeypatch):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {**raw["space"], "model": "padim"}
+    default = study_from_dict(raw)
+    assert default.evaluation.example_maps == 4
+    raw["evaluation"]["example_maps"] = 0
+    _, (row,) = _run(raw, tmp_path)
+    assert row["status"] == "ok" and not (tmp_path / "out" / "_examples").exists()
+    # How many maps a trial saves is not part of what it computes: the hash, and so every
+    # existing study's finished rows, stay the same.
+    trial = expand_trials(default)[0]
+    assert row["config_hash"] == config_hash(default, trial)
+
+    for bad in (-1, "many", 2.5):
+        raw["evaluation"]["example_maps"] = bad
+        with pytest.raises(StudyError, match=r"evaluation\.example_maps"):
+            study_from_dict(raw)
+
+    # A failure to save examples is a note on an ok row, never an error row.
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("sweep.examples.save_examples", broken)
+    raw["evaluation"]["example_maps"] = 2
+    raw["output"] = str(tmp_path / "again")
+    _, (row,) = _run(raw, tmp_path)
+    assert row["status"] == "ok" and 0.0 <= row["image_auroc"] <= 1.0
+    assert "example maps not saved (OSError: disk full)" in row["notes"]
+
+
+def test_saved_maps_keep_their_variation_and_files_appear_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    n, size = 5, 16
+    # Far outside float16's range, on a large offset: stored scaled, restored in units.
+    maps = 1e6 + rng.normal(0, 50, (n, size, size))
+    store = ResultStore(tmp_path / "out")
+    path = save_examples(
+        store,
+        "abc",
+        pixels=rng.integers(0, 255, (n, 3, size, size), dtype=np.uint8),
+        masks=None,
+        maps=maps,
+        scores=rng.normal(size=n),
+        labels=np.array([0, 1, 0, 1, 0]),
+        paths=[f"img{i}.png" for i in range(n)],
+        defects=["good", "hole", "good", "crack", "good"],
+        n=3,
+    )
+    assert path.endswith("_examples/abc.npz")
+    examples = load_examples(tmp_path / "out", "abc")
+    assert examples["index"].tolist() == [1, 3, 0]
+    assert examples["defect"] == ["hole", "crack", "good"] and examples["mask"] is None
+    restored = examples["anomaly_map"].astype(np.float64)
+    span = np.ptp(maps[[1, 3, 0]])
+    assert np.abs(restored - maps[[1, 3, 0]]).max() < span * 1e-3
+    assert [p.name for p in (tmp_path / "out" / "_examples").iterdir()] == ["abc.npz"]
+
+    (tmp_path / "out" / "_examples" / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(SweepError, match=r"bad\.npz"):
+        load_examples(tmp_path / "out", "bad")
