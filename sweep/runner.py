@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import optuna
 from ray.tune import Callback
 from rich.console import Console
 
@@ -217,13 +219,29 @@ def finished_optuna_trials(study: Study, storage) -> int:
     return len(existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
+class _NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that Ray Tune can checkpoint with its searcher.
+
+    Optuna 5.1 gave the genetic samplers a thread lock, which does not pickle; the lock is
+    dropped from the pickled state and made anew on load.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def _optuna_searcher(study: Study, storage=None, finished: int = 0):
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     samplers = {
         "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+        "nsga2": lambda seed: _NSGAIISampler(seed=seed),
         "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
     }
     # A resumed study re-seeds its sampler past the trials it has: with the same seed, the
