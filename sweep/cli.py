@@ -27,18 +27,6 @@ app.add_typer(data_app, name="data")
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-ROBUSTNESS_METRICS = ("image_auroc", "image_f1", "pixel_auroc", "pixel_f1")
-"""The metrics of the reference study's robustness table (Table C.9)."""
-REPORT_METRICS = (
-    "image_auroc",
-    "image_f1",
-    "pixel_auroc",
-    "pixel_f1",
-    "pixel_aupro",
-    "latency_ms",
-    "train_s",
-)
-
 
 def _bad_input(exc: Exception) -> None:
     err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
@@ -213,216 +201,20 @@ def plan(
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(mean: Any, std: Any, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "-"
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _study_objectives(results_dir: Path, objectives: list[str] | None) -> list[tuple[str, str]]:
-    from sweep.study import METRICS, Objective, load_study
-
-    if objectives:
-        parsed = []
-        for text in objectives:
-            metric, _, mode = text.partition(":")
-            try:
-                objective = Objective(metric=metric, mode=mode or None)
-            except ValueError as exc:
-                raise SweepError(f"--objective {text!r}: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
-            parsed.append((objective.metric, objective.direction))
-        return parsed
-    copy = results_dir / "_study.yaml"
-    if copy.is_file():
-        try:
-            study = load_study(copy)
-            return [(o.metric, o.direction) for o in study.objectives]
-        except SweepError:
-            pass
-    return [("image_auroc", METRICS["image_auroc"]), ("latency_ms", METRICS["latency_ms"])]
-
-
-def build_report(results_dir: Path, objectives: list[tuple[str, str]], plots_dir: Path) -> dict:
-    """Aggregate, select and plot; return the report as a JSON-able dict."""
-    import pandas as pd
-
-    from sweep import analysis, plots
-    from sweep.results import read_results
-
-    df = read_results(results_dir)
-    if df.empty:
-        raise SweepError(f"results {str(results_dir)!r}: no trial rows found")
-    errors = df[df["status"] != "ok"]
-    metrics = list(dict.fromkeys([*REPORT_METRICS, *(m for m, _ in objectives)]))
-    variant_columns = [c for c in analysis.VARIANT_COLUMNS if c in df.columns]
-    has_variants = bool(variant_columns) and bool(
-        (df[variant_columns].fillna(analysis.CLEAN) != analysis.CLEAN).any(axis=None)
-    )
-    report: dict[str, Any] = {
-        "results": str(results_dir),
-        "trials": len(df),
-        "ok": int((df["status"] == "ok").sum()),
-        "errors": [
-            {"model": r.model, "backbone": r.backbone, "seed": r.seed, "error": r.error}
-            for r in errors.itertuples()
-        ],
-        "objectives": [{"metric": m, "mode": d} for m, d in objectives],
-        "plots": {},
-    }
-    if has_variants:
-        deltas = analysis.variant_deltas(df, ROBUSTNESS_METRICS)
-        report["robustness"] = json.loads(deltas.to_json(orient="records"))
-        # Model selection compares detectors as they would run: trained and tested clean.
-        clean = (df[variant_columns].fillna(analysis.CLEAN) == analysis.CLEAN).all(axis=1)
-        df = df[clean]
-    agg = analysis.aggregate_seeds(df, metrics) if not df.empty else pd.DataFrame()
-    report["configurations"] = json.loads(agg.to_json(orient="records")) if len(agg) else []
-    if agg.empty:
-        report["selection"] = None
-        return report
-    selection = analysis.select(agg, objectives)
-    report["selection"] = analysis.selection_to_dict(selection)
-    if len(objectives) >= 2:
-        time_metric = next((m for m, _ in objectives if m in ("latency_ms", "train_s")), None)
-        accuracy = [m for m, _ in objectives if m != time_metric]
-        x, y = (time_metric, accuracy[0]) if time_metric else (objectives[0][0], objectives[1][0])
-        path = plots.pareto_plot(selection, plots_dir / "pareto.png", x=x, y=y)
-        report["plots"]["pareto"] = str(path)
-    return report
-
-
-def _varying_columns(configs: list[dict]) -> list[str]:
-    """Hyperparameter columns whose value differs between the configurations of a model: what
-    tells two rows of the same model, backbone and size apart."""
-    varying = []
-    columns = sorted({k for c in configs for k in c if k.startswith("hp.") and k != "hp.seed"})
-    for column in columns:
-        by_model: dict[Any, set] = {}
-        for config in configs:
-            value = config.get(column)
-            if value is not None:
-                by_model.setdefault(config.get("model"), set()).add(json.dumps(value))
-        if any(len(values) > 1 for values in by_model.values()):
-            varying.append(column)
-    return varying
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _print_report(report: dict, objectives: list[tuple[str, str]]) -> None:
-    configs = report["configurations"]
-    metrics = list(dict.fromkeys([*REPORT_METRICS, *(m for m, _ in objectives)]))
-    picks = (report.get("selection") or {}).get("picks", {})
-    front = {
-        i
-        for i, row in enumerate((report.get("selection") or {}).get("table", []))
-        if row.get("on_front")
-    }
-    table = Table(
-        title=f"{report['results']}: {report['ok']}/{report['trials']} trials ok "
-        "(mean ± std over seeds)"
-    )
-    varying = _varying_columns(configs)
-    for column in ("model", "backbone", "size", *varying, "seeds", *metrics, "front"):
-        table.add_column(
-            column.removeprefix("hp."),
-            justify="right" if column not in ("model", "backbone") else "left",
-        )
-    best = {}
-    for metric in metrics:
-        values = [c.get(f"{metric}_mean") for c in configs if c.get(f"{metric}_mean") is not None]
-        if values:
-            mode = dict(objectives).get(metric) or (
-                "min" if metric in ("latency_ms", "train_s") else "max"
-            )
-            best[metric] = max(values) if mode == "max" else min(values)
-    for i, config in enumerate(configs):
-        cells = []
-        for metric in metrics:
-            text = _fmt(
-                config.get(f"{metric}_mean"),
-                config.get(f"{metric}_std"),
-                1 if metric in ("latency_ms", "train_s") else 3,
-            )
-            if best.get(metric) is not None and config.get(f"{metric}_mean") == best[metric]:
-                text = f"[bold]{text}[/bold]"
-            cells.append(text)
-        marks = [name for name, idx in picks.items() if idx == i]
-        flag = ("◆ knee:" + ",".join(marks)) if marks else ("•" if i in front else "")
-        table.add_row(
-            str(config.get("model")),
-            str(config.get("backbone") or "-"),
-            str(config.get("image_size") or "-"),
-            *(_cell(config.get(c)) for c in varying),
-            str(config.get("n_seeds")),
-            *cells,
-            flag,
-        )
-    out.print(table)
-    selection = report.get("selection")
-    if selection:
-        names = " vs ".join(f"{m} ({d})" for m, d in objectives)
-        out.print(f"Pareto front over {names}: {len(front)} configuration(s)")
-        for method, idx in selection["picks"].items():
-            if idx is None:
-                continue
-            row = configs[idx]
-            out.print(
-                f"  knee ({method}): {row.get('model')}/{row.get('backbone') or '-'} "
-                + ", ".join(f"{m}={row.get(f'{m}_mean'):.4g}" for m, _ in objectives)
-            )
-        for note in selection.get("notes", []):
-            out.print(f"  [dim]{note}[/dim]")
-    if report.get("robustness"):
-        _print_robustness(report["robustness"])
-    for error in report["errors"]:
-        out.print(
-            f"[red]error row[/red] {error['model']}/{error['backbone'] or '-'} "
-            f"seed={error['seed']}: {error['error']}"
-        )
-    for name, path in report["plots"].items():
-        out.print(f"{name} plot: {path}")
-
-
-def _print_robustness(rows: list[dict]) -> None:
-    """Table C.9's shape: per detector and variant, mean ± std and the change from clean."""
-    table = Table(
-        title="Robustness: each augmentation set / stress vs the same configuration clean "
-        "(mean ± std over seeds, Δ = change of the mean)"
-    )
-    variants = [c for c in ("augmentation", "stress") if any(r.get(c) != "none" for r in rows)]
-    for column in ("model", "backbone", "size", *variants, "seeds", *ROBUSTNESS_METRICS):
-        table.add_column(column, justify="left" if column in ("model", "backbone") else "right")
-    for row in rows:
-        cells = []
-        for metric in ROBUSTNESS_METRICS:
-            text = _fmt(row.get(f"{metric}_mean"), row.get(f"{metric}_std"))
-            delta = row.get(f"{metric}_delta")
-            if delta is not None and not math.isnan(delta):
-                colour = "green" if delta > 0 else "red" if delta < 0 else "dim"
-                text += f" [{colour}]Δ {delta:+.3f}[/{colour}]"
-            cells.append(text)
-        table.add_row(
-            str(row.get("model")),
-            str(row.get("backbone") or "-"),
-            str(row.get("image_size") or "-"),
-            *(str(row.get(c)) for c in variants),
-            str(row.get("n_seeds")),
-            *cells,
-        )
-    out.print(table)
-
-
 @app.command()
 def report(
     results_dir: Annotated[Path, typer.Argument(help="A study's results directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html", help="Write the report as one self-contained HTML file (plots embedded)."
+        ),
+    ] = None,
+    markdown: Annotated[
+        Path | None,
+        typer.Option("--markdown", help="Write the report as Markdown (plots linked as PNGs)."),
+    ] = None,
     plots: Annotated[
         Path | None, typer.Option(help="Where to write plots (default: RESULTS_DIR/_report).")
     ] = None,
@@ -430,19 +222,165 @@ def report(
         list[str] | None,
         typer.Option(help="metric[:max|min], repeatable (default: the study's objectives)."),
     ] = None,
+    weights: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TOPSIS weights, e.g. image_auroc=2,latency_ms=1 (objectives left out weigh 1); "
+            "TOPSIS's pick then becomes the chosen one."
+        ),
+    ] = None,
 ) -> None:
-    """Seed-aggregated table, Pareto front and knee point; writes pareto.png."""
+    """Seed-aggregated table, Pareto front, each knee method's pick and the plots; optionally
+    an HTML or Markdown report."""
+    from sweep.report import (
+        build_report,
+        parse_weights,
+        print_report,
+        render_html,
+        render_markdown,
+        study_objectives,
+        write_atomically,
+    )
+
     try:
         if not results_dir.is_dir():
             raise SweepError(f"results {str(results_dir)!r}: no such directory")
-        objectives = _study_objectives(results_dir, objective)
-        result = build_report(results_dir, objectives, plots or results_dir / "_report")
+        objectives = study_objectives(results_dir, objective)
+        result = build_report(
+            results_dir,
+            objectives,
+            plots or results_dir / "_report",
+            weights=parse_weights(weights) or None,
+        )
+        written = []
+        if html is not None:
+            written.append(("html", write_atomically(html, render_html(result), "--html")))
+        if markdown is not None:
+            text = render_markdown(result, markdown)
+            written.append(("markdown", write_atomically(markdown, text, "--markdown")))
     except _user_errors() as exc:
         _bad_input(exc)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:
-        _print_report(result, objectives)
+        print_report(result, objectives, out)
+    for kind, path in written:
+        err.print(f"{kind} report: {path}", highlight=False, soft_wrap=True)
+
+
+@app.command("results")
+def results_cmd(
+    results_dir: Annotated[Path, typer.Argument(help="A study's results directory.")],
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="COLUMN OP VALUE, repeatable (all must hold); OP: == != < <= > >= in, not in, "
+            "~ (regex), is null, is not null. E.g. --where 'image_auroc >= 0.9' "
+            "--where 'model in patchcore,padim'."
+        ),
+    ] = None,
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(help="Columns to keep, comma-separated, globs allowed (hp.*)."),
+    ] = None,
+    sort: Annotated[
+        list[str] | None, typer.Option(help="Sort by these columns; -COLUMN for descending.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows.", min=0)] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, csv, json or parquet (needs --output).")
+    ] = "table",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (csv/json/parquet).")
+    ] = None,
+) -> None:
+    """Filter a study's rows and print or export them (every column unless --columns; the
+    table shows the main ones)."""
+    from sweep.query import (
+        FORMATS,
+        apply_where,
+        export_rows,
+        pick_columns,
+        rows_as_json,
+        sort_rows,
+    )
+    from sweep.results import read_results
+
+    try:
+        if fmt not in FORMATS:
+            raise SweepError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+        if fmt == "parquet" and output is None:
+            raise SweepError("--format parquet: needs --output FILE")
+        if fmt == "table" and output is not None:
+            raise SweepError("--format table prints to the terminal; use csv, json or parquet")
+        df = read_results(results_dir)
+        rows = sort_rows(apply_where(df, where or []), sort)
+        if limit is not None:
+            rows = rows.head(limit)
+        rows = rows[pick_columns(df, columns, table=fmt == "table")]
+        if output is not None:
+            export_rows(rows, fmt, output)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    if output is not None:
+        err.print(f"{len(rows)} of {len(df)} rows -> {output}", highlight=False)
+    elif fmt == "csv":
+        rows.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        sys.stdout.write(rows_as_json(rows))
+    else:
+        table = Table(title=f"{results_dir}: {len(rows)} of {len(df)} rows")
+        for column in rows.columns:
+            table.add_column(str(column), overflow="fold")
+        for row in rows.itertuples(index=False):
+            table.add_row(*(_query_cell(v) for v in row))
+        out.print(table)
+
+
+def _query_cell(value: Any) -> str:
+    from rich.markup import escape
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+@app.command()
+def compare(
+    dir_a: Annotated[Path, typer.Argument(help="Results directory A.")],
+    dir_b: Annotated[Path, typer.Argument(help="Results directory B.")],
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="Metric to compare, repeatable (default: AUROCs, F1s, latency)."),
+    ] = None,
+    on: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="The key(s) that differ by design (e.g. augmentation, category); default: "
+            "those constant within each output but different between them."
+        ),
+    ] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(help="Filter both outputs first (as in `sweep results --where`)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """The same configurations of two outputs side by side: mean ± std in A and B, and B - A."""
+    from sweep.compare import compare_outputs, print_comparison
+
+    try:
+        if fmt not in ("table", "json"):
+            raise SweepError(f"--format {fmt!r}: table or json")
+        result = compare_outputs(dir_a, dir_b, metrics=metric, on=on or (), where=where or ())
+    except _user_errors() as exc:
+        _bad_input(exc)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        print_comparison(result, out)
 
 
 # --------------------------------------------------------------------------- catalogues
