@@ -150,6 +150,21 @@ def _display(value: Any) -> str:
     return str(value)
 
 
+def _canonical(value: Any) -> Any:
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_, str)):
+        return value if isinstance(value, str) else bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)  # exact, and 256 == 256.0
+    return str(value)
+
+
+def _key(values: Sequence[Any]) -> str:
+    """A configuration's identity that survives int/float and None/NaN differences."""
+    return json.dumps([_canonical(v) for v in values])
+
+
 def _base_label(table: pd.DataFrame, row: int) -> str:
     parts = []
     for column in ("model", "backbone"):
@@ -623,7 +638,7 @@ def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
 def _series_keys(agg: pd.DataFrame, param: str) -> list[str]:
     """Which curve each row belongs to: every configuration column but ``param``."""
     others = [c for c in config_columns(agg) if c != param]
-    return [json.dumps([_display(agg[c].iloc[i]) for c in others]) for i in range(len(agg))]
+    return [_key([agg[c].iloc[i] for c in others]) for i in range(len(agg))]
 
 
 def swept_columns(agg: pd.DataFrame) -> list[str]:
@@ -889,11 +904,6 @@ def _clean_rows(frame: pd.DataFrame) -> pd.Series:
     if not present:
         return pd.Series(True, index=frame.index)
     return (frame[present].fillna(CLEAN) == CLEAN).all(axis=1)
-
-
-def _key(values: Sequence[Any]) -> str:
-    """A configuration's identity that survives int/float and None/NaN differences."""
-    return json.dumps([_display(v) for v in values])
 
 
 def _example_choices(
