@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -508,17 +508,38 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
+def checkpoint_keys(own: Iterable[str], state: Mapping[str, Tensor]) -> dict[str, str]:
+    """Which key of the checkpoint ``state`` fills each key of ``own`` it can fill.
+
+    The same name, or the name a timm model has where its feature extractor flattened a
+    ``Sequential`` (``stem_0.weight`` is the checkpoint's ``stem.0.weight``: ConvNeXt, DenseNet
+    and VGG extractors are built that way), so one full timm checkpoint serves every extractor.
+    """
+    flattened: dict[str, str] = {}
+    for key in state:
+        parts = key.split(".")
+        if len(parts) > 2:
+            flattened.setdefault(f"{parts[0]}_{parts[1]}.{'.'.join(parts[2:])}", key)
+    found = {}
+    for key in own:
+        source = key if key in state else flattened.get(key)
+        if source is not None:
+            found[key] = source
+    return found
+
+
 def state_dict_problems(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str | None:
     """What keeps ``state`` from filling ``own`` (missing keys, wrong shapes), or None.
 
     Extra keys in ``state`` are fine: a full checkpoint also holds layers a truncated model
-    does not have (a classifier, deeper stages).
+    does not have (a classifier, deeper stages). Keys match by :func:`checkpoint_keys`.
     """
-    missing = [key for key in own if key not in state]
+    sources = checkpoint_keys(own, state)
+    missing = [key for key in own if key not in sources]
     mismatched = [
-        f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
+        f"{sources[key]} {tuple(state[sources[key]].shape)} (expected {tuple(value.shape)})"
         for key, value in own.items()
-        if key in state and state[key].shape != value.shape
+        if key in sources and state[sources[key]].shape != value.shape
     ]
     problems = []
     if missing:
@@ -537,7 +558,25 @@ def _load_weights(model: torch.nn.Module, path: Path, spec: BackboneSpec) -> Non
             f"weights file {str(path)!r} does not fit backbone {spec.name!r} "
             f"(timm {spec.timm_name!r}): {problem}"
         )
-    model.load_state_dict({key: state[key] for key in own}, strict=True)
+    sources = checkpoint_keys(own, state)
+    model.load_state_dict({key: state[sources[key]] for key in own}, strict=True)
+
+
+def weights_problem(spec: BackboneSpec, state: Mapping[str, Tensor]) -> str | None:
+    """What keeps the checkpoint ``state`` from filling an extractor of ``spec`` at any of its
+    layers (missing keys, wrong shapes), or None. Shapes only: ``state`` may hold meta tensors
+    (a ``.safetensors`` header read without its data)."""
+    if spec.kind == "composite":
+        raise ModelError(f"backbone {spec.name!r} is a composite: check each of its members")
+    return state_dict_problems(_expected_state(spec.name), state)
+
+
+@functools.cache
+def _expected_state(name: str) -> dict[str, Tensor]:
+    spec = get_backbone(name)
+    with torch.random.fork_rng(devices=[]), meta_init():
+        model = _create_model(spec, list(range(len(spec.layers))), pretrained=False)
+    return dict(model.state_dict())
 
 
 _ZERO_INIT_FAMILIES = ("resnet", "wide_resnet", "resnext")

@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+weights_app = typer.Typer(
+    help="Pretrained backbone weights for nodes without internet.", no_args_is_help=True
+)
+app.add_typer(weights_app, name="weights")
 
 # Tables stay readable when piped or logged (no terminal width to go by).
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -564,6 +568,47 @@ def synth_glue(
 
                 path = ensure_generated(output, name, config=config, seed=seed, progress=tick)
                 progress.console.print(f"{name}: {path}")
+    except _user_errors() as exc:
+        _bad_input(exc)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    study_files: Annotated[list[Path], typer.Argument(help="Study YAML file(s).")],
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder to write <backbone>.safetensors into (default: the study's weights_dir, "
+            "else $ANOMALY_SWEEP_WEIGHTS_DIR, else ~/.cache/anomaly-sweep/weights)."
+        ),
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a study key.")] = None,
+) -> None:
+    """Download the pretrained backbones the studies' trials can load (where there is internet)
+    into a folder nodes share; files already there and valid are kept. Exit 1 if any failed."""
+    from sweep.weights import fetch_command
+
+    try:
+        status = fetch_command(study_files, to, set_ or [], console=err)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    raise typer.Exit(status)
+
+
+@weights_app.command("list")
+def weights_list(
+    study_files: Annotated[list[Path], typer.Argument(help="Study YAML file(s).")],
+    to: Annotated[Path | None, typer.Option(help="The weights folder (default as fetch).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a study key.")] = None,
+) -> None:
+    """List the backbones the studies need and what the weights folder holds for each."""
+    from sweep.weights import list_command
+
+    try:
+        list_command(study_files, to, set_ or [], console=out)
     except _user_errors() as exc:
         _bad_input(exc)
 

@@ -35,6 +35,7 @@ BASE_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("model", pa.string()),
         ("backbone", pa.string()),
+        ("weights", pa.string()),
         ("seed", pa.int64()),
         ("image_size", pa.int64()),
         ("epochs", pa.int64()),

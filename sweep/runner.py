@@ -363,6 +363,10 @@ def run_study(
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     if preflight:
+        # A weights folder the user named must hold every pretrained backbone (exit 2 if not).
+        from sweep.weights import check_study_weights
+
+        check_study_weights(study)
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
         # the synthetic data set once here rather than in every worker at the same time.
         for size in study_image_sizes(study):

@@ -352,6 +352,13 @@ class Study(_Strict):
     failure: FailureSettings = FailureSettings()
     scheduler: SchedulerConfig | None = None
     cache: CacheConfig = CacheConfig()
+    weights_dir: str | None = Field(
+        None,
+        description="folder of pretrained backbone weights (<backbone>.safetensors, as `sweep "
+        "weights fetch` writes them) that trials with pretrained: true load with no network; "
+        "default $ANOMALY_SWEEP_WEIGHTS_DIR, else ~/.cache/anomaly-sweep/weights where it holds "
+        "the backbone's file, else timm downloads it. A path, not part of any trial's identity",
+    )
     augmentations: dict[str, Any] = Field(
         default_factory=dict,
         description="training augmentation sets of this study: name -> list of "
@@ -421,6 +428,16 @@ class Study(_Strict):
         except DatasetError as exc:
             raise ValueError(str(exc)) from None
         return raw
+
+    @field_validator("weights_dir")
+    @classmethod
+    def _local_weights_dir(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(
+                f"a local folder that every node sees (a shared mount, or object storage synced "
+                f"to each node's disk), not a URI: {value!r}"
+            )
+        return value
 
     @field_validator("smoke")
     @classmethod

@@ -37,6 +37,7 @@ from sweep.timing import (
     measure_latency,
     measure_throughput,
 )
+from sweep.weights import trial_weights
 
 Reporter = Callable[[dict[str, Any]], None]
 """Receives per-epoch results while a trial trains (Ray Tune's ``report`` in a sweep)."""
@@ -202,7 +203,9 @@ def run_trial(
     cache = feature_cache(study)
     cache_before = cache.stats() if cache is not None else None
 
-    detector = models.create(trial.model, **trial.hparams).to(device)
+    # A pretrained backbone comes from the study's weights folder where one serves it.
+    create_args, weights = trial_weights(study, trial)
+    detector = models.create(trial.model, **create_args).to(device)
     epochs_run = 0
     scheduler = study.scheduler
     iterative = detector.learning_type == "iterative"
@@ -281,6 +284,7 @@ def run_trial(
         "params_total": trainable + frozen,
         "peak_rss_mb": memory.peak_rss_mb,
         "peak_gpu_mb": memory.peak_gpu_mb,
+        "weights": weights,
         "n_train": len(splits.train),
         "n_test": len(splits.test),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
