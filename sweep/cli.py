@@ -238,6 +238,7 @@ def report(
     an HTML or Markdown report."""
     from sweep.report import (
         build_report,
+        check_writable,
         parse_weights,
         print_report,
         render_html,
@@ -249,6 +250,9 @@ def report(
     try:
         if not results_dir.is_dir():
             raise SweepError(f"results {str(results_dir)!r}: no such directory")
+        for path, what in ((html, "--html"), (markdown, "--markdown")):
+            if path is not None:
+                check_writable(path, what)
         objectives = study_objectives(results_dir, objective)
         result = build_report(
             results_dir,

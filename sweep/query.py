@@ -164,6 +164,14 @@ def _check_column(df: pd.DataFrame, column: str, what: str) -> None:
 def _typed(series: pd.Series, raw: str, condition: Condition) -> Any:
     """``raw`` as a value comparable with ``series``, or a SweepError naming the column."""
     dtype = series.dtype
+    known = series.dropna()
+    if pd.api.types.is_object_dtype(dtype) and len(
+        known
+    ):  # an all-null or nullable column: go by the values
+        if all(isinstance(v, (bool, np.bool_)) for v in known):
+            dtype = np.dtype(bool)
+        elif all(isinstance(v, (int, float, np.number)) for v in known):
+            dtype = np.dtype(float)
     if pd.api.types.is_bool_dtype(dtype):
         lowered = raw.lower()
         if lowered in ("true", "1", "yes"):

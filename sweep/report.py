@@ -37,6 +37,7 @@ __all__ = [
     "REPORT_METRICS",
     "ROBUSTNESS_METRICS",
     "build_report",
+    "check_writable",
     "metric_mode",
     "parse_weights",
     "print_report",
@@ -1012,6 +1013,23 @@ def render_markdown(report: dict, markdown_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail early (SweepError naming ``what`` and the path) where ``path`` cannot be written:
+    it is a directory, or its nearest existing parent is not a writable directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise SweepError(f"{what} {str(path)!r}: cannot write it (it is a directory)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SweepError(f"{what} {str(path)!r}: cannot write it ({str(parent)!r} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SweepError(
+            f"{what} {str(path)!r}: cannot write it (no permission in {str(parent)!r})"
+        )
 
 
 def write_atomically(path: Path, text: str, what: str) -> Path:

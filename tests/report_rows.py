@@ -3,6 +3,7 @@ compare tests read without running a sweep (seconds instead of a Ray run)."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ CONFIGS = [
     ("padim", {"n_features": 50}, 0.84, 0.91, 12.0, 1.0),  # dominated by n_features=100
     ("stfpm", {"lr": 0.4}, 0.80, 0.85, 4.0, 20.0),
 ]
+START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 HP_NAMES = ("backbone", "pretrained", "coreset_ratio", "num_neighbors", "n_features", "lr")
 
 
@@ -48,13 +50,12 @@ def write_study_output(
     hp_values["pretrained"] = [False]
     schema = row_schema(hp_column_types(hp_values))
     store = ResultStore(output)
-    count = 0
-    for (model, hp, auroc, pixel, latency, train), seed, augmentation in (
-        (c, s, a) for c in configs for s in seeds for a in augmentations
+    trials = ((c, s, a) for c in configs for s in seeds for a in augmentations)
+    for count, ((model, hp, auroc, pixel, latency, train), seed, augmentation) in enumerate(
+        trials, start=1
     ):
         wobble = np.random.default_rng(1000 * count + seed).uniform(-0.01, 0.01)
         cost = 0.03 if augmentation != "none" else 0.0
-        count += 1
         store.write_row(
             {
                 "study": "tiny",
@@ -79,6 +80,8 @@ def write_study_output(
                 "train_s": train,
                 "throughput_fps": 1000.0 / latency,
                 "device": "cpu",
+                "timing_exclusive": True,
+                "started_at": START + timedelta(minutes=count),
                 **{f"hp.{k}": v for k, v in {"backbone": "resnet18", **hp}.items()},
             },
             schema,

@@ -1,0 +1,234 @@
+"""``sweep report``: terminal, JSON, one self-contained HTML file and Markdown, from a tiny
+study's results; every plot present; bad paths exit 2 leaving nothing behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sweep.cli import app
+from sweep.errors import SweepError
+from sweep.report import render_markdown, write_atomically
+from tests.report_rows import write_study_output
+
+runner = CliRunner()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """A tiny study's output (clean and defocus rows, one error row) reported once as JSON,
+    HTML and Markdown; the other tests read what this wrote."""
+    root = tmp_path_factory.mktemp("report")
+    output = write_study_output(root / "out", augmentations=("none", "defocus"))
+    html, markdown = root / "pages" / "report.html", root / "out" / "_report" / "report.md"
+    result = invoke("report", output, "--json", "--html", html, "--markdown", markdown)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    return {"root": root, "output": output, "html": html, "markdown": markdown, "report": report}
+
+
+def test_every_plot_is_written_and_non_empty(built):
+    plots = built["report"]["plots"]
+    # The plots the study's rows have data for: Fig. 13 per accuracy metric, Fig. 14, Fig. 12
+    # (defocus rows) and the two ablations the configurations vary.
+    assert {
+        "pareto_image_auroc",
+        "pareto_pixel_auroc",
+        "image_vs_pixel",
+        "robustness",
+        "vs_coreset_ratio",
+    } <= set(plots)
+    for name, path in plots.items():
+        data = Path(path).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, name
+        assert Path(path).parent == built["output"] / "_report"
+
+
+def test_report_content_picks_robustness_and_errors(built):
+    report = built["report"]
+    assert (report["trials"], report["ok"]) == (37, 36)  # 6 configs x 3 seeds x 2 + error
+    assert report["study"]["name"] == "tiny" and "space" in report["study"]["settings"]
+    assert [e["model"] for e in report["errors"]] == ["stfpm"]
+    # Selection runs on the clean configurations only; robustness has one row per variant.
+    assert len(report["configurations"]) == 6
+    assert {r["augmentation"] for r in report["robustness"]} == {"defocus"}
+    assert all(r["image_auroc_delta"] < 0 for r in report["robustness"])
+    selection = report["selection"]
+    configs = report["configurations"]
+    pick = configs[selection["picks"]["kneedle"]]
+    assert (pick["model"], pick["hp.coreset_ratio"]) == ("patchcore", 0.1)
+    assert selection["chosen"] == "kneedle"
+    assert set(selection["stability"]) == {"kneedle", "utopia", "topsis"}
+
+
+def test_html_is_self_contained_with_tables_and_every_plot(built):
+    page = built["html"].read_text()
+    # Nothing fetched from elsewhere: every src and href is a data URI or an in-page anchor.
+    for attribute, value in re.findall(r'\b(src|href)\s*=\s*"([^"]*)"', page):
+        assert value.startswith(("data:", "#")), (attribute, value[:80])
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "<link" not in page and "@import" not in page
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    plots = built["report"]["plots"]
+    assert len(images) == len(plots)
+    embedded = {base64.b64decode(data) for data in images}
+    assert embedded == {Path(p).read_bytes() for p in plots.values()}
+    for table in (
+        "knee-picks",
+        "configurations-table",
+        "robustness-table",
+        "errors-table",
+        "settings-table",
+    ):
+        assert f'<table id="{table}">' in page, table
+    assert "within one seed-std" in page and "Kneedle (2-D knee) (chosen)" in page
+    # The error text is escaped, not markup.
+    assert "stfpm diverged | loss=nan" in page and "<b>loss" not in page
+
+
+def test_best_values_are_bold_by_direction(built):
+    page = built["html"].read_text()
+    table = page[page.index('id="configurations-table"') :]
+    table = table[: table.index("</table>")]
+    bold = re.findall(r"<b>([^<]+)</b>", table)
+    configs = built["report"]["configurations"]
+    best_auroc = max(c["image_auroc_mean"] for c in configs)  # max
+    best_latency = min(c["latency_ms_mean"] for c in configs)  # min
+    assert f"{best_auroc:.3f} ± " in " ".join(bold)
+    assert any(b.startswith(f"{best_latency:.1f} ± ") for b in bold)
+    worst_latency = max(c["latency_ms_mean"] for c in configs)
+    assert not any(b.startswith(f"{worst_latency:.1f} ± ") for b in bold)
+
+
+def test_markdown_has_the_tables_and_links_that_resolve(built):
+    path = built["markdown"]
+    text = path.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == len(built["report"]["plots"])
+    for link in links:
+        assert not link.startswith("/"), link  # relative
+        target = path.parent / link
+        assert target.is_file() and target.read_bytes()[:8] == PNG_SIGNATURE, link
+    assert "## Knee picks, side by side" in text and "## Robustness" in text
+    assert "| method | pick |" in text and "stfpm diverged \\| loss=nan" in text
+    assert "```yaml" in text and "name: tiny" in text
+    # A Markdown file elsewhere links the same PNGs by a longer relative path.
+    other = built["root"] / "elsewhere" / "r.md"
+    write_atomically(other, render_markdown(built["report"], other), "--markdown")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", other.read_text())
+    assert len(links) == len(built["report"]["plots"])
+    for link in links:
+        assert link.startswith("../out/_report/") and (other.parent / link).is_file()
+
+
+def test_weights_move_the_choice_to_topsis_and_are_validated(built):
+    output = built["output"]
+    result = invoke("report", output, "--json", "--weights", "latency_ms=5,image_auroc=1")
+    assert result.exit_code == 0, result.output
+    selection = json.loads(result.stdout)["selection"]
+    assert selection["chosen"] == "topsis"
+    assert selection["weights"] == pytest.approx({"image_auroc": 1 / 6, "latency_ms": 5 / 6})
+    fastest = min(
+        range(len(selection["table"])), key=lambda i: selection["table"][i]["latency_ms_mean"]
+    )
+    assert selection["picks"]["topsis"] == fastest
+    for bad, needle in [
+        ("image_aurco=2", "did you mean 'image_auroc'"),
+        ("latency_ms=0", "positive"),
+        ("latency_ms=-1", "positive"),
+        ("latency_ms=fast", "'fast' is not a number"),
+        ("latency_ms", "METRIC=WEIGHT"),
+    ]:
+        result = invoke("report", output, "--weights", bad)
+        assert result.exit_code == 2, (bad, result.output)
+        assert needle in result.output, (bad, result.output)
+
+
+def test_unwritable_html_exits_2_naming_it_and_leaves_nothing(built, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for option, target in [
+        ("--html", blocker / "report.html"),
+        ("--html", blocker / "deeper" / "report.html"),
+        ("--markdown", tmp_path),  # a directory
+    ]:
+        result = invoke("report", built["output"], option, target)
+        assert result.exit_code == 2, result.output
+        assert option in result.output and str(target) in result.output
+        assert "cannot write" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    (tmp_path / "taken.html").mkdir()  # the rename onto a directory fails after the write
+    with pytest.raises(SweepError, match=r"--html '.*taken\.html': cannot write it"):
+        write_atomically(tmp_path / "taken.html", "<html></html>", "--html")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.html"]
+    assert not any((tmp_path / "taken.html").iterdir())
+    written = write_atomically(tmp_path / "new" / "r.md", "# ok\n", "--markdown")
+    assert written.read_text() == "# ok\n" and [p.name for p in written.parent.iterdir()] == [
+        "r.md"
+    ]
+
+
+def test_report_without_a_saved_study_or_a_second_seed(tmp_path):
+    output = write_study_output(tmp_path / "out", seeds=(0,), error_row=False)
+    (output / "_study.yaml").unlink()
+    result = invoke("report", output, "--html", tmp_path / "r.html", "--plots", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert "No saved study" in page and "None: every trial finished." in page
+    assert "not tested (one seed per configuration)" in page
+    assert "robustness-table" not in page
+    assert all(p.suffix == ".png" for p in (tmp_path / "p").iterdir())
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)")
+def test_html_report_renders_in_headless_chromium(built, tmp_path):
+    from PIL import Image
+
+    page = built["html"].read_text()
+    assert page.count("<img ") == len(built["report"]["plots"]) and "<table" in page
+    shot = tmp_path / "shot.png"
+    command = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2400",
+        built["html"].resolve().as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.read_bytes()[:8] == PNG_SIGNATURE
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape == (2400, 1280, 3)
+    # Not blank: text, table rules and plots give many colours and a spread of brightness.
+    assert image.std() > 20
+    colours = np.unique(image.reshape(-1, 3)[::7], axis=0)
+    assert len(colours) > 200
+    # The page's top rows are text on white; the plots further down add colour.
+    assert (image[:300] < 100).any() and image[:300].mean() > 180
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
