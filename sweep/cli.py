@@ -75,14 +75,53 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run a study: every trial its output does not hold yet, one Parquet row each."""
-    from sweep.runner import run_study
+    """Run a study: every trial its output does not hold yet, one Parquet row each.
+
+    Interrupted (Ctrl-C, a killed driver, a lost node), the same command, or ``sweep resume
+    OUTPUT``, runs the rest: finished trials are never run twice.
+    """
     from sweep.study import load_study, smoke_form
 
     try:
         study = load_study(study_file, overrides=set_ or [])
         if smoke:
             study = smoke_form(study)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    _run_and_report(study, output, address, num_cpus, retry_errors)
+
+
+@app.command()
+def resume(
+    output: Annotated[str, typer.Argument(help="The results directory or URI of a study.")],
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+    ] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")
+    ] = None,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")
+    ] = False,
+) -> None:
+    """Finish a study from its output alone: run the study saved there (_study.yaml, as the
+    first run validated it, overrides and --smoke applied) for the trials it does not hold."""
+    from sweep.runner import read_study_copy
+
+    try:
+        study = read_study_copy(output)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    _run_and_report(study, output, address, num_cpus, retry_errors)
+
+
+def _run_and_report(
+    study: Any, output: str | None, address: str | None, num_cpus: int | None, retry_errors: bool
+) -> None:
+    from sweep.runner import run_study
+
+    target = output or study.output_dir
+    try:
         summary = run_study(
             study,
             output=output,
@@ -93,6 +132,9 @@ def run(
         )
     except _user_errors() as exc:
         _bad_input(exc)
+    except KeyboardInterrupt:  # before any trial started
+        err.print("interrupted before any trial ran; run the same command again")
+        raise typer.Exit(130) from None
     err.print(
         f"[bold]{study.name}[/bold]: {summary.ok} ok, {summary.errors} error rows, "
         f"{summary.skipped} already done, {summary.lost} lost "
@@ -100,8 +142,11 @@ def run(
     )
     if summary.interrupted:
         err.print(
-            f"interrupted: finished trials are saved in {summary.output}; "
-            f"run the same command again to finish the study"
+            f"interrupted: the finished trials are saved in {summary.output}; the trials that "
+            f"were running will run again. To finish the study: sweep resume {target} "
+            "(or run the same command again)",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(130)
     err.print(f"results: {summary.output}   next: sweep report {summary.output}")

@@ -10,13 +10,17 @@ with ``_`` or ``.``, which Parquet readers skip. The columns are documented in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
+import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -66,6 +70,7 @@ BASE_SCHEMA = pa.schema(
         ("cache_hits", pa.int64()),
         ("cache_misses", pa.int64()),
         ("eval_batch_size", pa.int64()),
+        ("retried_with_batch", pa.int64()),
         ("memory_bank_size", pa.int64()),
         ("params_trainable", pa.int64()),
         ("params_frozen", pa.int64()),
@@ -86,6 +91,33 @@ BASE_SCHEMA = pa.schema(
 """The fixed columns; ``hp.<name>`` columns (one per detector hyperparameter) follow them."""
 
 HP_PREFIX = "hp."
+
+STORAGE_TIMEOUT_S = 60.0
+"""How long the driver waits for an object store to answer its checks before giving up."""
+
+_T = TypeVar("_T")
+
+
+def _within(timeout_s: float, call: Callable[[], _T]) -> _T:
+    """``call()``, or TimeoutError after ``timeout_s``. Some clients (GCS without network
+    access) retry for many minutes; the call goes on in a daemon thread that the process drops
+    at exit."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="storage-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def hp_column_types(values_by_name: Mapping[str, Iterable[Any]]) -> dict[str, pa.DataType]:
@@ -172,6 +204,119 @@ class ResultStore:
             self.fs.create_dir(self.root, recursive=True)
         except OSError as exc:
             raise SweepError(f"output {self.uri!r}: cannot create it ({exc})") from None
+
+    def check_reachable(self, timeout_s: float = STORAGE_TIMEOUT_S) -> None:
+        """Ask the storage about the output without writing anything: an object store with no
+        credentials, an unknown bucket or an endpoint that does not answer fails here, clearly,
+        before any data is prepared or any trial runs."""
+        if self.local:
+            return
+        try:
+            _within(timeout_s, lambda: self.fs.get_file_info(self.root))
+        except TimeoutError:
+            raise SweepError(
+                f"output {self.uri!r}: the storage did not answer within {timeout_s:.0f} s "
+                "(no network route, or credentials the client keeps retrying?)"
+            ) from None
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot reach it ({exc})") from None
+
+    def check_writable(self, timeout_s: float = STORAGE_TIMEOUT_S) -> None:
+        """Create the output and write (then delete) a small object in it: the driver learns of
+        a read-only location or missing write permission before any trial does."""
+        probe = f"{self.root}/_probe-{uuid.uuid4().hex[:12]}"
+
+        def write_and_delete() -> None:
+            self.ensure()
+            with self.fs.open_output_stream(probe) as stream:
+                stream.write(b"anomaly-sweep write probe\n")
+            self.fs.delete_file(probe)
+
+        try:
+            _within(timeout_s, write_and_delete)
+        except TimeoutError:
+            raise SweepError(
+                f"output {self.uri!r}: the storage did not answer within {timeout_s:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot write there ({exc})") from None
+
+    def write_file(self, name: str, data: bytes) -> str:
+        """Write ``<output>/<name>`` whole (a temporary file renamed into place on local disks;
+        object stores publish an object only once it is completely uploaded)."""
+        final = f"{self.root}/{name}"
+        if not self.local:
+            with self.fs.open_output_stream(final) as stream:
+                stream.write(data)
+            return final
+        tmp = f"{self.root}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return final
+
+    def read_file(self, name: str) -> bytes | None:
+        """The bytes of ``<output>/<name>``, or None when there is no such file."""
+        path = f"{self.root}/{name}"
+        try:
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                return None
+            with self.fs.open_input_stream(path) as stream:
+                return stream.read()
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot read {name} ({exc})") from None
+
+    def remove_temporary_files(self) -> list[str]:
+        """Delete the ``.tmp-*`` files a writer killed mid-write left behind (local outputs;
+        object stores never show a partial object). Call it only while holding :meth:`lock`:
+        another run's writers would otherwise lose their files."""
+        if not self.local or not os.path.isdir(self.root):
+            return []
+        removed = []
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the output for one driver: an exclusive ``flock`` on ``<output>/_lock`` (local
+        outputs, NFS included), which the kernel drops when the holder dies, so a killed driver
+        never leaves its output locked. A second driver on the same output fails at once.
+
+        Object stores have no such lock: run one driver per output there.
+        """
+        if not self.local:
+            yield
+            return
+        self.ensure()
+        path = f"{self.root}/_lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held for the with-block
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise SweepError(
+                    f"output {self.uri!r} is in use by another sweep run ({holder}); wait for it "
+                    "to finish, or give this run another --output"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
 
     def write_row(self, row: Mapping[str, Any], schema: pa.Schema) -> str:
         """Write one row atomically as ``<config_hash>.parquet``; return its path."""

@@ -9,19 +9,23 @@ row; Tune's own state lives under ``<output>/_tune``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import optuna
-from ray.tune import Callback
+import yaml
+from ray.tune import Callback, Stopper
 from rich.console import Console
 
 import models
@@ -39,6 +43,7 @@ from sweep.study import (
     config_hash,
     expand_trials,
     resolve_trial,
+    study_from_dict,
     study_image_sizes,
     study_to_yaml,
 )
@@ -194,16 +199,78 @@ def optuna_storage(study: Study, store: ResultStore):
             raise SweepError(
                 f"search.storage: cannot open {study.search.storage!r}: {exc}"
             ) from None
-    if not store.local:
-        raise SweepError(
-            f"search.storage: the Optuna journal needs a local output, not {store.uri}; give "
-            "search.storage an RDB URL (sqlite:///optuna.db) or 'memory'"
-        )
+    check_optuna_storage(study, store)
     from optuna.storages.journal import JournalFileBackend
 
     path = Path(store.root) / OPTUNA_JOURNAL
     path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_journal(path)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def check_optuna_storage(study: Study, store: ResultStore) -> None:
+    """An Optuna journal is a file that the driver appends to under a POSIX file lock: it can
+    live under a local (or NFS) output, not in an object store, which has neither appends nor
+    locks. Checked before anything runs."""
+    if study.search.algorithm != "optuna" or study.search.storage_kind != "journal":
+        return
+    if not store.local:
+        raise SweepError(
+            f"search.storage: the Optuna journal needs a local output, not {store.uri}; give "
+            "search.storage an RDB URL (sqlite:///optuna.db, postgresql://...) or 'memory'"
+        )
+
+
+def _repair_journal(path: Path) -> None:
+    """Undo what a driver killed in the middle of a journal write can leave: a last record
+    without its line end (Optuna would glue the next record to it and could not read the
+    journal again) and the journal's lock file (Optuna waits for a stale one to age). Called
+    while this run holds the output's lock, so no other writer exists."""
+    lock = path.with_name(path.name + ".lock")
+    if lock.is_symlink() or lock.exists():
+        lock.unlink()
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data.endswith(b"\n"):
+            return
+        # Every complete record ends with a line end; what follows the last one was never
+        # acknowledged to anybody.
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
+def settle_stale_optuna_trials(study: Study, storage, store: ResultStore) -> tuple[int, int]:
+    """Close the Optuna trials that an earlier, killed or interrupted driver left RUNNING.
+
+    A trial whose row was written completes with the row's objective values (a finished trial
+    is not run twice); the others fail, and the search runs new ones in their place. Only for
+    the journal under the output, which this run's output lock makes its own: an RDB may be
+    shared with drivers that are alive. Returns (completed, failed).
+    """
+    if storage is None or study.search.storage_kind != "journal":
+        return 0, 0
+    try:
+        existing = optuna.load_study(study_name=study.name, storage=storage)
+    except KeyError:
+        return 0, 0
+    completed = failed = 0
+    stale = existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for frozen in stale:
+        values = None
+        try:
+            trial = resolve_trial(study, assignment_from_sampler(study, frozen.params))
+            row = store.read_row(config_hash(study, trial))
+        except (KeyError, ValueError, TypeError):  # params of another space: nothing to match
+            row = None
+        if row is not None:
+            raw = [row.get(o.metric) for o in study.objectives]
+            if all(v is not None and math.isfinite(float(v)) for v in raw):
+                values = [float(v) for v in raw]
+        state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
+        storage.set_trial_state_values(frozen._trial_id, state=state, values=values)
+        completed, failed = (completed + 1, failed) if values else (completed, failed + 1)
+    return completed, failed
 
 
 def finished_optuna_trials(study: Study, storage) -> int:
@@ -327,13 +394,121 @@ class _TrialRequest:
         return ray_resources(trial_resources(self.study, trial, self.cluster))
 
 
+STUDY_COPY = "_study.yaml"
+"""The validated study a run saves under its output: what ``sweep resume OUTPUT`` runs."""
+
+
 def _write_study_copy(store: ResultStore, study: Study) -> None:
-    if not store.local:
+    store.write_file(STUDY_COPY, study_to_yaml(study).encode())
+
+
+def read_study_copy(output: str) -> Study:
+    """The study saved under ``output`` by the run that made it (local path or URI)."""
+    store = ResultStore(output)
+    store.check_reachable()
+    data = store.read_file(STUDY_COPY)
+    source = f"{store.uri.rstrip('/')}/{STUDY_COPY}"
+    if data is None:
+        raise SweepError(
+            f"output {store.uri!r}: no study copy ({STUDY_COPY}) there; it is not the output "
+            "of a `sweep run` (give `sweep run STUDY.yaml --output ...` instead)"
+        )
+    try:
+        raw = yaml.safe_load(data.decode())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SweepError(f"{source}: the study copy is not readable YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{source}: the study copy is not a study mapping")
+    return study_from_dict(raw, source=source)
+
+
+class _Interrupt:
+    """Ctrl-C during a sweep: the first SIGINT asks Tune to stop every trial (through a
+    :class:`Stopper`), the second one raises KeyboardInterrupt at once.
+
+    Module-level state rather than attributes: Tune pickles its stopper with the experiment.
+    """
+
+    requested = threading.Event()
+
+    @classmethod
+    @contextlib.contextmanager
+    def handling(cls) -> Iterator[None]:
+        cls.requested.clear()
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; Tune's own then applies
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if cls.requested.is_set():
+                raise KeyboardInterrupt
+            cls.requested.set()
+
+        # Tune would install its own handler (which saves its experiment state for a Tune
+        # restore that this engine does not use); the output is the state here.
+        saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if saved_env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+
+
+class _StopOnInterrupt(Stopper):
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return _Interrupt.requested.is_set()
+
+
+def _check_output_shared(store: ResultStore, timeout_s: float = 120.0) -> None:
+    """On a cluster of several nodes, a local output must be a folder every node sees (NFS,
+    EFS, a shared mount): each trial writes its row where it runs. A marker written here must
+    be visible on every alive node, or the run stops before any trial."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not store.local or len(nodes) < 2:
         return
-    target = Path(store.root) / "_study.yaml"
-    tmp = target.with_name(".tmp-_study.yaml")
-    tmp.write_text(study_to_yaml(study))
-    os.replace(tmp, target)
+    marker = f"_nodes-see-{os.getpid()}-{time.time_ns()}"
+    store.write_file(marker, b"")
+    path = f"{store.root}/{marker}"
+    try:
+        sees = ray.remote(num_cpus=0, max_retries=0)(os.path.exists)
+        pending = {
+            n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(path)
+            for n in nodes
+        }
+        ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout_s)
+        blind = [node for node, ref in pending.items() if ref in ready and not _node_sees(ref)]
+    finally:
+        with contextlib.suppress(OSError):
+            store.fs.delete_file(path)
+    if blind:
+        raise SweepError(
+            f"output {store.uri!r} is a folder on this machine's disk that Ray node(s) "
+            f"{', '.join(blind)} do not see; every node writes its trials' rows there, so give a "
+            "folder on storage every node mounts (NFS, EFS) or a URI (s3://..., gs://...)"
+        )
+
+
+def _node_sees(ref: Any) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(ref))
+    except Exception:  # the node went away meanwhile: Tune's business, not the output's
+        return True
 
 
 def run_study(
@@ -347,10 +522,13 @@ def run_study(
     preflight: bool = True,
     console: Console | None = None,
 ) -> RunSummary:
-    """Run every trial of ``study`` that its output does not hold yet; return a summary."""
+    """Run every trial of ``study`` that its output does not hold yet; return a summary.
+
+    Safe to run again after any interruption (Ctrl-C, a killed driver, a lost node): finished
+    trials are files named by their configuration, so they are skipped, never repeated.
+    """
     # Tune's own status boxes would fight with the progress display; ours reports every trial.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from ray import tune
 
     console = console or Console(stderr=True)
     output = output or study.output_dir
@@ -360,6 +538,9 @@ def run_study(
     if not ray.is_initialized():
         check_ray_address(address or os.environ.get("RAY_ADDRESS"))
     check_hyperparameters(study)
+    # Where the results go is checked before the (possibly long) data pre-flight.
+    store.check_reachable()
+    check_optuna_storage(study, store)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     if preflight:
@@ -374,7 +555,37 @@ def run_study(
                 splits = load_data(study, size)
             console.print(f"data: {splits.describe()}")
 
-    store.ensure()
+    store.check_writable()
+    with store.lock():
+        return _run_locked(
+            study,
+            store,
+            run_id=run_id,
+            address=address,
+            retry_errors=retry_errors,
+            num_cpus=num_cpus,
+            trial_runner=trial_runner,
+            console=console,
+        )
+
+
+def _run_locked(
+    study: Study,
+    store: ResultStore,
+    *,
+    run_id: str,
+    address: str | None,
+    retry_errors: bool,
+    num_cpus: int | None,
+    trial_runner: TrialRunner | None,
+    console: Console,
+) -> RunSummary:
+    """The run itself, while this driver holds the output."""
+    import ray
+
+    # What a driver killed mid-write left: temporary row files (never visible to Parquet
+    # readers, but clutter), a torn Optuna journal record (repaired in optuna_storage).
+    store.remove_temporary_files()
     _write_study_copy(store, study)
     ctx = TrialContext(
         study=study,
@@ -387,6 +598,12 @@ def run_study(
     storage = None
     if study.search.algorithm == "optuna":
         storage = optuna_storage(study, store)
+        completed, failed = settle_stale_optuna_trials(study, storage, store)
+        if completed or failed:
+            console.print(
+                f"optuna: {completed + failed} trial(s) of an interrupted run closed: "
+                f"{completed} from their rows, {failed} failed (they run anew)"
+            )
         planned = study.search.n_trials or 0
         pending: list[TrialConfig] = []
         # A re-run resumes the Optuna study: its sampler learns from the finished trials and
@@ -404,7 +621,32 @@ def run_study(
         console.print(f"all {planned} trials of {study.name!r} are already in {store.uri}")
         return summary
 
-    summary.ray_start_s = connect_ray(address, num_cpus)
+    started_ray = not ray.is_initialized()
+    try:
+        summary.ray_start_s = connect_ray(address, num_cpus)
+        _check_output_shared(store)
+        _tune(study, store, ctx, summary, pending, storage, console)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the trials started
+        summary.interrupted = True
+    finally:
+        if summary.interrupted and started_ray and ray.is_initialized():
+            # Trials still running are stopped with the Ray instance this run started.
+            ray.shutdown()
+    return summary
+
+
+def _tune(
+    study: Study,
+    store: ResultStore,
+    ctx: TrialContext,
+    summary: RunSummary,
+    pending: list[TrialConfig],
+    storage: Any,
+    console: Console,
+) -> None:
+    from ray import tune
+
+    planned, skipped = summary.planned, summary.skipped
     cluster = ClusterShape.from_ray()
     warnings: list[str] = []
     for trial in pending:
@@ -439,16 +681,20 @@ def run_study(
         total = len(pending)
 
     progress = SweepProgress(total=total, objectives=list(study.objectives), console=console)
-    storage = str(Path(store.root) / "_tune") if store.local else f"{store.uri.rstrip('/')}/_tune"
+    # Tune's experiment state goes beside the rows, through the output's own filesystem (an
+    # object store's client and credentials included), so no node needs the driver's disk.
+    tune_dir = f"{store.root.rstrip('/')}/_tune"
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name=f"{study.name}-{run_id}",
-            storage_path=storage,
+            name=f"{study.name}-{ctx.run_id}",
+            storage_path=tune_dir,
+            storage_filesystem=None if store.local else store.fs,
             failure_config=tune.FailureConfig(max_failures=study.failure.max_failures),
             callbacks=[*callbacks, progress],
+            stop=_StopOnInterrupt(),
             verbose=0,
         ),
     )
@@ -458,16 +704,15 @@ def run_study(
         + f" -> {store.uri}"
     )
     start = time.perf_counter()
-    with progress:
-        try:
+    grid = None
+    try:
+        with progress, _Interrupt.handling():
             grid = tuner.fit()
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            grid = None
-    summary.sweep_s = time.perf_counter() - start
-    summary.ok, summary.errors, summary.stopped = progress.ok, progress.errors, progress.stopped
-    summary.error_rows = progress.error_messages
-    if grid is not None:
-        summary.lost = sum(1 for r in grid if r.error is not None)
-        summary.interrupted = summary.interrupted or grid.num_terminated < len(grid) - summary.lost
-    return summary
+    finally:
+        summary.sweep_s = time.perf_counter() - start
+        summary.ok, summary.errors = progress.ok, progress.errors
+        summary.stopped = progress.stopped
+        summary.error_rows = progress.error_messages
+        summary.interrupted = _Interrupt.requested.is_set()
+        if grid is not None:
+            summary.lost = sum(1 for r in grid if r.error is not None)

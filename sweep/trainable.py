@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -56,6 +57,18 @@ class TrialContext:
         None
     )
     """Replaces :func:`run_trial` (benchmarks time the engine with a trivial one)."""
+    train_batch_size: int | None = None
+    """Overrides ``evaluation.train_batch_size`` (an out-of-memory retry halves it)."""
+    eval_batch_size: int | None = None
+    """Overrides ``evaluation.batch_size`` (an out-of-memory retry halves it)."""
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """The (training, evaluation) batch sizes this attempt of a trial runs with."""
+        evaluation = self.study.evaluation
+        return (
+            self.train_batch_size or evaluation.train_batch_size,
+            self.eval_batch_size or evaluation.batch_size,
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -228,11 +241,14 @@ def run_trial(
             if scheduler is not None:
                 result.pop(scheduler.metric, None)
         elif scores_validation and epoch % scheduler.eval_every == 0:
-            result.update(_validation_metrics(detector, splits.val, study, device))
+            result.update(
+                _validation_metrics(detector, splits.val, study, device, ctx.batch_sizes()[1])
+            )
         report(result)
         return False
 
-    train = _Epochs(splits.train, study.evaluation.train_batch_size, trial.seed, device, augmenter)
+    train_batch_size, batch_size = ctx.batch_sizes()
+    train = _Epochs(splits.train, train_batch_size, trial.seed, device, augmenter)
     # Features are reused only where the backbone is frozen for good: one-pass training and
     # evaluation. Timing runs without the cache, or it would time disk reads.
     fit_cache = cache if detector.learning_type == "one_pass" else None
@@ -240,7 +256,6 @@ def run_trial(
         with Stopwatch() as fit_time, use_cache(fit_cache):
             stats = detector.fit(train, epochs=trial.epochs, on_epoch_end=on_epoch_end)
         detector.eval()
-        batch_size = study.evaluation.batch_size
         with use_cache(cache):
             val = _predict_split(detector, splits.val, batch_size, device)
             test = _predict_split(detector, splits.test, batch_size, device)
@@ -332,14 +347,16 @@ def _cache_counts(cache, before: dict[str, int] | None) -> dict[str, int | None]
     }
 
 
-def _validation_metrics(detector: models.Detector, val, study: Study, device) -> dict[str, float]:
+def _validation_metrics(
+    detector: models.Detector, val, study: Study, device, batch_size: int | None = None
+) -> dict[str, float]:
     """Score the validation split mid-training, for a scheduler; every module's mode is restored."""
     # Each submodule gets its own mode back: a detector mid-training may hold frozen parts in
     # eval mode, which a blanket train() would flip.
     modes = [(module, module.training) for module in detector.modules()]
     detector.eval()
     try:
-        outputs = _predict_split(detector, val, study.evaluation.batch_size, device)
+        outputs = _predict_split(detector, val, batch_size or study.evaluation.batch_size, device)
     finally:
         for module, training in modes:
             module.training = training
@@ -396,21 +413,78 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+def _smaller_batches(trial: TrialConfig, ctx: TrialContext) -> TrialContext | None:
+    """The context of an out-of-memory retry: both batch sizes halved, as far as the detector
+    allows (``min_train_batch_size``, default 1); None when neither can shrink."""
+    train, evaluation = ctx.batch_sizes()
+    floor = max(1, int(getattr(models.get_class(trial.model), "min_train_batch_size", 1)))
+    smaller_train, smaller_eval = max(floor, train // 2), max(1, evaluation // 2)
+    if (smaller_train, smaller_eval) == (train, evaluation):
+        return None
+    return dataclasses.replace(ctx, train_batch_size=smaller_train, eval_batch_size=smaller_eval)
+
+
+class _ForwardEpochs:
+    """Passes on only epochs past those already reported: a retried trial trains from epoch 1
+    again, which the scheduler has seen."""
+
+    def __init__(self, report: Reporter):
+        self.report = report
+        self.last = 0
+
+    def __call__(self, result: dict[str, Any]) -> None:
+        epoch = int(result.get("epoch", self.last + 1))
+        if epoch > self.last:
+            self.last = epoch
+            self.report(result)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def execute_trial(
     trial: TrialConfig, ctx: TrialContext, report: Reporter | None = None, trial_id: str = ""
 ) -> dict[str, Any]:
-    """Run a trial and build its complete row; a failure becomes an error row, never a raise."""
+    """Run a trial and build its complete row; a failure becomes an error row, never a raise.
+
+    A trial that runs out of memory (CUDA or host) is tried once more with its training and
+    evaluation batches halved; the row's ``retried_with_batch`` says so.
+    """
     row = _row_header(trial, ctx, trial_id)
     runner = ctx.trial_runner or run_trial
-    try:
-        row.update(runner(trial, ctx, report))
-        row["status"] = "ok"
-    except Exception as exc:  # a trial's own failure must not stop the sweep
-        row["status"] = "error"
-        row["error"] = _describe_error(exc)
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    forward = _ForwardEpochs(report) if report is not None else None
+    attempt = ctx
+    first_failure = None
+    while True:
+        retry = None
+        try:
+            row.update(runner(trial, attempt, forward))
+            row["status"], row["error"] = "ok", None
+        except Exception as exc:  # a trial's own failure must not stop the sweep
+            row["status"] = "error"
+            row["error"] = _describe_error(exc)
+            if first_failure is None and _is_oom(exc):
+                retry = _smaller_batches(trial, attempt)
+        if retry is None:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
+        # Out of the except block, the failed attempt's frames (and their tensors) are gone;
+        # collect them before the retry asks for memory again.
+        _release_memory()
+        first_failure = row["error"]
+        attempt = retry
+        row["retried_with_batch"] = retry.batch_sizes()[0]
+    if first_failure is not None:
+        train, evaluation = ctx.batch_sizes()
+        note = (
+            f"retried with train batch {attempt.batch_sizes()[0]} and eval batch "
+            f"{attempt.batch_sizes()[1]} (from {train} and {evaluation}) after: {first_failure}"
+        )
+        row["notes"] = "; ".join(n for n in (note, row.get("notes")) if n)
     row["finished_at"] = datetime.now(timezone.utc)
     return {k: v for k, v in row.items() if k in ctx.schema.names}
 
