@@ -23,7 +23,15 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sweep.errors import StudyError, did_you_mean
 
@@ -401,30 +409,18 @@ class Study(_Strict):
             raise ValueError(f"objectives repeat a metric: {names}")
         return objectives
 
-    @field_validator("augmentations")
+    @field_validator("augmentations", "stresses")
     @classmethod
-    def _augmentation_sets(cls, raw: dict[str, Any]) -> dict[str, Any]:
+    def _data_variants(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         if not raw:
             return raw
         from data.augment import parse_augmentation_sets
         from data.errors import DatasetError
-
-        try:
-            parse_augmentation_sets(raw)
-        except DatasetError as exc:
-            raise ValueError(str(exc)) from None
-        return raw
-
-    @field_validator("stresses")
-    @classmethod
-    def _stress_specs(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        if not raw:
-            return raw
-        from data.errors import DatasetError
         from data.stress import parse_stresses
 
+        parse = parse_augmentation_sets if info.field_name == "augmentations" else parse_stresses
         try:
-            parse_stresses(raw)
+            parse(raw)
         except DatasetError as exc:
             raise ValueError(str(exc)) from None
         return raw

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import ray.cloudpickle as cloudpickle
 
+from sweep.errors import StudyError
 from sweep.results import read_results
 from sweep.runner import run_study
 from sweep.study import study_from_dict
@@ -30,11 +31,16 @@ def trivial_runner(trial, ctx, report):
 cloudpickle.register_pickle_by_value(__import__(__name__))
 
 
-def test_real_tiny_study_rows_read_back(ray_session, glue_root, tmp_path):
+def test_real_tiny_study_rows_read_back(ray_session, glue_root, tmp_path, monkeypatch):
     duckdb = pytest.importorskip("duckdb")
     raw = tiny_study(glue_root, tmp_path / "out")
     raw["space"]["padim.n_features"] = {"grid": [32, 100000]}  # 100000 > channels: must fail
     study = study_from_dict(raw)
+    with pytest.raises(StudyError, match="n_features"):
+        run_study(study)  # a grid's refused configuration is bad input, found before any trial
+    assert not (tmp_path / "out").exists()
+    # One the up-front check cannot see (an Optuna draw) fails in its trial: an error row.
+    monkeypatch.setattr("sweep.runner.check_hyperparameters", lambda study: None)
     summary = run_study(study)
     assert (summary.ok, summary.errors, summary.lost) == (2, 1, 0)
 
