@@ -217,12 +217,23 @@ def compare_outputs(
 
 
 def _label_columns(entries: list[dict], match_on: list[str]) -> list[str]:
-    """The match columns worth a table column: model and backbone, and any that varies."""
+    """The match columns worth a table column: model and backbone, any other that varies, and
+    a hyperparameter where it varies within one model (what tells its configurations apart)."""
     shown = [c for c in ("model", "backbone") if c in match_on]
     for column in match_on:
         if column in shown:
             continue
-        if len({json.dumps(e.get(column), default=str) for e in entries}) > 1:
+        if column.startswith("hp."):
+            by_model: dict[Any, set] = {}
+            for entry in entries:
+                if entry.get(column) is not None:
+                    by_model.setdefault(entry.get("model"), set()).add(
+                        json.dumps(entry[column], default=str)
+                    )
+            varies = any(len(values) > 1 for values in by_model.values())
+        else:
+            varies = len({json.dumps(e.get(column), default=str) for e in entries}) > 1
+        if varies:
             shown.append(column)
     return shown
 

@@ -99,7 +99,7 @@ def write_study_output(
                 "image_size": 64,
                 "dataset": "synthetic_glue",
                 "category": category,
-                "augmentation": "none",
+                "augmentation": augmentations[0],
                 "stress": "none",
                 "hp.backbone": "resnet18",
                 "hp.lr": 0.4,
