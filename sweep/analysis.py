@@ -308,15 +308,25 @@ def knee_utopia(points: np.ndarray, maximize: Sequence[bool]) -> int | None:
     counts as 0 everywhere), the utopia point is the best of each, and the distance is
     Euclidean. Ties go to the lowest row index.
     """
+    front, distance = _utopia_distances(points, maximize)
+    if front.size == 0:
+        return None
+    return int(front[int(np.argmin(distance))])
+
+
+def _utopia_distances(
+    points: np.ndarray, maximize: Sequence[bool]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Front row indices and their normalised distances to the utopia point."""
     gains = _gains(points, maximize)
     front = np.flatnonzero(_front_of_gains(gains))
     if front.size == 0:
-        return None
+        return front, np.zeros(0)
     values = gains[front]
     low, high = values.min(axis=0), values.max(axis=0)
     span = np.where(high > low, high - low, 1.0)
     shortfall = np.where(high > low, (high - values) / span, 0.0)
-    return int(front[int(np.argmin(np.sqrt((shortfall**2).sum(axis=1))))])
+    return front, np.sqrt((shortfall**2).sum(axis=1))
 
 
 def topsis(
@@ -562,6 +572,16 @@ def select(
         notes.append(f"weights {shown}: TOPSIS's pick is the chosen one")
     if not on_front.any():
         notes.append("no configuration has a finite value for every objective: no front")
+    front_rows, distance = _utopia_distances(points, maximize)
+    nearest = front_rows[np.isclose(distance, distance.min())] if distance.size else front_rows
+    if len(nearest) > 1 and picks["utopia"] is not None:
+        tied = len({tuple(points[r]) for r in nearest})
+        if tied > 1:
+            notes.append(
+                f"utopia: {tied} distinct front points are equally near the utopia point "
+                f"(a front of two points always ties); {_describe(table, picks['utopia'])}, the "
+                "first, is shown"
+            )
 
     for method in KNEE_METHODS:
         pick = picks[method]

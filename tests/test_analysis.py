@@ -390,6 +390,16 @@ def test_select_falls_back_to_utopia_with_a_small_front():
     sel = select(_agg_from_points(points, n_seeds=1), OBJECTIVES)
     assert sel.picks["kneedle"] is None and sel.chosen == "utopia"
     assert "kneedle: fewer than 3 distinct points on the front; utopia used" in sel.notes
+    # Two front points, each best at one objective: equally far from utopia, the first shown.
+    assert sel.picks["utopia"] == 0
+    assert any(
+        n.startswith("utopia: 2 distinct front points are equally near the utopia point")
+        for n in sel.notes
+    )
+    elbow, _ = _elbow_front()
+    assert not any(
+        n.startswith("utopia:") for n in select(_agg_from_points(elbow), OBJECTIVES).notes
+    )
     assert "uncertainty: one seed per configuration, no seed-std to test against" in sel.notes
 
 
