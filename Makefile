@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/sweep run studies/quickstart.yaml
-	$(BIN)/sweep report results/quickstart
+	$(BIN)/sweep report results/quickstart --html results/quickstart/_report/report.html
+	@echo "HTML report: $(CURDIR)/results/quickstart/_report/report.html"
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(STAMP)

@@ -597,6 +597,8 @@ class _Doc:
             )
         else:
             tail = f" Stability {stability}." if stability else ""
+        if chosen == "utopia" and any(n.startswith("utopia: ") for n in selection.get("notes", [])):
+            tail += " Other front points are as near the utopia point (a tie; see the notes)."
         return (
             f"{_config_name(config, self.varying)}, by {METHOD_TEXT.get(chosen, chosen)}: "
             f"{values}.{tail}"
@@ -822,7 +824,14 @@ def render_html(report: dict) -> str:
         rows = doc.config_rows(lambda text: f"<b>{_e(text)}</b>")
         escaped = [[cell if cell.startswith("<b>") else _e(cell) for cell in row] for row in rows]
         classes = [
-            "knee" if i in doc.picked else ("front" if i < len(doc.front) and doc.front[i] else "")
+            " ".join(
+                c
+                for c, on in (
+                    ("front", i < len(doc.front) and doc.front[i]),
+                    ("knee", i in doc.picked),
+                )
+                if on
+            )
             for i in range(len(rows))
         ]
         parts.append(
