@@ -398,7 +398,7 @@ def print_report(report: dict, objectives: list[tuple[str, str]], console: Conso
             cells.append(text)
         marks = picked.get(i, [])
         on_front = i < len(front) and front[i]
-        flag = ("◆ knee:" + ",".join(marks)) if marks else ("•" if on_front else "")
+        flag = "◆ knee" if marks else ("•" if on_front else "")
         table.add_row(
             escape(str(config.get("model"))),
             escape(str(config.get("backbone") or "-")),
@@ -942,10 +942,18 @@ def _md_escape(text: Any) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
+def _md_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2, note_last: bool = False
+) -> str:
+    """A pipe table; the first ``left`` columns (and the last, for notes) align left."""
+    last = len(header) - 1
+
+    def align(i: int) -> str:
+        return ":---" if i < left or (note_last and i == last) else "---:"
+
     lines = [
         "| " + " | ".join(_md_escape(h) for h in header) + " |",
-        "|" + "|".join(":---" if i < left else "---:" for i in range(len(header))) + "|",
+        "|" + "|".join(align(i) for i in range(len(header))) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -974,7 +982,7 @@ def render_markdown(report: dict, markdown_path: Path) -> str:
             [(f"**{_md_escape(c)}**" if chosen else _md_escape(c)) for c in cells]
             for chosen, cells in doc.pick_rows()
         ]
-        lines += [_md_table(doc.pick_header(), rows), ""]
+        lines += [_md_table(doc.pick_header(), rows, note_last=True), ""]
         lines += [f"- {_md_escape(n)}" for n in _document_notes(selection)] + [""]
     lines += ["## Configurations (mean ± std over seeds)", ""]
     if doc.configs:
@@ -983,7 +991,7 @@ def render_markdown(report: dict, markdown_path: Path) -> str:
             for row in doc.config_rows(lambda text: f"**{_md_escape(text)}**")
         ]
         lines += [
-            _md_table(doc.config_header(), rows),
+            _md_table(doc.config_header(), rows, note_last=True),
             "",
             "Bold: the best mean of each column (↑ higher is better, ↓ lower).",
             "",

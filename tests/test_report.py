@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.errors import SweepError
-from sweep.report import render_markdown, write_atomically
+from sweep.report import print_report, render_markdown, write_atomically
 from tests.report_rows import write_study_output
 
 runner = CliRunner()
@@ -73,6 +74,20 @@ def test_report_content_picks_robustness_and_errors(built):
     assert (pick["model"], pick["hp.coreset_ratio"]) == ("patchcore", 0.1)
     assert selection["chosen"] == "kneedle"
     assert set(selection["stability"]) == {"kneedle", "utopia", "topsis"}
+
+
+def test_terminal_report_shows_picks_robustness_errors_and_plots(built):
+    console = Console(record=True, width=220)
+    objectives = [(o["metric"], o["mode"]) for o in built["report"]["objectives"]]
+    print_report(built["report"], objectives, console)
+    text = console.export_text()
+    assert "36/37 trials ok" in text and "coreset_ratio" in text and "n_features" in text
+    assert "Knee picks, side by side" in text and "kneedle (chosen)" in text
+    assert text.count("holds") + text.count("changes:") >= 3  # one verdict per method
+    assert "Robustness" in text and "defocus" in text and "Δ -0.0" in text
+    assert "error row stfpm/resnet18 seed=7: RuntimeError: stfpm diverged" in text
+    for name, path in built["report"]["plots"].items():
+        assert f"{name} plot: {path}" in text
 
 
 def test_html_is_self_contained_with_tables_and_every_plot(built):
