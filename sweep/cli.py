@@ -323,7 +323,9 @@ def report(
 
 @app.command("results")
 def results_cmd(
-    results_dir: Annotated[Path, typer.Argument(help="A study's results directory.")],
+    results_dir: Annotated[
+        str, typer.Argument(help="A study's results directory (or s3://, gs:// URI).")
+    ],
     where: Annotated[
         list[str] | None,
         typer.Option(
@@ -402,8 +404,8 @@ def _query_cell(value: Any) -> str:
 
 @app.command()
 def compare(
-    dir_a: Annotated[Path, typer.Argument(help="Results directory A.")],
-    dir_b: Annotated[Path, typer.Argument(help="Results directory B.")],
+    dir_a: Annotated[str, typer.Argument(help="Results directory (or URI) A.")],
+    dir_b: Annotated[str, typer.Argument(help="Results directory (or URI) B.")],
     metric: Annotated[
         list[str] | None,
         typer.Option(help="Metric to compare, repeatable (default: AUROCs, F1s, latency)."),
