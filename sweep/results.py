@@ -249,7 +249,7 @@ class ResultStore:
             with self.fs.open_output_stream(final) as stream:
                 stream.write(data)
             return final
-        tmp = f"{self.root}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp = f"{self.root}/.tmp-{name}-{uuid.uuid4().hex[:8]}.partial"
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
@@ -331,7 +331,9 @@ class ResultStore:
             # An object store makes an object visible only once it is completely uploaded.
             pq.write_table(table, final, filesystem=self.fs)
             return final
-        tmp = f"{self.root}/.tmp-{row['config_hash']}-{uuid.uuid4().hex[:8]}.parquet"
+        # Hidden, and not named *.parquet: a writer killed before the rename leaves a partial
+        # file that no reader picks up (DuckDB's globs do match hidden *.parquet files).
+        tmp = f"{self.root}/.tmp-{row['config_hash']}-{uuid.uuid4().hex[:8]}.partial"
         try:
             pq.write_table(table, tmp)
             with open(tmp, "rb+") as handle:
