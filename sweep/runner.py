@@ -539,8 +539,8 @@ def run_study(
         check_ray_address(address or os.environ.get("RAY_ADDRESS"))
     check_hyperparameters(study)
     # Where the results go is checked before the (possibly long) data pre-flight.
-    store.check_reachable()
     check_optuna_storage(study, store)
+    store.check_reachable()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     if preflight:

@@ -261,6 +261,20 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         str(_write(s.tmp / "file", "x") / "out"),
     ],
     "output-unknown-scheme": lambda s: ["run", s.study(), "--output", "nosuch://bucket/out"],
+    "output-unreachable": lambda s: [
+        "run",
+        s.study(),
+        "--output",
+        f"s3://results/glue?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http",
+    ],
+    "output-journal-not-posix": lambda s: [
+        "run",
+        s.study(search={"algorithm": "optuna", "n_trials": 2}, space={"model": "padim"}),
+        "--output",
+        "s3://results/glue?region=eu-west-1",
+    ],
+    "output-in-use": lambda s: ["run", s.study(), "--output", _held(s.tmp / "busy")],
+    "resume-no-study-copy": lambda s: ["resume", str(_mkdir(s.tmp / "not-an-output"))],
     # --- the Ray cluster
     "address-unreachable": lambda s: [
         "run",
@@ -279,6 +293,19 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "results-missing": lambda s: ["report", str(s.tmp / "nothing")],
     "results-empty": lambda s: ["report", str(_mkdir(s.tmp / "empty"))],
 }
+
+
+_HELD: list[Any] = []
+
+
+def _held(output: Path) -> str:
+    """An output that another run holds: its lock taken (as `sweep run` takes it) and kept."""
+    from sweep.results import ResultStore
+
+    lock = ResultStore(output).lock()
+    lock.__enter__()
+    _HELD.append(lock)  # held until the test session ends
+    return str(output)
 
 
 def _write(path: Path, text: str) -> Path:
