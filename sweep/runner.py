@@ -535,7 +535,9 @@ def run_study(
     store = ResultStore(output)
     import ray
 
-    if not ray.is_initialized():
+    # An address given to this run is checked even where Ray is already up (a notebook, a
+    # test session): a typo should not pass silently because another connection exists.
+    if address or not ray.is_initialized():
         check_ray_address(address or os.environ.get("RAY_ADDRESS"))
     check_hyperparameters(study)
     # Where the results go is checked before the (possibly long) data pre-flight.

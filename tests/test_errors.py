@@ -253,6 +253,23 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "--part",
         "part99",
     ],
+    # --- pretrained weights (a folder named by the study or $ANOMALY_SWEEP_WEIGHTS_DIR)
+    "weights-folder-missing": lambda s: [
+        "run",
+        s.study(_space(pretrained=True), weights_dir=str(s.tmp / "weights")),
+    ],
+    "weights-file-missing": lambda s: [
+        "run",
+        s.study(_space(pretrained=True), weights_dir=str(_mkdir(s.tmp / "weights"))),
+    ],
+    "weights-file-unreadable": lambda s: [
+        "run",
+        s.study(_space(pretrained=True), weights_dir=str(_junk_weights(s.tmp / "weights"))),
+    ],
+    "weights-folder-uri": lambda s: [
+        "validate",
+        s.study(_space(pretrained=True), weights_dir="s3://bucket/weights"),
+    ],
     # --- where the results go
     "output-not-creatable": lambda s: [
         "run",
@@ -316,6 +333,12 @@ def _write(path: Path, text: str) -> Path:
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+def _junk_weights(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "resnet18.safetensors").write_bytes(b"not a safetensors file")
+    return folder
 
 
 def _damaged(s: Setup) -> str:

@@ -190,11 +190,12 @@ def test_packed_trials_never_time_at_once(ray_session, glue_root, tmp_path):
         "model": "padim",
         "backbone": "resnet18",
         "pretrained": False,
-        "seed": {"grid": [0, 1, 2, 3]},
+        "seed": {"grid": [0, 1, 2, 3, 4, 5]},
     }
     raw["evaluation"] = {**raw["evaluation"], "latency_repeats": 40}
     summary = run_study(study_from_dict(raw))
-    assert summary.ok == 4
+    # Six trials, so that a loaded machine whose second actor starts late still runs two at once.
+    assert summary.ok == 6
     df = read_results(tmp_path / "out").sort_values("timing_started_at")
     assert df["timing_exclusive"].all()
     windows = list(zip(df["timing_started_at"], df["timing_finished_at"], strict=True))
