@@ -136,8 +136,15 @@ class SweepProgress(Callback):
         )
         self._refresh()
 
-    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune starts the trial again (on_trial_start), so it stops counting as running here.
+        self.running = max(0, self.running - 1)
         self.retried += 1
+        self._print(
+            f"[yellow]↻ {trial_label(trial)} lost its worker; running it again "
+            f"(failure {getattr(trial, 'num_failures', '?')} of its failure.max_failures)[/yellow]"
+        )
+        self._refresh()
 
     def _update_best(self, result: dict, label: str) -> None:
         objective = self.objectives[0]
