@@ -65,6 +65,59 @@ ACCELERATOR_MEMORY_GB = {
 """Memory of the GPUs Ray names in a node's ``accelerator_type:<name>`` resource (the smaller
 variant where there are two: A100 40 GB, V100 16 GB)."""
 
+INSTANCE_ACCELERATORS = (
+    # (prefix of an AWS InstanceType or a GCP machineType, the GPU it carries). Longest first.
+    ("p4de.", "A100-80G"),
+    ("p4d.", "A100"),
+    ("p5.", "H100"),
+    ("p5e.", "H200"),
+    ("p3.", "V100"),
+    ("g4dn.", "T4"),
+    ("g5.", "A10G"),
+    ("g6e.", "L40S"),
+    ("g6.", "L4"),
+    ("g2-", "L4"),
+    ("a2-ultragpu-", "A100-80G"),
+    ("a2-highgpu-", "A100"),
+    ("a2-megagpu-", "A100"),
+    ("a3-", "H100"),
+)
+"""GPUs of the cloud instance types a cluster file may name, for GPU memory in `sweep plan`."""
+
+GCP_ACCELERATORS = {
+    "nvidia-tesla-t4": "T4",
+    "nvidia-tesla-v100": "V100",
+    "nvidia-tesla-a100": "A100",
+    "nvidia-a100-80gb": "A100-80G",
+    "nvidia-l4": "L4",
+    "nvidia-h100-80gb": "H100",
+}
+"""GCP ``guestAccelerators`` types (on N1 machines) and the GPU each is."""
+
+
+def node_type_gpu_memory_gb(spec: Mapping[str, Any]) -> float | None:
+    """GPU memory of one node type of a cluster file: from an ``accelerator_type:<GPU>``
+    resource it declares, else from its instance type (AWS ``InstanceType``, GCP
+    ``machineType`` or ``guestAccelerators``); None when the file does not say."""
+    resources = spec.get("resources") or {}
+    kinds = [str(k).partition(":")[2] for k in resources if str(k).startswith("accelerator_type:")]
+    node_config = spec.get("node_config") or {}
+    machine = str(node_config.get("InstanceType") or node_config.get("machineType") or "")
+    for prefix, gpu in sorted(INSTANCE_ACCELERATORS, key=lambda item: -len(item[0])):
+        if machine.startswith(prefix):
+            kinds.append(gpu)
+    for accelerator in node_config.get("guestAccelerators") or []:
+        name = str(accelerator.get("acceleratorType", "")).rsplit("/", 1)[-1]
+        if name in GCP_ACCELERATORS:
+            kinds.append(GCP_ACCELERATORS[name])
+    for kind in kinds:
+        if kind == "A100-80G":
+            return 80.0
+        if kind in ACCELERATOR_MEMORY_GB:
+            return ACCELERATOR_MEMORY_GB[kind]
+    return None
+
+
 RAY_OBJECT_STORE_SHARE = 0.3
 """Share of a node's memory Ray keeps for its object store by default; the rest is the node's
 ``memory`` resource."""
@@ -189,8 +242,9 @@ class ClusterShape:
         """The nodes a Ray cluster launcher file describes: the head node plus, per node type
         of ``available_node_types``, its ``max_workers`` (``workers="min"``: ``min_workers``)
         nodes with that type's ``resources`` (``CPU``, ``GPU``, ``memory`` in bytes), capped by
-        the file's top-level ``max_workers``. GPU memory is not in such a file: give
-        ``gpu_memory_gb`` or the plan assumes the 16 GB reference.
+        the file's top-level ``max_workers``. GPU memory: ``gpu_memory_gb`` where given, else
+        what the node type's instance type or ``accelerator_type:<GPU>`` resource tells
+        (:func:`node_type_gpu_memory_gb`), else the 16 GB reference.
 
         Every problem is a :class:`StudyError` naming the file and the key.
         """
@@ -228,16 +282,18 @@ class ClusterShape:
             head = next(iter(types))
         budget = _count(raw, "max_workers", source, default=math.inf)
         nodes: list[NodeShape] = []
+        unknown_gpu_memory = False
         for name, spec in types.items():
             key = f"available_node_types.{name}"
             if not isinstance(spec, Mapping):
                 raise StudyError("a node type is a mapping", path=source, key=key)
             shape = _node_from_resources(str(name), spec.get("resources"), source, key)
-            shape = NodeShape(shape.name, shape.cpus, shape.gpus, None, shape.memory_gb)
-            if shape.gpus and gpu_memory_gb:
-                shape = NodeShape(
-                    shape.name, shape.cpus, shape.gpus, gpu_memory_gb, shape.memory_gb
-                )
+            card = gpu_memory_gb or node_type_gpu_memory_gb(spec)
+            if shape.gpus and not card:
+                unknown_gpu_memory = True
+            shape = NodeShape(
+                shape.name, shape.cpus, shape.gpus, card if shape.gpus else None, shape.memory_gb
+            )
             low = _count(spec, "min_workers", source, key, default=0)
             high = _count(spec, "max_workers", source, key, default=low)
             if high < low:
@@ -257,8 +313,12 @@ class ClusterShape:
                 "name the head node's type with 'head_node_type'", path=source, key="head_node_type"
             )
         notes = ()
-        if any(n.gpus for n in nodes) and not gpu_memory_gb:
-            notes = (f"GPU memory not given: {REFERENCE_GPU_MEMORY_GB:g} GB assumed per GPU",)
+        if unknown_gpu_memory:
+            notes = (
+                f"GPU memory of a node type not known from its instance type or an "
+                f"accelerator_type resource: {REFERENCE_GPU_MEMORY_GB:g} GB assumed per GPU "
+                "(give --gpu-memory-gb)",
+            )
         return cls(tuple(nodes), source=f"{source} ({workers}_workers)", notes=notes)
 
 

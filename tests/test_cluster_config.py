@@ -125,7 +125,9 @@ def test_nodes_install_the_project_and_share_the_fetched_weights(name):
 @pytest.mark.parametrize("name", WITH_NODE_TYPES)
 def test_sweep_plan_reads_the_cluster_file(name):
     config = load(name)
-    shape = ClusterShape.from_cluster_yaml(ROOT / name, gpu_memory_gb=24)
+    shape = ClusterShape.from_cluster_yaml(ROOT / name)
+    assert shape.notes == (), "the instance types tell the GPU memory"
+    assert {node.gpu_memory_gb for node in shape.nodes if node.gpus} == {24.0}  # A10G / L4
     types = config["available_node_types"]
     head = shape.nodes[0]
     assert head.name.endswith("(head)") and head.cpus == 0 and head.gpus == 0
@@ -143,8 +145,6 @@ def test_sweep_plan_reads_the_cluster_file(name):
             str(ROOT / "studies/glue_line.yaml"),
             "--cluster",
             str(ROOT / name),
-            "--gpu-memory-gb",
-            "24",
             "--json",
         ],
     )

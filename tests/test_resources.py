@@ -22,6 +22,7 @@ from sweep.resources import (
     ClusterShape,
     NodeShape,
     merge_warnings,
+    node_type_gpu_memory_gb,
     ray_resources,
     study_image_counts,
     trial_resources,
@@ -286,6 +287,33 @@ available_node_types:
     min_workers: 0
     max_workers: 4
 """
+
+
+@pytest.mark.parametrize(
+    ("spec", "memory"),
+    [
+        ({"node_config": {"InstanceType": "g5.12xlarge"}}, 24.0),
+        ({"node_config": {"InstanceType": "p4de.24xlarge"}}, 80.0),
+        ({"node_config": {"InstanceType": "p4d.24xlarge"}}, 40.0),
+        ({"node_config": {"InstanceType": "g4dn.xlarge"}}, 16.0),
+        ({"node_config": {"machineType": "a2-ultragpu-1g"}}, 80.0),
+        ({"node_config": {"machineType": "g2-standard-8"}}, 24.0),
+        (
+            {
+                "node_config": {
+                    "machineType": "n1-standard-8",
+                    "guestAccelerators": [{"acceleratorType": "projects/p/nvidia-tesla-v100"}],
+                }
+            },
+            16.0,
+        ),
+        ({"resources": {"GPU": 1, "accelerator_type:H100": 1}}, 80.0),
+        ({"node_config": {"InstanceType": "m5.2xlarge"}}, None),
+        ({"resources": {"GPU": 1}}, None),
+    ],
+)
+def test_gpu_memory_of_a_cluster_node_type(spec, memory):
+    assert node_type_gpu_memory_gb(spec) == memory
 
 
 def test_cluster_yaml_nodes(tmp_path):
