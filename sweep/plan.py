@@ -373,12 +373,12 @@ class _Estimator:
         """The work of fit and evaluation over the device's assumed speed, plus overhead."""
         study = self.study
         cls = models.get_class(trial.model)
-        batch = study.evaluation.train_batch_size
+        batch = study.evaluation.batch_sizes(trial.model)[0]
         args = (trial.backbone, trial.hparams, trial.image_size)
         fit = cls.fit_work(*args, n_train=self.n_train, epochs=trial.epochs, batch_size=batch)
         predict = cls.predict_work(*args, n_train=self.n_train, batch_size=batch)
         evaluation = study.evaluation
-        scored = self.n_eval + 4 * evaluation.batch_size  # the splits, then throughput runs
+        scored = self.n_eval + 4 * evaluation.batch_sizes(trial.model)[1]  # splits, throughput
         scheduler = study.scheduler
         epochs = _trial_epochs(trial)
         if scheduler is not None and epochs and scheduler.metric.startswith("val_"):
@@ -540,7 +540,7 @@ def plan_study(study: Study, cluster: ClusterShape, history: Any = None) -> Stud
             p.trial.backbone,
             p.trial.hparams,
             p.trial.image_size,
-            batch_size=study.evaluation.train_batch_size,
+            batch_size=study.evaluation.batch_sizes(p.trial.model)[0],
         )
         profile_notes.update(profile.notes)
     notes.extend(sorted(profile_notes))

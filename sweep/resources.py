@@ -434,7 +434,7 @@ def default_request(study: Study, trial: TrialConfig) -> ResourceRequest:
         trial.backbone,
         trial.hparams,
         trial.image_size,
-        batch_size=study.evaluation.train_batch_size,
+        batch_size=study.evaluation.batch_sizes(trial.model)[0],
         n_train=study_train_images(study),
     )
 

@@ -263,9 +263,21 @@ class CacheConfig(_Strict):
         return Path(configured).expanduser()
 
 
+class BatchSizes(_Strict):
+    """One model's batch sizes; a key left out takes the study's."""
+
+    train_batch_size: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+
+
 class EvaluationConfig(_Strict):
     train_batch_size: int = Field(32, ge=1)
     batch_size: int = Field(32, ge=1, description="eval batch size (throughput is measured at it)")
+    models: dict[str, BatchSizes] = Field(
+        default_factory=dict,
+        description="per-model batch sizes (Table B.8 trains CFA at 4, DRAEM and DSR at 8): "
+        "model -> {train_batch_size, batch_size}; part of those models' config hash only",
+    )
     latency_warmup: int = Field(3, ge=0)
     latency_repeats: int = Field(20, ge=1)
     exclusive_timing: bool = Field(
@@ -282,6 +294,16 @@ class EvaluationConfig(_Strict):
         description="test images whose anomaly maps each trial saves under <output>/_examples "
         "for the report's heatmap grid (anomalous first; 0 = none)",
     )
+
+    def batch_sizes(self, model: str | None = None) -> tuple[int, int]:
+        """The (training, evaluation) batch sizes of ``model``'s trials."""
+        override = self.models.get(model) if model is not None else None
+        if override is None:
+            return self.train_batch_size, self.batch_size
+        return (
+            override.train_batch_size or self.train_batch_size,
+            override.batch_size or self.batch_size,
+        )
 
 
 EPOCH_METRICS: dict[str, Literal["max", "min"]] = {
@@ -450,12 +472,16 @@ class Study(_Strict):
     def _check_space(self) -> Study:
         _validate_space(self)
         _validate_variants(self)
-        unknown = sorted(set(self.resources.models) - set(self.models))
-        if unknown:
-            raise ValueError(
-                f"resources.models: {', '.join(map(repr, unknown))} not among the study's models "
-                f"({', '.join(self.models)})"
-            )
+        for section, named in (
+            ("resources.models", self.resources.models),
+            ("evaluation.models", self.evaluation.models),
+        ):
+            unknown = sorted(set(named) - set(self.models))
+            if unknown:
+                raise ValueError(
+                    f"{section}: {', '.join(map(repr, unknown))} not among the study's models "
+                    f"({', '.join(self.models)})"
+                )
         if self.scheduler is not None and self.search.algorithm == "optuna":
             raise ValueError(
                 "scheduler: ASHA runs with search algorithm 'grid' or 'random'; an optuna search "
@@ -897,7 +923,7 @@ def _jsonable(value: Any) -> Any:
 # How timing is scheduled, and how many example maps a trial saves beside its row, do not
 # change what a trial computes: neither is part of its config hash.
 _TIMING_POLICY = {"exclusive_timing", "timing_lock_timeout_s"}
-_NOT_IN_HASH = _TIMING_POLICY | {"example_maps"}
+_NOT_IN_HASH = _TIMING_POLICY | {"example_maps", "models"}
 
 
 def config_hash(study: Study, trial: TrialConfig) -> str:
@@ -911,6 +937,9 @@ def config_hash(study: Study, trial: TrialConfig) -> str:
         "dataset": study.dataset.model_dump(exclude={"image_size"}, exclude_none=True),
         "evaluation": study.evaluation.model_dump(exclude=_NOT_IN_HASH),
     }
+    # A per-model batch size is part of that model's trials only (and of no one's when unset).
+    train_batch, eval_batch = study.evaluation.batch_sizes(trial.model)
+    identity["evaluation"].update(train_batch_size=train_batch, batch_size=eval_batch)
     # A variant's definition, not only its name, decides the result.
     if trial.augmentation != "none":
         identity["augmentation"] = study.augmentation_sets[trial.augmentation].spec()
@@ -1163,6 +1192,10 @@ def smoke_form(
         "latency_warmup": 1,
         "latency_repeats": 3,
     }
+    raw["evaluation"]["models"] = {
+        model: {key: min(int(value), 8) for key, value in (sizes or {}).items() if value}
+        for model, sizes in raw["evaluation"].get("models", {}).items()
+    }
     if cache_dir is not None:
         raw["cache"] = {**raw.get("cache", {}), "dir": cache_dir}
     raw["smoke"] = {}
@@ -1176,6 +1209,9 @@ def smoke_form(
         if dot and owner not in kept:
             del raw["space"][key]
     raw["resources"]["models"] = {}
+    raw["evaluation"]["models"] = {
+        model: sizes for model, sizes in raw["evaluation"]["models"].items() if model in kept
+    }
     try:
         return study_from_dict(raw, source=study.source)
     except StudyError as exc:

@@ -62,13 +62,10 @@ class TrialContext:
     eval_batch_size: int | None = None
     """Overrides ``evaluation.batch_size`` (an out-of-memory retry halves it)."""
 
-    def batch_sizes(self) -> tuple[int, int]:
-        """The (training, evaluation) batch sizes this attempt of a trial runs with."""
-        evaluation = self.study.evaluation
-        return (
-            self.train_batch_size or evaluation.train_batch_size,
-            self.eval_batch_size or evaluation.batch_size,
-        )
+    def batch_sizes(self, model: str | None = None) -> tuple[int, int]:
+        """The (training, evaluation) batch sizes this attempt of a ``model`` trial runs with."""
+        train, evaluation = self.study.evaluation.batch_sizes(model)
+        return self.train_batch_size or train, self.eval_batch_size or evaluation
 
 
 # ----------------------------------------------------------------------------- data
@@ -242,12 +239,14 @@ def run_trial(
                 result.pop(scheduler.metric, None)
         elif scores_validation and epoch % scheduler.eval_every == 0:
             result.update(
-                _validation_metrics(detector, splits.val, study, device, ctx.batch_sizes()[1])
+                _validation_metrics(
+                    detector, splits.val, study, device, ctx.batch_sizes(trial.model)[1]
+                )
             )
         report(result)
         return False
 
-    train_batch_size, batch_size = ctx.batch_sizes()
+    train_batch_size, batch_size = ctx.batch_sizes(trial.model)
     train = _Epochs(splits.train, train_batch_size, trial.seed, device, augmenter)
     # Features are reused only where the backbone is frozen for good: one-pass training and
     # evaluation. Timing runs without the cache, or it would time disk reads.
@@ -416,7 +415,7 @@ def _is_oom(exc: BaseException) -> bool:
 def _smaller_batches(trial: TrialConfig, ctx: TrialContext) -> TrialContext | None:
     """The context of an out-of-memory retry: both batch sizes halved, as far as the detector
     allows (``min_train_batch_size``, default 1); None when neither can shrink."""
-    train, evaluation = ctx.batch_sizes()
+    train, evaluation = ctx.batch_sizes(trial.model)
     floor = max(1, int(getattr(models.get_class(trial.model), "min_train_batch_size", 1)))
     smaller_train, smaller_eval = max(floor, train // 2), max(1, evaluation // 2)
     if (smaller_train, smaller_eval) == (train, evaluation):
@@ -477,12 +476,13 @@ def execute_trial(
         _release_memory()
         first_failure = row["error"]
         attempt = retry
-        row["retried_with_batch"] = retry.batch_sizes()[0]
+        row["retried_with_batch"] = retry.batch_sizes(trial.model)[0]
     if first_failure is not None:
-        train, evaluation = ctx.batch_sizes()
+        train, evaluation = ctx.batch_sizes(trial.model)
+        smaller_train, smaller_eval = attempt.batch_sizes(trial.model)
         note = (
-            f"retried with train batch {attempt.batch_sizes()[0]} and eval batch "
-            f"{attempt.batch_sizes()[1]} (from {train} and {evaluation}) after: {first_failure}"
+            f"retried with train batch {smaller_train} and eval batch {smaller_eval} "
+            f"(from {train} and {evaluation}) after: {first_failure}"
         )
         row["notes"] = "; ".join(n for n in (note, row.get("notes")) if n)
     row["finished_at"] = datetime.now(timezone.utc)

@@ -186,6 +186,27 @@ def test_study_overrides_win_in_order():
     assert padim_request.memory_gb == base.memory_gb  # not overridden: the default
 
 
+def test_a_models_own_training_batch_sizes_its_request():
+    default = study()
+    small = study_from_dict(
+        {
+            "name": "resources",
+            "dataset": {"kind": "synthetic_glue", "synthetic": {"n_train": 50}},
+            "space": {"model": {"grid": ["padim", "stfpm"]}, "backbone": "resnet18"},
+            "evaluation": {"train_batch_size": 16, "models": {"stfpm": {"train_batch_size": 2}}},
+        }
+    )
+    padim, stfpm = expand_trials(default)
+    assert trial_resources(small, stfpm, GPU_NODE) == models.get_class("stfpm").default_resources(
+        "resnet18", stfpm.hparams, 256, batch_size=2, n_train=50
+    )
+    assert (
+        trial_resources(small, stfpm, GPU_NODE).gpu_memory_gb
+        < trial_resources(default, stfpm, GPU_NODE).gpu_memory_gb
+    )
+    assert trial_resources(small, padim, GPU_NODE) == trial_resources(default, padim, GPU_NODE)
+
+
 def test_no_gpu_cluster_runs_on_cpu_with_the_device_memory_on_the_host():
     plain = study()
     trial = expand_trials(plain)[1]

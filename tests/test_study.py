@@ -208,3 +208,30 @@ def test_each_model_can_have_its_own_backbones():
         ("fastflow", "deit_base_distilled_patch16_384"),
         ("patchcore", "wide_resnet50_2"),
     }
+
+
+def test_per_model_batch_sizes_reach_only_their_model():
+    plain = study_from_dict(BASE)
+    tuned = study_from_dict({**BASE, "evaluation": {"models": {"padim": {"train_batch_size": 4}}}})
+    patchcore = next(t for t in expand_trials(plain) if t.model == "patchcore")
+    padim = next(t for t in expand_trials(plain) if t.model == "padim")
+    # Hashes of studies without per-model sizes are those of earlier releases (finished rows
+    # stay finished), and an override changes its own model's trials only.
+    assert config_hash(plain, patchcore) == "f21814279fcd039b"
+    assert config_hash(plain, padim) == "5d7e64e21b2eb662"
+    assert config_hash(tuned, patchcore) == config_hash(plain, patchcore)
+    assert config_hash(tuned, padim) != config_hash(plain, padim)
+    assert tuned.evaluation.batch_sizes("padim") == (4, 32)
+    assert tuned.evaluation.batch_sizes("patchcore") == (32, 32)
+    # The same sizes given study-wide are the same configuration as given per model.
+    same = study_from_dict({**BASE, "evaluation": {"models": {"padim": {"train_batch_size": 32}}}})
+    assert config_hash(same, padim) == config_hash(plain, padim)
+
+
+def test_per_model_batch_sizes_name_models_of_the_study(tmp_path):
+    raw = {**BASE, "evaluation": {"models": {"draem": {"train_batch_size": 8}}}}
+    with pytest.raises(StudyError, match=r"evaluation.models: 'draem' not among the study's"):
+        load_study(write(tmp_path, raw))
+    raw = {**BASE, "evaluation": {"models": {"padim": {"train_batch_size": 0}}}}
+    with pytest.raises(StudyError, match=r"evaluation.models.padim.train_batch_size"):
+        load_study(write(tmp_path, raw))

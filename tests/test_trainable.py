@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,3 +91,14 @@ def test_validation_mid_training_gives_each_module_its_own_mode_back(glue_root, 
     assert 0.0 <= values["val_image_auroc"] <= 1.0
     assert detector.training and detector.student.training
     assert not frozen_part.training
+
+
+def test_an_attempt_runs_its_models_batch_sizes(glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["evaluation"]["models"] = {"padim": {"train_batch_size": 3, "batch_size": 5}}
+    study = study_from_dict(raw)
+    ctx = _context(study, tmp_path)
+    assert ctx.batch_sizes("padim") == (3, 5)
+    assert ctx.batch_sizes("patchcore") == (8, 8)
+    retry = dataclasses.replace(ctx, train_batch_size=1)  # an out-of-memory retry's context
+    assert retry.batch_sizes("padim") == (1, 5)
