@@ -624,13 +624,14 @@ def select(
     )
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types: None for NaN, NA and NaT, lists for arrays, ISO times."""
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
+        return [jsonable(v) for v in value.tolist()]
     if value is None or value is pd.NA or value is pd.NaT:
         return None
     if isinstance(value, np.generic):
@@ -645,8 +646,7 @@ def _jsonable(value: Any) -> Any:
 def selection_to_dict(sel: Selection) -> dict:
     """A JSON-serialisable view of ``sel`` (NaN and infinities become None)."""
     records = [
-        {str(k): _jsonable(v) for k, v in row.items()}
-        for row in sel.table.to_dict(orient="records")
+        {str(k): jsonable(v) for k, v in row.items()} for row in sel.table.to_dict(orient="records")
     ]
     return {
         "objectives": [{"metric": m, "mode": mode} for m, mode in sel.objectives],

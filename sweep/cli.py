@@ -32,6 +32,18 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
+# Options `run` and `resume` share.
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+]
+NumCpusOption = Annotated[
+    int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")
+]
+RetryErrorsOption = Annotated[
+    bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")
+]
+
+
 def _bad_input(exc: Exception) -> None:
     err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
@@ -57,15 +69,9 @@ def run(
         list[str] | None,
         typer.Option("--set", help="Override a study key: dataset.image_size=64, space.seed=0."),
     ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
-    ] = None,
-    num_cpus: Annotated[
-        int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")
-    ] = None,
-    retry_errors: Annotated[
-        bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")
-    ] = False,
+    address: AddressOption = None,
+    num_cpus: NumCpusOption = None,
+    retry_errors: RetryErrorsOption = False,
     smoke: Annotated[
         bool,
         typer.Option(
@@ -94,15 +100,9 @@ def run(
 @app.command()
 def resume(
     output: Annotated[str, typer.Argument(help="The results directory or URI of a study.")],
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
-    ] = None,
-    num_cpus: Annotated[
-        int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")
-    ] = None,
-    retry_errors: Annotated[
-        bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")
-    ] = False,
+    address: AddressOption = None,
+    num_cpus: NumCpusOption = None,
+    retry_errors: RetryErrorsOption = False,
 ) -> None:
     """Finish a study from its output alone: run the study saved there (_study.yaml, as the
     first run validated it, overrides and --smoke applied) for the trials it does not hold."""

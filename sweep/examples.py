@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from typing import Any
 
 import numpy as np
@@ -112,24 +111,7 @@ def save_examples(
         arrays["map_range"] = np.asarray([low, high], dtype=np.float64)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    data = buffer.getvalue()
-
-    final = examples_path(store, config_hash)
-    folder = final.rsplit("/", 1)[0]
-    store.fs.create_dir(folder, recursive=True)
-    if not store.local:
-        with store.fs.open_output_stream(final) as handle:
-            handle.write(data)
-        return final
-    tmp = f"{folder}/.tmp-{config_hash}-{uuid.uuid4().hex[:8]}.npz"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return final
+    return store.write_file(f"{EXAMPLES_DIR}/{config_hash}.npz", buffer.getvalue())
 
 
 def load_examples(output: str | os.PathLike[str], config_hash: str) -> dict[str, Any] | None:

@@ -22,13 +22,9 @@ missing (null, NaN) satisfies no comparison, ``!=`` and ``not in`` included, onl
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import math
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sweep.analysis import jsonable
 from sweep.errors import SweepError, did_you_mean
 
 __all__ = [
@@ -306,30 +303,12 @@ def sort_rows(df: pd.DataFrame, sort: Sequence[str] | None) -> pd.DataFrame:
         ) from None
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or value is pd.NaT:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, pd.Timestamp):
-        return value.isoformat()
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    return value
-
-
 def rows_as_json(df: pd.DataFrame) -> str:
     """One JSON list of row objects (nulls for NaN, ISO timestamps)."""
     records = [
-        {str(k): _jsonable(v) for k, v in row.items()} for row in df.to_dict(orient="records")
+        {str(k): jsonable(v) for k, v in row.items()} for row in df.to_dict(orient="records")
     ]
     return json.dumps(records, indent=2, allow_nan=False, default=str) + "\n"
-
-
-def _tmp_next_to(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def export_rows(df: pd.DataFrame, fmt: str, output: Path) -> Path:
@@ -337,24 +316,16 @@ def export_rows(df: pd.DataFrame, fmt: str, output: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    output = Path(output)
-    tmp = _tmp_next_to(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "parquet":
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        elif fmt == "csv":
-            df.to_csv(tmp, index=False)
-        elif fmt == "json":
-            tmp.write_text(rows_as_json(df), encoding="utf-8")
-        else:
-            raise SweepError(f"--format {fmt!r}: cannot be written to a file (csv, json, parquet)")
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise SweepError(
-            f"--output {str(output)!r}: cannot write it ({exc.strerror or exc})"
-        ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return output
+    from sweep.results import write_atomically
+
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)
+        data: str | bytes = sink.getvalue().to_pybytes()
+    elif fmt == "csv":
+        data = df.to_csv(index=False)
+    elif fmt == "json":
+        data = rows_as_json(df)
+    else:
+        raise SweepError(f"--format {fmt!r}: cannot be written to a file (csv, json, parquet)")
+    return write_atomically(output, data, "--output")

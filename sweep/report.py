@@ -16,12 +16,10 @@ sees half a report and a failed write leaves nothing behind.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sweep.errors import SweepError
+from sweep.results import write_atomically
 
 __all__ = [
     "REPORT_METRICS",
@@ -1047,26 +1046,3 @@ def check_writable(path: Path, what: str) -> None:
         raise SweepError(
             f"{what} {str(path)!r}: cannot write it (no permission in {str(parent)!r})"
         )
-
-
-def write_atomically(path: Path, text: str, what: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Any failure (a parent that is a file, no permission, a full disk) is a SweepError naming
-    ``what`` and the path, and leaves neither the temporary file nor a partial ``path``.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise SweepError(f"{what} {str(path)!r}: cannot write it ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return path

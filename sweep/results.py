@@ -243,12 +243,30 @@ class ResultStore:
 
     def write_file(self, name: str, data: bytes) -> str:
         """Write ``<output>/<name>`` whole (a temporary file renamed into place on local disks;
-        object stores publish an object only once it is completely uploaded)."""
+        object stores publish an object only once it is completely uploaded).
+
+        The temporary file is hidden and not named like its final file: a writer killed before
+        the rename leaves a ``.tmp-*.partial`` that no reader picks up (DuckDB's globs do match
+        hidden ``*.parquet`` files) and the next run removes."""
         final = f"{self.root}/{name}"
+        folder, _, base = final.rpartition("/")
+        if folder != self.root:
+            self.fs.create_dir(folder, recursive=True)
         if not self.local:
             with self.fs.open_output_stream(final) as stream:
                 stream.write(data)
             return final
+        tmp = f"{folder}/.tmp-{base}-{uuid.uuid4().hex[:8]}.partial"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return final
         tmp = f"{self.root}/.tmp-{name}-{uuid.uuid4().hex[:8]}.partial"
         try:
             with open(tmp, "wb") as handle:
@@ -325,24 +343,10 @@ class ResultStore:
             raise ValueError(f"row has columns outside the schema: {sorted(unknown)}")
         arrays = [pa.array([_cell(row.get(f.name), f.type)], type=f.type) for f in schema]
         table = pa.Table.from_arrays(arrays, schema=schema)
-        final = self.path_of(row["config_hash"])
         self.ensure()
-        if not self.local:
-            # An object store makes an object visible only once it is completely uploaded.
-            pq.write_table(table, final, filesystem=self.fs)
-            return final
-        # Hidden, and not named *.parquet: a writer killed before the rename leaves a partial
-        # file that no reader picks up (DuckDB's globs do match hidden *.parquet files).
-        tmp = f"{self.root}/.tmp-{row['config_hash']}-{uuid.uuid4().hex[:8]}.partial"
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return final
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.write_file(f"{row['config_hash']}.parquet", sink.getvalue().to_pybytes())
 
     def _files(self) -> list[str]:
         try:
@@ -387,6 +391,30 @@ class ResultStore:
         if not files:
             return BASE_SCHEMA.empty_table()
         return self._dataset(files).to_table()
+
+
+def write_atomically(path: str | os.PathLike[str], data: str | bytes, what: str) -> Path:
+    """Write ``data`` (text as UTF-8) to a local ``path`` through a temporary file in the same
+    folder and a rename (a report, an export: files the user names, not the study's output).
+
+    Any failure (a parent that is a file, no permission, a full disk) is a SweepError naming
+    ``what`` and the path, and leaves neither the temporary file nor a partial ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise SweepError(f"{what} {str(path)!r}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_results(output: str | os.PathLike[str]):  # -> pandas.DataFrame

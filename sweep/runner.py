@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import ray
 import yaml
 from ray.tune import Callback, Stopper
 from rich.console import Console
@@ -123,8 +124,6 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> float:
     """Start or join Ray; return the seconds it took (0 when already connected)."""
-    import ray
-
     if ray.is_initialized():
         return 0.0
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -187,8 +186,6 @@ OPTUNA_JOURNAL = "_optuna/journal.log"
 
 def optuna_storage(study: Study, store: ResultStore):
     """The Optuna storage of a study: its journal file under the output, an RDB, or None."""
-    import optuna
-
     kind = study.search.storage_kind
     if kind == "memory":
         return None
@@ -275,8 +272,6 @@ def settle_stale_optuna_trials(study: Study, storage, store: ResultStore) -> tup
 
 def finished_optuna_trials(study: Study, storage) -> int:
     """Trials of the study's Optuna study that completed in an earlier run (0 without one)."""
-    import optuna
-
     if storage is None:
         return 0
     try:
@@ -472,7 +467,6 @@ def _check_output_shared(store: ResultStore, timeout_s: float = 120.0) -> None:
     """On a cluster of several nodes, a local output must be a folder every node sees (NFS,
     EFS, a shared mount): each trial writes its row where it runs. A marker written here must
     be visible on every alive node, or the run stops before any trial."""
-    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -503,8 +497,6 @@ def _check_output_shared(store: ResultStore, timeout_s: float = 120.0) -> None:
 
 
 def _node_sees(ref: Any) -> bool:
-    import ray
-
     try:
         return bool(ray.get(ref))
     except Exception:  # the node went away meanwhile: Tune's business, not the output's
@@ -533,8 +525,6 @@ def run_study(
     console = console or Console(stderr=True)
     output = output or study.output_dir
     store = ResultStore(output)
-    import ray
-
     # An address given to this run is checked even where Ray is already up (a notebook, a
     # test session): a typo should not pass silently because another connection exists.
     if address or not ray.is_initialized():
@@ -583,8 +573,6 @@ def _run_locked(
     console: Console,
 ) -> RunSummary:
     """The run itself, while this driver holds the output."""
-    import ray
-
     # What a driver killed mid-write left: temporary row files (never visible to Parquet
     # readers, but clutter), a torn Optuna journal record (repaired in optuna_storage).
     store.remove_temporary_files()

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from sweep.cli import app
 from tests.conftest import tiny_study
+from tests.test_cli import mvtec
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\|\s*`(?P<id>[a-z0-9-]+)`\s*\|(?P<input>.*)\|\s*`(?P<message>[^`]+)`\s*\|\s*$")
@@ -57,31 +56,12 @@ class Setup:
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return str(path)
 
-    def mvtec(self, *, anomalies: bool = True, mask_size: int = 40, train: int = 3) -> str:
-        """A tiny MVTec-layout category ``part`` under tmp/mvtec; returns the root."""
-        root = self.tmp / "mvtec"
-        category = root / "part"
-        for i in range(train):
-            _png(category / "train" / "good" / f"{i:03d}.png")
-        _png(category / "test" / "good" / "000.png")
-        if anomalies:
-            _png(category / "test" / "crack" / "000.png", value=30)
-            mask = np.zeros((mask_size, mask_size), np.uint8)
-            mask[:4, :4] = 255
-            (category / "ground_truth" / "crack").mkdir(parents=True)
-            cv2.imwrite(str(category / "ground_truth" / "crack" / "000_mask.png"), mask)
-        return str(root)
-
-    def mvtec_study(self, **dataset) -> str:
-        spec = {"kind": "mvtec", "root": self.mvtec(), "category": "part", "image_size": 64}
-        return self.study(dataset={**spec, **dataset})
-
-
-def _png(path: Path, value: int = 128, size: int = 40) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.full((size, size), value, np.uint8)
-    image[5:10, 5:10] = 255 - value
-    cv2.imwrite(str(path), image)
+    def mvtec_study(self, category: str = "part", **layout) -> str:
+        """A study of ``category`` on a tiny MVTec-layout category ``part`` (``layout``: the
+        options of test_cli's ``mvtec``)."""
+        root = mvtec(self.tmp / "mvtec", **layout)
+        spec = {"kind": "mvtec", "root": str(root), "category": category, "image_size": 64}
+        return self.study(dataset=spec)
 
 
 def _closed_port() -> int:
@@ -209,39 +189,9 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         s.study(dataset={"kind": "mvtec", "root": str(s.tmp / "none"), "category": "part"}),
     ],
     "dataset-missing-category": lambda s: ["run", s.mvtec_study(category="bottle")],
-    "dataset-no-training-images": lambda s: [
-        "run",
-        s.study(
-            dataset={
-                "kind": "mvtec",
-                "root": s.mvtec(train=0),
-                "category": "part",
-                "image_size": 64,
-            }
-        ),
-    ],
-    "dataset-no-anomalies": lambda s: [
-        "run",
-        s.study(
-            dataset={
-                "kind": "mvtec",
-                "root": s.mvtec(anomalies=False),
-                "category": "part",
-                "image_size": 64,
-            }
-        ),
-    ],
-    "dataset-mask-size": lambda s: [
-        "run",
-        s.study(
-            dataset={
-                "kind": "mvtec",
-                "root": s.mvtec(mask_size=20),
-                "category": "part",
-                "image_size": 64,
-            }
-        ),
-    ],
+    "dataset-no-training-images": lambda s: ["run", s.mvtec_study(train=0)],
+    "dataset-no-anomalies": lambda s: ["run", s.mvtec_study(anomalies=False)],
+    "dataset-mask-size": lambda s: ["run", s.mvtec_study(mask_size=20)],
     "dataset-unreadable-image": lambda s: [
         "run",
         _damaged(s),
