@@ -2,9 +2,11 @@
 Normalizing Flows", arXiv:2111.07677, 2021).
 
 Features of a frozen backbone (CNNs: three stages at strides 4, 8 and 16; transformers: the token
-map of one intermediate block) are layer-normalised, and each scale gets its own 2-D normalizing
-flow: a stack of affine coupling blocks whose subnets are small convolutional networks, so the
-flow models every position in its spatial context instead of each feature vector alone. Training
+map of one intermediate block) are layer-normalised (CNN stages by a trained LayerNorm over
+``C x h x w`` each, transformer tokens by the backbone's own pretrained final norm, as the
+paper's code and anomalib read them), and each scale gets its own 2-D normalizing flow: a stack
+of affine coupling blocks whose subnets are small convolutional networks, so the flow models every
+position in its spatial context instead of each feature vector alone. Training
 maximises the likelihood of the normal features under a standard normal latent. At test time the
 per-position likelihood ``exp(-mean_c z^2 / 2)`` of every scale is upsampled to the image, the
 anomaly map is the negated mean over scales, and the image score is its maximum.
@@ -181,22 +183,15 @@ class FastFlow(Detector):
             )
         # CNN features are normalised jointly over C x h x w with a learned per-element affine
         # (the paper's code), whose shape needs the feature grid: built on the first batch of
-        # fit. Transformer tokens are normalised per token, as their own norm layers do.
-        self.norms = (
-            nn.ModuleList(
-                nn.LayerNorm(self.extractor.channels[layer]) for layer in self.extractor.layers
-            )
-            if self.is_vit
-            else nn.ModuleList()
-        )
+        # fit. Transformer tokens go through the backbone's final norm instead (the paper's code
+        # reads them so), whose pretrained affine a fresh LayerNorm would throw away: no norms.
+        self.norms = nn.ModuleList()
         self.register_buffer("fitted", torch.tensor(False))
 
     def _normalise(self, features: Mapping[str, Tensor]) -> list[Tensor]:
         if self.is_vit:
-            return [
-                norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                for norm, f in zip(self.norms, features.values(), strict=True)
-            ]
+            # Already through the backbone's final norm (forward(norm=True) in _latents).
+            return list(features.values())
         if len(self.norms) == 0:
             for f in features.values():
                 self.norms.append(nn.LayerNorm(tuple(f.shape[1:]), device=f.device))
@@ -214,7 +209,7 @@ class FastFlow(Detector):
     def _latents(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         # Latents and per-sample log-determinants of every scale.
         with torch.no_grad():
-            features = self.extractor(images)
+            features = self.extractor(images, norm=self.is_vit)
         zs, log_dets = [], []
         for flow, feature in zip(self.flows, self._normalise(features), strict=True):
             z, log_det = flow(feature)
@@ -233,7 +228,7 @@ class FastFlow(Detector):
         epochs: int | None = None,
         on_epoch_end: EpochCallback | None = None,
     ) -> dict[str, Any]:
-        """Train the flows (and the CNN layer norms) with Adam for ``epochs`` passes.
+        """Train the flows (and, on CNNs, the layer norms) with Adam for ``epochs`` passes.
 
         The loss is the sum over scales of the mean negative log-likelihood of a sample's
         feature map. ``on_epoch_end(epoch, {"loss": mean loss of the epoch})`` runs after every

@@ -232,8 +232,46 @@ def test_runs_on_a_transformer_token_map():
     prediction = detector.predict(images)
     assert prediction.anomaly_map.shape == (2, 224, 224)
     assert torch.isfinite(prediction.anomaly_map).all()
-    # Tokens are normalised one by one over their 384 channels.
-    assert [tuple(norm.normalized_shape) for norm in detector.norms] == [(384,)]
+    # Tokens are normalised by the backbone's own final norm, not by a LayerNorm of FastFlow's.
+    assert len(detector.norms) == 0
+
+
+def test_transformer_features_are_the_backbones_normed_tokens():
+    # DINOv2 ViT-S/14 takes any multiple of its patch: a 2 x 2 token map at 28 px, its second
+    # block keeping the build cheap.
+    detector = models.create(
+        "fastflow",
+        backbone="vit_small_patch14_dinov2",
+        layers=("blocks.1",),
+        pretrained=False,
+        flow_steps=1,
+    )
+    # A pretrained final norm has a learned affine; random initialisation leaves it at 1 and 0,
+    # which a fresh LayerNorm would match by chance.
+    norm = detector.extractor.model.norm
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.rand(norm.weight.shape, generator=generator))
+        norm.bias.copy_(torch.randn(norm.bias.shape, generator=generator))
+    reference = models.backbones.FeatureExtractor(
+        "vit_small_patch14_dinov2", ["blocks.1"], pretrained=False
+    )
+    reference.load_state_dict(detector.extractor.state_dict())
+    images = torch.randn(2, 3, 28, 28, generator=generator)
+    expected = reference(images, norm=True)["blocks.1"]
+    assert expected.shape == (2, 384, 2, 2)
+    assert not torch.allclose(expected, reference(images)["blocks.1"], atol=1e-3)
+
+    seen = []
+    detector.flows[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    detector.fit([images], epochs=1)
+    detector.predict(images)
+    assert len(seen) == 2
+    for features in seen:
+        torch.testing.assert_close(features, expected)
+    # The flows alone train: no LayerNorm of FastFlow's own on top of the backbone's.
+    flows = sum(p.numel() for p in detector.flows.parameters())
+    assert detector.param_counts()[0] == flows
 
 
 @pytest.mark.parametrize(
