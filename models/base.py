@@ -151,6 +151,10 @@ class Detector(torch.nn.Module):
     """Kinds of backbone (``BackboneSpec.kind``) the detector can read features from."""
     supported_backbones: ClassVar[tuple[str, ...] | None] = None
     """When set, the only backbones the detector accepts (e.g. those it has a decoder for)."""
+    family_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Backbone family (``BackboneSpec.family``) -> hyperparameter defaults that replace the
+    signature's on backbones of that family (layers suited to its channel widths). A value the
+    caller gives always wins; :func:`trial_hyperparameters` resolves them."""
     fixed_input_size: ClassVar[bool] = False
     """Whether a backbone with a fixed input size (``BackboneSpec.input_size``) must be fed
     images of exactly that size (as FastFlow and U-Flow do with their transformers)."""
@@ -176,7 +180,7 @@ class Detector(torch.nn.Module):
                 f"{backbone} is a {spec.kind} backbone and it reads {'/'.join(cls.backbone_kinds)} "
                 f"features (e.g. {', '.join(usable[:4])})"
             )
-        merged = {**hyperparameters(cls.name), **(hparams or {})}
+        merged = trial_hyperparameters(cls.name, {**(hparams or {}), "backbone": backbone})
         layers = merged.get("layers")
         if layers is not None:
             try:
@@ -185,7 +189,8 @@ class Detector(torch.nn.Module):
                 return str(error)
         if image_size is None:
             return None
-        fixed = spec.input_size if cls.fixed_input_size else None
+        # A CNN's native size (EfficientNet-Lite's) is what it was trained at, not a limit.
+        fixed = spec.input_size if cls.fixed_input_size and spec.kind != "cnn" else None
         if fixed is not None and image_size != fixed:
             return f"it feeds {backbone} its native {fixed} px input, not {image_size} px"
         if spec.kind != "composite":
@@ -214,10 +219,10 @@ class Detector(torch.nn.Module):
     def _trial_hparams(
         cls, backbone: str | None, hparams: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        merged = {**hyperparameters(cls.name), **(hparams or {})}
-        if backbone is not None and "backbone" in merged:
-            merged["backbone"] = backbone
-        return merged
+        given = dict(hparams or {})
+        if backbone is not None and "backbone" in hyperparameters(cls.name):
+            given["backbone"] = backbone
+        return trial_hyperparameters(cls.name, given)
 
     @classmethod
     def cost_profile(
@@ -476,8 +481,24 @@ def hyperparameters(name: str) -> dict[str, Any]:
     }
 
 
+def trial_hyperparameters(name: str, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every hyperparameter detector ``name`` runs with when built with ``hparams``: those
+    given, else its backbone family's defaults (``Detector.family_defaults``), else the
+    signature's."""
+    cls = get_class(name)
+    merged = {**hyperparameters(name), **(hparams or {})}
+    if cls.family_defaults and merged.get("backbone") is not None:
+        from models.backbones import BACKBONES
+
+        spec = BACKBONES.get(merged["backbone"])
+        family = cls.family_defaults.get(spec.family, {}) if spec is not None else {}
+        merged.update({k: v for k, v in family.items() if k not in (hparams or {})})
+    return merged
+
+
 def create(name: str, **hparams: Any) -> Detector:
-    """Build the detector registered as ``name`` with the given hyperparameters.
+    """Build the detector registered as ``name`` with the given hyperparameters (missing ones
+    take their backbone family's defaults, else the signature's).
 
     An unknown hyperparameter is a :class:`ModelError` naming the closest known one.
     """
@@ -491,6 +512,7 @@ def create(name: str, **hparams: Any) -> Detector:
             )
     if "backbone" in known:
         check_backbone(name, hparams.get("backbone", known["backbone"]), hparams)
+        hparams = trial_hyperparameters(name, hparams)
     return cls(**hparams)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,12 @@ class PatchCore(Detector):
 
     learning_type = "one_pass"
     localizes = True
+    # EfficientNet-Lite's stride-8 and stride-16 stages are thin (40 + 112 channels against
+    # WRN-50's 512 + 1024): its stride-4 stage restores the detail a patch needs. On the
+    # quickstart's part1 at 128 px: image AUROC 0.88 -> 0.92, pixel 0.96 -> 0.98.
+    family_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "efficientnet_lite": {"layers": ("layer1", "layer2", "layer3")}
+    }
 
     def __init__(
         self,
@@ -206,10 +212,13 @@ class PatchCore(Detector):
     def patch_features(self, images: Tensor) -> Tensor:
         """Locally aware patch features of a batch: ``B x D x h x w`` on the first layer's grid."""
         features = self.extractor(images)
-        # 3x3 neighbourhood average (stride 1, zero padding excluded from the mean) widens each
-        # patch's receptive field without lowering the resolution.
+        # 3x3 neighbourhood average (stride 1) widens each patch's receptive field without
+        # lowering the resolution. The zero padding counts in the mean, as in the reference
+        # implementations (an unfold with zero padding; anomalib's AvgPool2d(3, 1, 1)): border
+        # patches keep a mark of where they are, which matters on parts at a fixed position
+        # (quickstart part1, Lite0: image AUROC 0.82 -> 0.89 with the full bank).
         pooled = [
-            F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            F.avg_pool2d(f, kernel_size=3, stride=1, padding=1)
             for f in features.values()
         ]
         return concat_to_first(pooled, mode="bilinear")

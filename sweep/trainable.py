@@ -538,7 +538,7 @@ def _row_header(trial: TrialConfig, ctx: TrialContext, trial_id: str) -> dict[st
         "trial_config": json.dumps(trial.to_dict(), sort_keys=True),
         "started_at": started,
     }
-    hparams = {**models.hyperparameters(trial.model), **trial.hparams}
+    hparams = models.trial_hyperparameters(trial.model, trial.hparams)
     row.update({HP_PREFIX + k: v for k, v in hparams.items() if HP_PREFIX + k in ctx.schema.names})
     return row
 

