@@ -235,10 +235,11 @@ class EfficientAD(Detector):
 
         Before training, one pass hashes the images to hold out ``validation_fraction`` of them
         and a second computes the teacher's channel statistics on the others (the held-out
-        images are kept for the map normalisation, which runs after the last epoch).
-        ``on_epoch_end(epoch, {"loss", "loss_st", "loss_ae", "loss_stae"})`` runs after every
-        epoch (mean losses per image) and stops training when it returns True. A non-finite
-        mean loss (diverged training) is a :class:`ModelError`.
+        images are kept for the map normalisation). After every epoch the map normalisation
+        quantiles are measured on the held-out images with the current networks, then
+        ``on_epoch_end(epoch, {"loss", "loss_st", "loss_ae", "loss_stae"})`` runs (mean losses
+        per image): it can score the detector with ``predict``, and it stops training when it
+        returns True. A non-finite mean loss (diverged training) is a :class:`ModelError`.
         """
         n_epochs = (
             self.epochs if epochs is None else check_epochs("efficient_ad", epochs, "fit epochs")
@@ -289,6 +290,15 @@ class EfficientAD(Detector):
             values = torch.cat([loss.detach()[None], parts.detach()]).tolist()
             return dict(zip(("loss", "loss_st", "loss_ae", "loss_stae"), values, strict=True))
 
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            # Before on_epoch_end, so that a scheduler scoring a validation split from it (ASHA)
+            # gets maps normalised for the networks of this epoch; the last epoch's quantiles
+            # are the ones the fitted detector keeps, measured after training as in the paper.
+            # Without a callback nobody scores between epochs: only the last pass is needed.
+            if on_epoch_end is not None or epoch == n_epochs:
+                self._normalisation_quantiles(validation if held_out else train, device)
+                self.fitted.fill_(True)
+
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         # Dropout draws from the global generator: fork it, seeded, for reproducibility.
         with torch.random.fork_rng(devices=rng_devices):
@@ -299,9 +309,8 @@ class EfficientAD(Detector):
                 step,
                 epochs=n_epochs,
                 on_epoch_end=on_epoch_end,
+                end_of_epoch=end_of_epoch,
             )
-        self._normalisation_quantiles(validation if held_out else train, device)
-        self.fitted.fill_(True)
         return {
             "epochs": epochs_run,
             **losses,
@@ -383,10 +392,15 @@ class EfficientAD(Detector):
     @torch.no_grad()
     def _normalisation_quantiles(self, images: Iterable[Batch], device: torch.device) -> None:
         local_maps, global_maps = [], []
-        for batch in iter_images(images):
-            local, global_ = self.raw_maps(batch.to(device))
-            local_maps.append(local.flatten())
-            global_maps.append(global_.flatten())
+        training = self.training
+        self.eval()  # runs between training epochs too: no dropout in the maps it measures
+        try:
+            for batch in iter_images(images):
+                local, global_ = self.raw_maps(batch.to(device))
+                local_maps.append(local.flatten())
+                global_maps.append(global_.flatten())
+        finally:
+            self.train(training)
         local_all, global_all = torch.cat(local_maps), torch.cat(global_maps)
         q_a, q_b = PAPER_QUANTILES
         self.st_quantiles.copy_(torch.stack([quantile(local_all, q_a), quantile(local_all, q_b)]))

@@ -367,10 +367,11 @@ class EfficientADAST(Detector):
         ``epochs`` (default: the constructor's).
 
         ``on_epoch_end(epoch, {"loss", "loss_st", "loss_ae", "loss_stae"})`` runs after every
-        student-autoencoder epoch (mean losses per image) and stops training when it returns
-        True. The statistics hold the teacher's epochs and last mean negative log-likelihood
-        per position (``teacher_nll``). A non-finite mean loss in either phase (a diverged
-        flow or student) is a :class:`ModelError`.
+        student-autoencoder epoch (mean losses per image): it can score the detector with
+        ``predict``, and it stops training when it returns True. The statistics hold the
+        teacher's epochs and last mean negative log-likelihood per position (``teacher_nll``).
+        A non-finite mean loss in either phase (a diverged flow or student) is a
+        :class:`ModelError`.
         """
         n_epochs = (
             self.epochs
@@ -398,6 +399,11 @@ class EfficientADAST(Detector):
             values = torch.cat([loss.detach()[None], parts.detach()]).tolist()
             return dict(zip(("loss", "loss_st", "loss_ae", "loss_stae"), values, strict=True))
 
+        def end_of_epoch(epoch: int, means: dict[str, float]) -> None:
+            # Scorable from the first student epoch on, so that a scheduler can score a
+            # validation split from on_epoch_end (ASHA); the maps need no statistics.
+            self.fitted.fill_(True)
+
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         # Dropout draws from the global generator: fork it, seeded, for reproducibility.
         with torch.random.fork_rng(devices=rng_devices):
@@ -406,9 +412,13 @@ class EfficientADAST(Detector):
             # The flow teacher has no dropout or batch norm, so training mode leaves it as it
             # is; its parameters are simply not in this optimizer.
             epochs_run, losses = train_epochs(
-                self, train, step, epochs=n_epochs, on_epoch_end=on_epoch_end
+                self,
+                train,
+                step,
+                epochs=n_epochs,
+                on_epoch_end=on_epoch_end,
+                end_of_epoch=end_of_epoch,
             )
-        self.fitted.fill_(True)
         return {
             "epochs": epochs_run,
             **losses,

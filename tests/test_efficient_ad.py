@@ -123,6 +123,35 @@ def test_same_seed_same_scores_and_global_rng_untouched(toy, small_train):
     assert not torch.equal(other.predict(test).score, a.score)
 
 
+def test_can_be_scored_between_epochs(toy, small_train):
+    # An ASHA study on a validation metric scores the detector from on_epoch_end
+    # (sweep/trainable.py): maps must be normalised for the networks of that epoch.
+    test = toy.test[:4, :, :MECHANICS_SIZE, :MECHANICS_SIZE]
+    detector = models.create("efficient_ad", seed=0, lr=1e-3)
+    scored: list[tuple[int, models.Prediction, torch.Tensor]] = []
+
+    def score(epoch: int, metrics: dict) -> bool:
+        scored.append((epoch, detector.predict(test), detector.st_quantiles.clone()))
+        return False
+
+    detector.fit(small_train, epochs=2, on_epoch_end=score)
+    assert [epoch for epoch, _, _ in scored] == [1, 2]
+    for _, prediction, quantiles in scored:
+        assert torch.isfinite(prediction.score).all()
+        assert torch.isfinite(prediction.anomaly_map).all()
+        assert prediction.anomaly_map.shape == (4, MECHANICS_SIZE, MECHANICS_SIZE)
+        assert 0 < quantiles[0] < quantiles[1]
+    # Each epoch measures its own quantiles; the last epoch's are the fitted detector's, and
+    # scoring between epochs changes nothing in the training.
+    assert not torch.equal(scored[0][2], scored[1][2])
+    final = detector.predict(test)
+    assert torch.equal(final.score, scored[1][1].score)
+    assert detector.training is False
+    quiet = models.create("efficient_ad", seed=0, lr=1e-3)
+    quiet.fit(small_train, epochs=2)
+    assert torch.equal(quiet.predict(test).score, final.score)
+
+
 def test_state_dict_round_trip(toy, fitted):
     detector, _, prediction = fitted
     copy = models.create("efficient_ad", seed=1)

@@ -78,6 +78,32 @@ def test_stops_when_told(toy):
     assert calls == [1, 2] and stats["epochs"] == 2
 
 
+def test_can_be_scored_between_epochs(toy):
+    # An ASHA study on a validation metric scores the detector from on_epoch_end
+    # (sweep/trainable.py), from the first student epoch on.
+    test = toy.test[:4]
+    detector = create(teacher_epochs=1, seed=0)
+    scored: list[tuple[int, models.Prediction]] = []
+
+    def score(epoch: int, metrics: dict) -> bool:
+        scored.append((epoch, detector.predict(test)))
+        return False
+
+    detector.fit([toy.train[:4]], epochs=2, on_epoch_end=score)
+    assert [epoch for epoch, _ in scored] == [1, 2]
+    for _, prediction in scored:
+        assert torch.isfinite(prediction.score).all()
+        assert torch.isfinite(prediction.anomaly_map).all()
+        assert prediction.anomaly_map.shape == test.shape[:1] + test.shape[2:]
+    assert not torch.equal(scored[0][1].score, scored[1][1].score)
+    # Scoring leaves the training alone: the last epoch's scores are the fitted detector's.
+    assert not detector.training
+    assert torch.equal(detector.predict(test).score, scored[1][1].score)
+    quiet = create(teacher_epochs=1, seed=0)
+    quiet.fit([toy.train[:4]], epochs=2)
+    assert torch.equal(quiet.predict(test).score, scored[1][1].score)
+
+
 def test_flow_teacher_is_built_from_the_shared_coupling_blocks(toy, fitted):
     detector = fitted[0]
     assert isinstance(detector.teacher, SequentialFlow)
