@@ -7,8 +7,8 @@ sinusoidal positional encoding of where the vector sits in the map, so one small
 every position while still knowing the position's statistics. The decoders are trained on random
 batches of feature vectors ("fibers") pooled over images and positions, maximising the
 likelihood per dimension through ``-log sigmoid(log p / C)``. At test time each scale's
-per-position log-likelihood is turned into a probability ``exp(log p - max log p)``, upsampled
-and summed over scales; one minus it is the anomaly map, whose maximum is the image score.
+per-position log-likelihood is turned into a probability ``exp(log p - max log p)``, one minus it
+is upsampled and summed over scales into the anomaly map, whose maximum is the image score.
 
 The coupling blocks follow FrEIA's ``AllInOneBlock`` that the authors' code stacks (one subnet
 per block transforming half of the channels, log-scales soft-clamped by ``clamp_alpha``, a learned
@@ -17,10 +17,15 @@ input ``n`` is half the channels plus the condition: 81.6M trainable parameters 
 wide_resnet50_2 layers 2-4, as the reference study's Table 2 counts.
 
 Where the paper normalises log-likelihoods by their maximum over the whole test set (which makes
-a score depend on the other images scored with it), this module subtracts the largest one seen
-in the last training epoch (per layer, over every training fiber, kept as a buffer): the same
-shift for every test image, so scores do not depend on how the test set is batched, and known
-after every epoch, so the detector can be scored mid-training.
+a score depend on the other images scored with it), this module subtracts, per layer, the largest
+of the log-likelihoods seen in the last training epoch (over every training fiber, kept as a
+buffer) and of the scored image's own: a score depends on its image alone, not on how the test
+set is batched, and the reference is known after every epoch, so the detector can be scored
+mid-training. The image's own maximum matters where a position is more likely than every
+training fiber, which a barely trained flow gives out-of-distribution features (its likelihoods
+then spread over thousands of nats per dimension): subtracting the training maximum alone would
+leave ``exp`` a positive argument, overflowing to infinity past 88 in float32, and the map
+non-finite. With it, every probability lies in [0, 1] and the map in [0, number of layers].
 """
 
 from __future__ import annotations
@@ -341,14 +346,20 @@ class CFlow(Detector):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
-        """Score a batch: ``sum over layers of 1 - exp(log p - reference)``, and its maximum."""
+        """Score a batch: ``sum over layers of 1 - exp(log p - reference)``, and its maximum.
+
+        Per layer and image the reference is the larger of the training one
+        (``reference_log_p``) and the image's own largest log-likelihood, so that the
+        probabilities lie in [0, 1] whatever the image.
+        """
         if not bool(torch.isfinite(self.reference_log_p).all()):
             raise ModelError("cflow: predict called before fit")
         images = images.to(self.reference_log_p.device)
         size = images.shape[-2:]
         anomaly_map = torch.zeros(images.shape[0], *size, device=images.device)
         for log_p, reference in zip(self._layer_log_p(images), self.reference_log_p, strict=True):
-            probability = torch.exp(log_p - reference)
+            own = log_p.flatten(1).amax(1)[:, None, None]
+            probability = torch.exp(log_p - torch.maximum(own, reference))
             anomaly_map += upsample_maps(1.0 - probability, size)
         scores = anomaly_map.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=anomaly_map)
