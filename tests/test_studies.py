@@ -14,7 +14,7 @@ from sweep.study import expand_trials, load_study, smoke_form
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 # Smoke forms that take longer than a few seconds run in CI's slow stage.
-SLOW_SMOKES = {"glue_line", "augmentation_robustness"}
+SLOW_SMOKES = {"glue_line", "glue_line_lite", "augmentation_robustness"}
 MAX_SMOKE_TRIALS = 40
 TABLE3 = [
     {"Defocus": {"alias_blur": [0.1, 0.5], "p": 0.5, "radius": [3, 10]}},

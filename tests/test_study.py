@@ -80,6 +80,17 @@ def test_prefixed_key_wins_over_shared_key():
     assert trial.backbone == "wide_resnet50_2"
 
 
+def test_a_models_own_epochs_are_its_trials_budget():
+    space = {"model": {"grid": ["stfpm", "padim"]}, "backbone": "resnet18", "epochs": 20}
+    study = study_from_dict({**BASE, "space": {**space, "stfpm.epochs": 5}})
+    stfpm, padim = sorted(expand_trials(study), key=lambda t: t.model != "stfpm")
+    # The budget fit runs (and a scheduler counts) is the trial's, not a detector default.
+    assert (stfpm.model, stfpm.epochs, "epochs" in stfpm.hparams) == ("stfpm", 5, False)
+    assert (padim.model, padim.epochs) == ("padim", 20)
+    shared = study_from_dict({**BASE, "space": {**space, "model": "stfpm"}})
+    assert config_hash(study, stfpm) != config_hash(shared, expand_trials(shared)[0])
+
+
 @pytest.mark.parametrize(
     ("raw", "needles"),
     [
