@@ -50,6 +50,7 @@ from sweep.study import (
     expand_trials,
     load_study,
     resolve_trial,
+    split_key,
 )
 
 __all__ = [
@@ -231,10 +232,10 @@ class StudyPlan:
 
 
 def _representative(key: str, param: Param) -> Any:
-    # One value of a continuous parameter for costing: the costly end of the cost-bearing keys,
-    # the middle of the others.
+    # One value of a continuous parameter for costing: the costly end of the cost-bearing keys
+    # (shared, per model), the middle of the others (per-(model, backbone) keys included).
     assert param.low is not None and param.high is not None
-    if key.rpartition(".")[2] in ("epochs", "image_size"):
+    if split_key(key).name in ("epochs", "image_size"):
         return int(param.high)
     if param.kind == "int":
         return round((param.low + param.high) / 2)

@@ -39,11 +39,13 @@ from sweep.study import (
     Param,
     Study,
     TrialConfig,
+    assigned_backbone,
     assignment_from_sampler,
     check_hyperparameters,
     config_hash,
     expand_trials,
     resolve_trial,
+    split_key,
     study_from_dict,
     study_image_sizes,
     study_to_yaml,
@@ -80,7 +82,7 @@ def study_schema(study: Study):
     for key, param in study.space.items():
         if key in TRIAL_KEYS:
             continue
-        name = key.partition(".")[2] if "." in key else key
+        name = split_key(key).name
         if name in values:
             values[name].extend(_param_values(param))
     return row_schema(hp_column_types(values))
@@ -154,11 +156,21 @@ class _DefineByRun:
 
     def __call__(self, trial: Any) -> None:
         model = trial.suggest_categorical("model", list(self.study.space["model"].options()))
+        per_backbone: list[tuple[str, str, Param]] = []
         for key, param in self.study.space.items():
-            owner, dot, _ = key.partition(".")
-            if key == "model" or (dot and owner != model):
+            owner, backbone, _ = split_key(key)
+            if key == "model" or (owner is not None and owner != model):
                 continue
-            _suggest(trial, key, param)
+            if backbone is not None:
+                per_backbone.append((key, backbone, param))
+            else:
+                _suggest(trial, key, param)
+        # A per-(model, backbone) key is sampled only once the trial's backbone is drawn, and
+        # only for that backbone, so Optuna never learns from values a trial did not use.
+        chosen = assigned_backbone(model, assignment_from_sampler(self.study, trial.params))
+        for key, backbone, param in per_backbone:
+            if backbone == chosen:
+                _suggest(trial, key, param)
 
 
 def _suggest(trial: Any, key: str, param: Param) -> None:

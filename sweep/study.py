@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import yaml
@@ -46,6 +46,8 @@ NATIVE_SIZE = "native"
 set's ``image_size``."""
 # Detector hyperparameters that most detectors share; they apply wherever the detector has them.
 SHARED_HPARAMS = ("backbone", "pretrained", "weights")
+BACKBONE_MARK = "@"
+"""Joins model and backbone in a per-(model, backbone) key: ``fastflow@cait_m48_448.lr``."""
 
 METRICS: dict[str, Literal["max", "min"]] = {
     "image_auroc": "max",
@@ -69,6 +71,35 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
 DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"
 CACHE_DIR_ENV = "ANOMALY_SWEEP_CACHE_DIR"
+
+
+class SpaceKey(NamedTuple):
+    """What a space key names: ``lr`` is shared (model and backbone None), ``stfpm.lr`` is
+    STFPM's, ``fastflow@cait_m48_448.flow_steps`` FastFlow's on CaiT-M48 only."""
+
+    model: str | None
+    backbone: str | None
+    name: str
+
+
+def split_key(key: str) -> SpaceKey:
+    """The model, backbone and hyperparameter (or trial key) a space key names."""
+    owner, dot, name = key.partition(".")
+    if not dot:
+        return SpaceKey(None, None, key)
+    model, mark, backbone = owner.partition(BACKBONE_MARK)
+    return SpaceKey(model, backbone if mark else None, name)
+
+
+def key_candidates(model: str, name: str, backbone: str | None = None) -> tuple[str, ...]:
+    """The space keys that can give ``name`` to a trial of ``model`` on ``backbone``, most
+    specific first: ``model@backbone.name``, ``model.name``, ``name``.
+
+    This is the study format's precedence rule, written once; the first key present wins and
+    without any the detector's default applies (its backbone family's, else its signature's).
+    """
+    specific = () if backbone is None else (f"{model}{BACKBONE_MARK}{backbone}.{name}",)
+    return (*specific, f"{model}.{name}", name)
 
 
 class _Strict(BaseModel):
@@ -587,8 +618,8 @@ def _validate_space(study: Study) -> None:
     for key in space:
         if key in TRIAL_KEYS:
             continue
-        if "." in key:
-            model, _, hp = key.partition(".")
+        model, backbone, hp = split_key(key)
+        if model is not None:
             if model not in known_models:
                 raise ValueError(
                     f"space key {key!r}: unknown model {model!r}{did_you_mean(model, known_models)}"
@@ -598,6 +629,9 @@ def _validate_space(study: Study) -> None:
                     f"space key {key!r} applies to model {model!r}, which the study's 'model' "
                     f"does not include ({', '.join(study_models)})"
                 )
+            if backbone is not None:
+                _check_backbone_key(study, key, hparams[model])
+                continue
             if hp in PER_MODEL_TRIAL_KEYS:
                 continue
             if hp not in hparams[model] or hp == "seed":
@@ -606,6 +640,12 @@ def _validate_space(study: Study) -> None:
                     f"{did_you_mean(hp, hparams[model])} "
                     f"(known: {', '.join(sorted(h for h in hparams[model] if h != 'seed'))})"
                 )
+        elif BACKBONE_MARK in key:
+            raise ValueError(
+                f"space key {key!r}: a per-(model, backbone) key is "
+                f"MODEL{BACKBONE_MARK}BACKBONE.HYPERPARAMETER (e.g. "
+                f"'fastflow{BACKBONE_MARK}cait_m48_448.flow_steps')"
+            )
         elif not any(key in hps for hps in hparams.values()):
             every = sorted({h for hps in hparams.values() for h in hps} | set(TRIAL_KEYS))
             raise ValueError(
@@ -648,45 +688,106 @@ def _validate_space(study: Study) -> None:
                 )
 
 
+def _check_backbone_key(study: Study, key: str, known: Mapping[str, Any]) -> None:
+    """A per-(model, backbone) key must name a backbone some of the model's trials in this study
+    use, and set one of the model's hyperparameters."""
+    from models.backbones import list_backbones
+
+    model, backbone, hp = split_key(key)
+    assert model is not None and backbone is not None
+    if "backbone" not in known:
+        raise ValueError(
+            f"space key {key!r}: model {model!r} takes no backbone; give its hyperparameters "
+            f"as '{model}.{hp}'"
+        )
+    known_backbones = list_backbones()
+    if backbone not in known_backbones:
+        raise ValueError(
+            f"space key {key!r}: unknown backbone {backbone!r}"
+            f"{did_you_mean(backbone, known_backbones)} (known: {', '.join(known_backbones)})"
+        )
+    used = space_options(study, model, "backbone") or ()
+    if backbone not in used:
+        raise ValueError(
+            f"space key {key!r}: no {model} trial of the study runs on {backbone!r} "
+            f"({model}'s backbones here: {', '.join(map(str, used))})"
+        )
+    if hp == "image_size" or (hp == "epochs" and "epochs" in known):
+        # Per backbone they would split a model's sizes and budgets everywhere data is prepared,
+        # trials are costed and epochs scheduled; 'native' already covers sizes that follow the
+        # backbone.
+        hint = " ('native' takes each backbone's own input size)" if hp == "image_size" else ""
+        raise ValueError(
+            f"space key {key!r}: {hp} is set per model, not per (model, backbone): "
+            f"'{model}.{hp}'{hint}"
+        )
+    settable = sorted(h for h in known if h not in TRIAL_KEYS and h != "backbone")
+    if hp not in settable:
+        why = (
+            "the backbone is what the key selects, not a value it sets"
+            if hp == "backbone"
+            else f"model {model!r} has no hyperparameter {hp!r}{did_you_mean(hp, settable)}"
+        )
+        raise ValueError(f"space key {key!r}: {why} (known: {', '.join(settable)})")
+
+
+def space_options(
+    study: Study, model: str, name: str, backbone: str | None = None
+) -> tuple[Any, ...] | None:
+    """Every value hyperparameter ``name`` takes in ``model``'s trials (on ``backbone`` where
+    given): the options of the most specific space key that gives it, else the detector's
+    signature default; None where a continuous distribution samples it."""
+    import models
+
+    known = models.hyperparameters(model)
+    for key in key_candidates(model, name, backbone):
+        # A shared key reaches only the detectors that have the hyperparameter.
+        if key in study.space and (key != name or name in known):
+            param = study.space[key]
+            return param.options() if param.is_enumerable else None
+    return (known.get(name),)
+
+
 def _check_backbone_pairs(
     study: Study, study_models: list[str], hparams: Mapping[str, Mapping[str, Any]]
 ) -> None:
     """Fail on any model x backbone x layers x image size the grid would produce but cannot run."""
     import models
 
-    space = study.space
-
-    def options(model: str, key: str) -> tuple[Any, ...] | None:
-        for name in (f"{model}.{key}", key):
-            if name in space:
-                return space[name].options() if space[name].is_enumerable else None
-        return (hparams[model][key],)
-
     for model in study_models:
         if "backbone" not in hparams[model]:
             continue
-        backbones = options(model, "backbone")
-        layer_options = options(model, "layers") if "layers" in hparams[model] else (None,)
+        backbones = space_options(study, model, "backbone")
         sizes = _size_options(study, model)
-        if backbones is None or layer_options is None or sizes is None:
+        if backbones is None or sizes is None:
             continue
-        for backbone, layers, size_option in itertools.product(backbones, layer_options, sizes):
-            size = resolve_image_size(study, backbone, size_option)
-            given = {} if layers is None else {"layers": _freeze(layers)}
-            problem = models.backbone_problem(model, backbone, given, size)
-            if problem is None:
+        for backbone in backbones:
+            # Layers may be given per backbone (model@backbone.layers).
+            layer_options = (
+                space_options(study, model, "layers", backbone)
+                if "layers" in hparams[model]
+                else (None,)
+            )
+            if layer_options is None:
                 continue
-            usable = models.compatible_backbones(model, given, size)
-            where = f" with layers {list(layers)}" if layers is not None else ""
-            hint = (
-                f"; at {size} px{where} it can use: {', '.join(usable)}"
-                if usable
-                else f"; no registered backbone works with it at {size} px{where}"
-            )
-            raise ValueError(
-                f"model {model!r} cannot use backbone {backbone!r}{where} at {size} px: "
-                f"{problem}{hint} (give each model its own backbones with '{model}.backbone')"
-            )
+            for layers, size_option in itertools.product(layer_options, sizes):
+                size = resolve_image_size(study, backbone, size_option)
+                given = {} if layers is None else {"layers": _freeze(layers)}
+                problem = models.backbone_problem(model, backbone, given, size)
+                if problem is None:
+                    continue
+                usable = models.compatible_backbones(model, given, size)
+                where = f" with layers {list(layers)}" if layers is not None else ""
+                hint = (
+                    f"; at {size} px{where} it can use: {', '.join(usable)}"
+                    if usable
+                    else f"; no registered backbone works with it at {size} px{where}"
+                )
+                raise ValueError(
+                    f"model {model!r} cannot use backbone {backbone!r}{where} at {size} px: "
+                    f"{problem}{hint} (give each model its own backbones with "
+                    f"'{model}.backbone')"
+                )
 
 
 def _size_options(study: Study, model: str) -> tuple[Any, ...] | None:
@@ -725,12 +826,7 @@ def study_image_sizes(study: Study) -> list[int]:
             options = (int(param.low or 0), int(param.high or 0))
         backbones: tuple[Any, ...] = (None,)
         if "backbone" in models.hyperparameters(model):
-            for key in (f"{model}.backbone", "backbone"):
-                if key in study.space and study.space[key].is_enumerable:
-                    backbones = study.space[key].options()
-                    break
-            else:
-                backbones = (models.hyperparameters(model)["backbone"],)
+            backbones = space_options(study, model, "backbone") or (None,)
         for size in options:
             for backbone in backbones:
                 sizes.add(resolve_image_size(study, backbone, size))
@@ -950,21 +1046,23 @@ def config_hash(study: Study, trial: TrialConfig) -> str:
 
 
 def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
-    """Turn one value per space key into a trial, keeping only what applies to its model."""
+    """Turn one value per space key into a trial, keeping only what applies to its model and
+    backbone (the most specific key of :func:`key_candidates` wins)."""
     import models
 
     model = assignment["model"]
     known = models.hyperparameters(model)
     seed = int(assignment.get("seed", 0))
+    # Per-(model, backbone) keys depend on the backbone, which is settled first.
+    backbone = assigned_backbone(model, assignment)
     hparams: dict[str, Any] = {}
-    for key, value in assignment.items():
-        if key not in TRIAL_KEYS and "." not in key and key in known:
-            hparams[key] = _freeze(value)
-    # A model-prefixed key is more specific and wins over a shared one.
-    for key, value in assignment.items():
-        owner, dot, hp = key.partition(".")
-        if dot and owner == model and hp not in (*PER_MODEL_TRIAL_KEYS, "epochs"):
-            hparams[hp] = _freeze(value)
+    for hp in known:
+        if hp in TRIAL_KEYS:  # seed and epochs are the trial's, set below
+            continue
+        for key in key_candidates(model, hp, backbone):
+            if key in assignment:
+                hparams[hp] = _freeze(assignment[key])
+                break
     if "seed" in known:
         hparams["seed"] = seed
     # The training budget is the trial's (what fit and the scheduler run), per model too.
@@ -972,7 +1070,6 @@ def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
     size = assignment.get(
         f"{model}.image_size", assignment.get("image_size", study.dataset.image_size)
     )
-    backbone = hparams.get("backbone", known.get("backbone"))
     return TrialConfig(
         model=model,
         seed=seed,
@@ -982,6 +1079,21 @@ def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
         augmentation=str(assignment.get("augmentation", "none")),
         stress=str(assignment.get("stress", "none")),
     )
+
+
+def assigned_backbone(model: str, assignment: Mapping[str, Any]) -> str | None:
+    """The backbone of ``model``'s trial under ``assignment`` (its own key, else the shared one,
+    else its default); None for a detector without one."""
+    import models
+
+    known = models.hyperparameters(model)
+    if "backbone" not in known:
+        return None
+    for key in key_candidates(model, "backbone"):
+        if key in assignment:
+            value = assignment[key]
+            return None if value is None else str(value)
+    return known["backbone"]
 
 
 def assignment_from_sampler(study: Study, sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -1176,6 +1288,16 @@ def smoke_form(
             space[f"{model}.layers"] = _jsonable(models.hyperparameters(model)["layers"])
         for hp, value in tiny.items():
             space[f"{model}.{hp}"] = _jsonable(value)
+        for key in list(space):
+            owner, backbone, hp = split_key(key)
+            if owner != model or backbone is None:
+                continue
+            # The tiny configuration wins over per-backbone settings as it does over the
+            # model's own; layers chosen for a full-size input may not exist at 64 px.
+            if hp in tiny or (
+                hp == "layers" and not _layers_fit(model, backbone, study.space[key])
+            ):
+                del space[key]
     search = raw["search"]
     if search.get("algorithm") == "optuna":
         search["n_trials"] = min(int(search["n_trials"]), SMOKE_OPTUNA_TRIALS)
@@ -1206,9 +1328,16 @@ def smoke_form(
     kept = raw["space"]["model"]
     kept = set(kept.get("grid") or kept.get("choice") or ()) if isinstance(kept, dict) else {kept}
     for key in list(raw["space"]):
-        owner, dot, _ = key.partition(".")
-        if dot and owner not in kept:
+        owner, backbone, _ = split_key(key)
+        if owner is not None and owner not in kept:
             del raw["space"][key]
+        elif backbone is not None and f"space.{key}" not in study.smoke:
+            # The smoke form runs other backbones (tiny ones): the study's settings for its
+            # own backbones have nothing left to apply to. Those the smoke block gives stay,
+            # and are validated like any key.
+            used = _raw_backbones(raw["space"], owner)
+            if used is not None and backbone not in used:
+                del raw["space"][key]
     raw["resources"]["models"] = {}
     raw["evaluation"]["models"] = {
         model: sizes for model, sizes in raw["evaluation"]["models"].items() if model in kept
@@ -1222,6 +1351,23 @@ def smoke_form(
             "the study's smoke: block)",
             path=study.source,
         ) from None
+
+
+def _raw_backbones(space: Mapping[str, Any], model: str | None) -> set[Any] | None:
+    """The backbones ``model``'s trials use under a raw (YAML) space; None when that cannot be
+    read (a bad value, reported when the space is validated)."""
+    import models
+
+    if model is None or model not in models.list_models():
+        return None
+    known = models.hyperparameters(model)
+    for key in key_candidates(model, "backbone"):
+        if key in space:
+            try:
+                return set(_parse_param(key, space[key]).options())
+            except ValueError:
+                return None
+    return {known.get("backbone")}
 
 
 def _layers_fit(model: str, backbone: str, param: Param) -> bool:

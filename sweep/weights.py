@@ -39,7 +39,7 @@ import torch
 from rich.console import Console
 
 from sweep.errors import SweepError
-from sweep.study import Study, TrialConfig
+from sweep.study import Study, TrialConfig, space_options
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/anomaly-sweep/weights"
 WEIGHTS_DIR_ENV = "ANOMALY_SWEEP_WEIGHTS_DIR"
@@ -85,14 +85,14 @@ class BackboneNeed:
         return ", ".join(self.models) + via
 
 
-def _options(study: Study, model: str, key: str, known: dict[str, Any]) -> tuple[Any, ...]:
-    """Every value ``key`` may take for ``model``'s trials: the model-prefixed space key, the
-    shared one, else the detector's default (a sampled distribution counts as its default)."""
-    for name in (f"{model}.{key}", key):
-        if name in study.space:
-            param = study.space[name]
-            return tuple(param.options()) if param.is_enumerable else (known.get(key),)
-    return (known.get(key),)
+def _options(
+    study: Study, model: str, key: str, known: dict[str, Any], backbone: str | None = None
+) -> tuple[Any, ...]:
+    """Every value ``key`` may take for ``model``'s trials (on ``backbone`` where given): the
+    most specific space key (``sweep.study.key_candidates``), else the detector's default (a
+    sampled distribution counts as its default)."""
+    options = space_options(study, model, key, backbone)
+    return (known.get(key),) if options is None else tuple(options)
 
 
 def needed_backbones(study: Study) -> list[BackboneNeed]:
@@ -110,11 +110,12 @@ def needed_backbones(study: Study) -> list[BackboneNeed]:
         known = models.hyperparameters(model)
         if "backbone" not in known or "pretrained" not in known:
             continue
-        if not any(bool(value) for value in _options(study, model, "pretrained", known)):
-            continue
-        if all(value is not None for value in _options(study, model, "weights", known)):
-            continue  # every trial of it loads the study's own file
         for backbone in _options(study, model, "backbone", known):
+            # pretrained and weights may be given per (model, backbone).
+            if not any(bool(v) for v in _options(study, model, "pretrained", known, backbone)):
+                continue
+            if all(v is not None for v in _options(study, model, "weights", known, backbone)):
+                continue  # every trial of it loads the study's own file
             spec = get_backbone(str(backbone))
             members = spec.members if spec.kind == "composite" else (spec.name,)
             for member in members:

@@ -117,6 +117,14 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "validate",
         s.study(_space(model="patchcore", coreset_ration=0.1)),
     ],
+    "study-backbone-key-unused": lambda s: [
+        "validate",
+        s.study(_space(**{"patchcore@wide_resnet50_2.coreset_ratio": 0.1})),
+    ],
+    "study-backbone-key-trial-key": lambda s: [
+        "validate",
+        s.study(_space(**{"patchcore@resnet18.image_size": 128})),
+    ],
     "study-bad-hyperparameter": lambda s: [
         "validate",
         s.study(_space(model="patchcore", coreset_ratio=1.5)),

@@ -225,3 +225,30 @@ def test_format_duration():
         "2.0 h",
         "3.0 d",
     ]
+
+
+def test_optuna_configurations_cost_per_backbone_keys_on_their_backbone():
+    from sweep.plan import optuna_configurations
+
+    study = quick_study(
+        search={"algorithm": "optuna", "n_trials": 10},
+        space={
+            "model": {"choice": ["padim", "stfpm"]},
+            "backbone": {"choice": ["resnet18", "resnet34"]},
+            "pretrained": False,
+            "stfpm@resnet34.lr": {"choice": [0.1, 0.4]},
+            "stfpm@resnet18.lr": {"loguniform": [0.01, 0.4]},
+        },
+    )
+    found = {
+        (t.model, t.backbone, t.hparams.get("lr") and round(t.hparams["lr"], 4))
+        for t in optuna_configurations(study)
+    }
+    # A sampled per-backbone key is costed at one value (the geometric middle of a loguniform).
+    assert found == {
+        ("padim", "resnet18", None),
+        ("padim", "resnet34", None),
+        ("stfpm", "resnet18", round((0.01 * 0.4) ** 0.5, 4)),
+        ("stfpm", "resnet34", 0.1),
+        ("stfpm", "resnet34", 0.4),
+    }

@@ -102,6 +102,24 @@ def test_optuna_multi_objective_search(ray_session, glue_root, tmp_path):
     assert df["hp.num_neighbors"].between(1, 9).all()
 
 
+def test_optuna_search_through_tune_applies_per_backbone_keys(ray_session, glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {
+        "model": "patchcore",
+        "backbone": {"choice": ["resnet18", "resnet34"]},
+        "pretrained": False,
+        "seed": {"choice": [0, 1, 2, 3]},
+        "patchcore.num_neighbors": {"int": [1, 9]},
+        "patchcore@resnet34.num_neighbors": {"int": [20, 30]},
+    }
+    raw["search"] = {"algorithm": "optuna", "sampler": "random", "n_trials": 8, "seed": 2}
+    run_study(study_from_dict(raw), trial_runner=trivial_runner, preflight=False)
+    df = read_results(tmp_path / "out")
+    by_backbone = df.groupby("backbone")["hp.num_neighbors"]
+    assert set(by_backbone.groups) == {"resnet18", "resnet34"}
+    assert by_backbone.min()["resnet34"] >= 20 and by_backbone.max()["resnet18"] <= 9
+
+
 def epoch_runner(trial, ctx, report):
     """Trains for ``trial.epochs`` epochs; seed 0 is a good configuration, the others poor."""
     quality = 0.9 if trial.seed == 0 else 0.2 + trial.seed / 100
@@ -206,3 +224,48 @@ def test_packed_trials_never_time_at_once(ray_session, glue_root, tmp_path):
     # The trials did run concurrently (so the lock had something to keep apart).
     spans = sorted(zip(df["started_at"], df["finished_at"], strict=True))
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+
+
+def test_define_by_run_samples_per_backbone_keys_only_for_the_drawn_backbone():
+    import optuna
+
+    from sweep.runner import _DefineByRun
+    from sweep.study import assignment_from_sampler, resolve_trial
+
+    deit = "deit_base_distilled_patch16_384"
+    key = f"fastflow@{deit}.flow_steps"
+    study = study_from_dict(
+        {
+            "name": "per-backbone",
+            "search": {"algorithm": "optuna", "n_trials": 40},
+            "space": {
+                "model": {"choice": ["fastflow", "padim"]},
+                "pretrained": False,
+                "fastflow.backbone": {"choice": ["resnet18", deit]},
+                "fastflow.image_size": "native",
+                "fastflow.flow_steps": {"int": [2, 8]},
+                key: {"int": [16, 24]},
+                f"fastflow@{deit}.conv3x3_only": False,
+            },
+        }
+    )
+    space = _DefineByRun(study)
+    sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(40):
+        trial = sampler.ask()
+        space(trial)
+        config = resolve_trial(study, assignment_from_sampler(study, trial.params))
+        sampler.tell(trial, 0.0)
+        kinds.add(config.backbone if config.model == "fastflow" else config.model)
+        # Optuna holds a per-backbone value only for trials that run on that backbone.
+        assert (key in trial.params) == (config.backbone == deit), trial.params
+        if config.backbone == deit:
+            assert 16 <= config.hparams["flow_steps"] <= 24
+            assert config.hparams["conv3x3_only"] is False
+        elif config.model == "fastflow":
+            assert 2 <= config.hparams["flow_steps"] <= 8
+            assert "conv3x3_only" not in config.hparams
+        else:
+            assert not {"flow_steps", "conv3x3_only"} & set(config.hparams)
+    assert kinds == {"resnet18", deit, "padim"}

@@ -14,6 +14,7 @@ from sweep.study import (
     expand_trials,
     load_study,
     resolve_trial,
+    smoke_form,
     study_from_dict,
 )
 
@@ -246,3 +247,196 @@ def test_per_model_batch_sizes_name_models_of_the_study(tmp_path):
     raw = {**BASE, "evaluation": {"models": {"padim": {"train_batch_size": 0}}}}
     with pytest.raises(StudyError, match=r"evaluation.models.padim.train_batch_size"):
         load_study(write(tmp_path, raw))
+
+
+# --------------------------------------------------------------------------- per (model, backbone)
+
+DEIT = "deit_base_distilled_patch16_384"
+FLOW_SPACE = {
+    "model": {"grid": ["fastflow", "padim"]},
+    "pretrained": False,
+    "fastflow.backbone": {"grid": ["resnet18", DEIT]},
+    "fastflow.image_size": "native",
+    "seed": {"grid": [0, 1]},
+}
+
+
+def flow_study(**space) -> dict:
+    return {"name": "flow", "dataset": {"image_size": 64}, "space": {**FLOW_SPACE, **space}}
+
+
+def test_per_backbone_key_wins_over_model_and_shared_keys_on_its_backbone_only():
+    study = study_from_dict(
+        flow_study(
+            **{
+                "flow_steps": 4,
+                "fastflow.flow_steps": 6,
+                f"fastflow@{DEIT}.flow_steps": 20,
+                "fastflow.hidden_ratio": 0.5,
+                f"fastflow@{DEIT}.conv3x3_only": False,
+                "padim@resnet18.n_features": 50,
+            }
+        )
+    )
+    trials = {(t.model, t.backbone, t.seed): t.hparams for t in expand_trials(study)}
+    assert len(trials) == 2 * 2 + 2
+    deit, resnet = trials[("fastflow", DEIT, 0)], trials[("fastflow", "resnet18", 0)]
+    assert (deit["flow_steps"], deit["hidden_ratio"], deit["conv3x3_only"]) == (20, 0.5, False)
+    assert (resnet["flow_steps"], resnet["hidden_ratio"]) == (6, 0.5)
+    assert "conv3x3_only" not in resnet  # the detector's default (and family default) applies
+    # padim runs on its default backbone, so padim@resnet18 reaches it.
+    assert trials[("padim", None, 1)]["n_features"] == 50
+    # Without the model key the shared one is next in line, on every backbone but DeiT.
+    shared = study_from_dict(flow_study(**{"flow_steps": 4, f"fastflow@{DEIT}.flow_steps": 20}))
+    steps = {
+        t.backbone: t.hparams["flow_steps"] for t in expand_trials(shared) if t.model != "padim"
+    }
+    assert steps == {"resnet18": 4, DEIT: 20}
+
+
+def test_per_backbone_keys_change_the_hash_of_their_trials_only():
+    plain = study_from_dict(flow_study())
+    tuned = study_from_dict(flow_study(**{f"fastflow@{DEIT}.flow_steps": {"grid": [20, 12]}}))
+    before = {t.label(): config_hash(plain, t) for t in expand_trials(plain)}
+    after: dict[str, list[str]] = {}
+    for trial in expand_trials(tuned):
+        after.setdefault(trial.label(), []).append(config_hash(tuned, trial))
+    for label, digest in before.items():
+        if DEIT in label:
+            # A grid per (model, backbone) multiplies its own trials, each a new configuration.
+            assert len(after[label]) == 2 and digest not in after[label]
+        else:
+            assert after[label] == [digest], label
+    # A study without such keys keeps the hashes of earlier releases (finished rows stay so).
+    assert before["fastflow/resnet18 seed=0 64px"] == "aa8e246f03c370e8"
+    assert before[f"fastflow/{DEIT} seed=0 384px"] == "1d9a2b44ae227682"
+    assert before["padim seed=1 64px"] == "4f85c42da292347f"
+
+
+def test_random_search_draws_per_backbone_keys_for_their_trials():
+    raw = flow_study(**{f"fastflow@{DEIT}.hidden_ratio": {"uniform": [0.1, 0.3]}})
+    raw["search"] = {"algorithm": "random", "num_samples": 3, "seed": 5}
+    trials = expand_trials(study_from_dict(raw))
+    ratios = [t.hparams["hidden_ratio"] for t in trials if t.backbone == DEIT]
+    assert len(ratios) == 2 * 3 and len(set(ratios)) == 6
+    assert all(0.1 <= r <= 0.3 for r in ratios)
+    # The other trials are not repeated once per draw of a key that does not reach them.
+    assert sum(t.backbone == "resnet18" for t in trials) == 2
+    assert all("hidden_ratio" not in t.hparams for t in trials if t.backbone != DEIT)
+
+
+def test_per_backbone_layers_are_checked_against_their_backbone():
+    space = {"model": "padim", "padim.backbone": {"grid": ["resnet18", "vgg16_bn"]}}
+    with pytest.raises(StudyError, match=r"'padim' cannot use backbone 'resnet18' with layers"):
+        study_from_dict({"name": "l", "space": {**space, "padim@resnet18.layers": ["features.5"]}})
+    study = study_from_dict(
+        {"name": "l", "space": {**space, "padim@vgg16_bn.layers": ["features.12"]}}
+    )
+    layers = {t.backbone: t.hparams.get("layers") for t in expand_trials(study)}
+    assert layers == {"resnet18": None, "vgg16_bn": ("features.12",)}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needles"),
+    [
+        ("fastflw@resnet18.lr", 0.1, ["unknown model 'fastflw'", "did you mean 'fastflow'"]),
+        ("stfpm@resnet18.lr", 0.1, ["'stfpm@resnet18.lr'", "does not include"]),
+        ("draem@resnet18.lr", 0.1, ["'draem@resnet18.lr'", "does not include"]),
+        ("fastflow@resnet19.lr", 0.1, ["unknown backbone 'resnet19'", "did you mean 'resnet18'"]),
+        (
+            "fastflow@wide_resnet50_2.lr",
+            0.1,
+            ["no fastflow trial of the study runs on 'wide_resnet50_2'", f"resnet18, {DEIT}"],
+        ),
+        ("fastflow@resnet18.flow_step", 3, ["no hyperparameter 'flow_step'", "'flow_steps'"]),
+        ("fastflow@resnet18.epochs", 3, ["epochs is set per model", "'fastflow.epochs'"]),
+        ("fastflow@resnet18.image_size", 64, ["'fastflow.image_size'", "'native'"]),
+        ("fastflow@resnet18.seed", 1, ["no hyperparameter 'seed'"]),
+        ("fastflow@resnet18.backbone", DEIT, ["the backbone is what the key selects"]),
+        ("fastflow@resnet18", 1, ["MODEL@BACKBONE.HYPERPARAMETER"]),
+        ("fastflow@resnet18.lr", {"uniform": [0.1, 0.2]}, ["'grid'"]),
+    ],
+)
+def test_bad_per_backbone_keys_name_the_key(tmp_path, key, value, needles):
+    path = write(tmp_path, flow_study(**{key: value}))
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    message = str(info.value)
+    assert str(path) in message and f"'{key}'" in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_per_backbone_keys_of_models_without_a_backbone_are_refused():
+    raw = {"name": "d", "space": {"model": "draem", "draem@resnet18.lr": 0.1}}
+    with pytest.raises(StudyError, match=r"'draem' takes no backbone; give .* as 'draem.lr'"):
+        study_from_dict(raw)
+
+
+def test_smoke_form_drops_per_backbone_keys_of_backbones_it_does_not_run():
+    study = study_from_dict(
+        flow_study(
+            **{
+                f"fastflow@{DEIT}.flow_steps": 20,
+                "fastflow@resnet18.flow_steps": 12,  # the tiny configuration's flow_steps win
+                "fastflow@resnet18.hidden_ratio": 0.5,
+            }
+        )
+    )
+    smoke = smoke_form(study)
+    assert f"fastflow@{DEIT}.flow_steps" not in smoke.space
+    assert "fastflow@resnet18.flow_steps" not in smoke.space
+    (flow,) = [t for t in expand_trials(smoke) if t.model == "fastflow"]
+    assert (flow.backbone, flow.hparams["flow_steps"], flow.hparams["hidden_ratio"]) == (
+        "resnet18",
+        1,
+        0.5,
+    )
+    # A per-backbone key the smoke block gives is the smoke form's own, validated as such.
+    raw = flow_study(**{f"fastflow@{DEIT}.flow_steps": 20})
+    raw["smoke"] = {f"space.fastflow@{DEIT}.lr": 0.1}
+    with pytest.raises(StudyError, match=r"smoke form .* no fastflow trial of the study runs on"):
+        smoke_form(study_from_dict(raw))
+
+
+def test_glue_line_gives_fastflow_table_b8_transformer_settings_only_on_transformers():
+    root = Path(__file__).resolve().parents[1] / "studies"
+    study = load_study(root / "glue_line.yaml")
+    trials = expand_trials(study)
+    assert len(trials) == 140
+    transformer = {"flow_steps": 20, "hidden_ratio": 0.16, "conv3x3_only": False}
+    flows = [t for t in trials if t.model == "fastflow"]
+    assert len(flows) == 20
+    for trial in flows:
+        given = {k: trial.hparams[k] for k in transformer if k in trial.hparams}
+        if trial.backbone in ("cait_m48_448", DEIT):
+            assert given == transformer, trial.label()
+        else:
+            assert given == {}, trial.label()  # FastFlow's ResNet defaults: 8, 1.0, True
+    # Every other trial is the configuration it was before the per-backbone keys.
+    plain_raw = yaml.safe_load((root / "glue_line.yaml").read_text())
+    plain_raw["space"] = {k: v for k, v in plain_raw["space"].items() if "@" not in k}
+    plain = study_from_dict(plain_raw)
+    unchanged = {config_hash(plain, t) for t in expand_trials(plain)}
+    changed = [t for t in trials if config_hash(study, t) not in unchanged]
+    assert sorted({(t.model, t.backbone) for t in changed}) == [
+        ("fastflow", "cait_m48_448"),
+        ("fastflow", DEIT),
+    ]
+    assert len(changed) == 10
+    # The smoke form runs FastFlow on the tiny resnet18, where the keys do not apply.
+    smoke = smoke_form(study)
+    assert not [k for k in smoke.space if "@" in k]
+
+
+def test_per_backbone_pretrained_and_weights_decide_which_weights_a_study_needs():
+    from sweep.weights import needed_backbones
+
+    space = {"model": "stfpm", "stfpm.backbone": {"grid": ["resnet18", "wide_resnet50_2"]}}
+    only_wide = {"pretrained": False, "stfpm@wide_resnet50_2.pretrained": True}
+    own_file = {"pretrained": True, "stfpm@resnet18.weights": "/weights/mine.safetensors"}
+    for extra in (only_wide, own_file):
+        study = study_from_dict({"name": "w", "space": {**space, **extra}})
+        assert [need.backbone for need in needed_backbones(study)] == ["wide_resnet50_2"]
+    both = study_from_dict({"name": "w", "space": {**space, "pretrained": True}})
+    assert [need.backbone for need in needed_backbones(both)] == ["resnet18", "wide_resnet50_2"]
