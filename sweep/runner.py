@@ -357,15 +357,26 @@ def _asha_scheduler(study: Study):
 
 
 def _max_epochs(study: Study) -> int | None:
-    """The longest training of the study in epochs: its ``epochs``, else the models' defaults."""
-    if "epochs" in study.space:
-        param = study.space["epochs"]
-        values = [int(v) for v in param.options() if v is not None] if param.is_enumerable else []
-        if not param.is_enumerable and param.high is not None:
-            values = [int(param.high)]
+    """The longest training of the study in epochs: per model its ``model.epochs``, else the
+    shared ``epochs``, else its default; the largest over the study's iterative models."""
+
+    def largest(param: Any) -> int | None:
+        if not param.is_enumerable:
+            return None if param.high is None else int(param.high)
+        values = [int(v) for v in param.options() if v is not None]
         return max(values) if values else None
-    defaults = [models.hyperparameters(m).get("epochs") for m in study.models]
-    values = [int(v) for v in defaults if isinstance(v, int)]
+
+    budgets = []
+    for model in study.models:
+        if models.get_class(model).learning_type != "iterative":
+            continue
+        key = next((k for k in (f"{model}.epochs", "epochs") if k in study.space), None)
+        if key is not None:
+            budgets.append(largest(study.space[key]))
+        else:
+            default = models.hyperparameters(model).get("epochs")
+            budgets.append(default if isinstance(default, int) else None)
+    values = [b for b in budgets if b is not None]
     return max(values) if values else None
 
 

@@ -269,3 +269,18 @@ def test_define_by_run_samples_per_backbone_keys_only_for_the_drawn_backbone():
         else:
             assert not {"flow_steps", "conv3x3_only"} & set(config.hparams)
     assert kinds == {"resnet18", deit, "padim"}
+
+
+def test_asha_runs_to_the_longest_budget_a_model_has():
+    from sweep.runner import _max_epochs
+
+    def study(**space):
+        return study_from_dict({"name": "t", "space": {"pretrained": False, **space}})
+
+    both = {"model": {"grid": ["stfpm", "padim"]}}
+    assert _max_epochs(study(**both, epochs=5)) == 5
+    assert _max_epochs(study(**both, epochs=5, **{"stfpm.epochs": 12})) == 12
+    mixed = {"model": {"grid": ["stfpm", "draem"]}, "stfpm.epochs": 3}
+    assert _max_epochs(study(**mixed)) == 700  # DRAEM's own default is the longest
+    assert _max_epochs(study(**mixed, epochs={"grid": [4, 9]})) == 9
+    assert _max_epochs(study(model="padim", epochs=5)) is None  # nothing trains in epochs
