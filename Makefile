@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint bench parity clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/patchcore_fit.py
 	$(BIN)/python bench/engine_overhead.py
+
+# bench/parity.py runs anomalib 2.7 (the field's reference) beside the zoo; it lives in a venv of
+# its own so that no test can come to depend on it.
+PARITY_VENV ?= .venv-parity
+$(PARITY_VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PARITY_VENV)/bin/python || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PARITY_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[parity]'
+	@touch $@
+
+parity: $(PARITY_VENV)/.installed
+	$(PARITY_VENV)/bin/python bench/parity.py
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache
