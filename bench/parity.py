@@ -93,6 +93,10 @@ class Pair:
     anomalib_kwargs: dict[str, Any] = field(default_factory=dict)
     iterative: bool = False
     networks: str = "Lite0 (pretrained) on both sides"
+    layers: tuple[str, ...] = LAYERS
+    """The zoo's layers; anomalib gets their timm module names."""
+    single_layer: bool = False
+    """Anomalib takes one ``layer`` (DFM) rather than ``layers``."""
 
 
 PAIRS: dict[str, Pair] = {
@@ -105,6 +109,20 @@ PAIRS: dict[str, Pair] = {
     "padim": Pair({"n_features": 100}, "Padim", {"n_features": 100, "pre_trained": False}),
     "stfpm": Pair(
         {}, "Stfpm", {}, iterative=True, networks="Lite0 teacher, random-init Lite0 student"
+    ),
+    # Pooling 2 (the zoo's paper default; anomalib's is 4) on both sides: layer3 is 8 x 8 at 128 px.
+    "dfm": Pair(
+        {"pooling_kernel_size": 2, "pca_level": 0.97, "score_type": "fre"},
+        "Dfm",
+        {"pooling_kernel_size": 2, "pca_level": 0.97, "score_type": "fre", "pre_trained": False},
+        layers=("layer3",),
+        single_layer=True,
+    ),
+    "dfkde": Pair(
+        {"n_pca_components": 16, "max_training_points": 40000},
+        "Dfkde",
+        {"n_pca_components": 16, "max_training_points": 40000, "pre_trained": False},
+        layers=("layer4",),
     ),
 }
 
@@ -158,10 +176,12 @@ def load_lite0(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[t
     return loaded
 
 
-def feature_diff(extractors: list[torch.nn.Module], pixels: torch.Tensor) -> float:
+def feature_diff(
+    extractors: list[torch.nn.Module], pixels: torch.Tensor, layers: tuple[str, ...]
+) -> float:
     """Max abs difference between anomalib's loaded extractors and the zoo's pretrained Lite0
     extractor on ``pixels`` (uint8), layer by layer."""
-    ours = FeatureExtractor(BACKBONE, LAYERS, pretrained=True)
+    ours = FeatureExtractor(BACKBONE, layers, pretrained=True)
     with torch.no_grad():
         reference = list(ours(normalize(pixels)).values())
         worst = 0.0
@@ -185,13 +205,14 @@ class Outcome:
 
 
 def _score(
-    labels: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor, maps: torch.Tensor
+    labels: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor, maps: list[Any]
 ) -> tuple[float, float]:
-    maps = maps.reshape(masks.shape)
-    return (
-        auroc(labels.numpy(), scores.numpy()),
-        auroc(masks.numpy().ravel(), maps.numpy().ravel()),
-    )
+    """Image AUROC, and pixel AUROC (NaN for an image-level detector: no maps)."""
+    image = auroc(labels.numpy(), scores.numpy())
+    if any(m is None for m in maps):
+        return image, float("nan")
+    stacked = torch.cat(maps).reshape(masks.shape)
+    return image, auroc(masks.numpy().ravel(), stacked.numpy().ravel())
 
 
 def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -203,7 +224,7 @@ def run_ours(
 ) -> Outcome:
     pair = PAIRS[name]
     detector = models.create(
-        name, backbone=BACKBONE, layers=LAYERS, pretrained=True, seed=seed, **pair.ours
+        name, backbone=BACKBONE, layers=pair.layers, pretrained=True, seed=seed, **pair.ours
     )
     batches = _batches(normalize(train), batch_size)
     started = time.perf_counter()
@@ -214,7 +235,7 @@ def run_ours(
     with torch.no_grad():
         predictions = [detector.predict(b) for b in _batches(images, batch_size)]
     scores = torch.cat([p.score for p in predictions])
-    maps = torch.cat([p.anomaly_map for p in predictions])
+    maps = [p.anomaly_map for p in predictions]
     image, pixel = _score(test.labels, test.masks, scores, maps)
     latency = measure_latency(detector.predict, images[:1]).median_ms
     return Outcome(image, pixel, fit_s, latency)
@@ -228,10 +249,12 @@ def build_anomalib(name: str, state: dict[str, torch.Tensor]) -> tuple[Any, list
     pair = PAIRS[name]
     spec = get_backbone(BACKBONE)
     cls = getattr(anomalib.models, pair.anomalib)
+    native = [spec.native(layer) for layer in pair.layers]
+    layers = {"layer": native[0]} if pair.single_layer else {"layers": native}
     with no_hub_weights():
         model = cls(
             backbone=BACKBONE,
-            layers=[spec.native(layer) for layer in LAYERS],
+            **layers,
             pre_processor=PreProcessor(transform=Normalize([0.5] * 3, [0.5] * 3)),
             post_processor=False,
             evaluator=False,
@@ -258,7 +281,7 @@ def run_anomalib(
 
     seed_everything(seed, workers=True, verbose=False)
     model, extractors = build_anomalib(name, state)
-    diff = feature_diff(extractors, test.pixels[:4])
+    diff = feature_diff(extractors, test.pixels[:4], PAIRS[name].layers)
     items = [
         ImageItem(image=p.float() / 255.0, gt_label=torch.tensor(0), image_path=f"train/{i}")
         for i, p in enumerate(train)
@@ -286,7 +309,7 @@ def run_anomalib(
     with torch.no_grad():
         outputs = [predict(b) for b in _batches(images, batch_size)]
     scores = torch.cat([o.pred_score.reshape(-1) for o in outputs])
-    maps = torch.cat([o.anomaly_map for o in outputs])
+    maps = [o.anomaly_map for o in outputs]
     image, pixel = _score(test.labels, test.masks, scores, maps)
     latency = measure_latency(predict, images[:1]).median_ms
     return Outcome(image, pixel, fit_s, latency, diff)
