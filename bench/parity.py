@@ -23,9 +23,9 @@ Per detector and side: image AUROC (mean over seeds), pixel AUROC, fit seconds (
 ``fit``; anomalib's ``Engine.fit``, Trainer set-up included), batch-1 latency (median, after
 warm-up: the zoo's ``predict``, anomalib's pre-processor + torch model), and the ratios.
 
-    .venv-parity/bin/python bench/parity.py [--models patchcore,padim,stfpm] [--sets brick]
-        [--seeds 0,1,2] [--anomalib-seeds N] [--epochs 10] [--size 128] [--threads 2]
-        [--data DIR] [--json OUT]
+    .venv-parity/bin/python bench/parity.py [--models patchcore,padim,stfpm,dfm,dfkde]
+        [--sets brick,grass,gravel] [--seeds 0,1,2] [--anomalib-seeds N] [--epochs 10]
+        [--size 128] [--threads 2] [--data DIR] [--json OUT]
 
 Needs the parity venv (``make parity``: anomalib is a dependency of this script only).
 """
