@@ -358,7 +358,7 @@ def _asha_scheduler(study: Study):
 
 def _max_epochs(study: Study) -> int | None:
     """The longest training of the study in epochs: per model its ``model.epochs``, else the
-    shared ``epochs``, else its default; the largest over the study's iterative models."""
+    shared ``epochs``, else its default (one-pass detectors have none); the largest of them."""
 
     def largest(param: Any) -> int | None:
         if not param.is_enumerable:
@@ -368,8 +368,6 @@ def _max_epochs(study: Study) -> int | None:
 
     budgets = []
     for model in study.models:
-        if models.get_class(model).learning_type != "iterative":
-            continue
         key = next((k for k in (f"{model}.epochs", "epochs") if k in study.space), None)
         if key is not None:
             budgets.append(largest(study.space[key]))
