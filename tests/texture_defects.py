@@ -72,7 +72,9 @@ def _photographs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def _crop(source: np.ndarray, rows: tuple[int, int], size: int, rng: np.random.Generator):
+def _crop(
+    source: np.ndarray, rows: tuple[int, int], size: int, rng: np.random.Generator
+) -> np.ndarray:
     top = rng.integers(rows[0], rows[1] - size + 1)
     left = rng.integers(0, source.shape[1] - size + 1)
     patch = source[top : top + size, left : left + size]
@@ -87,7 +89,7 @@ def gravel_crop(rows: tuple[int, int], size: int, rng: np.random.Generator) -> n
     return _crop(_photographs()[0], rows, size, rng)
 
 
-def _scaled_crop(full: np.ndarray, scale: float, size: int, rng: np.random.Generator):
+def _scaled_crop(full: np.ndarray, scale: float, size: int, rng: np.random.Generator) -> np.ndarray:
     """A crop of gravel at ``scale`` times the normal one (the full-size photograph shrunk by
     ``FULL_TO_NORMAL``)."""
     extent = round(size / (scale * FULL_TO_NORMAL))
