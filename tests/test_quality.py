@@ -44,8 +44,10 @@ efficient_ad_ast  3+3  .864 .838 .847 ; .726 .723   .898 .895 .900 ; .877 .873  
 efficient_ad_ast runs in the slow stage, the others by default. CFA misses 0.1 on set 1 (0.635
 against 0.551); on the test's set it clears it for every detector seed.
 
-Expected failures (slow, ``xfail(strict=True)``): image / pixel AUROC on the test's set and
-seconds; each entry's reason names the other budgets tried.
+Expected failures (slow, ``xfail(run=False)``: not run by CI, which would spend 5 minutes
+training them only to miss; ``pytest -m slow --runxfail tests/test_quality.py`` runs them):
+image / pixel AUROC on the test's set and seconds; each entry's reason names the other budgets
+tried.
 
 autoencoder 20 ep .501/.503 9 s; csflow (random EfficientNet-B0) 20 ep .416/.752 36 s; cutpaste
 Lite0 10 ep .586/- 25 s; draem (1/4 width) 6 ep .454/.524 37 s; dsr (1/4 width) 12 ep .611/.540
@@ -53,8 +55,9 @@ Lite0 10 ep .586/- 25 s; draem (1/4 width) 6 ep .454/.524 37 s; dsr (1/4 width) 
 (random resnet18) 10 ep .373/.473 43 s; reverse_distillation (random resnet18) 10 ep .547/.468
 13 s; skip_ganomaly 3 ep .518/.509 34 s.
 
-Runtime on that VM: the default (not slow) part 64 s, the slow part 327 s (at most 44 s a
-test). Every test runs torch on one thread (see ``one_thread``).
+Runtime on that VM: the default (not slow) part 64 s, the slow part 327 s with the expected
+failures run (at most 44 s a test), 31 s without them. Every test runs torch on one thread
+(see ``one_thread``).
 """
 
 from __future__ import annotations
@@ -338,9 +341,13 @@ def _detector_param(name: str) -> Any:
     if quality is not None and quality.slow:
         marks.append(pytest.mark.slow)
     if quality is not None and quality.xfail:
-        # Only a missed bar counts as the expected failure, not a crash; and a pass fails the
-        # run, so an entry is updated as soon as the detector improves.
-        marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=quality.xfail))
+        # Not run by default: each would spend up to a minute of CI training only to miss the bar
+        # by the figures in its reason. `pytest -m slow --runxfail tests/test_quality.py` runs
+        # them as plain tests (they fail, with the measured AUROCs); an entry whose detector
+        # improves is then turned into a passing one with its new margin.
+        marks.append(
+            pytest.mark.xfail(strict=True, raises=AssertionError, reason=quality.xfail, run=False)
+        )
     return pytest.param(name, marks=marks)
 
 
