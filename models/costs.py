@@ -121,10 +121,11 @@ class _CpuSeeds(TorchDispatchMode):
 def build_on_meta(cls: type[Detector], hparams: Mapping[str, Any]) -> Detector:
     """``cls(**hparams)`` on the meta device: shapes only, no weights loaded or initialised."""
     from models.backbones import meta_init
-    from models.base import hyperparameters
+    from models.base import hyperparameters, trial_hyperparameters
 
     known = hyperparameters(cls.name)
-    values = {k: v for k, v in hparams.items() if k in known}
+    # What the trial would really build: its backbone family's defaults included.
+    values = {k: v for k, v in trial_hyperparameters(cls.name, hparams).items() if k in known}
     if "pretrained" in known:
         values["pretrained"] = False
     if "weights" in known:
