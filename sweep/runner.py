@@ -44,6 +44,7 @@ from sweep.study import (
     check_hyperparameters,
     config_hash,
     expand_trials,
+    first_key,
     resolve_trial,
     split_key,
     study_from_dict,
@@ -368,7 +369,7 @@ def _max_epochs(study: Study) -> int | None:
 
     budgets = []
     for model in study.models:
-        key = next((k for k in (f"{model}.epochs", "epochs") if k in study.space), None)
+        key = first_key(study.space, model, "epochs")
         if key is not None:
             budgets.append(largest(study.space[key]))
         else:

@@ -102,6 +102,14 @@ def key_candidates(model: str, name: str, backbone: str | None = None) -> tuple[
     return (*specific, f"{model}.{name}", name)
 
 
+def first_key(
+    keys: Mapping[str, Any], model: str, name: str, backbone: str | None = None
+) -> str | None:
+    """The key of ``keys`` (a space or an assignment) that gives ``name`` to ``model``'s trials
+    by :func:`key_candidates`, or None when none does."""
+    return next((k for k in key_candidates(model, name, backbone) if k in keys), None)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -792,11 +800,11 @@ def _check_backbone_pairs(
 
 def _size_options(study: Study, model: str) -> tuple[Any, ...] | None:
     """The image sizes (ints or 'native') a model's trials may take; None when sampled."""
-    for key in (f"{model}.image_size", "image_size"):
-        if key in study.space:
-            param = study.space[key]
-            return param.options() if param.is_enumerable else None
-    return (study.dataset.image_size,)
+    key = first_key(study.space, model, "image_size")
+    if key is None:
+        return (study.dataset.image_size,)
+    param = study.space[key]
+    return param.options() if param.is_enumerable else None
 
 
 def resolve_image_size(study: Study, backbone: str | None, size: Any) -> int:
@@ -821,8 +829,7 @@ def study_image_sizes(study: Study) -> list[int]:
     for model in study.models:
         options = _size_options(study, model)
         if options is None:  # a sampled size: its bounds
-            key = f"{model}.image_size" if f"{model}.image_size" in study.space else "image_size"
-            param = study.space[key]
+            param = study.space[first_key(study.space, model, "image_size")]
             options = (int(param.low or 0), int(param.high or 0))
         backbones: tuple[Any, ...] = (None,)
         if "backbone" in models.hyperparameters(model):
@@ -1065,11 +1072,12 @@ def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:
                 break
     if "seed" in known:
         hparams["seed"] = seed
-    # The training budget is the trial's (what fit and the scheduler run), per model too.
-    epochs = assignment.get(f"{model}.epochs", assignment.get("epochs"))
-    size = assignment.get(
-        f"{model}.image_size", assignment.get("image_size", study.dataset.image_size)
-    )
+    # The training budget and the size are the trial's (what fit, the scheduler and the data
+    # preparation use), per model too.
+    epochs_key = first_key(assignment, model, "epochs")
+    epochs = None if epochs_key is None else assignment[epochs_key]
+    size_key = first_key(assignment, model, "image_size")
+    size = study.dataset.image_size if size_key is None else assignment[size_key]
     return TrialConfig(
         model=model,
         seed=seed,
@@ -1089,11 +1097,10 @@ def assigned_backbone(model: str, assignment: Mapping[str, Any]) -> str | None:
     known = models.hyperparameters(model)
     if "backbone" not in known:
         return None
-    for key in key_candidates(model, "backbone"):
-        if key in assignment:
-            value = assignment[key]
-            return None if value is None else str(value)
-    return known["backbone"]
+    key = first_key(assignment, model, "backbone")
+    if key is None:
+        return known["backbone"]
+    return None if assignment[key] is None else str(assignment[key])
 
 
 def assignment_from_sampler(study: Study, sampled: Mapping[str, Any]) -> dict[str, Any]:
