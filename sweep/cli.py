@@ -546,20 +546,14 @@ def _models_on_backbone(backbone: str, as_json: bool) -> None:
             rows.append({"name": name, "runs": None, "layers": None, "reason": "own network"})
             continue
         problem = models.backbone_problem(name, backbone, None, spec.input_size)
-        resolved = models.trial_hyperparameters(name, {"backbone": backbone})
-        layers = resolved.get("layers", resolved.get("layer"))
-        if isinstance(layers, list | tuple):
-            layers = [f"{layer} ({spec.native(layer)})" for layer in layers]
-        elif isinstance(layers, str):
-            layers = [f"{layers} ({spec.native(layers)})"] if problem is None else [layers]
-        rows.append(
-            {
-                "name": name,
-                "runs": problem is None,
-                "layers": layers if problem is None else None,
-                "reason": problem,
-            }
-        )
+        layers = None
+        if problem is None:
+            resolved = models.trial_hyperparameters(name, {"backbone": backbone})
+            chosen = resolved.get("layers", resolved.get("layer"))
+            if chosen is not None:
+                chosen = [chosen] if isinstance(chosen, str) else chosen
+                layers = [f"{layer} ({spec.native(layer)})" for layer in chosen]
+        rows.append({"name": name, "runs": problem is None, "layers": layers, "reason": problem})
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
