@@ -303,13 +303,13 @@ def check_study_weights(study: Study) -> None:
     ships need no folder; that package must be installed.
     """
     needs = needed_backbones(study)
-    unpackaged = [
+    not_installed = [
         entry.problem
         for entry in (_packaged_entry(n) for n in needs if n.packaged is not None)
         if entry.status == "missing"
     ]
-    if unpackaged:
-        raise SweepError("; ".join(unpackaged))
+    if not_installed:
+        raise SweepError("; ".join(not_installed))
     needs = [need for need in needs if need.packaged is None]
     configured = configured_weights_dir(study)
     if configured is None or not needs:
