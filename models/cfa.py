@@ -1,17 +1,17 @@
 """CFA (Lee et al., "CFA: Coupled-Hypersphere-Based Feature Adaptation for Target-Oriented Anomaly
 Localization", IEEE Access 2022).
 
-A frozen backbone gives patch features (``layers``, each averaged over a 3x3 neighbourhood,
-resized to the first layer's grid and concatenated). A small learnable patch descriptor, a
-CoordConv (the features plus two channels of normalised pixel coordinates) followed by a 1x1
-convolution, adapts them to the target data set. The memory bank holds, for every grid position,
-the mean adapted feature of the training images, taken once before training (optionally
-compressed by k-means). Training pulls every adapted training feature into hyperspheres of
-radius ``r`` around its ``K`` nearest memory features (attraction) and pushes it out of a
-margin around the next ``J`` (repulsion: hard negatives), with a Deep-SVDD-style soft boundary.
-At test time a patch's score is its squared distance to the nearest memory feature, weighted by
-the softmin over its ``K`` nearest distances (confident when the nearest is clearly the
-nearest); the map is upsampled and blurred and its maximum is the image score.
+A frozen backbone gives patch features (``layers``, each averaged over a 3x3 neighbourhood with the
+zero padding counted, resized to the first layer's grid and concatenated). A small learnable patch
+descriptor, a CoordConv (the features plus two channels of normalised pixel coordinates) followed by
+a 1x1 convolution, adapts them to the target data set. The memory bank holds, for every grid
+position, the mean adapted feature of the training images, taken once before training (optionally
+compressed by k-means). Training pulls every adapted training feature into hyperspheres of radius
+``r`` around its ``K`` nearest memory features (attraction) and pushes it out of a margin around the
+next ``J`` (repulsion: hard negatives), with a Deep-SVDD-style soft boundary. At test time a patch's
+score is its squared distance to the nearest memory feature, weighted by the softmin over its ``K``
+nearest distances (confident when the nearest is clearly the nearest); the map is upsampled and
+blurred and its maximum is the image score.
 """
 
 from __future__ import annotations
@@ -208,10 +208,11 @@ class CFA(Detector):
         with torch.no_grad():
             features = self.extractor(images)
             # 3x3 neighbourhood averaging, as in the authors' descriptor, gives every patch
-            # some local context before adaptation.
+            # some local context before adaptation. The zero padding counts (every window is
+            # divided by 9, as theirs and anomalib's are): border patches keep a mark of where
+            # they sit, which the memory bank of per-position means is built to use.
             pooled = [
-                F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-                for f in features.values()
+                F.avg_pool2d(f, kernel_size=3, stride=1, padding=1) for f in features.values()
             ]
             return concat_to_first(pooled, mode="bilinear")
 

@@ -84,6 +84,36 @@ def test_memory_bank_is_the_mean_initial_descriptor_feature(toy, fitted):
     assert not torch.equal(fitted[0].descriptor.conv.weight, untrained.descriptor.conv.weight)
 
 
+def test_patch_features_average_3x3_counting_the_zero_padding(toy):
+    # The authors' descriptor and anomalib's ``F.avg_pool2d(feature, 3, 1, 1)`` divide every
+    # window by 9, border windows too: a border patch's feature shrinks towards zero, a mark
+    # of where it sits. Written out: zero-pad by one, sum the 9 shifted maps, divide by 9, then
+    # resize the deeper layers bilinearly to the first layer's grid and concatenate.
+    detector = models.create("cfa", **CONFIG)
+    images = toy.test[:2]
+    with torch.no_grad():
+        raw = list(detector.extractor(images).values())
+        features = detector.patch_features(images)
+    pooled = []
+    for feature in raw:
+        height, width = feature.shape[-2:]
+        padded = torch.nn.functional.pad(feature, (1, 1, 1, 1))
+        windows = [padded[..., i : i + height, j : j + width] for i in range(3) for j in range(3)]
+        pooled.append(torch.stack(windows).sum(0) / 9)
+    # A corner window holds 4 features and 5 zeros.
+    torch.testing.assert_close(pooled[0][..., 0, 0], raw[0][..., :2, :2].sum((-2, -1)) / 9)
+    size = pooled[0].shape[-2:]
+    expected = torch.cat(
+        [pooled[0]]
+        + [
+            torch.nn.functional.interpolate(p, size=size, mode="bilinear", align_corners=False)
+            for p in pooled[1:]
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(features, expected)
+
+
 def test_only_the_descriptor_learns():
     detector = models.create("cfa", **CONFIG)
     trainable, frozen = detector.param_counts()
