@@ -64,6 +64,8 @@ from models.components.pdn import (
     patch_description_network,
     quantile,
 )
+from models.parts import check_part_kind, describe_part
+from models.teacher_distillation import TEACHER_KIND
 
 __all__ = ["PAPER_QUANTILES", "EfficientAD"]
 
@@ -116,8 +118,9 @@ class EfficientAD(Detector):
             pad_maps: without ``padding``, pad the maps by the 4 cells the unpadded PDN loses
                 on every side before upsampling them, so that they line up with the image.
             teacher_weights: local file with the state dict of a teacher PDN of this size and
-                ``teacher_out_channels`` (distilled from WideResNet-101 as in the paper). None
-                leaves the teacher randomly initialised from ``seed``.
+                ``teacher_out_channels`` (distilled from WideResNet-101 as in the paper; ``sweep
+                parts teacher`` makes one, :func:`models.teacher_distillation.distill_teacher`).
+                None leaves the teacher randomly initialised from ``seed``.
             imagenet_dir: local folder of images (ImageNet in the paper) for the student's
                 penalty. None drops the penalty.
             seed: seeds the initialisation of every network, the held-out split, the
@@ -174,10 +177,14 @@ class EfficientAD(Detector):
             self.student = patch_description_network(model_size, 2 * self.out_channels, padding)
             torch.default_generator.manual_seed(ae_seed)
             self.autoencoder = ImageAutoencoder(self.out_channels)
+        self._teacher_metadata: dict[str, Any] | None = None
         if teacher_weights is not None:
             path = Path(teacher_weights).expanduser()
             if not path.is_file():
                 raise ModelError(f"efficient_ad: teacher_weights {str(path)!r} is not a file")
+            self._teacher_metadata = check_part_kind(
+                path, TEACHER_KIND, "efficient_ad", "teacher_weights"
+            )
             try:
                 load_pdn_weights(self.teacher, load_state_dict_file(path), f"file {str(path)!r}")
             except ModelError as error:
@@ -246,11 +253,19 @@ class EfficientAD(Detector):
         )
         device = self.teacher_mean.device
         notes: list[str] = []
+        parts = self.parts()
         if self.teacher_weights is None:
             notes.append(
                 "efficient_ad: no teacher_weights, so the teacher PDN is randomly initialised "
                 "instead of distilled from WideResNet-101 on ImageNet"
             )
+        elif self._teacher_metadata is not None:
+            source = self._teacher_metadata.get("backbone")
+            if source != "wide_resnet101_2":
+                notes.append(
+                    f"efficient_ad: the teacher was distilled from {source} (the paper's from "
+                    "WideResNet-101)"
+                )
         penalty = None
         if self.imagenet_dir is None:
             notes.append(
@@ -317,7 +332,20 @@ class EfficientAD(Detector):
             "n_train": n_kept,
             "n_validation": len(held_out),
             "notes": notes,
+            "parts": parts,
         }
+
+    def parts(self) -> dict[str, str]:
+        """Where the teacher and the penalty images come from, as a result row shows it."""
+        teacher = (
+            "random init"
+            if self.teacher_weights is None
+            else describe_part(self.teacher_weights, "file")
+        )
+        penalty = (
+            "none" if self.imagenet_dir is None else describe_part(self.imagenet_dir, "folder")
+        )
+        return {"teacher": teacher, "penalty": penalty}
 
     def _choose_held_out(self, train: Iterable[Batch]) -> set[str]:
         fingerprints = set()
