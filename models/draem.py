@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from models.base import (
 )
 from models.components.losses import focal_loss, ssim
 from models.components.sspcab import SSPCAB
+from models.parts import describe_part
 
 __all__ = ["DiscriminativeSubNetwork", "Draem", "ReconstructiveSubNetwork"]
 
@@ -255,6 +257,9 @@ class Draem(Detector):
             raise ModelError(
                 f"draem: texture_dir must be a folder path or None, got {texture_dir!r}"
             )
+        if texture_dir is not None and not Path(texture_dir).expanduser().is_dir():
+            # Here, not only in fit: a study's validation builds every configuration first.
+            raise ModelError(f"draem: texture_dir {texture_dir!r} is not a folder")
         if not _real(focal_gamma) or focal_gamma < 0:
             raise ModelError(f"draem: focal_gamma must be >= 0, got {focal_gamma!r}")
         if not isinstance(sspcab, bool):
@@ -376,7 +381,14 @@ class Draem(Detector):
         stats: dict[str, Any] = {"epochs": epochs_run, **means}
         if notes:
             stats["notes"] = notes
+        stats["parts"] = self.parts()
         return stats
+
+    def parts(self) -> dict[str, str]:
+        """Where the anomalies' textures come from, as a result row shows it."""
+        if self.texture_dir is None:
+            return {"textures": "generated"}
+        return {"textures": describe_part(self.texture_dir, "folder")}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,18 @@ from models.base import (
     train_epochs,
 )
 from models.components.vq import LatentDecoder, TwoLevelVQVAE, VectorQuantizer
+from models.parts import FolderImages, check_part_kind, describe_part, list_images, save_part
 
-__all__ = ["DSR", "UNet", "focal_loss", "phase_epochs"]
+__all__ = [
+    "DSR",
+    "VQ_KIND",
+    "GeneralVQ",
+    "UNet",
+    "focal_loss",
+    "phase_epochs",
+    "train_general_vq",
+    "vq_phase",
+]
 
 FOCAL_GAMMA = 2.0
 """Focusing parameter of the focal loss (the usual 2)."""
@@ -337,6 +348,7 @@ class DSR(Detector):
     def _load_vq(self, path: Path) -> None:
         if not path.is_file():
             raise ModelError(f"dsr: vq_weights {str(path)!r} is not a file")
+        check_part_kind(path, VQ_KIND, "dsr", "vq_weights")
         try:
             state = load_state_dict_file(path)
         except ModelError as error:
@@ -487,7 +499,20 @@ class DSR(Detector):
             "loss": state["loss"],
             **run,
             "notes": self._notes(run, total),
+            "parts": self.parts(),
         }
+
+    def parts(self) -> dict[str, str]:
+        """Where the general VQ-VAE and the textures come from, as a result row shows it."""
+        codebook = (
+            f"own training images ({self.vq_train_ratio:g} of the epochs)"
+            if self.vq_weights is None
+            else describe_part(self.vq_weights, "file")
+        )
+        textures = (
+            "generated" if self.texture_dir is None else describe_part(self.texture_dir, "folder")
+        )
+        return {"codebook": codebook, "textures": textures}
 
     def _notes(self, run: Mapping[str, int], total: int) -> list[str]:
         notes = []
@@ -512,28 +537,15 @@ class DSR(Detector):
         return notes
 
     def _vq_phase(self, generator: torch.Generator) -> tuple[Callable, Callable, Callable]:
-        # The codebooks learn by moving averages, everything else by gradient.
-        parameters = [p for name, p in self.vq.named_parameters() if not name.endswith("codebook")]
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        optimizer = torch.optim.Adam(parameters, lr=self.lr)
+        # Image-space anomalies widen what the codebooks cover beyond the normal images,
+        # standing in for the variety of ImageNet the paper's VQ-VAE learned from: the general
+        # decoder must reproduce anomalies it has never seen.
+        train_step, after_epoch, cleanup = vq_phase(self.vq, self.lr, generator, self._blend)
 
         def step(images: Tensor) -> dict[str, float]:
-            # Image-space anomalies widen what the codebooks cover beyond the normal images,
-            # standing in for the variety of ImageNet the paper's VQ-VAE learned from: the
-            # general decoder must reproduce anomalies it has never seen.
-            unit = (images * self.std + self.mean).clamp(0, 1)
-            unit, _ = self._blend(unit, generator, probability=ANOMALY_PROBABILITY)
-            loss, reconstruction = self.vq.training_step(_pad(unit), generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return {"loss": float(loss.detach()), "reconstruction": float(reconstruction.detach())}
+            return train_step((images * self.std + self.mean).clamp(0, 1))
 
-        def after_epoch() -> dict[str, float]:
-            return {key: float(n) for key, n in self.vq.restart_unused(generator).items()}
-
-        return step, after_epoch, lambda: self.vq.requires_grad_(False)
+        return step, after_epoch, cleanup
 
     def _main_phase(self, generator: torch.Generator) -> tuple[Callable, Callable, Callable]:
         modules = (self.restrict_top, self.restrict_bottom, self.object_decoder)
@@ -610,6 +622,148 @@ class DSR(Detector):
         )
         scores = smoothed.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=anomaly_map)
+
+
+def vq_phase(
+    vq: TwoLevelVQVAE, lr: float, generator: torch.Generator, blend: PerlinBlend | None = None
+) -> tuple[Callable[[Tensor], dict[str, float]], Callable[[], dict[str, float]], Callable]:
+    """Training of the general VQ-VAE: ``(step, after_epoch, cleanup)``.
+
+    ``step(images)`` takes [0, 1] images, blends image-space anomalies into half of them when
+    ``blend`` is given, and makes one Adam step of the encoders and decoder plus one moving
+    average step of the codebooks; ``after_epoch()`` restarts the codebook entries unused since
+    its last call; ``cleanup()`` freezes the VQ-VAE again. DSR's own VQ phase and
+    :func:`train_general_vq` both train this way.
+    """
+    # The codebooks learn by moving averages, everything else by gradient.
+    parameters = [p for name, p in vq.named_parameters() if not name.endswith("codebook")]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+
+    def step(unit: Tensor) -> dict[str, float]:
+        if blend is not None:
+            unit, _ = blend(unit, generator, probability=ANOMALY_PROBABILITY)
+        loss, reconstruction = vq.training_step(_pad(unit), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": float(loss.detach()), "reconstruction": float(reconstruction.detach())}
+
+    def after_epoch() -> dict[str, float]:
+        return {key: float(n) for key, n in vq.restart_unused(generator).items()}
+
+    return step, after_epoch, lambda: vq.requires_grad_(False)
+
+
+VQ_KIND = "dsr.vq"
+"""The ``kind`` of a general VQ-VAE file's metadata."""
+
+
+@dataclass
+class GeneralVQ:
+    """A general VQ-VAE trained on a generic image folder: its state dict (``vq.`` keys, as
+    ``DSR(vq_weights=)`` reads them), how it was made, and its loss per step."""
+
+    state: dict[str, Tensor]
+    metadata: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        """Write it as a safetensors file with its metadata in the header, atomically."""
+        return save_part(self.state, path, self.metadata)
+
+
+def train_general_vq(
+    images: str | Path,
+    *,
+    image_size: int = 256,
+    steps: int = 10_000,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    restart_every: int = 100,
+    hidden_channels: int = 128,
+    residual_channels: int = 64,
+    n_residual_layers: int = 2,
+    embedding_dim: int = 128,
+    num_embeddings: int = 4096,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> GeneralVQ:
+    """Train DSR's general VQ-VAE on the images of folder ``images`` (ImageNet in the paper).
+
+    Each step draws ``batch_size`` random images, resized to ``image_size``, and trains as DSR's
+    own VQ phase does (:func:`vq_phase`, without image-space anomalies: the folder's variety is
+    what they stand in for); every ``restart_every`` steps unused codebook entries restart.
+    The sizes must be the DSR configuration's that will load it. ``progress(step, steps,
+    loss)`` runs after every step. Returns the state dict, metadata and losses.
+    """
+    for name, value in (
+        ("image_size", image_size),
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("restart_every", restart_every),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"train_general_vq: {name} must be a positive int, got {value!r}")
+    if image_size % STRIDE:
+        raise ModelError(f"train_general_vq: image_size must be a multiple of {STRIDE}")
+    files = list_images(images, "train_general_vq")
+    sizes = {
+        "hidden_channels": hidden_channels,
+        "residual_channels": residual_channels,
+        "n_residual_layers": n_residual_layers,
+        "embedding_dim": embedding_dim,
+        "num_embeddings": num_embeddings,
+    }
+    # The detector checks the sizes and builds the VQ-VAE exactly as DSR(**sizes) would.
+    detector = DSR(**sizes, seed=seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vq = detector.vq.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    draw_seed = int(torch.randint(2**62, (1,), generator=generator))
+    draws = FolderImages(files, (image_size,), draw_seed)
+    step, after_epoch, cleanup = vq_phase(vq, lr, generator)
+    losses: list[float] = []
+    vq.train()
+    try:
+        for index in range(1, steps + 1):
+            (unit,) = draws.random_batch(batch_size)
+            value = step(unit.to(device))["reconstruction"]
+            if not math.isfinite(value):
+                raise ModelError(f"train_general_vq: the loss is {value} at step {index}")
+            losses.append(value)
+            if index % restart_every == 0 and index < steps:
+                after_epoch()
+            if progress is not None:
+                progress(index, steps, value)
+    finally:
+        cleanup()
+    vq.eval()
+    tail = losses[-max(1, min(100, steps // 10)) :]
+    final = sum(tail) / len(tail)
+    folder = Path(images).expanduser()
+    metadata = {
+        "kind": VQ_KIND,
+        **sizes,
+        "images": str(folder.resolve()),
+        "n_images": len(files),
+        "image_size": image_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "restart_every": restart_every,
+        "seed": seed,
+        "first_loss": losses[0],
+        "final_loss": final,
+        "summary": (
+            f"general VQ-VAE trained on {len(files)} images of {folder}, {steps} steps, "
+            f"{image_size} px, {num_embeddings} codes, reconstruction loss {final:.3g}"
+        ),
+    }
+    state = {f"vq.{key}": value.detach().cpu() for key, value in vq.state_dict().items()}
+    return GeneralVQ(state=state, metadata=metadata, losses=losses)
 
 
 def _is_real(value: Any) -> bool:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,7 @@ from models.base import (
     train_epochs,
 )
 from models.components.losses import focal_loss
+from models.parts import describe_part
 
 __all__ = ["CoordinateAttention", "MemSeg"]
 
@@ -317,6 +319,9 @@ class MemSeg(Detector):
             raise ModelError(
                 f"memseg: texture_dir must be a folder path or None, got {texture_dir!r}"
             )
+        if texture_dir is not None and not Path(texture_dir).expanduser().is_dir():
+            # Here, not only in fit: a study's validation builds every configuration first.
+            raise ModelError(f"memseg: texture_dir {texture_dir!r} is not a folder")
         self.epochs = check_epochs("memseg", epochs)
         self.lr, self.min_lr = float(lr), float(min_lr)
         self.weight_decay = float(weight_decay)
@@ -542,7 +547,14 @@ class MemSeg(Detector):
         }
         if notes:
             stats["notes"] = notes
+        stats["parts"] = self.parts()
         return stats
+
+    def parts(self) -> dict[str, str]:
+        """Where the anomalies' textures come from, as a result row shows it."""
+        if self.texture_dir is None:
+            return {"textures": "generated"}
+        return {"textures": describe_part(self.texture_dir, "folder")}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:

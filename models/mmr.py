@@ -14,7 +14,8 @@ masking) it reproduces normal content but not anomalies: the per-layer ``1 - cos
 upsampled, summed and Gaussian-blurred, are the anomaly map, their maximum the image score.
 
 The paper starts the transformer from MAE's ImageNet-pretrained ViT-Base; offline it starts from
-a seeded random initialisation unless ``vit_weights`` names a local MAE checkpoint. The paper
+a seeded random initialisation unless ``vit_weights`` names a local MAE checkpoint or timm ViT
+weights file, and the row's ``parts`` and ``notes`` say which. The paper
 trains at 224 px (resized to 256, centre-cropped); the study uses 256 px. At either size the
 16-px token grid tiles the CNN's stride-4, 8 and 16 grids exactly.
 """
@@ -50,6 +51,7 @@ from models.base import (
     train_epochs,
 )
 from models.components.feature_utils import gaussian_blur, upsample_maps
+from models.parts import describe_part
 
 __all__ = ["MMR", "MaskedViT", "sincos_position_embedding"]
 
@@ -252,9 +254,12 @@ class MMR(Detector):
             vit_depth: transformer blocks (ViT-Base: 12).
             vit_heads: attention heads (ViT-Base: 12).
             vit_mlp_ratio: MLP width per token dimension in the blocks (ViT-Base: 4).
-            vit_weights: local MAE checkpoint (``.pth``/``.safetensors``; the encoder's
-                ``cls_token``, ``patch_embed``, ``blocks`` and ``norm`` are used) to start the
-                ViT from, as the paper does; None starts from a seeded random initialisation.
+            vit_weights: local ViT checkpoint (``.pth``/``.bin``/``.safetensors``) to start the
+                ViT from: MAE's pretraining checkpoint, as the paper does, or a timm ViT of the
+                same shape (``vit_base_patch16_224``'s, e.g. from ``sweep weights fetch``; its
+                learned position embedding is not used). The encoder's ``cls_token``,
+                ``patch_embed``, ``blocks`` and ``norm`` are read. None starts from a seeded
+                random initialisation, and ``fit`` says so in its notes.
             lr: peak AdamW learning rate, reached after the warmup.
             beta1: AdamW's first-moment decay (MAE's 0.9).
             beta2: AdamW's second-moment decay (MAE's 0.95).
@@ -324,6 +329,8 @@ class MMR(Detector):
                     for layer, step in steps.items()
                 }
             )
+        self.vit_weights = vit_weights
+        self._vit_source: str | None = None
         if vit_weights is not None:
             self._load_vit(vit_weights)
         self.register_buffer("fitted", torch.tensor(False))
@@ -350,6 +357,7 @@ class MMR(Detector):
         if not file.is_file():
             raise ModelError(f"mmr: vit_weights file {str(file)!r} does not exist")
         state = load_state_dict_file(file)
+        self._vit_source = _vit_checkpoint_kind(state)
         own = {k: v for k, v in self.vit.state_dict().items() if k != "mask_token"}
         problem = state_dict_problems(own, state)
         if problem is not None:
@@ -462,7 +470,29 @@ class MMR(Detector):
             on_epoch_end=on_epoch_end,
             end_of_epoch=end_of_epoch,
         )
-        return {"epochs": epochs_run, "loss": means.get("loss", math.nan)}
+        notes = []
+        if self.vit_weights is None:
+            notes.append(
+                "mmr: no vit_weights, so the ViT starts from a random initialisation instead of "
+                "MAE's ImageNet-pretrained ViT-Base"
+            )
+        elif self._vit_source == "timm ViT":
+            notes.append(
+                "mmr: the ViT starts from a supervised timm ViT (not MAE's); its learned "
+                "position embedding is replaced by the fixed sine-cosine one MMR uses"
+            )
+        return {
+            "epochs": epochs_run,
+            "loss": means.get("loss", math.nan),
+            "notes": notes,
+            "parts": self.parts(),
+        }
+
+    def parts(self) -> dict[str, str]:
+        """Where the ViT's starting weights come from, as a result row shows it."""
+        if self.vit_weights is None:
+            return {"vit": "random init"}
+        return {"vit": f"{self._vit_source} {describe_part(self.vit_weights, 'file')}"}
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
@@ -492,6 +522,17 @@ def _cosine_distance_maps(
             )
         maps[layer] = 1.0 - F.cosine_similarity(feature, rebuilt, dim=1)
     return maps
+
+
+def _vit_checkpoint_kind(state: Mapping[str, Tensor]) -> str:
+    """What trained a ViT checkpoint, from its keys: MAE's pretraining checkpoints hold the
+    decoder (or the mask token), timm's classification models a learned position embedding or
+    a head."""
+    if "mask_token" in state or any(key.startswith("decoder") for key in state):
+        return "MAE"
+    if "pos_embed" in state or "head.weight" in state:
+        return "timm ViT"
+    return "ViT"
 
 
 def _is_real(value: Any) -> bool:

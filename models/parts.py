@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ __all__ = [
     "MANIFEST",
     "METADATA_KEY",
     "PART_HYPERPARAMETERS",
+    "FolderImages",
     "check_part_kind",
     "describe_part",
     "file_sha256",
@@ -202,6 +203,46 @@ def read_rgb(path: Path, owner: str) -> np.ndarray:
         return to_rgb(raw)
     except TypeError as error:
         raise ModelError(f"{owner}: {str(path)!r}: {error}") from None
+
+
+class FolderImages:
+    """Random images of a folder for the producers: each resized bilinearly to every one of
+    ``sizes`` (square), as ``B x 3 x S x S`` float pixels in [0, 1].
+
+    Args:
+        files: the image files (:func:`list_images`).
+        sizes: the sides the images are resized to, one output per size.
+        seed: seeds every draw (which image, whether it turns gray).
+        gray_probability: chance that an image is converted to gray (replicated channels).
+    """
+
+    def __init__(
+        self, files: list[Path], sizes: tuple[int, ...], seed: int, gray_probability: float = 0.0
+    ) -> None:
+        self.files = files
+        self.sizes = sizes
+        self.gray_probability = gray_probability
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
+        """The images of ``files[indices]``, one tensor per size."""
+        import torch
+
+        outputs: tuple[list[np.ndarray], ...] = tuple([] for _ in self.sizes)
+        for index in indices:
+            image = read_rgb(self.files[int(index)], "image folder").astype(np.float32) / 255
+            if self.gray_probability and self.rng.random() < self.gray_probability:
+                gray = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+                image = np.repeat(gray[:, :, None], 3, axis=2)
+            for size, out in zip(self.sizes, outputs, strict=True):
+                out.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR))
+        return tuple(
+            torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous() for out in outputs
+        )
+
+    def random_batch(self, n: int) -> tuple[Tensor, ...]:
+        """``n`` images drawn at random (with replacement)."""
+        return self.batch(self.rng.integers(len(self.files), size=n).tolist())
 
 
 # --------------------------------------------------------------------------- provenance

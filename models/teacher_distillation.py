@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +34,7 @@ from models.backbones import FeatureExtractor, get_backbone, resolve_weights_fil
 from models.base import ModelError
 from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD, patch_description_network
 from models.packaged import packaged_weights
-from models.parts import file_sha256, list_images, read_rgb, save_part, short_sha
+from models.parts import FolderImages, file_sha256, list_images, save_part, short_sha
 
 __all__ = ["TEACHER_KIND", "DistilledTeacher", "PatchTarget", "distill_teacher"]
 
@@ -110,36 +108,6 @@ class PatchTarget(nn.Module):
                 feature = F.interpolate(feature, size=grid, mode="bilinear", align_corners=False)
             joined.append(pool_channels(feature, LAYER_WIDTH))
         return pool_channels(torch.cat(joined, dim=1), self.out_channels)
-
-
-class _Draws:
-    """Random images of a folder, each converted to gray with probability 0.1 and resized
-    bilinearly to the backbone's and the teacher's input sizes, ImageNet-normalised."""
-
-    def __init__(self, files: list[Path], sizes: tuple[int, int], seed: int) -> None:
-        self.files = files
-        self.sizes = sizes
-        self.rng = np.random.default_rng(seed)
-
-    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        outputs: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-        for index in indices:
-            image = read_rgb(self.files[int(index)], "distill_teacher").astype(np.float32) / 255
-            if self.rng.random() < GRAY_PROBABILITY:
-                gray = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-                image = np.repeat(gray[:, :, None], 3, axis=2)
-            for size, out in zip(self.sizes, outputs, strict=True):
-                out.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR))
-        mean = np.array(IMAGENET_MEAN, dtype=np.float32)
-        std = np.array(IMAGENET_STD, dtype=np.float32)
-        tensors = [
-            torch.from_numpy((np.stack(out) - mean) / std).permute(0, 3, 1, 2).contiguous()
-            for out in outputs
-        ]
-        return tensors[0], tensors[1]
-
-    def random_batch(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.batch(self.rng.integers(len(self.files), size=n).tolist())
 
 
 @dataclass
@@ -223,7 +191,7 @@ def distill_teacher(
         torch.manual_seed(init_seed)
         # Padded as in the paper's tables: a 256 px image gives the backbone's 64 x 64 grid.
         teacher = patch_description_network(model_size, out_channels, padding=True).to(device)
-    draws = _Draws(files, (extractor_size, image_size), draw_seed)
+    draws = FolderImages(files, (extractor_size, image_size), draw_seed, GRAY_PROBABILITY)
 
     n_norm = norm_images if norm_images is not None else min(PAPER_NORM_IMAGES, len(files))
     if isinstance(n_norm, bool) or not isinstance(n_norm, int) or n_norm < 1:
@@ -236,7 +204,7 @@ def distill_teacher(
     losses: list[float] = []
     teacher.train()
     for step in range(1, steps + 1):
-        backbone_input, teacher_input = draws.random_batch(batch_size)
+        backbone_input, teacher_input = map(_normalise, draws.random_batch(batch_size))
         with torch.no_grad():
             target = (target_net(backbone_input.to(device)) - mean) / std
         prediction = teacher(teacher_input.to(device))
@@ -287,7 +255,7 @@ def distill_teacher(
 
 @torch.no_grad()
 def _channel_statistics(
-    target_net: PatchTarget, draws: _Draws, n: int, batch_size: int, device: torch.device
+    target_net: PatchTarget, draws: FolderImages, n: int, batch_size: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Per-channel mean and standard deviation of the target over ``n`` drawn images (without
     repetition while the folder has enough)."""
@@ -296,7 +264,7 @@ def _channel_statistics(
     total_sq = torch.zeros_like(total)
     count = 0
     for start in range(0, n, batch_size):
-        backbone_input, _ = draws.batch(order[start : start + batch_size])
+        backbone_input = _normalise(draws.batch(order[start : start + batch_size])[0])
         features = target_net(backbone_input.to(device)).double()
         total += features.sum((0, 2, 3))
         total_sq += features.square().sum((0, 2, 3))
@@ -305,6 +273,12 @@ def _channel_statistics(
     std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
     # A constant channel (a ReLU that never fires on these images) would divide by zero.
     return mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-6).view(1, -1, 1, 1)
+
+
+def _normalise(pixels: Tensor) -> Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def _weights_label(backbone: str, weights: str | Path | None, pretrained: bool) -> str:

@@ -26,6 +26,12 @@ weights_app = typer.Typer(
     help="Pretrained backbone weights for nodes without internet.", no_args_is_help=True
 )
 app.add_typer(weights_app, name="weights")
+parts_app = typer.Typer(
+    help="Make the pretrained parts some detectors take (EfficientAD's teacher, DSR's general "
+    "VQ-VAE, texture folders) offline, and show what a part file holds.",
+    no_args_is_help=True,
+)
+app.add_typer(parts_app, name="parts")
 
 # Tables stay readable when piped or logged (no terminal width to go by).
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -731,6 +737,209 @@ def weights_list(
         list_command(study_files, to, set_ or [], console=out)
     except _user_errors() as exc:
         _bad_input(exc)
+
+
+# --------------------------------------------------------------------------- parts
+
+ImagesOption = Annotated[
+    Path, typer.Option("--images", help="Folder of generic images (searched recursively).")
+]
+PartOutOption = Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+SeedOption = Annotated[int, typer.Option(help="Seeds initialisation and every image draw.")]
+DeviceOption = Annotated[
+    str | None, typer.Option(help="cpu or cuda (default: cuda when available).")
+]
+
+
+def _check_part_output(out: Path, overwrite: bool) -> None:
+    """Refuse a bad output path before hours of training, not after."""
+    if out.suffix != ".safetensors":
+        raise SweepError(f"--out {str(out)!r}: a part is written as a .safetensors file")
+    if not out.parent.is_dir():
+        raise SweepError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    if out.exists() and not overwrite:
+        raise SweepError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
+
+
+def _train_with_progress(label: str, train: Any) -> Any:
+    """Run ``train(progress)`` under a rich progress bar showing the latest loss."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(label, total=None, loss="-")
+
+        def tick(step: int, total: int, loss: float) -> None:
+            shown = "-" if math.isnan(loss) else f"{loss:.4g}"
+            progress.update(task, completed=step, total=total, loss=shown)
+
+        return train(tick)
+
+
+@parts_app.command("teacher")
+def parts_teacher(
+    images: ImagesOption,
+    out: PartOutOption,
+    backbone: Annotated[
+        str, typer.Option(help="Pretrained CNN to distil from (the paper: wide_resnet101_2).")
+    ] = "tf_efficientnet_lite0",
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Local weights file or folder for the backbone (no download)."),
+    ] = None,
+    layer: Annotated[
+        list[str] | None, typer.Option(help="Backbone layers read (default: layer2, layer3).")
+    ] = None,
+    size: Annotated[str, typer.Option(help="Teacher PDN: small or medium.")] = "small",
+    channels: Annotated[int, typer.Option(help="Teacher output channels.")] = 384,
+    image_size: Annotated[int, typer.Option(help="Teacher input side in pixels.")] = 256,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (the paper: 60000).")] = 60_000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    norm_images: Annotated[
+        int | None,
+        typer.Option(help="Images for the target's channel statistics (default: up to 10000)."),
+    ] = None,
+    seed: SeedOption = 0,
+    device: DeviceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Distil EfficientAD's teacher PDN from a pretrained backbone on an image folder
+    (EfficientAD, Algorithm 1): for efficient_ad.teacher_weights."""
+    from models.teacher_distillation import distill_teacher
+
+    try:
+        _check_part_output(out, overwrite)
+        teacher = _train_with_progress(
+            "distilling",
+            lambda tick: distill_teacher(
+                images,
+                backbone=backbone,
+                layers=tuple(layer) if layer else ("layer2", "layer3"),
+                weights=weights,
+                model_size=size,
+                out_channels=channels,
+                image_size=image_size,
+                steps=steps,
+                batch_size=batch_size,
+                norm_images=norm_images,
+                seed=seed,
+                device=device,
+                progress=tick,
+            ),
+        )
+        teacher.save(out)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    err.print(f"{out}: {teacher.metadata['summary']}", highlight=False, soft_wrap=True)
+
+
+@parts_app.command("dsr-vq")
+def parts_dsr_vq(
+    images: ImagesOption,
+    out: PartOutOption,
+    image_size: Annotated[int, typer.Option(help="Training image side in pixels.")] = 256,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 10_000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    hidden_channels: Annotated[int, typer.Option(help="As dsr.hidden_channels.")] = 128,
+    residual_channels: Annotated[int, typer.Option(help="As dsr.residual_channels.")] = 64,
+    n_residual_layers: Annotated[int, typer.Option(help="As dsr.n_residual_layers.")] = 2,
+    embedding_dim: Annotated[int, typer.Option(help="As dsr.embedding_dim.")] = 128,
+    num_embeddings: Annotated[int, typer.Option(help="As dsr.num_embeddings.")] = 4096,
+    seed: SeedOption = 0,
+    device: DeviceOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train DSR's general VQ-VAE on an image folder (ImageNet in the paper): for
+    dsr.vq_weights. The sizes must be those of the DSR configurations that load it."""
+    from models.dsr import train_general_vq
+
+    try:
+        _check_part_output(out, overwrite)
+        vq = _train_with_progress(
+            "training",
+            lambda tick: train_general_vq(
+                images,
+                image_size=image_size,
+                steps=steps,
+                batch_size=batch_size,
+                hidden_channels=hidden_channels,
+                residual_channels=residual_channels,
+                n_residual_layers=n_residual_layers,
+                embedding_dim=embedding_dim,
+                num_embeddings=num_embeddings,
+                seed=seed,
+                device=device,
+                progress=tick,
+            ),
+        )
+        vq.save(out)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    err.print(f"{out}: {vq.metadata['summary']}", highlight=False, soft_wrap=True)
+
+
+@parts_app.command("textures")
+def parts_textures(
+    out: Annotated[Path, typer.Option("--out", help="The texture folder to create.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of images to cut tiles from (default: skimage's photographs)."),
+    ] = None,
+    tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 128,
+    stride: Annotated[int | None, typer.Option(help="Step between tiles (default: half).")] = None,
+    max_per_image: Annotated[
+        int | None, typer.Option(help="At most this many tiles per image (random).")
+    ] = None,
+    seed: SeedOption = 0,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Write a texture folder for draem/memseg/dsr.texture_dir from an image folder or
+    scikit-image's photographs, with a manifest.json."""
+    from data.textures import make_texture_folder
+
+    try:
+        manifest = make_texture_folder(
+            out,
+            images=images,
+            tile_size=tile_size,
+            stride=stride,
+            max_per_image=max_per_image,
+            seed=seed,
+            overwrite=overwrite,
+        )
+    except _user_errors() as exc:
+        _bad_input(exc)
+    err.print(f"{out}: {manifest['summary']}", highlight=False, soft_wrap=True)
+
+
+@parts_app.command("show")
+def parts_show(
+    path: Annotated[Path, typer.Argument(help="A part file or a texture folder.")],
+) -> None:
+    """Print what a part file or texture folder says of itself (JSON)."""
+    from models.parts import file_sha256, read_manifest, read_part
+
+    try:
+        if path.is_dir():
+            described = read_manifest(path)
+            if described is None:
+                raise SweepError(f"{str(path)!r}: a folder without a manifest.json")
+            described = {k: v for k, v in described.items() if k != "files"}
+        elif path.is_file():
+            described = read_part(path) or {"metadata": None}
+            described["sha256"] = file_sha256(path)
+        else:
+            raise SweepError(f"{str(path)!r} does not exist")
+    except _user_errors() as exc:
+        _bad_input(exc)
+    out.print_json(json.dumps(described, sort_keys=True))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -40,6 +40,7 @@ BASE_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("backbone", pa.string()),
         ("weights", pa.string()),
+        ("parts", pa.string()),
         ("seed", pa.int64()),
         ("image_size", pa.int64()),
         ("epochs", pa.int64()),

@@ -1048,8 +1048,26 @@ def config_hash(study: Study, trial: TrialConfig) -> str:
         identity["augmentation"] = study.augmentation_sets[trial.augmentation].spec()
     if trial.stress != "none":
         identity["stress"] = study.stress_specs[trial.stress].spec()
+    # A pretrained part is named by path; what the path holds decides the result too, so a
+    # teacher distilled again into the same file makes new configurations.
+    contents = _part_contents(trial.hparams)
+    if contents:
+        identity["parts"] = contents
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _part_contents(hparams: Mapping[str, Any]) -> dict[str, str | None]:
+    """The content fingerprint (``models.parts.part_fingerprint``) of every pretrained-part path
+    a trial sets: a file's SHA-256, a texture folder's manifest hash, an image folder's listing
+    hash. A path that holds nothing gets None (validation refuses it before any trial runs)."""
+    from models.parts import PART_HYPERPARAMETERS, part_fingerprint
+
+    return {
+        name: part_fingerprint(str(value), PART_HYPERPARAMETERS[name])
+        for name, value in sorted(hparams.items())
+        if name in PART_HYPERPARAMETERS and isinstance(value, str)
+    }
 
 
 def resolve_trial(study: Study, assignment: Mapping[str, Any]) -> TrialConfig:

@@ -299,12 +299,22 @@ def run_trial(
         "peak_rss_mb": memory.peak_rss_mb,
         "peak_gpu_mb": memory.peak_gpu_mb,
         "weights": weights,
+        "parts": _parts_column(stats),
         "n_train": len(splits.train),
         "n_test": len(splits.test),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "category": splits.category,
         "notes": "; ".join(notes) or None,
     }
+
+
+def _parts_column(stats: dict[str, Any] | None) -> str | None:
+    """The ``parts`` column: the detector's ``stats["parts"]`` (where its teacher, codebook,
+    textures or ViT came from) as a JSON object, None for detectors without such parts."""
+    parts = (stats or {}).get("parts")
+    if not parts:
+        return None
+    return json.dumps({str(k): str(v) for k, v in parts.items()}, sort_keys=True)
 
 
 def _save_examples(trial: TrialConfig, ctx: TrialContext, dataset, outputs) -> str | None:
