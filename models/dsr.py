@@ -359,6 +359,8 @@ class DSR(Detector):
         problem = state_dict_problems(own, state)
         if problem is not None:
             raise ModelError(f"dsr: vq_weights {str(path)!r} do not fit the VQ-VAE: {problem}")
+        if any(p.is_meta for p in self.vq.parameters()):
+            return  # built for shapes only (a study's validation): checked, nothing to copy
         self.vq.load_state_dict({key: state[key] for key in own})
 
     def _unit(self, images: Tensor) -> Tensor:

@@ -366,6 +366,8 @@ class MMR(Detector):
                 f"{self.vit.patch_size}, embed dim {self.vit.embed_dim} and "
                 f"{len(self.vit.blocks)} blocks: {problem}"
             )
+        if any(p.is_meta for p in self.vit.parameters()):
+            return  # built for shapes only (a study's validation): checked, nothing to copy
         self.vit.load_state_dict({key: state[key] for key in own}, strict=False)
 
     def reconstruct(self, images: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:

@@ -122,6 +122,8 @@ def load_pdn_weights(network: nn.Sequential, state: Mapping[str, Tensor], source
     problem = state_dict_problems(own, state)
     if problem is not None:
         raise ModelError(f"{source} does not hold this PDN's weights ({problem})")
+    if any(p.is_meta for p in network.parameters()):
+        return  # built for shapes only (a study's validation): checked, nothing to copy
     network.load_state_dict({key: state[key].float() for key in own})
 
 
