@@ -117,6 +117,10 @@ class DistilledTeacher:
     state: dict[str, Tensor]
     metadata: dict[str, Any]
     losses: list[float] = field(default_factory=list)
+    target_mean: Tensor | None = None
+    """The target's channel means over the statistics images (``1 x C x 1 x 1``)."""
+    target_std: Tensor | None = None
+    """The target's channel standard deviations (``1 x C x 1 x 1``)."""
 
     def save(self, path: str | Path) -> Path:
         """Write the teacher as a safetensors file (keys as ``EfficientAD(teacher_weights=)``
@@ -250,7 +254,9 @@ def distill_teacher(
         ),
     }
     state = {key: value.detach().cpu() for key, value in teacher.state_dict().items()}
-    return DistilledTeacher(state=state, metadata=metadata, losses=losses)
+    return DistilledTeacher(
+        state=state, metadata=metadata, losses=losses, target_mean=mean.cpu(), target_std=std.cpu()
+    )
 
 
 @torch.no_grad()
