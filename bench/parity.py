@@ -93,10 +93,26 @@ class Pair:
     anomalib_kwargs: dict[str, Any] = field(default_factory=dict)
     iterative: bool = False
     networks: str = "Lite0 (pretrained) on both sides"
-    layers: tuple[str, ...] = LAYERS
-    """The zoo's layers; anomalib gets their timm module names."""
+    layers: tuple[str, ...] | None = LAYERS
+    """The zoo's layers; anomalib gets their timm module names. None: the detector's own."""
     single_layer: bool = False
     """Anomalib takes one ``layer`` (DFM) rather than ``layers``."""
+    backbone: str | None = BACKBONE
+    """The zoo's backbone; None for a detector with its own network (nothing to load)."""
+    pretrained: bool = True
+    """False: both sides get the zoo's seeded random init of ``backbone`` (no offline weights)."""
+    build: str | None = None
+    """Name of a ``build_*`` function of this script for an anomalib model that does not take
+    the backbone through its constructor; None: ``backbone`` and ``layers`` are passed."""
+    epochs: int | None = None
+    """This detector's epochs when ``--epochs`` is not given (2-core CPU budget)."""
+    size: int | None = None
+    """This detector's image size when ``--size`` is not given."""
+    batch_size: int | None = None
+    """This detector's batch size when ``--batch-size`` is not given."""
+    native_preprocessing: bool = False
+    """Anomalib's own pre-processor at the image size (its own network's input convention: no
+    ImageNet normalisation for DRAEM and DSR), not the Lite0 ``Normalize(0.5, 0.5)``."""
 
 
 PAIRS: dict[str, Pair] = {
@@ -130,6 +146,131 @@ PAIRS: dict[str, Pair] = {
         {"n_pca_components": 16, "max_training_points": 40000, "pre_trained": False},
         layers=("layer4",),
     ),
+    # anomalib's FastFlow takes only resnet18 / wide_resnet50_2 / CaiT / DeiT: it is built on
+    # resnet18 and its extractor, norms and flows rebuilt on Lite0 (build_fastflow). Adam 1e-3 /
+    # 1e-5 (anomalib's fixed values) are the zoo's defaults; 3x3-only subnets on both sides.
+    "fastflow": Pair(
+        {"flow_steps": 8, "hidden_ratio": 1.0, "conv3x3_only": True},
+        "Fastflow",
+        {"flow_steps": 8, "hidden_ratio": 1.0, "conv3x3_only": True},
+        iterative=True,
+        build="build_fastflow",
+        epochs=5,
+        size=64,
+    ),
+    "cflow": Pair(
+        {
+            "condition_vector": 128,
+            "coupling_blocks": 8,
+            "clamp_alpha": 1.9,
+            "fiber_batch_size": 64,
+            "lr": 1e-4,
+        },
+        "Cflow",
+        {
+            "condition_vector": 128,
+            "coupling_blocks": 8,
+            "clamp_alpha": 1.9,
+            "fiber_batch_size": 64,
+            "lr": 1e-4,
+            "pre_trained": False,
+        },
+        iterative=True,
+        layers=("layer2", "layer3", "layer4"),
+        epochs=1,
+        size=64,
+    ),
+    # Neither side has a Lite student decoder: resnet18 (a decoder on both), randomly
+    # initialised by the zoo's seed and copied into anomalib's encoder, so the frozen features
+    # are the same (weak: random features). anomalib fixes Adam's betas at (0.5, 0.99): the zoo's
+    # beta2 (0.999, the paper's code) is set to it.
+    "reverse_distillation": Pair(
+        {"lr": 0.005, "beta1": 0.5, "beta2": 0.99, "anomaly_map_mode": "add"},
+        "ReverseDistillation",
+        {"anomaly_map_mode": "add", "pre_trained": False},
+        iterative=True,
+        networks="random-init resnet18 encoder (the zoo's, copied), random-init decoders; "
+        "Adam betas (0.5, 0.99) (anomalib's)",
+        backbone="resnet18",
+        pretrained=False,
+        native_preprocessing=True,
+        epochs=3,
+        size=64,
+    ),
+    # anomalib's CFA reads torchvision backbones by fixed node names (downloading weights):
+    # its extractor and descriptor are replaced by Lite0's (build_cfa). AdamW 1e-3 / 5e-4 with
+    # AMSGrad on both sides (anomalib's fixed values, the zoo's defaults).
+    "cfa": Pair(
+        {"gamma_c": 1, "gamma_d": 1, "num_nearest_neighbors": 3, "num_hard_negative_features": 3},
+        "Cfa",
+        {"gamma_c": 1, "gamma_d": 1, "num_nearest_neighbors": 3, "num_hard_negative_features": 3},
+        iterative=True,
+        build="build_cfa",
+        epochs=5,
+        size=64,
+    ),
+    # CS-Flow reads EfficientNet-B5 (the zoo refuses Lite: its flow needs B-family stages);
+    # anomalib builds torchvision's B5 with ImageNet weights: here with none, its extractor is
+    # replaced by the zoo's seeded random-init timm B5 (blocks.5, 304 channels, torchvision's
+    # features.6.8) (build_csflow). Adam 2e-4, eps 1e-4, wd 1e-5, betas (0.5, 0.9), clip 1 on
+    # both sides (anomalib's fixed values, the zoo's defaults).
+    "csflow": Pair(
+        {"n_coupling_blocks": 4, "hidden_channels": 1024, "clamp": 3.0},
+        "Csflow",
+        {"n_coupling_blocks": 4, "cross_conv_hidden_channels": 1024, "clamp": 3},
+        iterative=True,
+        networks="random-init efficientnet_b5 (the zoo's, copied), random-init flows",
+        layers=None,
+        backbone="efficientnet_b5",
+        pretrained=False,
+        build="build_csflow",
+        native_preprocessing=True,
+        epochs=2,
+        size=128,
+    ),
+    # anomalib's U-Flow takes mcait / resnet18 / wide_resnet50_2: its LayerNorm extractor is
+    # built on Lite0's layer1-3 instead (build_uflow). Adam 1e-3 / 1e-5 on both sides; anomalib's
+    # LinearLR (to 0.4 over 25,000 steps) moves the lr by under 1 % in these runs.
+    "uflow": Pair(
+        {"flow_steps": 4, "affine_clamp": 2.0, "affine_subnet_channels_ratio": 1.0},
+        "Uflow",
+        {"flow_steps": 4, "affine_clamp": 2.0, "affine_subnet_channels_ratio": 1.0},
+        iterative=True,
+        build="build_uflow",
+        epochs=5,
+        size=64,
+    ),
+    # DTD is not here: both sides blend generated noise into the Perlin anomalies (the zoo's
+    # texture_dir None; anomalib's PerlinAnomalyGenerator without a source path). The paper's
+    # U-Nets (128 / 64 first-stage channels) take minutes an epoch on this CPU: both sides run
+    # them at 32 / 16 (anomalib's subnetworks rebuilt at those widths, build_draem).
+    "draem": Pair(
+        {"reconstructive_channels": 32, "discriminative_channels": 16, "lr": 1e-4},
+        "Draem",
+        {},
+        iterative=True,
+        networks="own U-Nets at 32 / 16 channels, random init on both sides; generated "
+        "textures (no DTD)",
+        layers=None,
+        backbone=None,
+        build="build_draem",
+        native_preprocessing=True,
+        epochs=1,
+        size=64,
+        batch_size=8,
+    ),
+    "ganomaly": Pair(
+        {"latent_dim": 100, "n_features": 64, "lr": 2e-4, "beta1": 0.5, "beta2": 0.999},
+        "Ganomaly",
+        {"latent_vec_size": 100, "n_features": 64, "lr": 2e-4, "beta1": 0.5, "beta2": 0.999},
+        iterative=True,
+        networks="own networks, random init on both sides",
+        layers=None,
+        backbone=None,
+        native_preprocessing=True,
+        epochs=5,
+        size=64,
+    ),
 }
 
 
@@ -144,58 +285,302 @@ def lite0_state() -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def no_hub_weights() -> Iterator[None]:
-    """``timm.create_model`` with ``pretrained`` forced off (STFPM's teacher asks for hub
-    weights unconditionally; nothing can be downloaded here: the weights are loaded after)."""
+    """``timm.create_model`` with ``pretrained`` forced off (STFPM's teacher and U-Flow's
+    extractor ask for hub weights unconditionally; the weights are loaded after), and every
+    download of torch's hub (torchvision's weights: CFA, CS-Flow) an error instead of a hang:
+    nothing can be downloaded here."""
     import timm
+    import torch.hub
 
     original = timm.create_model
+    downloads = (torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file)
 
     def create_model(*args: Any, **kwargs: Any) -> torch.nn.Module:
         kwargs["pretrained"] = False
         return original(*args, **kwargs)
 
+    def refuse(url: str, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"bench/parity.py: refusing to download {url}")
+
     timm.create_model = create_model
+    torch.hub.load_state_dict_from_url = refuse
+    torch.hub.download_url_to_file = refuse
     try:
         yield
     finally:
         timm.create_model = original
+        torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file = downloads
 
 
-def load_lite0(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[torch.nn.Module]:
-    """Load ``state`` into every frozen ``TimmFeatureExtractor`` of an anomalib model, strictly
-    (every key of the extractor filled, with the right shape); returns those extractors."""
-    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+@contextlib.contextmanager
+def patched(module: Any, attribute: str, value: Any) -> Iterator[None]:
+    """``module.attribute`` replaced by ``value`` while anomalib builds a model."""
+    original = getattr(module, attribute)
+    setattr(module, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, original)
 
-    loaded = []
-    for module in model.modules():
-        if isinstance(module, TimmFeatureExtractor) and not module.requires_grad:
-            timm_model = module.feature_extractor
-            own = timm_model.state_dict()
-            problem = state_dict_problems(own, state)
-            if problem is not None:
-                raise RuntimeError(f"Lite0 weights do not fit anomalib's extractor: {problem}")
-            sources = checkpoint_keys(own, state)
-            timm_model.load_state_dict({k: state[sources[k]] for k in own}, strict=True)
-            loaded.append(module)
-    if not loaded:
-        raise RuntimeError(f"{type(model).__name__}: no frozen TimmFeatureExtractor to load")
-    return loaded
+
+def load_timm(timm_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into a timm model strictly (every key filled, with the right shape)."""
+    own = timm_model.state_dict()
+    problem = state_dict_problems(own, state)
+    if problem is not None:
+        raise RuntimeError(f"the zoo's backbone weights do not fit anomalib's extractor: {problem}")
+    sources = checkpoint_keys(own, state)
+    timm_model.load_state_dict({k: state[sources[k]] for k in own}, strict=True)
+
+
+def create_ours(name: str, seed: int) -> models.Detector:
+    pair = PAIRS[name]
+    backbone: dict[str, Any] = {}
+    if pair.backbone is not None:
+        backbone = {"backbone": pair.backbone, "pretrained": pair.pretrained}
+        if pair.layers is not None:
+            backbone["layers"] = pair.layers
+    return models.create(name, seed=seed, **backbone, **pair.ours)
+
+
+def reference_extractor(name: str, seed: int) -> FeatureExtractor:
+    """The zoo's frozen extractor whose weights anomalib's side gets: pretrained Lite0, or the
+    seeded random init the zoo's detector builds (the first FeatureExtractor it holds)."""
+    pair = PAIRS[name]
+    if pair.pretrained:
+        return FeatureExtractor(BACKBONE, pair.layers, pretrained=True)
+    detector = create_ours(name, seed)
+    return next(m for m in detector.modules() if isinstance(m, FeatureExtractor))
 
 
 def feature_diff(
-    extractors: list[torch.nn.Module], pixels: torch.Tensor, layers: tuple[str, ...]
+    features: list[Any], reference: Any, pixels: torch.Tensor, inputs: torch.Tensor
 ) -> float:
-    """Max abs difference between anomalib's loaded extractors and the zoo's pretrained Lite0
-    extractor on ``pixels`` (uint8), layer by layer."""
-    ours = FeatureExtractor(BACKBONE, layers, pretrained=True)
+    """Max abs difference between each of anomalib's loaded extractors (``features``: callables
+    from its pre-processed ``inputs`` to a list of maps) and the zoo's (``reference``: the same
+    from ImageNet-normalised images) on the same ``pixels`` (uint8), layer by layer."""
     with torch.no_grad():
-        reference = list(ours(normalize(pixels)).values())
+        ours = reference(normalize(pixels))
         worst = 0.0
-        for extractor in extractors:
-            theirs = extractor(pixels.float() / 255.0 * 2.0 - 1.0)
-            for a, b in zip(theirs.values(), reference, strict=True):
+        for extract in features:
+            for a, b in zip(extract(inputs), ours, strict=True):
                 worst = max(worst, float((a - b).abs().max()))
     return worst
+
+
+# ----------------------------------------------------------------------------- anomalib's models
+
+
+Built = tuple[Any, list[torch.nn.Module], list[Any]]
+"""An anomalib model, the timm models to load the zoo's weights into, and feature callables."""
+
+
+class _Renamed(torch.nn.Module):
+    """A feature extractor whose maps go by other names (those anomalib's code looks up)."""
+
+    def __init__(self, extractor: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.names = names
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = self.extractor(x)
+        maps = maps.values() if isinstance(maps, dict) else maps
+        return dict(zip(self.names, maps, strict=True))
+
+
+def _timm_features(name: str, layers: tuple[str, ...]) -> torch.nn.Module:
+    """timm's ``features_only`` model of backbone ``name`` at the zoo's ``layers``."""
+    import timm
+
+    spec = get_backbone(name)
+    order = list(spec.layers)
+    indices = sorted(order.index(spec.native(layer)) for layer in layers)
+    model = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices)
+    return model.requires_grad_(False).eval()
+
+
+def build_default(name: str, kwargs: dict[str, Any], size: int) -> Built:
+    import anomalib.models
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+    pair = PAIRS[name]
+    cls = getattr(anomalib.models, pair.anomalib)
+    if pair.backbone is not None:
+        spec = get_backbone(pair.backbone)
+        native = [spec.native(layer) for layer in pair.layers]
+        kwargs = {
+            "backbone": pair.backbone,
+            **({"layer": native[0]} if pair.single_layer else {"layers": native}),
+            **kwargs,
+        }
+    model = cls(**kwargs)
+    if pair.backbone is None:
+        return model, [], []
+    frozen = [
+        m for m in model.modules() if isinstance(m, TimmFeatureExtractor) and not m.requires_grad
+    ]
+    if not frozen:
+        raise RuntimeError(f"{pair.anomalib}: no frozen TimmFeatureExtractor to load")
+    return (
+        model,
+        [m.feature_extractor for m in frozen],
+        [lambda x, m=m: list(m(x).values()) for m in frozen],
+    )
+
+
+def build_fastflow(name: str, kwargs: dict[str, Any], size: int) -> Built:
+    from anomalib.models import Fastflow
+    from anomalib.models.image.fastflow.torch_model import create_fast_flow_block
+
+    pair = PAIRS[name]
+    model = Fastflow(backbone="resnet18", pre_trained=False, **kwargs)
+    torch_model = model.model
+    extractor = _timm_features(BACKBONE, pair.layers)
+    torch_model.feature_extractor = extractor
+    channels = extractor.feature_info.channels()
+    scales = extractor.feature_info.reduction()
+    dims = [[c, size // s, size // s] for c, s in zip(channels, scales, strict=True)]
+    # anomalib's own construction, on Lite0's channels and grids.
+    torch_model.norms = torch.nn.ModuleList(
+        torch.nn.LayerNorm(d, elementwise_affine=True) for d in dims
+    )
+    torch_model.fast_flow_blocks = torch.nn.ModuleList(
+        create_fast_flow_block(
+            input_dimensions=d,
+            conv3x3_only=kwargs["conv3x3_only"],
+            hidden_ratio=kwargs["hidden_ratio"],
+            flow_steps=kwargs["flow_steps"],
+        )
+        for d in dims
+    )
+    return model, [extractor], [lambda x: list(extractor(x))]
+
+
+def build_cfa(name: str, kwargs: dict[str, Any], size: int) -> Built:
+    import anomalib.models.image.cfa.torch_model as cfa_model
+    from anomalib.models import Cfa
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+
+    pair = PAIRS[name]
+    spec = get_backbone(BACKBONE)
+    extractor = TimmFeatureExtractor(
+        BACKBONE, [spec.native(layer) for layer in pair.layers], pre_trained=False
+    )
+    # CfaModel.get_scale looks the first map up by resnet18's node name.
+    renamed = _Renamed(extractor, cfa_model.get_return_nodes("resnet18"))
+    with patched(cfa_model, "get_feature_extractor", lambda backbone, return_nodes: renamed):
+        model = Cfa(backbone="resnet18", **kwargs)
+    dim = sum(extractor.feature_extractor.feature_info.channels())
+    # anomalib's Descriptor knows four backbones' channel sums; Lite0's layer1-3 sum to 176.
+    model.model.descriptor.layer = cfa_model.CoordConv2d(
+        in_channels=dim, out_channels=dim // kwargs["gamma_d"], kernel_size=1
+    )
+    return model, [extractor.feature_extractor], [lambda x: list(extractor(x).values())]
+
+
+class _EfficientNetTo(torch.nn.Module):
+    """An EfficientNet's stem and stages up to its last one: the maps of the stage CS-Flow
+    reads (blocks.5 is no stage end of timm's feature_info, so the zoo runs the stages itself)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.net.blocks(self.net.bn1(self.net.conv_stem(x)))]
+
+
+def build_csflow(name: str, kwargs: dict[str, Any], size: int) -> Built:
+    import copy
+
+    import anomalib.models.image.csflow.torch_model as csflow_model
+    import torchvision
+    from anomalib.models import Csflow
+
+    with patched(
+        csflow_model,
+        "efficientnet_b5",
+        lambda weights=None: torchvision.models.efficientnet_b5(weights=None),
+    ):
+        model = Csflow(**kwargs)
+    # The zoo's truncated timm B5 (its weights are loaded after), blocks.5's 304 channels
+    # standing for torchvision's features.6.8.
+    net = copy.deepcopy(create_ours(name, 0).extractor.model).requires_grad_(False).eval()
+    extractor = _EfficientNetTo(net)
+    model.model.feature_extractor.feature_extractor = _Renamed(extractor, ["features.6.8"])
+    return model, [net], [extractor]
+
+
+def build_uflow(name: str, kwargs: dict[str, Any], size: int) -> Built:
+    import anomalib.models.image.uflow.torch_model as uflow_model
+    from anomalib.models import Uflow
+    from anomalib.models.image.uflow.feature_extraction import LayerNormFeatureExtractor
+
+    spec = get_backbone(BACKBONE)
+    native = tuple(spec.native(layer) for layer in PAIRS[name].layers)
+    built: list[Any] = []
+
+    def lite0_extractor(backbone: str, input_size: tuple[int, int]) -> torch.nn.Module:
+        built.append(LayerNormFeatureExtractor(BACKBONE, input_size, layers=native))
+        return built[-1]
+
+    with patched(uflow_model, "get_feature_extractor", lite0_extractor):
+        model = Uflow(backbone="resnet18", **kwargs)
+    (extractor,) = built
+    return model, [extractor.feature_extractor], [lambda x: list(extractor.extract_features(x))]
+
+
+def build_draem(name: str, kwargs: dict[str, Any], size: int) -> Built:
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+    from anomalib.models import Draem
+    from anomalib.models.image.draem.torch_model import (
+        DiscriminativeSubNetwork,
+        ReconstructiveSubNetwork,
+    )
+
+    # An existing (empty) dtd_dir keeps Draem from downloading DTD; the generator is then
+    # rebuilt without a source, which blends generated noise as the zoo does without textures.
+    with tempfile.TemporaryDirectory() as empty:
+        model = Draem(dtd_dir=empty, **kwargs)
+    model.augmenter = PerlinAnomalyGenerator(anomaly_source_path=None, blend_factor=(0.1, 1.0))
+    ours = PAIRS[name].ours
+    model.model.reconstructive_subnetwork = ReconstructiveSubNetwork(
+        base_width=ours["reconstructive_channels"]
+    )
+    model.model.discriminative_subnetwork = DiscriminativeSubNetwork(
+        in_channels=6, out_channels=2, base_width=ours["discriminative_channels"]
+    )
+    return model, [], []
+
+
+def build_anomalib(name: str, size: int, batch_size: int) -> Built:
+    import anomalib.models
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    pair = PAIRS[name]
+    cls = getattr(anomalib.models, pair.anomalib)
+    if pair.native_preprocessing:
+        pre_processor = cls.configure_pre_processor(image_size=(size, size))
+    else:
+        # The images are already at size: Resize is the identity, there for models that read
+        # their input size from the pre-processor.
+        pre_processor = PreProcessor(
+            transform=Compose([Resize((size, size)), Normalize([0.5] * 3, [0.5] * 3)])
+        )
+    kwargs = {
+        "pre_processor": pre_processor,
+        "post_processor": False,
+        "evaluator": False,
+        "visualizer": False,
+        **pair.anomalib_kwargs,
+    }
+    if pair.anomalib == "Ganomaly":
+        kwargs["batch_size"] = batch_size
+    build = globals()[pair.build] if pair.build else build_default
+    with no_hub_weights():
+        return build(name, kwargs, size)
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -229,9 +614,7 @@ def run_ours(
     name: str, train: torch.Tensor, test: Any, seed: int, epochs: int, batch_size: int
 ) -> Outcome:
     pair = PAIRS[name]
-    detector = models.create(
-        name, backbone=BACKBONE, layers=pair.layers, pretrained=True, seed=seed, **pair.ours
-    )
+    detector = create_ours(name, seed)
     batches = _batches(normalize(train), batch_size)
     started = time.perf_counter()
     detector.fit(batches, epochs=epochs if pair.iterative else None)
@@ -247,27 +630,27 @@ def run_ours(
     return Outcome(image, pixel, fit_s, latency)
 
 
-def build_anomalib(name: str, state: dict[str, torch.Tensor]) -> tuple[Any, list[Any]]:
-    import anomalib.models
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Normalize
+def _train_only(items: list[Any], batch_size: int, seed: int) -> Any:
+    """A datamodule of the training images only: CFA, DSR and EfficientAD read
+    ``trainer.datamodule.train_dataloader()`` (CFA its memory bank's first pass)."""
+    from anomalib.data import ImageBatch
+    from lightning.pytorch import LightningDataModule
+    from torch.utils.data import DataLoader
 
-    pair = PAIRS[name]
-    spec = get_backbone(BACKBONE)
-    cls = getattr(anomalib.models, pair.anomalib)
-    native = [spec.native(layer) for layer in pair.layers]
-    layers = {"layer": native[0]} if pair.single_layer else {"layers": native}
-    with no_hub_weights():
-        model = cls(
-            backbone=BACKBONE,
-            **layers,
-            pre_processor=PreProcessor(transform=Normalize([0.5] * 3, [0.5] * 3)),
-            post_processor=False,
-            evaluator=False,
-            visualizer=False,
-            **pair.anomalib_kwargs,
-        )
-    return model, load_lite0(model, state)
+    class TrainOnly(LightningDataModule):
+        train_batch_size = batch_size
+        name, category = "photo_sets", "train"  # Engine names its workspace after them
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(
+                items,
+                batch_size=batch_size,
+                shuffle=True,
+                collate_fn=ImageBatch.collate,
+                generator=torch.Generator().manual_seed(seed),
+            )
+
+    return TrainOnly()
 
 
 def run_anomalib(
@@ -277,33 +660,44 @@ def run_anomalib(
     seed: int,
     epochs: int,
     batch_size: int,
-    state: dict[str, torch.Tensor],
     workdir: Path,
 ) -> Outcome:
-    from anomalib.data import ImageBatch, ImageItem
+    from anomalib.data import ImageItem
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
-    from torch.utils.data import DataLoader
 
+    pair = PAIRS[name]
+    size = int(test.pixels.shape[-1])
     seed_everything(seed, workers=True, verbose=False)
-    model, extractors = build_anomalib(name, state)
-    diff = feature_diff(extractors, test.pixels[:4], PAIRS[name].layers)
+    model, timm_models, features = build_anomalib(name, size, batch_size)
+    diff = None
+    if pair.backbone is not None:
+        reference = reference_extractor(name, seed)
+        state = lite0_state() if pair.pretrained else reference.model.state_dict()
+        for timm_model in timm_models:
+            load_timm(timm_model, state)
+        if pair.build == "build_csflow":
+            ours = _EfficientNetTo(reference.model)
+        else:
+            ours = lambda x: list(reference(x).values())  # noqa: E731
+        inputs = model.pre_processor(test.pixels[:4].float() / 255.0)
+        diff = feature_diff(features, ours, test.pixels[:4], inputs)
     items = [
         ImageItem(image=p.float() / 255.0, gt_label=torch.tensor(0), image_path=f"train/{i}")
         for i, p in enumerate(train)
     ]
-    loader = DataLoader(items, batch_size=batch_size, shuffle=True, collate_fn=ImageBatch.collate)
     engine = Engine(
         accelerator="cpu",
         devices=1,
-        max_epochs=epochs if PAIRS[name].iterative else 1,
+        max_epochs=epochs if pair.iterative else 1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(workdir),
     )
     started = time.perf_counter()
-    engine.fit(model, train_dataloaders=loader)
+    with no_hub_weights():
+        engine.fit(model, datamodule=_train_only(items, batch_size, seed))
     fit_s = time.perf_counter() - started
     model.eval()
     torch_model = model.model.eval()
@@ -351,6 +745,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["fit_speedup"] = b["fit_s"] / a["fit_s"]
         entry["latency_speedup"] = b["latency_ms"] / a["latency_ms"]
         entry["networks"] = PAIRS[model].networks
+        first = next(r for r in rows if (r["set"], r["model"]) == (data_set, model))
+        entry["settings"] = {k: first[k] for k in ("size", "epochs", "batch_size")}
         summary.append(entry)
     return summary
 
@@ -385,6 +781,7 @@ def print_table(console: Console, summary: list[dict[str, Any]], title: str) -> 
         "set",
         "model",
         "networks",
+        "px / epochs / batch",
         "seeds ours / anomalib",
         "image AUROC ours / anomalib (delta)",
         "pixel AUROC ours / anomalib",
@@ -402,6 +799,7 @@ def print_table(console: Console, summary: list[dict[str, Any]], title: str) -> 
             e["set"],
             e["model"],
             e["networks"],
+            "{size} / {epochs} / {batch_size}".format(**e["settings"]),
             f"{len(a['seeds'])} / {len(b['seeds'])}",
             f"{a['image_auroc']:.3f} / {b['image_auroc']:.3f} ({e['image_auroc_delta']:+.3f})",
             f"{a['pixel_auroc']:.3f} / {b['pixel_auroc']:.3f}",
@@ -410,6 +808,20 @@ def print_table(console: Console, summary: list[dict[str, Any]], title: str) -> 
             "-" if diff is None else f"{diff:.1e}",
         )
     console.print(table)
+
+
+def resolve_settings(name: str, args: argparse.Namespace) -> tuple[int, int, int]:
+    """(epochs, image size, batch size) of ``name``: the command line's, else the pair's."""
+    pair = PAIRS[name]
+
+    def pick(given: int | None, own: int | None, default: int) -> int:
+        return given if given is not None else own if own is not None else default
+
+    return (
+        pick(args.epochs, pair.epochs, 10),
+        pick(args.size, pair.size, 128),
+        pick(args.batch_size, pair.batch_size, 32),
+    )
 
 
 def _csv(value: str) -> list[str]:
@@ -426,9 +838,17 @@ def main() -> int:
         type=int,
         help="run anomalib on the first N seeds only (its PatchCore takes minutes per fit)",
     )
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of iterative detectors")
-    parser.add_argument("--size", type=int, default=128, help="image size (px)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs of iterative detectors (default: each detector's, see PAIRS; else 10)",
+    )
+    parser.add_argument(
+        "--size", type=int, help="image size in px (default: each detector's; else 128)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="batch size (default: each detector's; else 32)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="photo sets' folder")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -446,40 +866,37 @@ def main() -> int:
         logging.getLogger(logger).setLevel(logging.ERROR)
     console = Console(width=200)
     root = build_sets(args.data, sets)
-    state = lite0_state()
     workdir = Path(tempfile.mkdtemp(prefix="bench-parity-"))
+    settings = {name: resolve_settings(name, args) for name in names}
 
     rows: list[dict[str, Any]] = []
     for data_set in sets:
-        splits = load_mvtec(root, data_set, args.size)
-        # Every training image: the loader's normal-only validation hold-out is fitted too.
-        train = torch.cat([splits.train.pixels, splits.val.pixels])
-        test = splits.test
-        console.print(
-            f"{data_set}: {len(train)} training, {len(test)} test images "
-            f"({test.num_anomalous} anomalous) at {args.size} px"
-        )
+        loaded: dict[int, Any] = {}
         for name in names:
+            epochs, size, batch_size = settings[name]
+            if size not in loaded:
+                loaded[size] = load_mvtec(root, data_set, size)
+                test = loaded[size].test
+                console.print(
+                    f"{data_set}: {len(loaded[size].train.pixels) + len(loaded[size].val.pixels)}"
+                    f" training, {len(test)} test images ({test.num_anomalous} anomalous) at "
+                    f"{size} px"
+                )
+            splits = loaded[size]
+            # Every training image: the loader's normal-only validation hold-out is fitted too.
+            train = torch.cat([splits.train.pixels, splits.val.pixels])
             for side, side_seeds in (("ours", seeds), ("anomalib", anomalib_seeds)):
                 for seed in side_seeds:
                     torch.manual_seed(seed)
                     np.random.seed(seed)
                     if side == "ours":
-                        outcome = run_ours(
-                            name, train, splits.test, seed, args.epochs, args.batch_size
-                        )
+                        outcome = run_ours(name, train, splits.test, seed, epochs, batch_size)
                     else:
                         outcome = run_anomalib(
-                            name,
-                            train,
-                            splits.test,
-                            seed,
-                            args.epochs,
-                            args.batch_size,
-                            state,
-                            workdir,
+                            name, train, splits.test, seed, epochs, batch_size, workdir
                         )
                     row = {"set": data_set, "model": name, "side": side, "seed": seed}
+                    row.update(epochs=epochs, size=size, batch_size=batch_size)
                     row.update(outcome.__dict__)
                     rows.append(row)
                     console.print(
@@ -489,12 +906,11 @@ def main() -> int:
                     )
 
     summary = summarise(rows)
-    epochs = f"{args.epochs} epochs (iterative detectors)"
     print_table(
         console,
         summary,
-        f"parity with anomalib 2.7: {args.size} px, {BACKBONE}, {epochs}, "
-        f"{args.threads} thread(s); AUROC and seconds are means over seeds",
+        f"parity with anomalib 2.7: {args.threads} thread(s); AUROC and seconds are means over "
+        "seeds",
     )
     checks = targets(summary)
     for text, met in checks:
