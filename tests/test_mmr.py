@@ -73,7 +73,10 @@ def test_every_epoch_is_reported_the_loss_falls_and_the_rate_warms_up_then_decay
     losses = [metrics["loss"] for _, metrics in history]
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.8 * losses[0]
-    assert stats == {"epochs": FIT_EPOCHS, "loss": losses[-1]}
+    assert {k: stats[k] for k in ("epochs", "loss")} == {"epochs": FIT_EPOCHS, "loss": losses[-1]}
+    # The row says that the ViT was not MAE's.
+    assert stats["parts"] == {"vit": "random init"}
+    assert "random initialisation" in stats["notes"][0]
     rates = [metrics["lr"] for _, metrics in history]
     # One warmup epoch reaches the peak; a half cosine then falls towards zero.
     assert rates[0] == pytest.approx(TINY["lr"])
