@@ -306,3 +306,55 @@ def test_one_sided_blocks_with_global_affine_are_exact():
     n_one = sum(p.numel() for p in one.parameters())
     n_two = sum(p.numel() for p in two.parameters())
     assert n_one == n_two // 2 + 16
+
+
+def _all_in_one_by_hand(block, x, condition, clamp):
+    """FrEIA's ``AllInOneBlock`` (hard permutation, SOFTPLUS global affine, no GIN: what the
+    reference FastFlow, CFlow and U-Flow build), written out around ``block``'s own subnet."""
+    channels = x.shape[1]
+    passive = channels - channels // 2
+    x1, x2 = x[:, :passive], x[:, passive:]
+    a = 0.1 * block.subnet1(torch.cat([x1, condition], dim=1))
+    s = clamp * torch.tanh(a[:, : channels // 2])
+    u = torch.cat([x1, x2 * torch.exp(s) + a[:, channels // 2 :]], dim=1)
+    raw = block.global_scale[0].view(1, -1, 1, 1)
+    scale = 0.1 * 2.0 * torch.log1p(torch.exp(raw / 2.0))  # 0.1 x softplus with beta 0.5
+    v = u * scale + block.global_offset[0].view(1, -1, 1, 1)
+    # FrEIA permutes after the block: output channel i is channel perm[i] of v.
+    y = v[:, block.permutation0]
+    positions = x[0, 0].numel()
+    log_det = s.sum((1, 2, 3)) + positions * torch.log(scale).sum()
+    return y, log_det
+
+
+def test_one_sided_block_is_freia_all_in_one_block():
+    clamp = 1.9
+    block = AffineCoupling(
+        5,
+        conv_subnet,
+        clamp=clamp,
+        condition_channels=2,
+        seed=3,
+        both_halves=False,
+        global_affine=True,
+    ).double()
+    # The global scale starts at exactly 1 (FrEIA's ``global_affine_init``).
+    torch.testing.assert_close(
+        0.2 * torch.log1p(torch.exp(block.global_scale[0] / 2)), torch.ones(5, dtype=torch.float64)
+    )
+    with torch.no_grad():
+        block.global_scale[0].add_(randn(5, dtype=torch.float64, seed=5))
+        block.global_offset[0].copy_(randn(5, dtype=torch.float64, seed=6))
+        # Coefficients large enough that the clamp and the 0.1 both matter.
+        for module in block.subnet1:
+            if isinstance(module, nn.Conv2d):
+                module.weight.mul_(8.0)
+    x = randn(2, 5, 3, 4, dtype=torch.float64)
+    condition = randn(2, 2, 3, 4, dtype=torch.float64, seed=1)
+    y, log_det = block(x, condition)
+    expected_y, expected_log_det = _all_in_one_by_hand(block, x, condition, clamp)
+    torch.testing.assert_close(y, expected_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_det, expected_log_det, rtol=1e-12, atol=1e-12)
+    back, inverse_log_det = block(y, condition, reverse=True)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(inverse_log_det, -log_det)

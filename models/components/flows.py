@@ -6,17 +6,23 @@ trains ``f`` so that normal features land on a standard normal; the change of va
 exact likelihood ``log p(x) = log N(z; 0, I) + log |det df/dx|``, and an anomaly is what gets a
 low one (Rezende & Mohamed 2015; Dinh et al., "Density estimation using Real NVP", ICLR 2017).
 
-:class:`AffineCoupling` is the Glow-style affine coupling block (Kingma & Dhariwal, "Glow",
-NeurIPS 2018) that all these detectors stack: a fixed seeded channel permutation, a split into
-two halves ``(a, b)``, then ``b <- b * exp(s(a)) + t(a)`` and ``a <- a * exp(s'(b)) + t'(b)``,
-where ``s, t`` (and ``s', t'``) come from a subnet of the other half, optionally concatenated
-with a condition (CFlow's positional encoding). The log-scales are soft-clamped to
-``(-clamp, clamp)`` so that a few large values cannot blow the likelihood up, the stabiliser of
-every anomaly-detection flow paper. Both halves change in every block, so the Jacobian is
-triangular and its log-determinant is the sum of the clamped log-scales. With
-``both_halves=False`` and ``global_affine=True`` a block has the structure of FrEIA's
-``AllInOneBlock`` (one subnet transforming one half, then a learned per-channel affine), which
-the reference implementations of FastFlow, CFlow and U-Flow stack.
+:class:`AffineCoupling` is the affine coupling block (Dinh et al.; Kingma & Dhariwal, "Glow",
+NeurIPS 2018) that all these detectors stack, in two forms:
+
+- two-sided (CS-Flow's and AST's): a fixed seeded channel permutation, a split into two halves
+  ``(a, b)``, then ``b <- b * exp(s(a)) + t(a)`` and ``a <- a * exp(s'(b)) + t'(b)``, where
+  ``s, t`` (and ``s', t'``) come from a subnet of the other half, optionally concatenated with a
+  condition; the log-scales soft-clamped to ``(-clamp, clamp)`` (``clamp * tanh(s / clamp)`` or
+  CS-Flow's ``atan``) so that a few large values cannot blow the likelihood up;
+- one-sided, FrEIA's ``AllInOneBlock`` (the block the reference implementations of FastFlow,
+  CFlow and U-Flow stack, anomalib's included): the first ``ceil(C/2)`` channels ``x1`` stay,
+  the subnet of ``x1`` (and the condition, CFlow's positional encoding) gives coefficients that
+  are scaled by 0.1 as a whole ("for stability and easier initialization"), ``s = clamp *
+  tanh(0.1 s_raw)``, ``t = 0.1 t_raw``, and ``x2 <- x2 * exp(s) + t``; with ``global_affine``
+  a learned per-channel scale and offset follow, then the channel permutation.
+
+The Jacobian is triangular and its log-determinant the sum of the clamped log-scales (plus the
+global scales' logs, once per position).
 
 Inputs are one tensor with channels on dim 1 (``B x C x H x W`` maps, ``B x C`` vectors) or a
 list of such tensors (CS-Flow's multi-scale input, each scale split on its own channels and one
@@ -90,23 +96,25 @@ class AffineCoupling(nn.Module):
             predicts log-scale and shift of one half from the other (see
             :data:`SubnetFactory`); called once per transformed half. Its modules are
             initialised from ``seed``, not from the global random state.
-        clamp: bound of the soft-clamped log-scale ``clamp * tanh(s / clamp)``; 0 disables the
-            clamp. FastFlow and U-Flow use 2.0, CFlow 1.9, CS-Flow 3.0.
+        clamp: bound of the soft-clamped log-scale: ``clamp * tanh(s / clamp)`` two-sided,
+            ``clamp * tanh(0.1 s)`` one-sided (FrEIA's); 0 disables the clamp. FastFlow and
+            U-Flow use 2.0, CFlow 1.9, CS-Flow 3.0.
         condition_channels: channels of the condition concatenated to the subnet's input at
             every step (e.g. CFlow's positional encoding); an int, or one per scale for the
             list form. 0 means unconditional.
         seed: seeds the channel permutation (a buffer) and the subnets' initialisation.
-        soft_clamp: ``"tanh"`` or ``"atan"`` (CS-Flow's ``clamp * 2/pi * atan(s / clamp)``).
-        permute: shuffle channels at the block's input (so stacked blocks mix all channels);
-            False keeps the order.
+        soft_clamp: ``"tanh"`` or ``"atan"`` (CS-Flow's ``clamp * 2/pi * atan(s / clamp)``);
+            one-sided blocks take only ``"tanh"`` (FrEIA's).
+        permute: shuffle channels (so stacked blocks mix all channels): at the block's input
+            two-sided, at its output one-sided (where ``AllInOneBlock`` does); False keeps the
+            order.
         both_halves: transform both halves, each from the other (Glow's / Real NVP's
-            two-step coupling, two subnets). False transforms only the second half from the
-            first (one subnet), which with the permutation is the structure of FrEIA's
-            ``AllInOneBlock`` that the reference implementations of FastFlow, CFlow and U-Flow
-            stack: half the subnet parameters per block.
-        global_affine: follow the coupling with a learned per-channel scale (softplus of a
-            parameter, starting at 1) and offset, as ``AllInOneBlock`` does; it lets every
-            block rescale the channels the coupling leaves unchanged.
+            two-step coupling, two subnets). False is FrEIA's ``AllInOneBlock`` coupling (see
+            the module's docstring): one subnet, half the subnet parameters per block.
+        global_affine: follow the coupling with a learned per-channel scale and offset, as
+            ``AllInOneBlock`` does (its ``SOFTPLUS`` type: the scale is ``0.1 * softplus`` with
+            beta 0.5 of a parameter, starting at 1); it lets every block rescale the channels
+            the coupling leaves unchanged.
 
     ``forward(x, condition=None, reverse=False, per_position=False) -> (z, log_det)``. ``x`` is
     a tensor ``B x C x ...`` or a list of them; ``condition`` matches its form with
@@ -145,12 +153,15 @@ class AffineCoupling(nn.Module):
             raise ValueError(f"clamp must be finite and >= 0, got {clamp!r}")
         if soft_clamp not in ("tanh", "atan"):
             raise ValueError(f"soft_clamp must be 'tanh' or 'atan', got {soft_clamp!r}")
+        if not both_halves and soft_clamp != "tanh":
+            raise ValueError("a one-sided (AllInOneBlock) coupling clamps with 'tanh' only")
         self.channels = channel_list
         self.condition_channels = condition_list
         self.clamp = float(clamp)
         self.soft_clamp = soft_clamp
         self.both_halves = both_halves
-        self.split = [c // 2 for c in channel_list]
+        # AllInOneBlock keeps the larger half (ceil) and transforms the smaller.
+        self.split = [c // 2 if both_halves else c - c // 2 for c in channel_list]
         first = self.split
         second = [c - h for c, h in zip(channel_list, first, strict=True)]
 
@@ -183,8 +194,8 @@ class AffineCoupling(nn.Module):
                 else None
             )
         if global_affine:
-            # softplus(log(e - 1)) = 1: the block starts without a global rescaling.
-            start = math.log(math.expm1(1.0))
+            # 0.1 * softplus_beta=0.5(start) = 1: the block starts without a global rescaling.
+            start = 2.0 * math.log(math.expm1(5.0))
             self.global_scale = nn.ParameterList(
                 nn.Parameter(torch.full((c,), start)) for c in channel_list
             )
@@ -206,8 +217,13 @@ class AffineCoupling(nn.Module):
         outs = list(out) if self.multi_scale else [out]
         params = []
         for o in outs:
-            s, t = o.chunk(2, dim=1)
-            params.append((soft_clamp(s, self.clamp, self.soft_clamp), t))
+            if self.both_halves:
+                s, t = o.chunk(2, dim=1)
+                params.append((soft_clamp(s, self.clamp, self.soft_clamp), t))
+            else:
+                # AllInOneBlock's scaling of the whole coefficient tensor, then its clamp.
+                s, t = (0.1 * o).chunk(2, dim=1)
+                params.append((self.clamp * torch.tanh(s) if self.clamp > 0 else s, t))
         return params
 
     def _couple(
@@ -231,7 +247,7 @@ class AffineCoupling(nn.Module):
         out, log_dets = [], []
         for x, raw, offset in zip(xs, self.global_scale, self.global_offset, strict=True):
             shape = (1, -1) + (1,) * (x.ndim - 2)
-            scale = F.softplus(raw)
+            scale = 0.1 * F.softplus(raw, beta=0.5)
             log_scale = scale.log().sum()
             if reverse:
                 out.append((x - offset.view(shape)) / scale.view(shape))
@@ -265,9 +281,13 @@ class AffineCoupling(nn.Module):
             raise ValueError(f"coupling expects a condition of {self.condition_channels} channels")
 
         parts: list[list[Tensor]] = []  # per-position log-dets of each step
-        if not reverse:
+        # Two-sided blocks permute at their input, one-sided ones at their output.
+        permute_first = self.both_halves
+        if not reverse and permute_first:
             xs = [t.index_select(1, self._permutation(i)) for i, t in enumerate(xs)]
-        elif self.global_scale is not None:
+        if reverse and not permute_first:
+            xs = [t.index_select(1, self._permutation(i, True)) for i, t in enumerate(xs)]
+        if reverse and self.global_scale is not None:
             xs, log_det = self._global(xs, reverse=True)
             parts.append(log_det)
         a = [t[:, :h] for t, h in zip(xs, self.split, strict=True)]
@@ -288,7 +308,9 @@ class AffineCoupling(nn.Module):
         if not reverse and self.global_scale is not None:
             out, log_det = self._global(out, reverse=False)
             parts.append(log_det)
-        if reverse:
+        if not reverse and not permute_first:
+            out = [t.index_select(1, self._permutation(i)) for i, t in enumerate(out)]
+        if reverse and permute_first:
             out = [t.index_select(1, self._permutation(i, True)) for i, t in enumerate(out)]
 
         per_scale = [
