@@ -123,7 +123,7 @@ class CFlow(Detector):
                 conditioned on (a multiple of 4).
             coupling_blocks: coupling blocks per decoder.
             clamp_alpha: soft bound of the coupling log-scales
-                (``clamp_alpha * tanh(s / clamp_alpha)``).
+                (``clamp_alpha * tanh(0.1 s)``, FrEIA's).
             fiber_batch_size: feature vectors per optimisation step; each training batch's
                 vectors (all images and positions of a layer) are shuffled with a seeded
                 permutation and cut into batches of this size.

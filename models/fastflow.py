@@ -122,7 +122,7 @@ class FastFlow(Detector):
                 (half the feature channels).
             conv3x3_only: all subnets use 3x3 convolutions; False alternates 3x3 and 1x1
                 (the paper's transformer setting, fewer parameters).
-            clamp: soft bound of the coupling log-scales (``clamp * tanh(s / clamp)``).
+            clamp: soft bound of the coupling log-scales (``clamp * tanh(0.1 s)``, FrEIA's).
             lr: Adam learning rate.
             weight_decay: Adam weight decay (L2 penalty).
             epochs: training epochs when ``fit`` is not given a budget.

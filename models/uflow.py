@@ -55,10 +55,8 @@ MCAIT_COARSE_INPUT = 224
 
 
 class _CouplingSubnet(nn.Module):
-    """Two convolutions with a ReLU between, ``in -> ratio * in -> out`` channels.
-
-    The last convolution starts at zero, so each coupling block starts as the identity (FrEIA's
-    ``AllInOneBlock``, which the paper stacks, damps its subnet's output by 0.1 to the same end).
+    """Two convolutions with a ReLU between, ``in -> ratio * in -> out`` channels, initialised
+    as PyTorch does (the paper's and anomalib's); the coupling block scales their output by 0.1.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, ratio: float):
@@ -69,8 +67,6 @@ class _CouplingSubnet(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden, out_channels, kernel_size, padding=kernel_size // 2),
         )
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -83,7 +79,7 @@ class UShapedFlow(nn.Module):
         channels: channels of each scale, finest first.
         flow_steps: coupling blocks per scale; their subnets alternate 3x3 and 1x1 kernels
             (3x3 first), as in the paper's code.
-        clamp: soft clamp of the coupling log-scales, ``clamp * tanh(s / clamp)``.
+        clamp: soft clamp of the coupling log-scales, ``clamp * tanh(0.1 s)`` (FrEIA's).
         ratio: hidden channels of each subnet relative to its input channels.
         seed: seeds every block's permutation and initialisation.
 
