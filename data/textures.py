@@ -86,6 +86,10 @@ def make_texture_folder(
         tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     )
     try:
+        # mkdtemp's folder is private (0700); a texture folder is read by other users and nodes.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)
         files: dict[str, str] = {}
         for label, read in sources:
             tiles = _tiles(read(), tile_size, step)

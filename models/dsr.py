@@ -757,7 +757,7 @@ def train_general_vq(
         "lr": lr,
         "restart_every": restart_every,
         "seed": seed,
-        "first_loss": losses[0],
+        "first_loss": sum(losses[: len(tail)]) / len(tail),
         "final_loss": final,
         "summary": (
             f"general VQ-VAE trained on {len(files)} images of {folder}, {steps} steps, "

@@ -95,11 +95,19 @@ def save_part(state: Mapping[str, Tensor], path: str | Path, metadata: Mapping[s
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=header)
+        # mkstemp's file is private (0600); a part is read by other users and nodes.
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_part(path: str | Path) -> dict[str, Any] | None:

@@ -245,7 +245,7 @@ def distill_teacher(
         "image_size": image_size,
         "backbone_image_size": extractor_size,
         "seed": seed,
-        "first_loss": losses[0],
+        "first_loss": sum(losses[: len(tail)]) / len(tail),
         "final_loss": sum(tail) / len(tail),
         "summary": (
             f"distilled from {backbone} ({source}) on {len(files)} images of "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -187,6 +188,11 @@ def test_save_part_is_atomic_and_checks_the_path(tmp_path):
     with pytest.raises(RuntimeError, match="share memory"):  # refused while writing
         save_part({"a": shared, "b": shared}, tmp_path / "x.safetensors", {"kind": "k"})
     assert list(tmp_path.iterdir()) == []
+    written = save_part({"a": torch.ones(1)}, tmp_path / "x.safetensors", {"kind": "k"})
+    umask = os.umask(0)
+    os.umask(umask)
+    # Not mkstemp's private 0600: the umask decides, as for any file the user writes.
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # --------------------------------------------------------------------------- DSR
@@ -223,6 +229,9 @@ def test_texture_folder_from_an_image_folder(photos, tmp_path):
     assert len(tiles) == 12 * 4 == manifest["n_tiles"]
     assert set(manifest["files"]) == set(tiles)
     assert cv2.imread(str(out / tiles[0])).shape == (32, 32, 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     assert (
         json.loads((out / "manifest.json").read_text())["content_sha256"]
         == (manifest["content_sha256"])
