@@ -174,7 +174,7 @@ def test_predict_before_fit_and_empty_training_set_are_errors(toy, random_resnet
 
 def test_missing_texture_folder_is_a_model_error(toy, random_resnet18_weights, tmp_path):
     # At construction, so that a study's validation (which builds every configuration) finds it.
-    with pytest.raises(ModelError, match="dtd.*is not a folder"):
+    with pytest.raises(ModelError, match=r"dtd.*is not a folder"):
         small(random_resnet18_weights, texture_dir=str(tmp_path / "dtd"))
     (tmp_path / "dtd").mkdir()
     detector = small(random_resnet18_weights, texture_dir=str(tmp_path / "dtd"))
