@@ -1,15 +1,16 @@
 """SimpleNet (Liu et al., "SimpleNet: A Simple Network for Image Anomaly Detection and
 Localization", CVPR 2023).
 
-A frozen backbone turns every image into a grid of locally aware patch features: mid-level
-layers averaged over a 3x3 neighbourhood, resized to the first layer's grid and concatenated, as
-PatchCore builds them, then average-pooled over channels to at most ``target_embed_dimension``.
-A trainable feature adaptor (a linear layer) maps them to a target-oriented space, where
-*anomalous* features are synthesised by adding Gaussian noise to the adapted normal ones. A small
-MLP discriminator learns to score normal features above ``+margin`` and the noisy ones below
-``-margin`` (truncated L1 loss). At test time the negative discriminator output of each adapted
-patch is its anomaly score: the map is the upsampled, Gaussian-blurred patch scores, the image
-score the largest patch score.
+A frozen backbone turns every image into a grid of locally aware patch features, built as the
+official code builds them (:func:`patch_embedding`): each mid-level layer's 3x3 patches are
+unfolded (zero-padded), each patch's values average-pooled to ``pretrain_embed_dimension``, the
+deeper layers resized to the first layer's grid, and the layers' vectors concatenated and pooled to
+``target_embed_dimension``. A trainable feature adaptor (a linear layer) maps them to a
+target-oriented space, where *anomalous* features are synthesised by adding Gaussian noise to the
+adapted normal ones. A small MLP discriminator learns to score normal features above ``+margin``
+and the noisy ones below ``-margin`` (truncated L1 loss). At test time the negative discriminator
+output of each adapted patch is its anomaly score: the map is the upsampled, Gaussian-blurred patch
+scores, the image score the largest patch score.
 """
 
 from __future__ import annotations
@@ -34,15 +35,38 @@ from models.base import (
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
 
-__all__ = ["SimpleNet"]
+__all__ = ["SimpleNet", "patch_embedding"]
 
 
 def _pool_channels(features: Tensor, dim: int) -> Tensor:
-    """Adaptive average pooling over the channels of ``B x C x h x w`` (``dim <= C``):
-    ``B x dim x h x w``, each output channel the mean of a run of adjacent input channels."""
+    """Adaptive average pooling over the channels of ``B x C x h x w``: ``B x dim x h x w``,
+    output channel ``i`` the mean of input channels ``floor(i C / dim)`` to
+    ``ceil((i + 1) C / dim) - 1`` (``torch.nn.AdaptiveAvgPool1d`` along the channels)."""
     if features.shape[1] == dim:
         return features
     return F.adaptive_avg_pool3d(features.unsqueeze(1), (dim, *features.shape[-2:]))[:, 0]
+
+
+def patch_embedding(
+    features: Sequence[Tensor], layer_dims: Sequence[int], embed_dim: int, patch_size: int = 3
+) -> Tensor:
+    """SimpleNet's (and PatchCore's official) locally aware patch features.
+
+    Each layer's ``B x C x h x w`` map is unfolded into its zero-padded ``patch_size`` x
+    ``patch_size`` windows (``C k k`` values per position, ordered channel, window row, window
+    column, as ``torch.nn.Unfold``), each window average-pooled to ``layer_dims[i]`` values and
+    resized bilinearly to the first layer's grid; the layers' vectors, concatenated in order,
+    are average-pooled to ``embed_dim``. Returns ``B x embed_dim x h_0 x w_0``. (The official
+    code resizes the unfolded windows and then pools; both are linear along different axes, so
+    pooling first is the same and cheaper.)
+    """
+    pad = patch_size // 2
+    pooled = []
+    for feature, dim in zip(features, layer_dims, strict=True):
+        batch, _, height, width = feature.shape
+        windows = F.unfold(feature, patch_size, padding=pad).view(batch, -1, height, width)
+        pooled.append(_pool_channels(windows, dim))
+    return _pool_channels(concat_to_first(pooled, mode="bilinear"), embed_dim)
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -76,6 +100,7 @@ class SimpleNet(Detector):
         self,
         backbone: str = "wide_resnet50_2",
         layers: Sequence[str] = ("layer2", "layer3"),
+        pretrain_embed_dimension: int = 1536,
         target_embed_dimension: int = 1536,
         patch_size: int = 3,
         pre_proj: int = 1,
@@ -96,13 +121,16 @@ class SimpleNet(Detector):
         Args:
             backbone: frozen feature extractor (``models.backbones.list_backbones()``).
             layers: backbone layers whose features form a patch; the first sets the patch grid.
-            target_embed_dimension: dimension the concatenated layer features are
-                average-pooled to over channels, where they have more (the paper's 1536, the
-                channel count of wide_resnet50_2 layer2+layer3); with fewer channels (e.g.
-                resnet18's 384) they are kept as they are. The adaptor and the discriminator
-                work in this dimension (``embed_dim``).
-            patch_size: side of the neighbourhood each layer's features are averaged over
-                (stride 1) to make a patch feature aware of its surroundings; 1 turns it off.
+            pretrain_embed_dimension: values each layer's unfolded patch (``channels x
+                patch_size^2``) is average-pooled to (the official code's 1536: wide_resnet50_2's
+                9 x 512 and 9 x 1024 values become 1536 each); a layer with fewer values keeps
+                them all (``layer_dims``).
+            target_embed_dimension: dimension the layers' pooled patches, concatenated, are
+                average-pooled to (the official 1536); with fewer values in all they are kept as
+                they are. The adaptor and the discriminator work in this dimension
+                (``embed_dim``).
+            patch_size: side of the zero-padded window unfolded around each position (stride
+                1) to make a patch feature aware of its surroundings; 1 turns it off.
             pre_proj: number of linear layers of the feature adaptor (the paper's 1), stacked
                 without activations as in the paper's code; 0 leaves the features unadapted.
             noise_std: standard deviation of the Gaussian noise added to adapted normal
@@ -126,6 +154,9 @@ class SimpleNet(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
+        self.pretrain_embed_dimension = _check_int(
+            pretrain_embed_dimension, "pretrain_embed_dimension"
+        )
         self.target_embed_dimension = _check_int(target_embed_dimension, "target_embed_dimension")
         self.patch_size = _check_int(patch_size, "patch_size")
         if self.patch_size % 2 == 0:
@@ -150,16 +181,28 @@ class SimpleNet(Detector):
         self.extractor = FeatureExtractor(
             backbone, layers, pretrained=pretrained, weights=weights, seed=backbone_seed
         )
-        total = sum(self.extractor.channels.values())
-        # Pooling can only shrink: repeating channels to reach a larger dimension would leave
-        # directions in which normal features never vary but the noise does, and the
-        # discriminator would learn to spot those instead of anything an anomaly changes.
-        self.embed_dim = min(self.target_embed_dimension, total)
+        # Pooling only ever shrinks here, where the official code's adaptive pooling also
+        # stretches (repeats values) up to 1536: repeated values leave directions in which normal
+        # features never vary but the noise does, and the discriminator would learn to spot
+        # those instead of anything an anomaly changes. On the paper's backbone nothing is
+        # stretched, so the two agree.
         self._notes = []
+        self.layer_dims: tuple[int, ...] = ()
+        for layer, channels in self.extractor.channels.items():
+            values = channels * self.patch_size**2
+            self.layer_dims += (min(self.pretrain_embed_dimension, values),)
+            if values < self.pretrain_embed_dimension:
+                self._notes.append(
+                    f"simplenet: pretrain_embed_dimension {self.pretrain_embed_dimension} is more "
+                    f"than the {values} values of a {self.patch_size}x{self.patch_size} patch of "
+                    f"{backbone} {layer}; that layer keeps {values}"
+                )
+        total = sum(self.layer_dims)
+        self.embed_dim = min(self.target_embed_dimension, total)
         if self.embed_dim < self.target_embed_dimension:
             self._notes.append(
                 f"simplenet: target_embed_dimension {self.target_embed_dimension} is more than "
-                f"the {total} channels of {backbone} {'+'.join(self.extractor.layers)}; "
+                f"the {total} pooled patch values of {backbone} {'+'.join(self.extractor.layers)}; "
                 f"features are {total}-dimensional"
             )
         dim = self.embed_dim
@@ -191,20 +234,10 @@ class SimpleNet(Detector):
         self.eval()
 
     def patch_features(self, images: Tensor) -> Tensor:
-        """Locally aware patch features: ``B x embed_dim x h x w`` on the first layer's grid."""
+        """Locally aware patch features (:func:`patch_embedding`): ``B x embed_dim x h x w`` on
+        the first layer's grid."""
         features = list(self.extractor(images).values())
-        if self.patch_size > 1:
-            features = [
-                F.avg_pool2d(
-                    feature,
-                    kernel_size=self.patch_size,
-                    stride=1,
-                    padding=self.patch_size // 2,
-                    count_include_pad=False,
-                )
-                for feature in features
-            ]
-        return _pool_channels(concat_to_first(features, mode="bilinear"), self.embed_dim)
+        return patch_embedding(features, self.layer_dims, self.embed_dim, self.patch_size)
 
     def _adapted(self, images: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         # (B * h * w) x D adapted features, and the (B, h, w) shape to fold scores back into.
