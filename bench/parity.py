@@ -10,7 +10,8 @@ statistics (``data.transforms.normalize``; its Lite0 extractor converts them to 
 itself), anomalib as 0..1 floats through a ``PreProcessor`` of ``Resize`` (the identity: the
 images are at size already; FastFlow, U-Flow and CS-Flow read their input size from it) and
 ``Normalize(0.5, 0.5)`` for Lite0 pairs, or anomalib's own default pre-processor at that size
-for the others (ImageNet statistics for resnet18 / EfficientNet-B5, none for DRAEM).
+for the others (ImageNet statistics for resnet18 / EfficientNet-B5, none for DRAEM; GANomaly
+takes the 0.5 / 0.5 one, the [-1, 1] its Tanh decoder and the zoo's side work in).
 
 Backbones (``Pair.backbone`` / ``pretrained``):
 
@@ -281,6 +282,9 @@ PAIRS: dict[str, Pair] = {
         size=64,
         batch_size=8,
     ),
+    # Both sides' generators see [-1, 1] (the zoo maps its input there for the Tanh decoder;
+    # anomalib's default pre-processor would feed ImageNet-normalised pixels, beyond Tanh's
+    # range): anomalib gets Normalize(0.5, 0.5), as the Lite0 pairs do.
     "ganomaly": Pair(
         {"latent_dim": 100, "n_features": 64, "lr": 2e-4, "beta1": 0.5, "beta2": 0.999},
         "Ganomaly",
@@ -289,7 +293,6 @@ PAIRS: dict[str, Pair] = {
         networks="own networks, random init on both sides",
         layers=None,
         backbone=None,
-        native_preprocessing=True,
         epochs=5,
         size=64,
     ),
