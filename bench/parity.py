@@ -200,8 +200,8 @@ PAIRS: dict[str, Pair] = {
         },
         iterative=True,
         layers=("layer2", "layer3", "layer4"),
-        epochs=1,
-        size=64,
+        epochs=3,
+        size=128,
     ),
     # Neither side has a Lite student decoder: resnet18 (a decoder on both), randomly
     # initialised by the zoo's seed and copied into anomalib's encoder, so the frozen features
