@@ -25,11 +25,17 @@ Backbones (``Pair.backbone`` / ``pretrained``):
 * the zoo's seeded random init (Reverse Distillation on resnet18, CS-Flow on EfficientNet-B5:
   neither side has them on Lite, and nothing else can be downloaded): the zoo's frozen
   extractor's state is copied into anomalib's, so the features are the same (and weak);
-* own networks (DRAEM, GANomaly): random init on both sides, nothing shared.
+* own networks (DRAEM, GANomaly): random init on both sides, nothing shared;
+* EfficientAD's teacher PDN: distilled once from pretrained Lite0 on 128 px tiles of
+  scikit-image photographs (``prepare_parts``, under ``--data``, reused), the zoo's
+  ``teacher_weights``, copied convolution by convolution into anomalib's teacher (whose own
+  loader, a download, is replaced); the same tiles are the penalty folder of both sides (the
+  zoo's ``imagenet_dir``; anomalib's ``imagenet_dir``, read with ``ImageFolder``).
 
 The script checks that each loaded extractor's features equal the zoo's on 4 test images
-(``feature_diff``: max abs difference). Where anomalib fixes a training setting in its code (an
-optimiser's weight decay or betas), the zoo is configured to match and the Pair says so.
+(``feature_diff``: max abs difference; EfficientAD: the two teachers' outputs). Where
+anomalib fixes a training setting in its code (an optimiser's weight decay or betas), the zoo
+is configured to match and the Pair says so.
 Anomalib is trained through its ``Engine`` (Lightning, CPU, one device, a datamodule of the
 training images) for the same epochs and batch size, with the post-processor, evaluator and
 visualiser off; its raw ``pred_score`` and ``anomaly_map`` (the torch model's eval-mode output)
@@ -43,8 +49,7 @@ Epochs, image size and batch size default to each Pair's (sized for a 2-core CPU
 few epochs for the trained detectors, DRAEM's U-Nets at a quarter of the paper's width);
 ``--epochs``/``--size``/``--batch-size`` override them for every detector.
 
-Not covered: DSR (anomalib never trains its VQ-VAE: it downloads one) and EfficientAD
-(anomalib downloads its teacher and ImageNette and always applies the penalty).
+Not covered: DSR (anomalib never trains its VQ-VAE: it downloads one).
 
     .venv-parity/bin/python bench/parity.py [--models patchcore,padim,...] [--sets brick,...]
         [--seeds 0,1,2] [--anomalib-seeds N] [--epochs E] [--size PX] [--batch-size B]
@@ -296,6 +301,39 @@ PAIRS: dict[str, Pair] = {
         epochs=5,
         size=64,
     ),
+    # Both sides get one teacher PDN (distilled once from Lite0 on scikit-image photographs,
+    # prepare_parts; anomalib's download is replaced by loading it) and one penalty folder
+    # (the same photographs; anomalib's ImageFolder reads it where ImageNette would be).
+    # Anomalib fixes batch size 1 and measures its map quantiles on a validation loader this
+    # script does not have: both sides measure them on the training images (the zoo's
+    # validation_fraction 0; anomalib's map_norm_quantiles run after fit). Adam 1e-4 / 1e-5 and
+    # hard quantile 0.999 are both sides' defaults. Anomalib's StepLR (x 0.1 after 95 % of the
+    # steps) is stepped once per epoch, so it never fires in these runs; the zoo's drop for
+    # the last 5 % of the images cannot be turned off. 256 px, the paper's: anomalib's
+    # autoencoder needs it (its encoder's last 8 x 8 convolution has a 4 x 4 input at 128 px).
+    "efficient_ad": Pair(
+        {
+            "model_size": "small",
+            "teacher_out_channels": 384,
+            "lr": 1e-4,
+            "weight_decay": 1e-5,
+            "validation_fraction": 0.0,
+            "padding": False,
+            "pad_maps": True,
+        },
+        "EfficientAd",
+        {"model_size": "small", "teacher_out_channels": 384, "lr": 1e-4, "weight_decay": 1e-5},
+        iterative=True,
+        networks="small PDNs; one teacher distilled from Lite0 (40 steps, skimage photos) on "
+        "both sides; random-init students and autoencoders; skimage penalty images",
+        layers=None,
+        backbone=None,
+        build="build_efficient_ad",
+        native_preprocessing=True,
+        epochs=1,
+        size=256,
+        batch_size=1,
+    ),
 }
 
 
@@ -308,12 +346,83 @@ def lite0_state() -> dict[str, torch.Tensor]:
     return timm_state(get_backbone(BACKBONE), load_state_dict_file(path), str(path))
 
 
+PENALTY_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "camera",
+    "coins",
+    "moon",
+    "horse",
+)
+"""scikit-image's bundled photographs (none of the photo sets' textures) behind EfficientAD's
+shared penalty folder and teacher."""
+
+TEACHER_STEPS = 40
+TEACHER_SIZE = 64
+
+
+def _penalty_folder(root: Path) -> Path:
+    """``root/efficient_ad_penalty/photos``: 128 px tiles of ``PENALTY_PHOTOS`` as PNG (in a
+    class folder: anomalib reads it with torchvision's ``ImageFolder``), written once."""
+    import cv2
+    import skimage.data
+
+    folder = root / "efficient_ad_penalty"
+    if folder.is_dir():
+        return folder
+    staging = Path(tempfile.mkdtemp(prefix=".efficient_ad_penalty-", dir=root))
+    (staging / "photos").mkdir()
+    for photo in PENALTY_PHOTOS:
+        image = np.asarray(getattr(skimage.data, photo)())
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        image = np.ascontiguousarray(image[:, :, 2::-1])  # RGB to OpenCV's BGR
+        for top in range(0, image.shape[0] - 127, 128):
+            for left in range(0, image.shape[1] - 127, 128):
+                tile = image[top : top + 128, left : left + 128]
+                cv2.imwrite(str(staging / "photos" / f"{photo}_{top}_{left}.png"), tile)
+    staging.rename(folder)  # a crash leaves a hidden staging folder, never half a folder
+    return folder
+
+
+def prepare_parts(name: str, root: Path) -> dict[str, str]:
+    """Outside files both sides of ``name`` share, made once under ``root`` and reused, as the
+    zoo's hyperparameters: EfficientAD's penalty folder and its teacher PDN, distilled from
+    Lite0 (packaged ImageNet weights) on that folder for ``TEACHER_STEPS`` steps. Empty for
+    the other detectors."""
+    if name != "efficient_ad":
+        return {}
+    from models.teacher_distillation import distill_teacher
+
+    penalty = _penalty_folder(root)
+    teacher = root / f"efficient_ad_teacher_lite0_{TEACHER_STEPS}.safetensors"
+    if not teacher.is_file():
+        distill_teacher(
+            penalty,
+            backbone=BACKBONE,
+            model_size=PAIRS[name].ours["model_size"],
+            out_channels=PAIRS[name].ours["teacher_out_channels"],
+            image_size=TEACHER_SIZE,
+            steps=TEACHER_STEPS,
+            batch_size=8,
+            seed=0,
+            device="cpu",
+        ).save(teacher)
+    return {"teacher_weights": str(teacher), "imagenet_dir": str(penalty)}
+
+
 @contextlib.contextmanager
 def no_hub_weights() -> Iterator[None]:
     """``timm.create_model`` with ``pretrained`` forced off (STFPM's teacher and U-Flow's
     extractor ask for hub weights unconditionally; the weights are loaded after), and every
-    download of torch's hub (torchvision's weights: CFA, CS-Flow) an error instead of a hang:
+    download of torch's hub (torchvision's weights: CFA, CS-Flow) and of anomalib's
+    ``download_and_extract`` (EfficientAD's teacher and ImageNette) an error instead of a hang:
     nothing can be downloaded here."""
+    import anomalib.models.image.efficient_ad.lightning_model as efficient_ad
     import timm
     import torch.hub
 
@@ -327,11 +436,15 @@ def no_hub_weights() -> Iterator[None]:
     def refuse(url: str, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"bench/parity.py: refusing to download {url}")
 
+    def refuse_anomalib(directory: Any, info: Any) -> None:
+        raise RuntimeError(f"bench/parity.py: refusing to download {info.url} into {directory}")
+
     timm.create_model = create_model
     torch.hub.load_state_dict_from_url = refuse
     torch.hub.download_url_to_file = refuse
     try:
-        yield
+        with patched(efficient_ad, "download_and_extract", refuse_anomalib):
+            yield
     finally:
         timm.create_model = original
         torch.hub.load_state_dict_from_url, torch.hub.download_url_to_file = downloads
@@ -358,14 +471,16 @@ def load_timm(timm_model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     timm_model.load_state_dict({k: state[sources[k]] for k in own}, strict=True)
 
 
-def create_ours(name: str, seed: int) -> models.Detector:
+def create_ours(name: str, seed: int, parts: dict[str, str] | None = None) -> models.Detector:
+    """The zoo's detector ``name``; ``parts``: outside files both sides share
+    (``prepare_parts``), as hyperparameters."""
     pair = PAIRS[name]
     backbone: dict[str, Any] = {}
     if pair.backbone is not None:
         backbone = {"backbone": pair.backbone, "pretrained": pair.pretrained}
         if pair.layers is not None:
             backbone["layers"] = pair.layers
-    return models.create(name, seed=seed, **backbone, **pair.ours)
+    return models.create(name, seed=seed, **backbone, **pair.ours, **(parts or {}))
 
 
 def reference_extractor(name: str, seed: int) -> FeatureExtractor:
@@ -579,7 +694,31 @@ def build_draem(name: str, kwargs: dict[str, Any], size: int) -> Built:
     return model, [], []
 
 
-def build_anomalib(name: str, size: int, batch_size: int) -> Built:
+def build_efficient_ad(
+    name: str, kwargs: dict[str, Any], size: int, parts: dict[str, str]
+) -> Built:
+    from anomalib.models import EfficientAd
+
+    model = EfficientAd(imagenet_dir=parts["imagenet_dir"], **kwargs)
+    # The zoo's teacher (the shared file, as its loader reads it), copied convolution by
+    # convolution into anomalib's conv1..convN.
+    ours = create_ours(name, 0, parts).teacher
+    theirs = model.model.teacher
+    convs = [m for m in ours if isinstance(m, torch.nn.Conv2d)]
+    targets = [getattr(theirs, f"conv{i}") for i in range(1, len(convs) + 1)]
+    for source, target in zip(convs, targets, strict=True):
+        target.load_state_dict(source.state_dict(), strict=True)
+    if len(list(theirs.children())) != len(convs) + 2:  # convolutions and two pools
+        raise RuntimeError("EfficientAd: anomalib's teacher has layers the zoo's has not")
+
+    # The teacher is loaded above: anomalib's loader would download its own.
+    model.prepare_pretrained_model = lambda: None
+    return model, [], [lambda x: [theirs(x)]]
+
+
+def build_anomalib(
+    name: str, size: int, batch_size: int, parts: dict[str, str] | None = None
+) -> Built:
     import anomalib.models
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -605,6 +744,8 @@ def build_anomalib(name: str, size: int, batch_size: int) -> Built:
         kwargs["batch_size"] = batch_size
     build = globals()[pair.build] if pair.build else build_default
     with no_hub_weights():
+        if parts:
+            return build(name, kwargs, size, parts)
         return build(name, kwargs, size)
 
 
@@ -636,10 +777,16 @@ def _batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def run_ours(
-    name: str, train: torch.Tensor, test: Any, seed: int, epochs: int, batch_size: int
+    name: str,
+    train: torch.Tensor,
+    test: Any,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    parts: dict[str, str] | None = None,
 ) -> Outcome:
     pair = PAIRS[name]
-    detector = create_ours(name, seed)
+    detector = create_ours(name, seed, parts)
     batches = _batches(normalize(train), batch_size)
     started = time.perf_counter()
     detector.fit(batches, epochs=epochs if pair.iterative else None)
@@ -686,6 +833,7 @@ def run_anomalib(
     epochs: int,
     batch_size: int,
     workdir: Path,
+    parts: dict[str, str] | None = None,
 ) -> Outcome:
     from anomalib.data import ImageItem
     from anomalib.engine import Engine
@@ -694,8 +842,12 @@ def run_anomalib(
     pair = PAIRS[name]
     size = int(test.pixels.shape[-1])
     seed_everything(seed, workers=True, verbose=False)
-    model, timm_models, features = build_anomalib(name, size, batch_size)
+    model, timm_models, features = build_anomalib(name, size, batch_size, parts)
     diff = None
+    if pair.build == "build_efficient_ad":
+        teacher = create_ours(name, seed, parts).teacher
+        inputs = model.pre_processor(test.pixels[:4].float() / 255.0)
+        diff = feature_diff(features, lambda x: [teacher(x)], test.pixels[:4], inputs)
     if pair.backbone is not None:
         reference = reference_extractor(name, seed)
         state = lite0_state() if pair.pretrained else reference.model.state_dict()
@@ -723,6 +875,13 @@ def run_anomalib(
     started = time.perf_counter()
     with no_hub_weights():
         engine.fit(model, datamodule=_train_only(items, batch_size, seed))
+    if pair.build == "build_efficient_ad":
+        # Anomalib measures its map quantiles on a validation loader only: here on the
+        # training images, as the zoo's side (validation_fraction 0), after training.
+        model.eval()
+        with torch.no_grad():
+            loader = _train_only(items, batch_size, seed).train_dataloader()
+            model.model.quantiles.update(model.map_norm_quantiles(loader))
     fit_s = time.perf_counter() - started
     model.eval()
     torch_model = model.model.eval()
@@ -893,6 +1052,7 @@ def main() -> int:
     root = build_sets(args.data, sets)
     workdir = Path(tempfile.mkdtemp(prefix="bench-parity-"))
     settings = {name: resolve_settings(name, args) for name in names}
+    parts = {name: prepare_parts(name, root) for name in names}
 
     rows: list[dict[str, Any]] = []
     for data_set in sets:
@@ -915,10 +1075,12 @@ def main() -> int:
                     torch.manual_seed(seed)
                     np.random.seed(seed)
                     if side == "ours":
-                        outcome = run_ours(name, train, splits.test, seed, epochs, batch_size)
+                        outcome = run_ours(
+                            name, train, splits.test, seed, epochs, batch_size, parts[name]
+                        )
                     else:
                         outcome = run_anomalib(
-                            name, train, splits.test, seed, epochs, batch_size, workdir
+                            name, train, splits.test, seed, epochs, batch_size, workdir, parts[name]
                         )
                     row = {"set": data_set, "model": name, "side": side, "seed": seed}
                     row.update(epochs=epochs, size=size, batch_size=batch_size)
