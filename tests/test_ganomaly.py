@@ -201,3 +201,55 @@ def test_defaults_are_the_study_and_paper_values():
 
 def test_takes_no_backbone():
     assert backbone_problem("ganomaly", "resnet18") == "ganomaly takes no backbone"
+
+
+# Anomalib 2.7 departs from the paper and the authors' code on the points below (it calls its
+# DCGAN init on the containers, so no layer gets it; its adversarial loss compares D's two
+# probabilities; its encoder loss is smooth L1). These tests hold the zoo to the paper.
+
+
+def test_every_network_gets_the_dcgan_initialisation():
+    detector = small()
+    convs = bns = 0
+    for net in (detector.generator, detector.discriminator):
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                assert module.weight.std().item() == pytest.approx(0.02, rel=0.2)
+                assert abs(module.weight.mean().item()) < 0.01
+                convs += 1
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                assert (module.weight - 1).abs().max().item() < 0.15
+                assert module.weight.std().item() == pytest.approx(0.02, rel=0.5)
+                assert torch.equal(module.bias, torch.zeros_like(module.bias))
+                bns += 1
+    # Three encoders (G_E, E, D) and a decoder at 256 px: every layer was reached.
+    assert (convs, bns) == (3 * 7 + 7, 3 * 5 + 6)
+
+
+def test_adversarial_loss_matches_the_discriminator_features_and_encoder_loss_is_l2(toy):
+    detector = small()
+    detector._prepare_side(toy.train[:4])
+    detector.train()
+    x, _ = detector._network_input(toy.train[:4])
+    with torch.random.fork_rng(devices=[]):
+        _, parts, reconstruction, _ = detector._generator_losses(x)
+    _, z, z_again = detector.generator(x)
+    real_logits, real_features = detector.discriminator(x)
+    _, fake_features = detector.discriminator(reconstruction)
+    assert real_features.shape[1:] == (detector.discriminator.feature_channels, 4, 4)
+    features_l2 = (fake_features - real_features).square().mean()
+    probabilities_l2 = (
+        (torch.sigmoid(real_logits) - torch.sigmoid(detector.discriminator(reconstruction)[0]))
+        .square()
+        .mean()
+    )
+    assert parts["adv"].item() == pytest.approx(features_l2.item(), rel=1e-4)
+    assert parts["adv"].item() != pytest.approx(probabilities_l2.item(), rel=1e-2)
+    assert parts["enc"].item() == pytest.approx((z - z_again).square().mean().item(), rel=1e-4)
+
+
+def test_an_images_score_does_not_depend_on_its_batch(toy, fitted):
+    # Batch norm in eval mode at scoring: the running statistics, not the batch's.
+    detector, _, _, prediction = fitted
+    alone = torch.cat([detector.predict(image[None]).score for image in toy.test[:3]])
+    torch.testing.assert_close(alone, prediction.score[:3], rtol=1e-4, atol=1e-6)
