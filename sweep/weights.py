@@ -25,7 +25,6 @@ weights' identity is: each row's ``weights`` column names the file and its SHA-2
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
+from models.parts import file_sha256
 from sweep.errors import SweepError
 from sweep.study import Study, TrialConfig, space_options
 
@@ -392,21 +392,6 @@ def trial_weights(study: Study, trial: TrialConfig) -> tuple[dict[str, Any], str
 
 def _label(files: Sequence[Path]) -> str:
     return "; ".join(f"{path.name} sha256:{file_sha256(path)}" for path in files)
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, remembered per (path, size, modification time) in this process."""
-    stat = path.stat()
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- fetching
