@@ -224,7 +224,9 @@ def _list_images(directory: Path) -> list[Path]:
     return sorted((p for p in directory.iterdir() if p.is_file() and _is_image(p)), key=str)
 
 
-def _decode(path: Path, flags: int) -> np.ndarray:
+def decode_image(path: Path, flags: int) -> np.ndarray:
+    """The decoded pixels of an image file (``cv2.imdecode`` with ``flags``); a DatasetError
+    naming the file when it cannot be read or is not an image."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -242,14 +244,14 @@ def _decode(path: Path, flags: int) -> np.ndarray:
 
 def _load_one(item: _Item, size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(3 x S x S uint8 RGB, S x S bool mask or None) of one image; raises DatasetError."""
-    image = _decode(item.path, cv2.IMREAD_UNCHANGED)
+    image = decode_image(item.path, cv2.IMREAD_UNCHANGED)
     try:
         rgb = to_rgb(image)
     except TypeError as exc:
         raise DatasetError(f"{item.path}: unsupported image ({exc})") from exc
     mask = None
     if item.mask is not None:
-        raw = _decode(item.mask, cv2.IMREAD_GRAYSCALE)
+        raw = decode_image(item.mask, cv2.IMREAD_GRAYSCALE)
         if raw.shape != rgb.shape[:2]:
             raise DatasetError(
                 f"{item.mask}: mask is {raw.shape[1]}x{raw.shape[0]} (W x H) but its image "

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from data.datasets import IMAGE_SUFFIXES
+from data.datasets import IMAGE_SUFFIXES, decode_image
 from data.errors import DatasetError
 from data.transforms import to_rgb
 
@@ -175,15 +175,9 @@ def _folder_sources(folder: Path) -> list[tuple[str, Any]]:
 
 def _file_reader(path: Path):
     def read() -> np.ndarray:
+        image = decode_image(path, cv2.IMREAD_UNCHANGED)
         try:
-            data = np.fromfile(path, dtype=np.uint8)
-            raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-        except (OSError, cv2.error) as error:
-            raise DatasetError(f"{path}: cannot read the image ({error})") from None
-        if raw is None or raw.size == 0:
-            raise DatasetError(f"{path}: not a readable image")
-        try:
-            return to_rgb(raw)
+            return to_rgb(image)
         except TypeError as error:
             raise DatasetError(f"{path}: {error}") from None
 

@@ -198,15 +198,14 @@ def list_images(folder: str | Path, owner: str) -> list[Path]:
 
 def read_rgb(path: Path, owner: str) -> np.ndarray:
     """``H x W x 3`` uint8 RGB pixels of an image file; an error naming it when unreadable."""
+    from data.datasets import decode_image
+    from data.errors import DatasetError
     from data.transforms import to_rgb
 
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-        raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except (OSError, cv2.error) as error:
-        raise ModelError(f"{owner}: cannot read image {str(path)!r} ({error})") from None
-    if raw is None or raw.size == 0:
-        raise ModelError(f"{owner}: {str(path)!r} is not a readable image")
+        raw = decode_image(path, cv2.IMREAD_UNCHANGED)
+    except DatasetError as error:
+        raise ModelError(f"{owner}: {error}") from None
     try:
         return to_rgb(raw)
     except TypeError as error:
