@@ -762,6 +762,18 @@ def _check_part_output(out: Path, overwrite: bool) -> None:
         raise SweepError(f"--out {str(out)!r} already exists (pass --overwrite to replace it)")
 
 
+def _make_part(out: Path, overwrite: bool, label: str, train: Any) -> None:
+    """Check ``out``, run ``train(progress)`` under a progress bar, save the part it returns to
+    ``out`` and print its summary; bad input exits 2."""
+    try:
+        _check_part_output(out, overwrite)
+        part = _train_with_progress(label, train)
+        part.save(out)
+    except _user_errors() as exc:
+        _bad_input(exc)
+    err.print(f"{out}: {part.metadata['summary']}", highlight=False, soft_wrap=True)
+
+
 def _train_with_progress(label: str, train: Any) -> Any:
     """Run ``train(progress)`` under a rich progress bar showing the latest loss."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -814,30 +826,26 @@ def parts_teacher(
     (EfficientAD, Algorithm 1): for efficient_ad.teacher_weights."""
     from models.teacher_distillation import distill_teacher
 
-    try:
-        _check_part_output(out, overwrite)
-        teacher = _train_with_progress(
-            "distilling",
-            lambda tick: distill_teacher(
-                images,
-                backbone=backbone,
-                layers=tuple(layer) if layer else ("layer2", "layer3"),
-                weights=weights,
-                model_size=size,
-                out_channels=channels,
-                image_size=image_size,
-                steps=steps,
-                batch_size=batch_size,
-                norm_images=norm_images,
-                seed=seed,
-                device=device,
-                progress=tick,
-            ),
-        )
-        teacher.save(out)
-    except _user_errors() as exc:
-        _bad_input(exc)
-    err.print(f"{out}: {teacher.metadata['summary']}", highlight=False, soft_wrap=True)
+    _make_part(
+        out,
+        overwrite,
+        "distilling",
+        lambda tick: distill_teacher(
+            images,
+            backbone=backbone,
+            layers=tuple(layer) if layer else ("layer2", "layer3"),
+            weights=weights,
+            model_size=size,
+            out_channels=channels,
+            image_size=image_size,
+            steps=steps,
+            batch_size=batch_size,
+            norm_images=norm_images,
+            seed=seed,
+            device=device,
+            progress=tick,
+        ),
+    )
 
 
 @parts_app.command("dsr-vq")
@@ -860,29 +868,25 @@ def parts_dsr_vq(
     dsr.vq_weights. The sizes must be those of the DSR configurations that load it."""
     from models.dsr import train_general_vq
 
-    try:
-        _check_part_output(out, overwrite)
-        vq = _train_with_progress(
-            "training",
-            lambda tick: train_general_vq(
-                images,
-                image_size=image_size,
-                steps=steps,
-                batch_size=batch_size,
-                hidden_channels=hidden_channels,
-                residual_channels=residual_channels,
-                n_residual_layers=n_residual_layers,
-                embedding_dim=embedding_dim,
-                num_embeddings=num_embeddings,
-                seed=seed,
-                device=device,
-                progress=tick,
-            ),
-        )
-        vq.save(out)
-    except _user_errors() as exc:
-        _bad_input(exc)
-    err.print(f"{out}: {vq.metadata['summary']}", highlight=False, soft_wrap=True)
+    _make_part(
+        out,
+        overwrite,
+        "training",
+        lambda tick: train_general_vq(
+            images,
+            image_size=image_size,
+            steps=steps,
+            batch_size=batch_size,
+            hidden_channels=hidden_channels,
+            residual_channels=residual_channels,
+            n_residual_layers=n_residual_layers,
+            embedding_dim=embedding_dim,
+            num_embeddings=num_embeddings,
+            seed=seed,
+            device=device,
+            progress=tick,
+        ),
+    )
 
 
 @parts_app.command("textures")
