@@ -3,7 +3,6 @@
 from models.base import (
     Batch,
     Detector,
-    ModelError,
     Prediction,
     backbone_problem,
     check_backbone,
@@ -15,6 +14,7 @@ from models.base import (
     register,
     trial_hyperparameters,
 )
+from models.errors import ModelError
 
 # Detector modules register themselves on import.
 from models import (  # noqa: F401  isort: skip

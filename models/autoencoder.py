@@ -48,7 +48,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
@@ -56,6 +55,7 @@ from models.base import (
 )
 from models.components.losses import ssim
 from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
+from models.errors import ModelError
 
 __all__ = ["ConvAutoencoder"]
 

@@ -52,8 +52,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.base import ModelError, _suggest
+from models.base import _suggest
 from models.cache import active_cache, make_key
+from models.errors import ModelError
 from models.packaged import is_efficientnet_pytorch_checkpoint, packaged_weights, to_timm_names
 
 __all__ = [

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from models.errors import ModelError
+
 if TYPE_CHECKING:
     from models.costs import CostProfile, Work
 
@@ -26,10 +28,6 @@ EpochCallback = Callable[[int, dict], bool]
 
 Batch = Tensor | Mapping[str, Any]
 """A training batch: a ``B x 3 x H x W`` normalised image tensor, or a mapping with ``"image"``."""
-
-
-class ModelError(ValueError):
-    """A detector was asked for with a bad name, hyperparameter or backbone/layer."""
 
 
 @dataclass

@@ -29,7 +29,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     iter_images,
@@ -37,6 +36,7 @@ from models.base import (
     train_epochs,
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+from models.errors import ModelError
 
 __all__ = ["CFA", "CoordConvDescriptor"]
 

@@ -45,7 +45,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
@@ -59,6 +58,7 @@ from models.components.flows import (
     positional_encoding_2d,
 )
 from models.costs import OPTIMIZER_BYTES_PER_PARAM, Work
+from models.errors import ModelError
 
 __all__ = ["CFlow", "conditional_decoder"]
 

@@ -37,7 +37,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
@@ -45,6 +44,7 @@ from models.base import (
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
+from models.errors import ModelError
 
 __all__ = ["CSFlow", "CrossScaleSubnet"]
 

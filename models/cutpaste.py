@@ -39,7 +39,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     hyperparameters,
@@ -48,6 +47,7 @@ from models.base import (
     train_epochs,
 )
 from models.components.feature_utils import gaussian_blur
+from models.errors import ModelError
 
 __all__ = ["CutPaste", "GaussianDensity", "ledoit_wolf"]
 

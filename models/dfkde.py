@@ -20,16 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.backbones import FeatureExtractor
-from models.base import (
-    Batch,
-    Detector,
-    EpochCallback,
-    ModelError,
-    Prediction,
-    iter_images,
-    register,
-)
+from models.base import Batch, Detector, EpochCallback, Prediction, iter_images, register
 from models.components.pca import PCA
+from models.errors import ModelError
 
 __all__ = ["DFKDE", "GaussianKDE"]
 

@@ -28,7 +28,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     hyperparameters,
     iter_images,
@@ -36,6 +35,7 @@ from models.base import (
 )
 from models.components.feature_utils import concat_to_first, upsample_maps
 from models.components.pca import PCA
+from models.errors import ModelError
 
 __all__ = ["DFM"]
 

@@ -42,7 +42,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
@@ -50,6 +49,7 @@ from models.base import (
 )
 from models.components.losses import focal_loss, ssim
 from models.components.sspcab import SSPCAB
+from models.errors import ModelError
 from models.parts import describe_part
 
 __all__ = ["DiscriminativeSubNetwork", "Draem", "ReconstructiveSubNetwork"]

@@ -50,13 +50,13 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
     train_epochs,
 )
 from models.components.vq import LatentDecoder, TwoLevelVQVAE, VectorQuantizer
+from models.errors import ModelError
 from models.parts import FolderImages, check_part_kind, describe_part, list_images, save_part
 
 __all__ = [

@@ -46,7 +46,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     iter_images,
@@ -64,6 +63,7 @@ from models.components.pdn import (
     patch_description_network,
     quantile,
 )
+from models.errors import ModelError
 from models.parts import check_part_kind, describe_part
 from models.teacher_distillation import TEACHER_KIND
 

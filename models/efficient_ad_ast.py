@@ -54,7 +54,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
@@ -63,6 +62,7 @@ from models.base import (
 from models.components.feature_utils import concat_to_first, upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, positional_encoding_2d
 from models.components.pdn import PenaltyImages, hard_feature_loss
+from models.errors import ModelError
 
 __all__ = ["EfficientADAST", "FeatureAutoencoder", "ResidualStudent"]
 

@@ -31,12 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
-    ModelError,
-    Prediction,
-    register,
-)
+from models.base import Prediction, register
 from models.components.dcgan import DCGANDecoder, DCGANEncoder, SquareGAN
+from models.errors import ModelError
 
 __all__ = ["GANomaly"]
 

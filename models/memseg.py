@@ -58,7 +58,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     iter_images,
@@ -66,6 +65,7 @@ from models.base import (
     train_epochs,
 )
 from models.components.losses import focal_loss
+from models.errors import ModelError
 from models.parts import describe_part
 
 __all__ = ["CoordinateAttention", "MemSeg"]

@@ -44,13 +44,13 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     hyperparameters,
     register,
     train_epochs,
 )
 from models.components.feature_utils import gaussian_blur, upsample_maps
+from models.errors import ModelError
 from models.parts import describe_part
 
 __all__ = ["MMR", "MaskedViT", "sincos_position_embedding"]

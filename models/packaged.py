@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from models.base import ModelError
+from models.errors import ModelError
 
 __all__ = [
     "PACKAGED_WEIGHTS",

@@ -24,7 +24,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     ResourceRequest,
     iter_images,
@@ -32,6 +31,7 @@ from models.base import (
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
 from models.costs import Work
+from models.errors import ModelError
 
 __all__ = ["PaDiM"]
 

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from torch import Tensor
 
-from models.base import ModelError
+from models.errors import ModelError
 
 __all__ = [
     "IMAGE_SUFFIXES",

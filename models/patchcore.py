@@ -26,7 +26,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     ResourceRequest,
     iter_images,
@@ -41,6 +40,7 @@ from models.components.feature_utils import (
     upsample_maps,
 )
 from models.costs import Work
+from models.errors import ModelError
 
 __all__ = ["PatchCore"]
 

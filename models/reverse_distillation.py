@@ -28,7 +28,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     hyperparameters,
@@ -43,6 +42,7 @@ from models.components.decoders import (
     init_conv_weights,
 )
 from models.components.feature_utils import gaussian_blur, upsample_maps
+from models.errors import ModelError
 
 __all__ = ["OneClassBottleneck", "ReverseDistillation"]
 

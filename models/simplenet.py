@@ -24,16 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import FeatureExtractor
-from models.base import (
-    Batch,
-    Detector,
-    EpochCallback,
-    ModelError,
-    Prediction,
-    register,
-    train_epochs,
-)
+from models.base import Batch, Detector, EpochCallback, Prediction, register, train_epochs
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+from models.errors import ModelError
 
 __all__ = ["SimpleNet", "patch_embedding"]
 

@@ -40,12 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
-    ModelError,
-    Prediction,
-    register,
-)
+from models.base import Prediction, register
 from models.components.dcgan import DCGANEncoder, SquareGAN
+from models.errors import ModelError
 
 __all__ = ["SkipGANomaly", "UNetGenerator"]
 

@@ -22,13 +22,13 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
     train_epochs,
 )
 from models.components.feature_utils import upsample_maps
+from models.errors import ModelError
 
 __all__ = ["STFPM"]
 

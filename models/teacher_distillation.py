@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import FeatureExtractor, get_backbone, resolve_weights_file
-from models.base import ModelError
 from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD, patch_description_network
+from models.errors import ModelError
 from models.packaged import packaged_weights
 from models.parts import FolderImages, file_sha256, list_images, save_part, short_sha
 

@@ -35,7 +35,6 @@ from models.base import (
     Batch,
     Detector,
     EpochCallback,
-    ModelError,
     Prediction,
     check_epochs,
     register,
@@ -43,6 +42,7 @@ from models.base import (
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
+from models.errors import ModelError
 
 __all__ = ["UFlow", "UShapedFlow"]
 

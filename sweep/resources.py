@@ -32,10 +32,10 @@ from models.base import (
     DEFAULT_TRAIN_IMAGES,
     DEVICE_OVERHEAD_GB,
     REFERENCE_GPU_MEMORY_GB,
-    ModelError,
     ResourceRequest,
     gpu_fraction,
 )
+from models.errors import ModelError
 from sweep.errors import StudyError
 from sweep.study import Study, TrialConfig
 

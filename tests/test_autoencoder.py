@@ -21,8 +21,9 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 from models.autoencoder import ConvAutoencoder
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
+from models.errors import ModelError
 
 SIZE = 32
 FIT_EPOCHS = 20

@@ -20,7 +20,7 @@ from models.backbones import (
     meta_init,
     resolve_layers,
 )
-from models.base import ModelError
+from models.errors import ModelError
 
 SINGLE = [name for name in list_backbones() if BACKBONES[name].kind != "composite"]
 CNNS = [name for name in SINGLE if BACKBONES[name].kind == "cnn"]

@@ -9,7 +9,8 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 import models
 import models.cfa  # registers "cfa" until models/__init__ imports it
 from models import backbones
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
+from models.errors import ModelError
 
 CONFIG = {"pretrained": False}
 EPOCHS = 3

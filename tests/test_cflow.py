@@ -10,8 +10,9 @@ from toy_defects import N_TRAIN, batches, check_prediction, image_auroc, pixel_a
 
 import models
 import models.cflow
-from models.base import ModelError, backbone_problem
+from models.base import backbone_problem
 from models.cflow import CFlow, conditional_decoder
+from models.errors import ModelError
 
 # ResNet18 instead of the default WideResNet50 (whose layer4 decoder alone has 59M parameters),
 # layers 2 and 3 (8 x 8 and 4 x 4 at 64 px), half the coupling blocks and 2 epochs: a fit takes

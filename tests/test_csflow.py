@@ -11,9 +11,10 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 import models.csflow  # registers "csflow" until models/__init__ imports it
-from models.base import ModelError, backbone_problem, compatible_backbones
+from models.base import backbone_problem, compatible_backbones
 from models.components.flows import gaussian_nll
 from models.csflow import CrossScaleSubnet, CSFlow
+from models.errors import ModelError
 
 # A randomly initialised EfficientNet's deep features are tiny (about 1e-4 to 1e-6 at stage 6:
 # eval-mode batch norm with statistics that do not fit random weights shrinks them stage by

@@ -22,8 +22,9 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 import models.cutpaste  # registers "cutpaste" until models/__init__ imports it
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.cutpaste import CutPaste, GaussianDensity, _coverage, _positions, ledoit_wolf
+from models.errors import ModelError
 
 FIT_EPOCHS = 2
 

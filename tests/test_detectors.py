@@ -10,8 +10,8 @@ from sklearn.metrics import roc_auc_score
 from toy_defects import N_TRAIN, SIZE, batches, toy_set
 
 import models
-from models.base import ModelError
 from models.components.feature_utils import NearestNeighbors, gaussian_blur
+from models.errors import ModelError
 
 # Small, fast configurations of each detector; everything else is the paper's default. STFPM's
 # teacher is randomly initialised here, and at 64 px its layer3 grid is 4 x 4: matching layer1 and

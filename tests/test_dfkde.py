@@ -11,8 +11,9 @@ from toy_defects import batches, check_prediction, image_auroc, toy_set
 import models
 import models.dfkde  # registers "dfkde" until models/__init__ imports it
 from models import backbones
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.dfkde import GaussianKDE
+from models.errors import ModelError
 
 # At 64 px the default layer4 is a 2 x 2 grid of random-init features and its global average
 # separates the toy defects only partly (image AUROC 0.75-0.89 for seeds 0-2); layer3's average

@@ -10,8 +10,9 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 import models
 import models.dfm  # registers "dfm" until models/__init__ imports it
 from models import backbones
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.components.pca import PCA
+from models.errors import ModelError
 
 # ResNet18 builds faster than the default ResNet50. At 64 px layer3 pools to a 2 x 2 grid, too
 # coarse to localise: layer2 (a 4 x 4 grid after pooling) gives pixel AUROC 0.95-0.97 for seeds

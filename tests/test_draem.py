@@ -25,10 +25,11 @@ from toy_defects import batches, check_prediction, image_auroc, toy_set
 import models
 from data.anomalies import PerlinBlend
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, meta_init
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.components.losses import focal_loss, ssim
 from models.components.sspcab import SSPCAB
 from models.draem import DiscriminativeSubNetwork, Draem, ReconstructiveSubNetwork
+from models.errors import ModelError
 
 FIT_EPOCHS = 30
 SMALL = {"reconstructive_channels": 8, "discriminative_channels": 8, "lr": 1e-3}

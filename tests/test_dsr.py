@@ -24,9 +24,10 @@ from sklearn.metrics import roc_auc_score
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
 import models
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.components.vq import TwoLevelVQVAE, VectorQuantizer
 from models.dsr import DSR, _codebook_ranks, _replace_codes, focal_loss, phase_epochs
+from models.errors import ModelError
 
 SMALL = {
     "hidden_channels": 32,

@@ -12,7 +12,6 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 import models.efficient_ad  # registers "efficient_ad" until models/__init__ imports it
-from models.base import ModelError
 from models.components.pdn import (
     ImageAutoencoder,
     PenaltyImages,
@@ -21,6 +20,7 @@ from models.components.pdn import (
     patch_description_network,
     quantile,
 )
+from models.errors import ModelError
 
 # One epoch over the 16 toy images (2 held out) already separates the toy defects: with a random
 # teacher, image AUROC is 1.0 and pixel AUROC 0.89 for seeds 0-2. The mechanics (callbacks,

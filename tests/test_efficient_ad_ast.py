@@ -12,8 +12,8 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 import models.efficient_ad_ast  # registers "efficient_ad_ast" until models/__init__ imports it
-from models.base import ModelError
 from models.components.flows import AffineCoupling, SequentialFlow
+from models.errors import ModelError
 
 # resnet18's layer2 gives an 8 x 8 grid at 64 px; small teacher, student and few epochs. The
 # flow teacher gets a 10x learning rate so that its 20 steps move its NLL (from about +1 to about

@@ -12,7 +12,8 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 import models
 import models.backbones
 import models.fastflow
-from models.base import ModelError, backbone_problem
+from models.base import backbone_problem
+from models.errors import ModelError
 from models.fastflow import default_layers
 
 # Half the paper's 8 flow steps and 3 epochs keep a fit at about 4 s on one thread. On the toy set

@@ -19,7 +19,8 @@ from toy_defects import batches, check_prediction, image_auroc, toy_set
 
 import models
 import models.components.dcgan as dcgan_module
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
+from models.errors import ModelError
 from models.ganomaly import GANomaly
 
 SIZE = 32

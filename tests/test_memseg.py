@@ -22,7 +22,8 @@ import torch
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
 import models
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
+from models.errors import ModelError
 from models.memseg import LEVELS, CoordinateAttention, MemSeg
 
 FIT_EPOCHS = 3

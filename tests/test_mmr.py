@@ -21,7 +21,8 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 from models.backbones import BACKBONES, BackboneSpec
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
+from models.errors import ModelError
 from models.mmr import MMR, sincos_position_embedding
 
 FIT_EPOCHS = 10

@@ -31,7 +31,7 @@ from models.backbones import (
     load_state_dict_file,
     timm_state,
 )
-from models.base import ModelError
+from models.errors import ModelError
 from models.packaged import PACKAGED_WEIGHTS, packaged_weights, to_timm_names
 from sweep.cli import app
 from sweep.study import expand_trials, study_from_dict

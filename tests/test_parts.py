@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 import models
 from data.errors import DatasetError
 from data.textures import SKIMAGE_TEXTURES, make_texture_folder
-from models.base import ModelError
 from models.components.pdn import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +28,7 @@ from models.components.pdn import (
     patch_description_network,
 )
 from models.dsr import VQ_KIND, train_general_vq
+from models.errors import ModelError
 from models.parts import (
     FolderImages,
     describe_part,

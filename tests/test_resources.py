@@ -9,13 +9,9 @@ import pytest
 import torch
 
 import models
-from models.base import (
-    GPU_FRACTIONS,
-    ModelError,
-    ResourceRequest,
-    gpu_fraction,
-)
+from models.base import GPU_FRACTIONS, ResourceRequest, gpu_fraction
 from models.costs import build_on_meta
+from models.errors import ModelError
 from sweep.errors import StudyError
 from sweep.plan import plan_study
 from sweep.resources import (

@@ -19,8 +19,9 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 from models.backbones import BACKBONES, BackboneSpec
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.components.decoders import RESNET_ARCHS, ResNetDecoder
+from models.errors import ModelError
 from models.reverse_distillation import LAYERS, OneClassBottleneck, ReverseDistillation
 
 FIT_EPOCHS = 6

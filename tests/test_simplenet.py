@@ -11,7 +11,8 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 import models
 import models.simplenet  # registers "simplenet" (until models/__init__.py imports it)
 from models.backbones import meta_init
-from models.base import ModelError, backbone_problem
+from models.base import backbone_problem
+from models.errors import ModelError
 from models.simplenet import patch_embedding
 
 # The paper's noise_std (0.015) is small next to the spread of pretrained features, and its 160

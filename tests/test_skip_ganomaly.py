@@ -20,8 +20,9 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 
 import models
 import models.components.dcgan as dcgan_module
-from models.base import ModelError, backbone_problem, hyperparameters
+from models.base import backbone_problem, hyperparameters
 from models.components.dcgan import to_tanh_range
+from models.errors import ModelError
 from models.skip_ganomaly import SkipGANomaly, UNetGenerator
 
 SIZE = 32

@@ -11,7 +11,8 @@ from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy
 import models
 import models.uflow  # registers "uflow" until models/__init__ imports it
 from models.backbones import backbone_param_count
-from models.base import ModelError, backbone_problem, compatible_backbones
+from models.base import backbone_problem, compatible_backbones
+from models.errors import ModelError
 from models.uflow import UFlow, UShapedFlow
 
 # The paper's flow (4 steps per scale) on ResNet18 layer1..layer3 at 64 px (16, 8 and 4 px

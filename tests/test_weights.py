@@ -18,11 +18,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from models.backbones import BACKBONES, FeatureExtractor, get_backbone, meta_init, weights_problem
-from models.base import ModelError
+from models.errors import ModelError
 from sweep.cli import app
 from sweep.errors import StudyError, SweepError
 from sweep.runner import study_schema
-from sweep.study import config_hash, expand_trials, smoke_form, study_from_dict
+from sweep.smoke import smoke_form
+from sweep.study import config_hash, expand_trials, study_from_dict
 from sweep.trainable import TrialContext, run_trial
 from sweep.weights import (
     WEIGHTS_DIR_ENV,

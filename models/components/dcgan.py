@@ -25,15 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import (
-    Batch,
-    Detector,
-    EpochCallback,
-    ModelError,
-    check_epochs,
-    train_epochs,
-)
+from models.base import Batch, Detector, EpochCallback, check_epochs, train_epochs
 from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
+from models.errors import ModelError
 
 __all__ = [
     "DEFAULT_SIDE",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import state_dict_problems
-from models.base import ModelError
+from models.errors import ModelError
 
 __all__ = [
     "IMAGENET_MEAN",
