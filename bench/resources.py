@@ -35,7 +35,7 @@ CHILD = r"""
 import json, sys, threading, time
 import psutil, torch
 import models
-from models.base import ALLOCATOR_SLACK, DEVICE_OVERHEAD_GB
+from sweep.resources import ALLOCATOR_SLACK, DEVICE_OVERHEAD_GB, detector_request
 
 mode, name, size, batch, threads, epochs, extra = sys.argv[1:8]
 size, batch, threads, epochs = int(size), int(batch), int(threads), int(epochs)
@@ -47,7 +47,7 @@ detector = models.create(name, **kwargs)
 images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 result = {"model": name}
 if mode == "memory":
-    request = cls.default_resources(None, kwargs, size, batch_size=batch, n_train=batch)
+    request = detector_request(cls, None, kwargs, size, batch_size=batch, n_train=batch)
     profile = cls.cost_profile(None, kwargs, size, batch_size=batch)
     weights = 4 * (profile.trainable_params + profile.frozen_params) / 2**30
     device = (request.gpu_memory_gb - DEVICE_OVERHEAD_GB) / ALLOCATOR_SLACK

@@ -42,26 +42,6 @@ class Prediction:
 
 # ----------------------------------------------------------------------------- resources
 
-REFERENCE_GPU_MEMORY_GB = 16.0
-"""The GPU a default request is sized for (a T4/V100-16GB/A4000 class card); ``sweep plan``
-re-sizes the fraction to the GPUs a cluster really has."""
-GPU_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
-"""GPU shares a default request takes: they pack without waste (8, 4, 2 or 1 per GPU). One
-trial runs in one process on one device, so no default asks for more than one GPU."""
-DEVICE_OVERHEAD_GB = 0.5
-"""Per process on a GPU: the CUDA context and cuDNN/cuBLAS workspaces (0.3-0.6 GB on recent
-cards and PyTorch releases)."""
-ALLOCATOR_SLACK = 1.2
-"""PyTorch's caching allocator rounds blocks up and fragments: tensors take ~20 % more."""
-HOST_BASE_GB = 1.0
-"""A Ray worker before any model or data set: torch, timm, the detectors, the data code and
-Ray Tune imported take 0.87 GB of resident memory, the worker's runtime the rest
-(``docs/resources.md``)."""
-DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0}
-"""CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
-threads for host-side work: one-pass fits run their statistics, nearest-neighbour search
-(faiss) and coreset selection partly on the host; iterative ones also synthesise anomalies and
-shuffle batches every step, and evaluate the validation split between epochs."""
 DEFAULT_TRAIN_BATCH_SIZE = 32
 """A study's ``evaluation.train_batch_size`` default."""
 DEFAULT_TRAIN_IMAGES = 200
@@ -69,12 +49,16 @@ DEFAULT_TRAIN_IMAGES = 200
 categories have 60-391)."""
 
 
+# Only the record: how a detector's memory becomes a GPU share, CPUs and host memory is the
+# engine's policy (sweep.resources, its home). It is defined here for now because
+# sweep/plan.py and tests/test_plan.py import it from models.base; it moves to
+# sweep/resources.py once they import it from there.
 @dataclass(frozen=True)
 class ResourceRequest:
     """What one trial asks of the cluster, and the device memory it is expected to take."""
 
     gpu: float
-    """Share of one GPU (``GPU_FRACTIONS``) or whole GPUs; 0 runs on the CPU."""
+    """Share of one GPU (``sweep.resources.GPU_FRACTIONS``) or whole GPUs; 0 runs on the CPU."""
     cpu: float
     """CPUs (torch threads) of the trial."""
     memory_gb: float
@@ -94,28 +78,6 @@ class ResourceRequest:
     def replace(self, **changes: float) -> ResourceRequest:
         """A copy with some fields changed."""
         return replace(self, **changes)
-
-    def grown(self, device_gb: float = 0.0, host_gb: float = 0.0) -> ResourceRequest:
-        """A copy with more device and host memory, the GPU share sized up to match."""
-        device = self.gpu_memory_gb + device_gb
-        gpu = max(self.gpu, gpu_fraction(device)) if self.gpu > 0 else 0.0
-        return replace(
-            self,
-            gpu=gpu,
-            gpu_memory_gb=round(device, 2),
-            memory_gb=round(self.memory_gb + host_gb, 2),
-        )
-
-
-def gpu_fraction(memory_gb: float, gpu_memory_gb: float = REFERENCE_GPU_MEMORY_GB) -> float:
-    """The smallest share in ``GPU_FRACTIONS`` of a ``gpu_memory_gb`` card that holds
-    ``memory_gb``; a whole GPU when even that is too small (the plan warns about it)."""
-    need = memory_gb / gpu_memory_gb
-    return next((share for share in GPU_FRACTIONS if need <= share), GPU_FRACTIONS[-1])
-
-
-def _gb(n_bytes: float) -> float:
-    return n_bytes / 2**30
 
 
 def batch_images(batch: Batch) -> Tensor:
@@ -238,41 +200,19 @@ class Detector(torch.nn.Module):
         return cost_profile(cls, cls._trial_hparams(backbone, hparams), image_size, batch_size)
 
     @classmethod
-    def default_resources(
+    def fit_state_bytes(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
         image_size: int,
         *,
-        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
         n_train: int = DEFAULT_TRAIN_IMAGES,
-    ) -> ResourceRequest:
-        """The resources a trial of this detector asks for by default.
-
-        ``backbone`` (None: the detector's default) and ``hparams`` (missing ones take their
-        defaults) are the trial's; ``batch_size`` its training batch and ``n_train`` its
-        training images. Device memory = ``DEVICE_OVERHEAD_GB`` + ``ALLOCATOR_SLACK`` x (fp32
-        weights, with gradient and two Adam moments for trained ones + activations autograd
-        keeps over a training batch + the largest single operation), all from
-        :meth:`cost_profile`; the GPU share is that over ``REFERENCE_GPU_MEMORY_GB``, rounded up
-        to ``GPU_FRACTIONS``. Host memory = ``HOST_BASE_GB`` + the data set in memory (about
-        1.5 x ``n_train`` images as float32, validation and test included) + a CPU copy of the
-        weights. CPUs: ``DEFAULT_CPUS`` by learning type. Detectors whose fit holds more (a
-        memory bank, per-position covariances) override this and add it with
-        :meth:`ResourceRequest.grown`.
-        """
-        profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
-        tensors = profile.weight_bytes + profile.saved_bytes + profile.working_bytes
-        device_gb = DEVICE_OVERHEAD_GB + ALLOCATOR_SLACK * _gb(tensors)
-        data_bytes = 1.5 * n_train * 3 * image_size**2 * 4
-        params = profile.trainable_params + profile.frozen_params
-        host_gb = HOST_BASE_GB + _gb(data_bytes + 4 * params)
-        return ResourceRequest(
-            gpu=gpu_fraction(device_gb),
-            cpu=DEFAULT_CPUS[cls.learning_type],
-            memory_gb=round(host_gb, 2),
-            gpu_memory_gb=round(device_gb, 2),
-        )
+    ) -> float:
+        """Bytes of device memory ``fit`` holds beyond its networks' weights, activations and
+        optimiser state (which :meth:`cost_profile` measures): a memory bank, per-position
+        covariances. 0 by default; detectors that build such state from ``n_train`` images
+        override it. ``sweep.resources`` turns this and the profile into a trial's request."""
+        return 0
 
     @classmethod
     def fit_work(

@@ -18,14 +18,12 @@ from torch import Tensor
 
 from models.backbones import FeatureExtractor, get_backbone
 from models.base import (
-    ALLOCATOR_SLACK,
     DEFAULT_TRAIN_BATCH_SIZE,
     DEFAULT_TRAIN_IMAGES,
     Batch,
     Detector,
     EpochCallback,
     Prediction,
-    ResourceRequest,
     iter_images,
     register,
 )
@@ -130,23 +128,18 @@ class PaDiM(Detector):
         return math.ceil(image_size / spec.layer(layers[0])[0]) ** 2, channels
 
     @classmethod
-    def default_resources(
+    def fit_state_bytes(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
         image_size: int,
         *,
-        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
         n_train: int = DEFAULT_TRAIN_IMAGES,
-    ) -> ResourceRequest:
-        """The base request plus the model ``fit`` builds on the device: a ``C x C`` covariance
-        per grid position (float32, inverted in place) and the float64 chunk being inverted."""
-        request = super().default_resources(
-            backbone, hparams, image_size, batch_size=batch_size, n_train=n_train
-        )
+    ) -> float:
+        """The model ``fit`` builds on the device: a ``C x C`` covariance per grid position
+        (float32, inverted in place) and the float64 chunk being inverted."""
         positions, channels = cls._gaussian_shape(backbone, hparams, image_size)
-        model_bytes = 4 * positions * channels * (channels + 2) + 2 * _INVERSION_CHUNK_BYTES
-        return request.grown(device_gb=round(ALLOCATOR_SLACK * model_bytes / 2**30, 2))
+        return 4 * positions * channels * (channels + 2) + 2 * _INVERSION_CHUNK_BYTES
 
     @classmethod
     def fit_work(

@@ -20,14 +20,12 @@ from torch import Tensor
 
 from models.backbones import FeatureExtractor, get_backbone
 from models.base import (
-    ALLOCATOR_SLACK,
     DEFAULT_TRAIN_BATCH_SIZE,
     DEFAULT_TRAIN_IMAGES,
     Batch,
     Detector,
     EpochCallback,
     Prediction,
-    ResourceRequest,
     iter_images,
     register,
 )
@@ -144,25 +142,19 @@ class PatchCore(Detector):
         return math.ceil(image_size / stride) ** 2, channels, dim, float(merged["coreset_ratio"])
 
     @classmethod
-    def default_resources(
+    def fit_state_bytes(
         cls,
         backbone: str | None,
         hparams: Mapping[str, Any] | None,
         image_size: int,
         *,
-        batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
         n_train: int = DEFAULT_TRAIN_IMAGES,
-    ) -> ResourceRequest:
-        """The base request plus what ``fit`` holds on the device: every training patch
-        feature, their projection and nearest-centre distances for the coreset, and the memory
-        bank."""
-        request = super().default_resources(
-            backbone, hparams, image_size, batch_size=batch_size, n_train=n_train
-        )
+    ) -> float:
+        """What ``fit`` holds on the device: every training patch feature, their projection
+        and nearest-centre distances for the coreset, and the memory bank."""
         per_image, channels, dim, ratio = cls._bank_shape(backbone, hparams, image_size)
         patches = n_train * per_image
-        bank_bytes = 4 * patches * (channels * (1 + ratio) + dim + 2)
-        return request.grown(device_gb=round(ALLOCATOR_SLACK * bank_bytes / 2**30, 2))
+        return 4 * patches * (channels * (1 + ratio) + dim + 2)
 
     @classmethod
     def fit_work(

@@ -1,7 +1,8 @@
 """What each trial asks of the cluster, and what the cluster has to give.
 
-A trial's request starts from its detector's default (``Detector.default_resources``: sized
-from the backbone, hyperparameters, image size and training batch, see ``docs/resources.md``)
+A trial's request starts from its detector's default (:func:`detector_request`: sized from the
+detector's cost profile for the backbone, hyperparameters, image size and training batch, see
+``docs/resources.md``)
 and is then overridden by the study, most specific last::
 
     detector default  <  study ``resources``  <  study ``resources.models.<model>``
@@ -29,24 +30,123 @@ import yaml
 
 import models
 from models.base import (
+    DEFAULT_TRAIN_BATCH_SIZE,
     DEFAULT_TRAIN_IMAGES,
-    DEVICE_OVERHEAD_GB,
-    REFERENCE_GPU_MEMORY_GB,
+    Detector,
     ResourceRequest,
-    gpu_fraction,
 )
 from models.errors import ModelError
 from sweep.errors import StudyError
 from sweep.study import Study, TrialConfig
 
 __all__ = [
+    "DEFAULT_CPUS",
+    "GPU_FRACTIONS",
+    "HOST_BASE_GB",
+    "REFERENCE_GPU_MEMORY_GB",
     "ClusterShape",
     "NodeShape",
+    "ResourceRequest",
+    "detector_request",
+    "gpu_fraction",
+    "grown",
     "ray_resources",
     "study_image_counts",
     "study_train_images",
     "trial_resources",
 ]
+
+# The policy that turns a detector's cost (models.costs: memory and FLOPs, which are the
+# method's) into what a trial asks of Ray (GPU share, CPUs, host memory: the engine's).
+
+REFERENCE_GPU_MEMORY_GB = 16.0
+"""The GPU a default request is sized for (a T4/V100-16GB/A4000 class card); ``sweep plan``
+re-sizes the fraction to the GPUs a cluster really has."""
+GPU_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+"""GPU shares a default request takes: they pack without waste (8, 4, 2 or 1 per GPU). One
+trial runs in one process on one device, so no default asks for more than one GPU."""
+DEVICE_OVERHEAD_GB = 0.5
+"""Per process on a GPU: the CUDA context and cuDNN/cuBLAS workspaces (0.3-0.6 GB on recent
+cards and PyTorch releases)."""
+ALLOCATOR_SLACK = 1.2
+"""PyTorch's caching allocator rounds blocks up and fragments: tensors take ~20 % more."""
+HOST_BASE_GB = 1.0
+"""A Ray worker before any model or data set: torch, timm, the detectors, the data code and
+Ray Tune imported take 0.87 GB of resident memory, the worker's runtime the rest
+(``docs/resources.md``)."""
+DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0}
+"""CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
+threads for host-side work: one-pass fits run their statistics, nearest-neighbour search
+(faiss) and coreset selection partly on the host; iterative ones also synthesise anomalies and
+shuffle batches every step, and evaluate the validation split between epochs."""
+
+
+def gpu_fraction(memory_gb: float, gpu_memory_gb: float = REFERENCE_GPU_MEMORY_GB) -> float:
+    """The smallest share in ``GPU_FRACTIONS`` of a ``gpu_memory_gb`` card that holds
+    ``memory_gb``; a whole GPU when even that is too small (the plan warns about it)."""
+    need = memory_gb / gpu_memory_gb
+    return next((share for share in GPU_FRACTIONS if need <= share), GPU_FRACTIONS[-1])
+
+
+def grown(
+    request: ResourceRequest, device_gb: float = 0.0, host_gb: float = 0.0
+) -> ResourceRequest:
+    """A copy of ``request`` with more device and host memory, the GPU share sized up to
+    match."""
+    device = request.gpu_memory_gb + device_gb
+    gpu = max(request.gpu, gpu_fraction(device)) if request.gpu > 0 else 0.0
+    return request.replace(
+        gpu=gpu,
+        gpu_memory_gb=round(device, 2),
+        memory_gb=round(request.memory_gb + host_gb, 2),
+    )
+
+
+def _gb(n_bytes: float) -> float:
+    return n_bytes / 2**30
+
+
+def detector_request(
+    cls: type[Detector],
+    backbone: str | None,
+    hparams: Mapping[str, Any] | None,
+    image_size: int,
+    *,
+    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    n_train: int = DEFAULT_TRAIN_IMAGES,
+) -> ResourceRequest:
+    """The resources a trial of detector ``cls`` asks for by default.
+
+    ``backbone`` (None: the detector's default) and ``hparams`` (missing ones take their
+    defaults) are the trial's; ``batch_size`` its training batch and ``n_train`` its
+    training images. Device memory = ``DEVICE_OVERHEAD_GB`` + ``ALLOCATOR_SLACK`` x (fp32
+    weights, with gradient and two Adam moments for trained ones + activations autograd
+    keeps over a training batch + the largest single operation), all from
+    ``Detector.cost_profile``; the GPU share is that over ``REFERENCE_GPU_MEMORY_GB``, rounded
+    up to ``GPU_FRACTIONS``. Host memory = ``HOST_BASE_GB`` + the data set in memory (about
+    1.5 x ``n_train`` images as float32, validation and test included) + a CPU copy of the
+    weights. CPUs: ``DEFAULT_CPUS`` by learning type. What ``fit`` holds beyond its networks
+    (``Detector.fit_state_bytes``: a memory bank, per-position covariances) is added to the
+    device memory with :func:`grown`.
+    """
+    profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
+    tensors = profile.weight_bytes + profile.saved_bytes + profile.working_bytes
+    device_gb = DEVICE_OVERHEAD_GB + ALLOCATOR_SLACK * _gb(tensors)
+    data_bytes = 1.5 * n_train * 3 * image_size**2 * 4
+    params = profile.trainable_params + profile.frozen_params
+    host_gb = HOST_BASE_GB + _gb(data_bytes + 4 * params)
+    request = ResourceRequest(
+        gpu=gpu_fraction(device_gb),
+        cpu=DEFAULT_CPUS[cls.learning_type],
+        memory_gb=round(host_gb, 2),
+        gpu_memory_gb=round(device_gb, 2),
+    )
+    state = cls.fit_state_bytes(backbone, hparams, image_size, n_train=n_train)
+    if not state:
+        return request
+    # Rounded on its own, as the request is, so that a plan's figures add up as printed.
+    return grown(request, device_gb=round(ALLOCATOR_SLACK * state / 2**30, 2))
+
 
 UNBUILDABLE_REQUEST = ResourceRequest(gpu=0.0, cpu=1.0, memory_gb=1.0, gpu_memory_gb=0.0)
 """What a trial asks for when its detector refuses its hyperparameters (it fails at once)."""
@@ -429,8 +529,8 @@ def study_train_images(study: Study) -> int:
 def default_request(study: Study, trial: TrialConfig) -> ResourceRequest:
     """The detector's default request for ``trial`` (before the study's overrides); a
     :class:`ModelError` when the detector refuses the trial's hyperparameters."""
-    cls = models.get_class(trial.model)
-    return cls.default_resources(
+    return detector_request(
+        models.get_class(trial.model),
         trial.backbone,
         trial.hparams,
         trial.image_size,

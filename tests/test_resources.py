@@ -9,14 +9,18 @@ import pytest
 import torch
 
 import models
-from models.base import GPU_FRACTIONS, ResourceRequest, gpu_fraction
 from models.costs import build_on_meta
 from models.errors import ModelError
 from sweep.errors import StudyError
 from sweep.plan import plan_study
 from sweep.resources import (
+    GPU_FRACTIONS,
     ClusterShape,
     NodeShape,
+    ResourceRequest,
+    detector_request,
+    gpu_fraction,
+    grown,
     merge_warnings,
     node_type_gpu_memory_gb,
     ray_resources,
@@ -30,7 +34,7 @@ CPU_NODE = ClusterShape((NodeShape("cpu", cpus=8, gpus=0, memory_gb=30),))
 
 
 def request(model: str, backbone: str | None, size: int, **hparams) -> ResourceRequest:
-    return models.get_class(model).default_resources(backbone, hparams, size)
+    return detector_request(models.get_class(model), backbone, hparams, size)
 
 
 def study(resources: dict | None = None, **space) -> object:
@@ -90,8 +94,8 @@ def test_heavy_reconstruction_detectors_ask_for_more():
 
 def test_memory_bank_grows_with_training_images():
     patchcore = models.get_class("patchcore")
-    few = patchcore.default_resources("wide_resnet50_2", {}, 256, n_train=50)
-    many = patchcore.default_resources("wide_resnet50_2", {}, 256, n_train=1000)
+    few = detector_request(patchcore, "wide_resnet50_2", {}, 256, n_train=50)
+    many = detector_request(patchcore, "wide_resnet50_2", {}, 256, n_train=1000)
     assert many.gpu_memory_gb > few.gpu_memory_gb + 4  # 1000 x 1024 patches x 1536 channels
     fewer = patchcore.fit_work("wide_resnet50_2", {"coreset_ratio": 0.01}, 256)
     more = patchcore.fit_work("wide_resnet50_2", {"coreset_ratio": 0.1}, 256)
@@ -155,8 +159,8 @@ def test_request_validation_and_growth():
     with pytest.raises(ModelError, match="cpu > 0"):
         ResourceRequest(gpu=0, cpu=0, memory_gb=1, gpu_memory_gb=1)
     base = ResourceRequest(gpu=0.125, cpu=2, memory_gb=1, gpu_memory_gb=1.5)
-    grown = base.grown(device_gb=5, host_gb=1)
-    assert (grown.gpu, grown.gpu_memory_gb, grown.memory_gb) == (0.5, 6.5, 2)
+    bigger = grown(base, device_gb=5, host_gb=1)
+    assert (bigger.gpu, bigger.gpu_memory_gb, bigger.memory_gb) == (0.5, 6.5, 2)
     assert gpu_fraction(1.0) == 0.125 and gpu_fraction(2.1) == 0.25 and gpu_fraction(40) == 1.0
     assert gpu_fraction(10, gpu_memory_gb=80) == 0.125
 
@@ -168,8 +172,8 @@ def test_study_overrides_win_in_order():
     default = study()
     padim, stfpm = expand_trials(default)
     base = trial_resources(default, padim, GPU_NODE)
-    assert base == models.get_class("padim").default_resources(
-        "resnet18", padim.hparams, 256, batch_size=16, n_train=50
+    assert base == detector_request(
+        models.get_class("padim"), "resnet18", padim.hparams, 256, batch_size=16, n_train=50
     )
     wide = study({"cpu": 3, "gpu": 0.5})
     assert trial_resources(wide, padim, GPU_NODE).cpu == 3
@@ -193,8 +197,8 @@ def test_a_models_own_training_batch_sizes_its_request():
         }
     )
     padim, stfpm = expand_trials(default)
-    assert trial_resources(small, stfpm, GPU_NODE) == models.get_class("stfpm").default_resources(
-        "resnet18", stfpm.hparams, 256, batch_size=2, n_train=50
+    assert trial_resources(small, stfpm, GPU_NODE) == detector_request(
+        models.get_class("stfpm"), "resnet18", stfpm.hparams, 256, batch_size=2, n_train=50
     )
     assert (
         trial_resources(small, stfpm, GPU_NODE).gpu_memory_gb
