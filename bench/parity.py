@@ -31,9 +31,15 @@ Backbones (``Pair.backbone`` / ``pretrained``):
   ``teacher_weights``, copied convolution by convolution into anomalib's teacher (whose own
   loader, a download, is replaced); the same tiles are the penalty folder of both sides (the
   zoo's ``imagenet_dir``; anomalib's ``imagenet_dir``, read with ``ImageFolder``).
+* DSR's general VQ-VAE (anomalib never trains it: it downloads one): trained once by the zoo's
+  ``train_general_vq`` on the same photographs (``prepare_parts``, under ``--data``, reused),
+  its two top-code upsamplers tied into one (anomalib has one), the zoo's ``vq_weights``;
+  renamed layer by layer into anomalib's ``DiscreteLatentModel`` and loaded by anomalib's own
+  ``on_train_start`` (its download replaced by that file).
 
 The script checks that each loaded extractor's features equal the zoo's on 4 test images
-(``feature_diff``: max abs difference; EfficientAD: the two teachers' outputs). Where
+(``feature_diff``: max abs difference; EfficientAD: the two teachers' outputs; DSR: the two
+VQ-VAEs' reconstructions and quantised maps). Where
 anomalib fixes a training setting in its code (an optimiser's weight decay or betas), the zoo
 is configured to match and the Pair says so.
 Anomalib is trained through its ``Engine`` (Lightning, CPU, one device, a datamodule of the
@@ -48,8 +54,6 @@ warm-up: the zoo's ``predict``, anomalib's pre-processor + torch model), and the
 Epochs, image size and batch size default to each Pair's (sized for a 2-core CPU: 64 px and a
 few epochs for the trained detectors, DRAEM's U-Nets at a quarter of the paper's width);
 ``--epochs``/``--size``/``--batch-size`` override them for every detector.
-
-Not covered: DSR (anomalib never trains its VQ-VAE: it downloads one).
 
     .venv-parity/bin/python bench/parity.py [--models patchcore,padim,...] [--sets brick,...]
         [--seeds 0,1,2] [--anomalib-seeds N] [--epochs E] [--size PX] [--batch-size B]
@@ -334,6 +338,31 @@ PAIRS: dict[str, Pair] = {
         size=256,
         batch_size=1,
     ),
+    # Both sides get one general VQ-VAE (the zoo's train_general_vq on the scikit-image
+    # photographs, prepare_parts; anomalib's download is replaced by it), at the sizes anomalib
+    # fixes (128 hidden, 64 residual, 2 residual layers, 4096 codes of 128: the zoo's defaults),
+    # so the zoo skips its own VQ phase. Anomalib fixes Adam at 2e-4 for both phases (the zoo's
+    # default) and a StepLR that Lightning never steps (manual optimisation), and reads its
+    # Perlin anomalies from no texture folder: both sides blend generated noise. Its phase
+    # split, int(epochs * 0.7) training epochs before the upsampling module's, equals the
+    # zoo's rounding of 0.7 at 3 epochs: 2 + 1 on both sides. Both see [0, 1] pixels
+    # (anomalib's default pre-processor: no normalisation; the zoo maps ImageNet's back).
+    "dsr": Pair(
+        {"lr": 2e-4, "latent_anomaly_strength": 0.2, "upsampling_train_ratio": 0.7},
+        "Dsr",
+        {"latent_anomaly_strength": 0.2, "upsampling_train_ratio": 0.7},
+        iterative=True,
+        networks="one general VQ-VAE (the zoo's, 400 steps on skimage photos, top upsamplers "
+        "tied) on both sides; own DSR modules, random init; Adam 2e-4 (anomalib's); generated "
+        "textures",
+        layers=None,
+        backbone=None,
+        build="build_dsr",
+        native_preprocessing=True,
+        epochs=3,
+        size=64,
+        batch_size=8,
+    ),
 }
 
 
@@ -389,11 +418,109 @@ def _penalty_folder(root: Path) -> Path:
     return folder
 
 
+VQ_STEPS = 400
+VQ_SIZE = 64
+"""DSR's shared general VQ-VAE: steps and image size of ``train_general_vq`` (batch 8) on the
+penalty photographs, a few minutes on this CPU (the paper: ImageNet, 256 px)."""
+TIE_IMAGES = 16
+"""Photographs on which the two ways of tying the VQ-VAE's top upsamplers are compared."""
+_UPSAMPLERS = ("top_to_bottom.", "decoder.upsample_top.")
+
+
+def _tie_upsamplers(
+    state: dict[str, torch.Tensor], metadata: dict[str, Any], folder: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``state`` (a ``GeneralVQ``'s ``vq.`` entries) with one top upsampler copied onto the
+    other, whichever reconstructs ``TIE_IMAGES`` of ``folder`` better, and what was measured.
+
+    Anomalib's DiscreteLatentModel has one ``upsample_t`` for the top codes, into the bottom
+    quantiser and into the decoder; the zoo has two (``top_to_bottom``, and the decoder's
+    ``upsample_top``), trained apart. Tying them is the only way both sides hold one model."""
+    from models.components.vq import TwoLevelVQVAE
+    from models.parts import FolderImages, list_images
+
+    files = list_images(folder, "bench/parity.py")
+    every = max(1, len(files) // TIE_IMAGES)
+    (images,) = FolderImages(files, (VQ_SIZE,), 0).batch(range(0, len(files), every)[:TIE_IMAGES])
+    own = {key.removeprefix("vq."): value for key, value in state.items()}
+    sizes = [
+        metadata[k]
+        for k in (
+            "hidden_channels",
+            "residual_channels",
+            "n_residual_layers",
+            "embedding_dim",
+            "num_embeddings",
+        )
+    ]
+    choices: dict[str, tuple[str, str] | None] = {
+        "untied": None,
+        # the decoder's upsampler replaced: the codes stay those the VQ-VAE was trained on
+        "decoder_takes_top_to_bottom": _UPSAMPLERS,
+        # the quantiser's replaced: the decoder stays as trained, the bottom codes move
+        "top_to_bottom_takes_decoder": _UPSAMPLERS[::-1],
+    }
+    errors: dict[str, float] = {}
+    tied_states: dict[str, dict[str, torch.Tensor]] = {}
+    for choice, copy in choices.items():
+        tied = dict(own)
+        if copy is not None:
+            source, target = copy
+            for suffix in ("weight", "bias"):
+                tied[target + suffix] = own[source + suffix].clone()
+        vq = TwoLevelVQVAE(*sizes).eval()
+        vq.load_state_dict(tied)
+        with torch.no_grad():
+            codes = vq.encode(images)
+            reconstruction = vq.decode(codes["top"], codes["bottom"])
+        errors[choice] = float(torch.nn.functional.mse_loss(reconstruction, images))
+        tied_states[choice] = tied
+    best = min((c for c in choices if c != "untied"), key=errors.__getitem__)
+    measured = {
+        "tied": best,
+        **{f"reconstruction_mse_{choice}": error for choice, error in errors.items()},
+        "tie_images": len(images),
+    }
+    return {f"vq.{key}": value for key, value in tied_states[best].items()}, measured
+
+
+def _general_vq(root: Path, photos: Path) -> Path:
+    """``root/dsr_vq_*.safetensors``: DSR's general VQ-VAE, trained by the zoo's
+    ``train_general_vq`` on ``photos`` at anomalib's fixed sizes (the zoo's defaults) and its
+    top upsamplers tied (``_tie_upsamplers``), made once and reused."""
+    from models.dsr import train_general_vq
+    from models.parts import read_part, save_part
+
+    path = root / f"dsr_vq_{VQ_STEPS}_{VQ_SIZE}px_tied.safetensors"
+    if not path.is_file():
+        made = train_general_vq(
+            photos, image_size=VQ_SIZE, steps=VQ_STEPS, batch_size=8, seed=0, device="cpu"
+        )
+        state, measured = _tie_upsamplers(made.state, made.metadata, photos)
+        metadata = {**made.metadata, **measured}
+        metadata["summary"] += f"; top upsamplers tied ({measured['tied']})"
+        save_part(state, path, metadata)
+    metadata = read_part(path) or {}
+    print(
+        f"dsr: general VQ-VAE {path.name}: {metadata.get('summary')}; reconstruction MSE on "
+        f"{metadata.get('tie_images')} photos: "
+        + ", ".join(
+            f"{key.removeprefix('reconstruction_mse_')} {value:.5f}"
+            for key, value in metadata.items()
+            if key.startswith("reconstruction_mse_")
+        )
+    )
+    return path
+
+
 def prepare_parts(name: str, root: Path) -> dict[str, str]:
     """Outside files both sides of ``name`` share, made once under ``root`` and reused, as the
     zoo's hyperparameters: EfficientAD's penalty folder and its teacher PDN, distilled from
-    Lite0 (packaged ImageNet weights) on that folder for ``TEACHER_STEPS`` steps. Empty for
-    the other detectors."""
+    Lite0 (packaged ImageNet weights) on that folder for ``TEACHER_STEPS`` steps; DSR's general
+    VQ-VAE, trained on the same photographs (``_general_vq``). Empty for the other
+    detectors."""
+    if name == "dsr":
+        return {"vq_weights": str(_general_vq(root, _penalty_folder(root)))}
     if name != "efficient_ad":
         return {}
     from models.teacher_distillation import distill_teacher
@@ -420,8 +547,9 @@ def no_hub_weights() -> Iterator[None]:
     """``timm.create_model`` with ``pretrained`` forced off (STFPM's teacher and U-Flow's
     extractor ask for hub weights unconditionally; the weights are loaded after), and every
     download of torch's hub (torchvision's weights: CFA, CS-Flow) and of anomalib's
-    ``download_and_extract`` (EfficientAD's teacher and ImageNette) an error instead of a hang:
-    nothing can be downloaded here."""
+    ``download_and_extract`` (EfficientAD's teacher and ImageNette, DSR's VQ-VAE) an error
+    instead of a hang: nothing can be downloaded here."""
+    import anomalib.models.image.dsr.lightning_model as dsr
     import anomalib.models.image.efficient_ad.lightning_model as efficient_ad
     import timm
     import torch.hub
@@ -443,7 +571,10 @@ def no_hub_weights() -> Iterator[None]:
     torch.hub.load_state_dict_from_url = refuse
     torch.hub.download_url_to_file = refuse
     try:
-        with patched(efficient_ad, "download_and_extract", refuse_anomalib):
+        with (
+            patched(efficient_ad, "download_and_extract", refuse_anomalib),
+            patched(dsr, "download_and_extract", refuse_anomalib),
+        ):
             yield
     finally:
         timm.create_model = original
@@ -716,6 +847,107 @@ def build_efficient_ad(
     return model, [], [lambda x: [theirs(x)]]
 
 
+VQ_RENAMES = (
+    # encoder_bottom: conv 4/2, ReLU, conv 4/2, ReLU, conv 3, residual stack (EncoderBot)
+    ("encoder_bottom.0.", "_encoder_b._conv_1."),
+    ("encoder_bottom.2.", "_encoder_b._conv_2."),
+    ("encoder_bottom.4.", "_encoder_b._conv_3."),
+    ("encoder_bottom.5.blocks.", "_encoder_b._residual_stack._layers."),
+    # encoder_top: conv 4/2, ReLU, conv 3, residual stack (EncoderTop)
+    ("encoder_top.0.", "_encoder_t._conv_1."),
+    ("encoder_top.2.", "_encoder_t._conv_2."),
+    ("encoder_top.3.blocks.", "_encoder_t._residual_stack._layers."),
+    ("pre_quantise_top.", "_pre_vq_conv_top."),
+    ("pre_quantise_bottom.", "_pre_vq_conv_bot."),
+    # the tied top upsampler (decoder.upsample_top equals it)
+    ("top_to_bottom.", "upsample_t."),
+    # decoder.body: conv 3, residual stack, conv-T, ReLU, conv-T (DecoderBot)
+    ("decoder.body.0.", "_decoder_b._conv_1."),
+    ("decoder.body.1.blocks.", "_decoder_b._residual_stack._layers."),
+    ("decoder.body.2.", "_decoder_b._conv_trans_1."),
+    ("decoder.body.4.", "_decoder_b._conv_trans_2."),
+    # the EMA codebooks: entries, assignment counts and sums (the zalando VQ-VAE-EMA's names)
+    ("vq_top.codebook", "_vq_vae_top._embedding.weight"),
+    ("vq_top.cluster_size", "_vq_vae_top._ema_cluster_size"),
+    ("vq_top.embed_sum", "_vq_vae_top._ema_w"),
+    ("vq_bottom.codebook", "_vq_vae_bot._embedding.weight"),
+    ("vq_bottom.cluster_size", "_vq_vae_bot._ema_cluster_size"),
+    ("vq_bottom.embed_sum", "_vq_vae_bot._ema_w"),
+)
+"""The zoo's ``TwoLevelVQVAE`` state names and anomalib's ``DiscreteLatentModel`` ones, role by
+role (read off both forwards: the same layers, ReLUs and concatenation orders). A residual
+block's ``k.i.`` is anomalib's ``k._block.i.`` (ReLU, 3x3 conv, ReLU, 1x1 conv, no biases in
+both; both stacks end in a ReLU)."""
+
+
+def anomalib_vq_state(vq: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The zoo's VQ-VAE ``vq`` (its top upsamplers tied) under anomalib's names."""
+    own = vq.state_dict()
+    for suffix in ("weight", "bias"):
+        if not torch.equal(own[f"decoder.upsample_top.{suffix}"], own[f"top_to_bottom.{suffix}"]):
+            raise RuntimeError("dsr: the VQ-VAE's top upsamplers differ: anomalib has one")
+    # The codebooks' "initialised" flags are the zoo's training bookkeeping only.
+    skipped = ("decoder.upsample_top.", "vq_top.initialised", "vq_bottom.initialised")
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in own.items():
+        if key.startswith(skipped):
+            continue
+        source, target = next(((s, t) for s, t in VQ_RENAMES if key.startswith(s)), ("", ""))
+        if not source:
+            raise RuntimeError(f"dsr: the VQ-VAE's {key} has no counterpart in anomalib's")
+        rest = key[len(source) :]
+        if source.endswith(".blocks."):
+            block, rest = rest.split(".", 1)
+            rest = f"{block}._block.{rest}"
+        renamed[target + rest] = value.detach().clone()
+    return renamed
+
+
+def _latent_outputs(outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Anomalib's DiscreteLatentModel output without an anomaly mask: the general
+    reconstruction and the quantised top and bottom maps."""
+    return [outputs["recon_image"], outputs["quantized_t"], outputs["quantized_b"]]
+
+
+def build_dsr(name: str, kwargs: dict[str, Any], size: int, parts: dict[str, str]) -> Built:
+    import anomalib.models.image.dsr.torch_model as dsr_model
+    from anomalib.models import Dsr
+
+    model = Dsr(**kwargs)
+    latent = model.model.discrete_latent_model
+    # Two places where anomalib's DiscreteLatentModel computes another function than the zoo's
+    # TwoLevelVQVAE with the same weights (the architecture its downloaded weights go with);
+    # the shared VQ-VAE was trained as the zoo computes, so anomalib's is made to compute the
+    # same (feature_diff checks it):
+    # 1. Residual is x + block(x) with an in-place ReLU first in block: it rewrites x, so the
+    #    sum is relu(x) + block(x). The zoo's is x + block(x): a ReLU that leaves x alone.
+    for module in latent.modules():
+        if isinstance(module, dsr_model.Residual):
+            module._block[0] = torch.nn.ReLU()
+    # 2. EncoderTop has a ReLU between its 3x3 convolution and its residual stack; the zoo's
+    #    encoder_top has none (its encoder_bottom has none there either, as anomalib's EncoderBot).
+    top = latent._encoder_t
+
+    def encode_top(batch: torch.Tensor) -> torch.Tensor:
+        return top._residual_stack(top._conv_2(torch.relu(top._conv_1(batch))))
+
+    top.forward = encode_top
+    # The zoo's VQ-VAE as its loader reads the shared file, renamed; written beside that file
+    # (each build, atomically: it must follow the shared file) as the torch.save file
+    # anomalib's on_train_start loads (strictly) where it would download its own.
+    state = anomalib_vq_state(create_ours(name, 0, parts).vq)
+    latent.load_state_dict(state, strict=True)
+    converted = Path(parts["vq_weights"]).with_suffix(".anomalib.pt")
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{converted.name}.", suffix=".partial", dir=converted.parent
+    )
+    os.close(handle)
+    torch.save(state, temporary)
+    os.replace(temporary, converted)
+    model.prepare_pretrained_model = lambda: converted
+    return model, [], [lambda x: _latent_outputs(latent(x))]
+
+
 def build_anomalib(
     name: str, size: int, batch_size: int, parts: dict[str, str] | None = None
 ) -> Built:
@@ -848,6 +1080,17 @@ def run_anomalib(
         teacher = create_ours(name, seed, parts).teacher
         inputs = model.pre_processor(test.pixels[:4].float() / 255.0)
         diff = feature_diff(features, lambda x: [teacher(x)], test.pixels[:4], inputs)
+    if pair.build == "build_dsr":
+        detector = create_ours(name, 0, parts)
+
+        def general(x: torch.Tensor) -> list[torch.Tensor]:
+            # What the zoo's DSR feeds its VQ-VAE: ImageNet-normalised pixels back in [0, 1].
+            codes = detector.vq.encode(detector._unit(x))
+            top, bottom = codes["top"], codes["bottom"]
+            return [detector.vq.decode(top, bottom), top, bottom]
+
+        inputs = model.pre_processor(test.pixels[:4].float() / 255.0)
+        diff = feature_diff(features, general, test.pixels[:4], inputs)
     if pair.backbone is not None:
         reference = reference_extractor(name, seed)
         state = lite0_state() if pair.pretrained else reference.model.state_dict()
@@ -938,6 +1181,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def targets(summary: list[dict[str, Any]]) -> list[tuple[str, bool]]:
     checks = []
     for entry in summary:
+        if not (entry["ours"]["seeds"] and entry["anomalib"]["seeds"]):
+            continue  # one side run alone (--sides): nothing to compare
         where = f"{entry['model']} on {entry['set']}"
         delta = entry["image_auroc_delta"]
         checks.append(
@@ -1033,6 +1278,12 @@ def main() -> int:
     parser.add_argument(
         "--batch-size", type=int, help="batch size (default: each detector's; else 32)"
     )
+    parser.add_argument(
+        "--sides",
+        default="ours,anomalib",
+        help="comma-separated sides to run (ours, anomalib): one side's missing figures can be "
+        "measured alone and merged with --json outputs",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="photo sets' folder")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -1044,6 +1295,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown detector(s) {unknown}; covered: {', '.join(PAIRS)}")
     anomalib_seeds = seeds[: args.anomalib_seeds] if args.anomalib_seeds else seeds
+    sides = _csv(args.sides)
+    if not sides or any(side not in ("ours", "anomalib") for side in sides):
+        parser.error(f"--sides takes ours and/or anomalib, got {args.sides!r}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for logger in ("lightning", "lightning.pytorch", "anomalib"):
@@ -1070,7 +1324,8 @@ def main() -> int:
             splits = loaded[size]
             # Every training image: the loader's normal-only validation hold-out is fitted too.
             train = torch.cat([splits.train.pixels, splits.val.pixels])
-            for side, side_seeds in (("ours", seeds), ("anomalib", anomalib_seeds)):
+            side_seeds_of = {"ours": seeds, "anomalib": anomalib_seeds}
+            for side, side_seeds in ((side, side_seeds_of[side]) for side in sides):
                 for seed in side_seeds:
                     torch.manual_seed(seed)
                     np.random.seed(seed)
