@@ -185,6 +185,7 @@ def _file_reader(path: Path):
 
 
 def _skimage_sources() -> list[tuple[str, Any]]:
+    # scikit-image is a dev extra (pyproject.toml), not a dependency: only this source needs it.
     import skimage.data
 
     def reader(name: str):

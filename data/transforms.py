@@ -17,6 +17,8 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The statistics images are normalised with when they reach a detector; the one definition
+(models reads them from here: data is the layer below it)."""
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

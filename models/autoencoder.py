@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.base import (
     Batch,
     Detector,
@@ -54,7 +55,6 @@ from models.base import (
     train_epochs,
 )
 from models.components.losses import ssim
-from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
 from models.errors import ModelError
 
 __all__ = ["ConvAutoencoder"]

@@ -49,18 +49,17 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.base import _suggest
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.cache import active_cache, make_key
-from models.errors import ModelError
+from models.errors import ModelError, did_you_mean
 from models.packaged import is_efficientnet_pytorch_checkpoint, packaged_weights, to_timm_names
 
 __all__ = [
     "BACKBONES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "STAGE_ALIASES",
     "BackboneSpec",
     "FeatureExtractor",
@@ -75,9 +74,6 @@ __all__ = [
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 """File name endings accepted as weight files (``.safetensors``, else a ``torch.save`` file)."""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""The statistics images are normalised with when they reach a detector (``data.transforms``)."""
 
 STAGE_ALIASES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 """ResNet stage names every CNN accepts, and the stride each one stands for."""
@@ -137,7 +133,7 @@ class BackboneSpec:
         if name not in self.layers:
             raise ModelError(
                 f"backbone {self.name!r} has no layer {layer!r}"
-                f"{_suggest(str(layer), self.layer_names())} ({describe_layers(self)})"
+                f"{did_you_mean(str(layer), self.layer_names())} ({describe_layers(self)})"
             )
         return name
 
@@ -459,7 +455,7 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except (KeyError, TypeError):
         raise ModelError(
-            f"unknown backbone {name!r}{_suggest(str(name), BACKBONES)} "
+            f"unknown backbone {name!r}{did_you_mean(str(name), BACKBONES)} "
             f"(known: {', '.join(list_backbones())})"
         ) from None
 
@@ -521,8 +517,6 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -7,20 +7,24 @@ registers a class under a name and ``create`` builds one from keyword hyperparam
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from models.errors import ModelError
-
-if TYPE_CHECKING:
-    from models.costs import CostProfile, Work
+from models.backbones import (
+    BACKBONES,
+    FeatureExtractor,
+    get_backbone,
+    list_backbones,
+    resolve_layers,
+)
+from models.costs import OPTIMIZER_BYTES_PER_PARAM, CostProfile, Work, cost_profile
+from models.errors import ModelError, did_you_mean
 
 LearningType = Literal["one_pass", "iterative"]
 EpochCallback = Callable[[int, dict], bool]
@@ -129,8 +133,6 @@ class Detector(torch.nn.Module):
         defaults) and ``image_size`` the input size when known. The answer says what would
         work instead. Subclasses with further constraints extend this and call ``super()``.
         """
-        from models.backbones import get_backbone, list_backbones, resolve_layers
-
         spec = get_backbone(backbone)
         if cls.supported_backbones is not None and backbone not in cls.supported_backbones:
             return f"it supports only {', '.join(cls.supported_backbones)}"
@@ -169,16 +171,28 @@ class Detector(torch.nn.Module):
         one-pass detectors; detectors that train networks of their own override it. It must not
         read tensor values (no ``.item()``, no data-dependent shapes).
         """
-        from models.backbones import FeatureExtractor
-
         for module in self.modules():
             if isinstance(module, FeatureExtractor):
                 module(images)
 
     @classmethod
-    def _trial_hparams(
+    def hyperparameter_defaults(cls) -> dict[str, Any]:
+        """This detector's hyperparameters and their defaults (None where there is no
+        default): its ``__init__``'s keyword arguments."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            k: (None if p.default is inspect.Parameter.empty else p.default)
+            for k, p in sig.parameters.items()
+            if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    @classmethod
+    def trial_hparams(
         cls, backbone: str | None, hparams: Mapping[str, Any] | None
     ) -> dict[str, Any]:
+        """Every hyperparameter a trial of this detector runs with (see
+        :func:`trial_hyperparameters`); ``backbone``, when given, replaces the one in
+        ``hparams``."""
         given = dict(hparams or {})
         if backbone is not None and "backbone" in hyperparameters(cls.name):
             given["backbone"] = backbone
@@ -195,9 +209,7 @@ class Detector(torch.nn.Module):
     ) -> CostProfile:
         """Parameters, activations and FLOPs of this detector at ``image_size`` and
         ``batch_size``, measured on the meta device (see :mod:`models.costs`; memoised)."""
-        from models.costs import cost_profile
-
-        return cost_profile(cls, cls._trial_hparams(backbone, hparams), image_size, batch_size)
+        return cost_profile(cls, cls.trial_hparams(backbone, hparams), image_size, batch_size)
 
     @classmethod
     def fit_state_bytes(
@@ -231,13 +243,11 @@ class Detector(torch.nn.Module):
         batch and epoch, each moving ``OPTIMIZER_BYTES_PER_PARAM`` per trained parameter.
         Detectors with costly work beyond their networks (coreset selection, covariance
         inversion) or more steps per batch override it."""
-        from models.costs import OPTIMIZER_BYTES_PER_PARAM, Work
-
         profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
         if cls.learning_type == "one_pass":
             return Work(n_train * profile.forward_flops, n_train * profile.forward_traffic)
         if epochs is None:
-            epochs = cls._trial_hparams(backbone, hparams).get("epochs") or 1
+            epochs = cls.trial_hparams(backbone, hparams).get("epochs") or 1
         steps = math.ceil(n_train / batch_size) * int(epochs)
         images = n_train * int(epochs)
         return Work(
@@ -260,8 +270,6 @@ class Detector(torch.nn.Module):
         """The work of ``predict`` per image: the probe's forward pass. Detectors whose scoring
         costs more (a nearest-neighbour search over a memory bank of ``n_train`` images)
         override it."""
-        from models.costs import Work
-
         profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch_size)
         return Work(profile.forward_flops, profile.forward_traffic)
 
@@ -305,6 +313,12 @@ class Detector(torch.nn.Module):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (a bool is not: ``True`` is no learning
+    rate), the test every real-valued hyperparameter check starts from."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_epochs(model: str, value: Any, what: str = "epochs") -> int:
@@ -392,31 +406,23 @@ def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
     return wrap
 
 
-def _suggest(name: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def get_class(name: str) -> type[Detector]:
     """The detector class registered as ``name``."""
-    _ensure_loaded()
+    # The registry is full before anyone outside the package can call this: detector modules
+    # register on import, models/__init__ imports them all, and Python runs it before any
+    # `import models.<module>` finishes.
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ModelError(
-            f"unknown model {name!r}{_suggest(name, _REGISTRY)} "
+            f"unknown model {name!r}{did_you_mean(name, _REGISTRY)} "
             f"(known: {', '.join(sorted(_REGISTRY))})"
         ) from None
 
 
 def hyperparameters(name: str) -> dict[str, Any]:
     """A detector's hyperparameters and their defaults (None where there is no default)."""
-    sig = inspect.signature(get_class(name).__init__)
-    return {
-        k: (None if p.default is inspect.Parameter.empty else p.default)
-        for k, p in sig.parameters.items()
-        if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    return get_class(name).hyperparameter_defaults()
 
 
 def trial_hyperparameters(name: str, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -426,8 +432,6 @@ def trial_hyperparameters(name: str, hparams: Mapping[str, Any] | None = None) -
     cls = get_class(name)
     merged = {**hyperparameters(name), **(hparams or {})}
     if cls.family_defaults and merged.get("backbone") is not None:
-        from models.backbones import BACKBONES
-
         spec = BACKBONES.get(merged["backbone"])
         family = cls.family_defaults.get(spec.family, {}) if spec is not None else {}
         merged.update({k: v for k, v in family.items() if k not in (hparams or {})})
@@ -445,7 +449,7 @@ def create(name: str, **hparams: Any) -> Detector:
     for key in hparams:
         if key not in known:
             raise ModelError(
-                f"model {name!r} has no hyperparameter {key!r}{_suggest(key, known)} "
+                f"model {name!r} has no hyperparameter {key!r}{did_you_mean(key, known)} "
                 f"(known: {', '.join(sorted(known))})"
             )
     if "backbone" in known:
@@ -483,19 +487,11 @@ def compatible_backbones(
     name: str, hparams: Mapping[str, Any] | None = None, image_size: int | None = None
 ) -> list[str]:
     """The registered backbones detector ``name`` can use with these hyperparameters."""
-    from models.backbones import list_backbones
-
     if "backbone" not in hyperparameters(name):
         return []
     return [b for b in list_backbones() if backbone_problem(name, b, hparams, image_size) is None]
 
 
 def list_models() -> list[str]:
-    """Names of every registered detector, sorted."""
-    _ensure_loaded()
+    """Names of every registered detector, sorted (see :func:`get_class`)."""
     return sorted(_REGISTRY)
-
-
-def _ensure_loaded() -> None:
-    # Detector modules register themselves on import; importing the package loads them all.
-    import models  # noqa: F401

@@ -31,6 +31,7 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
+    is_real,
     iter_images,
     register,
     train_epochs,
@@ -164,14 +165,14 @@ class CFA(Detector):
                 f"got {num_hard_negative_features!r}"
             )
         for name, value in (("radius", radius), ("weight_decay", weight_decay)):
-            if not _is_real(value) or value < 0:
+            if not is_real(value) or value < 0:
                 raise ModelError(f"cfa: {name} must be >= 0, got {value!r}")
         for name, value in (("nu", nu), ("lr", lr)):
-            if not _is_real(value) or not value > 0:
+            if not is_real(value) or not value > 0:
                 raise ModelError(f"cfa: {name} must be > 0, got {value!r}")
-        if not _is_real(repulsion_margin) or repulsion_margin < 0:
+        if not is_real(repulsion_margin) or repulsion_margin < 0:
             raise ModelError(f"cfa: repulsion_margin must be >= 0, got {repulsion_margin!r}")
-        if not _is_real(blur_sigma) or blur_sigma < 0:
+        if not is_real(blur_sigma) or blur_sigma < 0:
             raise ModelError(f"cfa: blur_sigma must be >= 0, got {blur_sigma!r}")
         self.epochs = check_epochs("cfa", epochs)
         self.gamma_c = gamma_c
@@ -342,7 +343,3 @@ class CFA(Detector):
         if key in state_dict:
             self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -197,7 +197,7 @@ class CFlow(Detector):
         """(FLOPs per image of every decoder over every position, FLOPs of the probe's one fiber
         batch per decoder, fiber batches per decoder and training batch). A flow of linear
         subnets costs about twice its parameters per vector."""
-        merged = cls._trial_hparams(backbone, hparams)
+        merged = cls.trial_hparams(backbone, hparams)
         spec = get_backbone(merged["backbone"])
         profile = cls.cost_profile(backbone, hparams, image_size, batch_size=batch)
         fiber = merged["fiber_batch_size"]
@@ -229,7 +229,7 @@ class CFlow(Detector):
         full, probed, steps = cls._decoder_work(backbone, hparams, image_size, batch_size)
         encoder = max(0.0, profile.forward_flops - probed / batch_size)
         if epochs is None:
-            epochs = cls._trial_hparams(backbone, hparams)["epochs"]
+            epochs = cls.trial_hparams(backbone, hparams)["epochs"]
         batches = math.ceil(n_train / batch_size) * int(epochs)
         per_step = OPTIMIZER_BYTES_PER_PARAM * profile.trainable_params / max(1, len(steps))
         return Work(

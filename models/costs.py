@@ -34,6 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from models.backbones import meta_init
+
 if TYPE_CHECKING:
     from models.base import Detector
 
@@ -120,12 +122,10 @@ class _CpuSeeds(TorchDispatchMode):
 
 def build_on_meta(cls: type[Detector], hparams: Mapping[str, Any]) -> Detector:
     """``cls(**hparams)`` on the meta device: shapes only, no weights loaded or initialised."""
-    from models.backbones import meta_init
-    from models.base import hyperparameters, trial_hyperparameters
-
-    known = hyperparameters(cls.name)
-    # What the trial would really build: its backbone family's defaults included.
-    values = {k: v for k, v in trial_hyperparameters(cls.name, hparams).items() if k in known}
+    known = cls.hyperparameter_defaults()
+    # What the trial would really build: its backbone family's defaults included. Asked of the
+    # class: models.base, where the registry lives, imports this module.
+    values = {k: v for k, v in cls.trial_hparams(None, hparams).items() if k in known}
     if "pretrained" in known:
         values["pretrained"] = False
     if "weights" in known:

@@ -39,6 +39,7 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
+    is_real,
     register,
     train_epochs,
 )
@@ -190,10 +191,10 @@ class CSFlow(Detector):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
                 raise ModelError(f"csflow: {name} must be a positive odd int, got {value!r}")
         for name, value in (("clamp", clamp), ("lr", lr), ("eps", eps)):
-            if not _is_real(value) or not value > 0:
+            if not is_real(value) or not value > 0:
                 raise ModelError(f"csflow: {name} must be > 0, got {value!r}")
         for name, value in (("weight_decay", weight_decay), ("grad_clip_norm", grad_clip_norm)):
-            if not _is_real(value) or not value >= 0:
+            if not is_real(value) or not value >= 0:
                 raise ModelError(f"csflow: {name} must be >= 0, got {value!r}")
         if anomaly_map_mode not in MAP_MODES:
             raise ModelError(
@@ -203,7 +204,7 @@ class CSFlow(Detector):
         if (
             not isinstance(betas, Sequence)
             or len(betas) != 2
-            or not all(_is_real(b) and 0 <= b < 1 for b in betas)
+            or not all(is_real(b) and 0 <= b < 1 for b in betas)
         ):
             raise ModelError(f"csflow: betas must be two numbers in [0, 1), got {betas!r}")
         self.epochs = check_epochs("csflow", epochs)
@@ -381,7 +382,3 @@ def _layer_problem(layer: Any) -> str | None:
             f"'blocks.5'), got {layer!r}"
         )
     return None
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.anomalies import CutPaste as CutPasteAnomaly
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import FeatureExtractor
 from models.base import (
     Batch,
     Detector,
@@ -42,6 +43,7 @@ from models.base import (
     Prediction,
     check_epochs,
     hyperparameters,
+    is_real,
     iter_images,
     register,
     train_epochs,
@@ -141,10 +143,6 @@ def _coverage(length: int, patch: int, stride: int, device: torch.device) -> Ten
     return ((pixels >= starts) & (pixels < starts + patch)).float()
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @register("cutpaste")
 class CutPaste(Detector):
     """Self-supervised CutPaste classifier; Gaussian density of its embeddings scores images."""
@@ -233,10 +231,10 @@ class CutPaste(Detector):
                 f"cutpaste: head_dims must be a non-empty sequence of positive ints, "
                 f"got {head_dims!r}"
             )
-        if not _is_real(lr) or lr <= 0:
+        if not is_real(lr) or lr <= 0:
             raise ModelError(f"cutpaste: lr must be > 0, got {lr!r}")
         for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if not _is_real(value) or value < 0:
+            if not is_real(value) or value < 0:
                 raise ModelError(f"cutpaste: {name} must be >= 0, got {value!r}")
         if not isinstance(localize, bool):
             raise ModelError(f"cutpaste: localize must be a bool, got {localize!r}")
@@ -245,7 +243,7 @@ class CutPaste(Detector):
                 raise ModelError(f"cutpaste: {name} must be a positive int, got {value!r}")
         if patch_size < 8:
             raise ModelError(f"cutpaste: patch_size must be >= 8 pixels, got {patch_size}")
-        if not _is_real(blur_sigma) or blur_sigma < 0:
+        if not is_real(blur_sigma) or blur_sigma < 0:
             raise ModelError(f"cutpaste: blur_sigma must be >= 0, got {blur_sigma!r}")
         problem = type(self).backbone_problem(backbone)
         if problem is not None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.backbones import FeatureExtractor
+from models.backbones import FeatureExtractor, get_backbone, resolve_layers
 from models.base import (
     Batch,
     Detector,
@@ -125,8 +125,6 @@ class DFM(Detector):
         problem = super().backbone_problem(backbone, hparams, image_size)
         if problem is not None or image_size is None:
             return problem
-        from models.backbones import get_backbone, resolve_layers
-
         merged = {**hyperparameters(cls.name), **(hparams or {})}
         spec = get_backbone(backbone)
         first = resolve_layers(spec, merged["layers"])[0]

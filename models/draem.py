@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.anomalies import PerlinBlend
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.base import (
     Batch,
     Detector,

@@ -45,13 +45,15 @@ from torch import Tensor, nn
 
 from data.anomalies import PerlinBlend, perlin_mask
 from data.errors import DatasetError
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_file, state_dict_problems
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import load_state_dict_file, state_dict_problems
 from models.base import (
     Batch,
     Detector,
     EpochCallback,
     Prediction,
     check_epochs,
+    is_real,
     register,
     train_epochs,
 )
@@ -269,17 +271,17 @@ class DSR(Detector):
                 training (codebook starts, masks, strengths, swapped codes, image anomalies).
         """
         super().__init__()
-        if not _is_real(lr) or lr <= 0:
+        if not is_real(lr) or lr <= 0:
             raise ModelError(f"dsr: lr must be > 0, got {lr!r}")
-        if not _is_real(latent_anomaly_strength) or not 0 < latent_anomaly_strength <= 1:
+        if not is_real(latent_anomaly_strength) or not 0 < latent_anomaly_strength <= 1:
             raise ModelError(
                 f"dsr: latent_anomaly_strength must be in (0, 1], got {latent_anomaly_strength!r}"
             )
-        if not _is_real(upsampling_train_ratio) or not 0 <= upsampling_train_ratio <= 1:
+        if not is_real(upsampling_train_ratio) or not 0 <= upsampling_train_ratio <= 1:
             raise ModelError(
                 f"dsr: upsampling_train_ratio must be in [0, 1], got {upsampling_train_ratio!r}"
             )
-        if not _is_real(vq_train_ratio) or not 0 < vq_train_ratio < 1:
+        if not is_real(vq_train_ratio) or not 0 < vq_train_ratio < 1:
             raise ModelError(f"dsr: vq_train_ratio must be in (0, 1), got {vq_train_ratio!r}")
         minimum = {
             "hidden_channels": 2,
@@ -766,7 +768,3 @@ def train_general_vq(
     }
     state = {f"vq.{key}": value.detach().cpu() for key, value in vq.state_dict().items()}
     return GeneralVQ(state=state, metadata=metadata, losses=losses)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

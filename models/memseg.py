@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.anomalies import PerlinBlend
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, get_backbone
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import FeatureExtractor, get_backbone
 from models.base import (
     Batch,
     Detector,

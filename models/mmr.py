@@ -46,6 +46,7 @@ from models.base import (
     EpochCallback,
     Prediction,
     hyperparameters,
+    is_real,
     register,
     train_epochs,
 )
@@ -281,7 +282,7 @@ class MMR(Detector):
         )
         if problem is not None:
             raise ModelError(f"mmr: cannot use backbone {backbone!r}: {problem}")
-        if not _is_real(mask_ratio) or not 0 <= mask_ratio < 1:
+        if not is_real(mask_ratio) or not 0 <= mask_ratio < 1:
             raise ModelError(f"mmr: mask_ratio must be in [0, 1), got {mask_ratio!r}")
         for name, value in (("vit_embed_dim", vit_embed_dim), ("vit_heads", vit_heads)):
             _check_int(value, name)
@@ -294,13 +295,13 @@ class MMR(Detector):
         if vit_embed_dim < 2**MAX_SCALE_STEPS:
             raise ModelError(f"mmr: vit_embed_dim must be >= 8, got {vit_embed_dim}")
         for name, value in (("vit_mlp_ratio", vit_mlp_ratio), ("lr", lr)):
-            if not _is_real(value) or value <= 0:
+            if not is_real(value) or value <= 0:
                 raise ModelError(f"mmr: {name} must be > 0, got {value!r}")
         for name, value in (("weight_decay", weight_decay), ("blur_sigma", blur_sigma)):
-            if not _is_real(value) or value < 0:
+            if not is_real(value) or value < 0:
                 raise ModelError(f"mmr: {name} must be >= 0, got {value!r}")
         for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not _is_real(value) or not 0 <= value < 1:
+            if not is_real(value) or not 0 <= value < 1:
                 raise ModelError(f"mmr: {name} must be in [0, 1), got {value!r}")
         self.epochs = _check_int(epochs, "epochs")
         self.warmup_epochs = _check_int(warmup_epochs, "warmup_epochs", minimum=0)
@@ -535,10 +536,6 @@ def _vit_checkpoint_kind(state: Mapping[str, Tensor]) -> str:
     if "pos_embed" in state or "head.weight" in state:
         return "timm ViT"
     return "ViT"
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:

@@ -117,7 +117,7 @@ class PaDiM(Detector):
         cls, backbone: str | None, hparams: Mapping[str, Any] | None, image_size: int
     ) -> tuple[int, int]:
         """(grid positions, embedding channels) of a trial's Gaussians."""
-        merged = cls._trial_hparams(backbone, hparams)
+        merged = cls.trial_hparams(backbone, hparams)
         name = merged["backbone"]
         spec = get_backbone(name)
         layers = list(merged["layers"])

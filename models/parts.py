@@ -26,8 +26,14 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
+from data.datasets import decode_image
+from data.errors import DatasetError
+from data.transforms import to_rgb
 from models.errors import ModelError
 
 __all__ = [
@@ -78,8 +84,6 @@ def save_part(state: Mapping[str, Tensor], path: str | Path, metadata: Mapping[s
     is written to a temporary name beside ``path`` and renamed into place, so a crash leaves
     either the old file or the new one, never half of one.
     """
-    from safetensors.torch import save_file
-
     if "kind" not in metadata:
         raise ValueError("part metadata needs a 'kind'")
     path = Path(path).expanduser()
@@ -118,8 +122,6 @@ def read_part(path: str | Path) -> dict[str, Any] | None:
         raise ModelError(f"{str(path)!r} is not a file")
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -198,10 +200,6 @@ def list_images(folder: str | Path, owner: str) -> list[Path]:
 
 def read_rgb(path: Path, owner: str) -> np.ndarray:
     """``H x W x 3`` uint8 RGB pixels of an image file; an error naming it when unreadable."""
-    from data.datasets import decode_image
-    from data.errors import DatasetError
-    from data.transforms import to_rgb
-
     try:
         raw = decode_image(path, cv2.IMREAD_UNCHANGED)
     except DatasetError as error:
@@ -233,8 +231,6 @@ class FolderImages:
 
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
         """The images of ``files[indices]``, one tensor per size."""
-        import torch
-
         outputs: tuple[list[np.ndarray], ...] = tuple([] for _ in self.sizes)
         for index in indices:
             image = read_rgb(self.files[int(index)], "image folder").astype(np.float32) / 255

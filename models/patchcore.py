@@ -133,7 +133,7 @@ class PatchCore(Detector):
         cls, backbone: str | None, hparams: Mapping[str, Any] | None, image_size: int
     ) -> tuple[int, int, int, float]:
         """(patches per image, patch channels, coreset selection dimension, coreset ratio)."""
-        merged = cls._trial_hparams(backbone, hparams)
+        merged = cls.trial_hparams(backbone, hparams)
         spec = get_backbone(merged["backbone"])
         layers = list(merged["layers"])
         stride = spec.layer(layers[0])[0]

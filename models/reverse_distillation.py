@@ -31,6 +31,7 @@ from models.base import (
     Prediction,
     check_epochs,
     hyperparameters,
+    is_real,
     register,
     train_epochs,
 )
@@ -137,11 +138,11 @@ class ReverseDistillation(Detector):
         if problem is not None:
             raise ModelError(f"reverse_distillation: cannot use backbone {backbone!r}: {problem}")
         for name, value in (("lr", lr), ("blur_sigma", blur_sigma)):
-            if not _is_real(value) or value < 0 or (name == "lr" and value == 0):
+            if not is_real(value) or value < 0 or (name == "lr" and value == 0):
                 bound = "> 0" if name == "lr" else ">= 0"
                 raise ModelError(f"reverse_distillation: {name} must be {bound}, got {value!r}")
         for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not _is_real(value) or not 0 <= value < 1:
+            if not is_real(value) or not 0 <= value < 1:
                 raise ModelError(f"reverse_distillation: {name} must be in [0, 1), got {value!r}")
         if anomaly_map_mode not in MAP_MODES:
             raise ModelError(
@@ -277,7 +278,3 @@ class ReverseDistillation(Detector):
         anomaly_map = gaussian_blur(anomaly_map, self.blur_sigma)
         scores = anomaly_map.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=anomaly_map)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

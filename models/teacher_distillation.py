@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.backbones import FeatureExtractor, get_backbone, resolve_weights_file
-from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD, patch_description_network
+from models.components.pdn import patch_description_network
 from models.errors import ModelError
 from models.packaged import packaged_weights
 from models.parts import FolderImages, file_sha256, list_images, save_part, short_sha

@@ -37,6 +37,7 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
+    is_real,
     register,
     train_epochs,
 )
@@ -217,9 +218,9 @@ class UFlow(Detector):
             ("affine_subnet_channels_ratio", affine_subnet_channels_ratio),
             ("lr", lr),
         ):
-            if not _is_real(value) or not value > 0:
+            if not is_real(value) or not value > 0:
                 raise ModelError(f"uflow: {name} must be > 0, got {value!r}")
-        if not _is_real(weight_decay) or not weight_decay >= 0:
+        if not is_real(weight_decay) or not weight_decay >= 0:
             raise ModelError(f"uflow: weight_decay must be >= 0, got {weight_decay!r}")
         self.epochs = check_epochs("uflow", epochs)
         problem = _pyramid_problem(get_backbone(backbone), layers)
@@ -408,7 +409,3 @@ def _pyramid_problem(spec: Any, layers: Sequence[str] | None) -> str | None:
             f"layer1, layer2, layer3), got {list(layers)} with strides {strides}"
         )
     return None
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -25,6 +25,8 @@ class StudyError(SweepError):
         self.key = key
 
 
+# models.errors has the same function: models may not import sweep, and importing models here
+# would load torch and every detector into read-only commands that only word an error.
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """'; did you mean X?' for the closest option, or ''."""
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)

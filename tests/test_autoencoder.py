@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from toy_defects import batches, check_prediction, image_auroc, pixel_auroc, toy_set
 
 import models
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.autoencoder import ConvAutoencoder
 from models.base import backbone_problem, hyperparameters
-from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
 from models.errors import ModelError
 
 SIZE = 32

@@ -24,7 +24,8 @@ from toy_defects import batches, check_prediction, image_auroc, toy_set
 
 import models
 from data.anomalies import PerlinBlend
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD, meta_init
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import meta_init
 from models.base import backbone_problem, hyperparameters
 from models.components.losses import focal_loss, ssim
 from models.components.sspcab import SSPCAB

@@ -21,12 +21,8 @@ from typer.testing import CliRunner
 import models
 from data.errors import DatasetError
 from data.textures import SKIMAGE_TEXTURES, make_texture_folder
-from models.components.pdn import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    load_pdn_weights,
-    patch_description_network,
-)
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.components.pdn import load_pdn_weights, patch_description_network
 from models.dsr import VQ_KIND, train_general_vq
 from models.errors import ModelError
 from models.parts import (

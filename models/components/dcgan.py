@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from models.backbones import meta_init
 from models.base import Batch, Detector, EpochCallback, check_epochs, train_epochs
-from models.components.pdn import IMAGENET_MEAN, IMAGENET_STD
 from models.errors import ModelError
 
 __all__ = [
@@ -237,8 +238,6 @@ class SquareGAN(Detector):
         """A training step's forward: the networks built on the meta device for the batch's
         side (they are built per side at the first batch), the generator's losses and the
         discriminator on the reconstruction."""
-        from models.backbones import meta_init
-
         side = network_side(*images.shape[-2:])
         with meta_init():
             self._build(side)

@@ -21,17 +21,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
 from models.backbones import state_dict_problems
 from models.errors import ModelError
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "ImageAutoencoder",
     "PenaltyImages",
@@ -45,9 +45,6 @@ __all__ = [
 
 ModelSize = Literal["small", "medium"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""The statistics our loaders normalise images with (``data.transforms``)."""
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File name endings (any case) that :class:`PenaltyImages` reads from its folder."""
@@ -280,10 +277,6 @@ class PenaltyImages:
 
     def sample(self, n: int, size: Sequence[int], device: torch.device) -> Tensor:
         """``n x 3 x H x W`` normalised images (``size = (H, W)``)."""
-        import cv2
-
-        from data.transforms import to_rgb
-
         height, width = int(size[0]), int(size[1])
         out = np.empty((n, height, width, 3), dtype=np.float32)
         for i in range(n):
