@@ -92,7 +92,8 @@ def run(
     Interrupted (Ctrl-C, a killed driver, a lost node), the same command, or ``sweep resume
     OUTPUT``, runs the rest: finished trials are never run twice.
     """
-    from sweep.study import load_study, smoke_form
+    from sweep.smoke import smoke_form
+    from sweep.study import load_study
 
     try:
         study = load_study(study_file, overrides=set_ or [])
@@ -169,14 +170,9 @@ def validate(
     ] = False,
 ) -> None:
     """Check a study file (and its smoke form) and print its trials, without running anything."""
-    from sweep.study import (
-        VARIANT_KEYS,
-        check_hyperparameters,
-        config_hash,
-        expand_trials,
-        load_study,
-        smoke_form,
-    )
+    from sweep.smoke import smoke_form
+    from sweep.space import VARIANT_KEYS
+    from sweep.study import check_hyperparameters, config_hash, expand_trials, load_study
 
     try:
         study = load_study(study_file, overrides=set_ or [])
@@ -234,7 +230,8 @@ def plan(
     """Print the trials, their resources, how they pack on the cluster and a time estimate,
     without running anything."""
     from sweep.plan import plan_command
-    from sweep.study import load_study, smoke_form
+    from sweep.smoke import smoke_form
+    from sweep.study import load_study
 
     try:
         study = load_study(study_file, overrides=set_ or [])

@@ -23,7 +23,6 @@ trials in its own order, so this is an estimate of the makespan, not a schedule.
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import statistics
@@ -43,14 +42,11 @@ from sweep.resources import (
     trial_resources,
 )
 from sweep.study import (
-    Param,
     Study,
     TrialConfig,
     config_hash,
     expand_trials,
     load_study,
-    resolve_trial,
-    split_key,
 )
 
 __all__ = [
@@ -229,43 +225,6 @@ class StudyPlan:
 
 
 # ----------------------------------------------------------------------------- trials
-
-
-def _representative(key: str, param: Param) -> Any:
-    # One value of a continuous parameter for costing: the costly end of the cost-bearing keys
-    # (shared, per model), the middle of the others (per-(model, backbone) keys included).
-    assert param.low is not None and param.high is not None
-    if split_key(key).name in ("epochs", "image_size"):
-        return int(param.high)
-    if param.kind == "int":
-        return round((param.low + param.high) / 2)
-    if param.kind == "loguniform":
-        return math.sqrt(param.low * param.high)
-    return (param.low + param.high) / 2
-
-
-MAX_OPTUNA_CONFIGURATIONS = 2000
-"""Configurations of an Optuna space costed at most (its enumerable keys' product)."""
-
-
-def optuna_configurations(study: Study) -> list[TrialConfig]:
-    """The distinct configurations an Optuna study's space can produce, for costing: every
-    combination of its grid/choice keys, with continuous keys at one representative value (the
-    high end of ``epochs`` and ``image_size``, the middle of the others)."""
-    keys = list(study.space)
-    options = [
-        study.space[k].options() if study.space[k].is_enumerable else (_representative(k, p),)
-        for k, p in study.space.items()
-    ]
-    seen: set[str] = set()
-    configurations: list[TrialConfig] = []
-    for values in itertools.islice(itertools.product(*options), MAX_OPTUNA_CONFIGURATIONS):
-        trial = resolve_trial(study, dict(zip(keys, values, strict=True)))
-        digest = config_hash(study, trial)
-        if digest not in seen:
-            seen.add(digest)
-            configurations.append(trial)
-    return configurations
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -502,7 +461,7 @@ def plan_study(study: Study, cluster: ClusterShape, history: Any = None) -> Stud
     warnings: list[str] = []
     notes: list[str] = list(cluster.notes)
     if study.search.algorithm == "optuna":
-        configurations = optuna_configurations(study)
+        configurations = study.search_space.representatives()
         n_trials = study.search.n_trials or 0
         trials = [configurations[i % len(configurations)] for i in range(n_trials)]
         notes.append(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
@@ -20,10 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-import optuna
 import ray
 import yaml
 from ray.tune import Callback, Stopper
@@ -34,21 +31,20 @@ from sweep.errors import SweepError
 from sweep.progress import SweepProgress
 from sweep.resources import ClusterShape, merge_warnings, ray_resources, trial_resources
 from sweep.results import ResultStore, hp_column_types, row_schema
+from sweep.search import (
+    check_optuna_storage,
+    finished_optuna_trials,
+    optuna_searcher,
+    optuna_storage,
+    settle_stale_optuna_trials,
+)
+from sweep.space import TRIAL_KEYS, Param, TrialConfig, split_key
 from sweep.study import (
-    TRIAL_KEYS,
-    Param,
     Study,
-    TrialConfig,
-    assigned_backbone,
-    assignment_from_sampler,
     check_hyperparameters,
     config_hash,
     expand_trials,
-    first_key,
-    resolve_trial,
-    split_key,
     study_from_dict,
-    study_image_sizes,
     study_to_yaml,
 )
 from sweep.trainable import Reporter, TrialContext, load_data, stopped_row, tune_trial
@@ -146,192 +142,6 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> floa
     return time.perf_counter() - start
 
 
-class _DefineByRun:
-    """Optuna define-by-run space: a model's hyperparameters are sampled only for that model.
-
-    A class rather than a closure: Tune pickles its searcher with the experiment state.
-    """
-
-    def __init__(self, study: Study):
-        self.study = study
-
-    def __call__(self, trial: Any) -> None:
-        model = trial.suggest_categorical("model", list(self.study.space["model"].options()))
-        per_backbone: list[tuple[str, str, Param]] = []
-        for key, param in self.study.space.items():
-            owner, backbone, _ = split_key(key)
-            if key == "model" or (owner is not None and owner != model):
-                continue
-            if backbone is not None:
-                per_backbone.append((key, backbone, param))
-            else:
-                _suggest(trial, key, param)
-        # A per-(model, backbone) key is sampled only once the trial's backbone is drawn, and
-        # only for that backbone, so Optuna never learns from values a trial did not use.
-        chosen = assigned_backbone(model, assignment_from_sampler(self.study, trial.params))
-        for key, backbone, param in per_backbone:
-            if backbone == chosen:
-                _suggest(trial, key, param)
-
-
-def _suggest(trial: Any, key: str, param: Param) -> None:
-    if param.kind == "fixed":
-        # Constants are not part of Optuna's space; resolve_trial reads them from the study.
-        return
-    if param.kind in ("grid", "choice"):
-        options = list(param.values)
-        # Optuna's categorical choices must be scalars: tuples (e.g. layers) go by index.
-        if any(isinstance(v, tuple) for v in options):
-            trial.suggest_categorical(f"{key}#index", list(range(len(options))))
-        else:
-            trial.suggest_categorical(key, options)
-    elif param.kind == "uniform":
-        trial.suggest_float(key, param.low, param.high)
-    elif param.kind == "loguniform":
-        trial.suggest_float(key, param.low, param.high, log=True)
-    else:
-        trial.suggest_int(key, int(param.low), int(param.high))
-
-
-OPTUNA_JOURNAL = "_optuna/journal.log"
-"""Where a study's Optuna journal lives under its output (``search.storage: journal``)."""
-
-
-def optuna_storage(study: Study, store: ResultStore):
-    """The Optuna storage of a study: its journal file under the output, an RDB, or None."""
-    kind = study.search.storage_kind
-    if kind == "memory":
-        return None
-    if kind == "url":
-        try:
-            return optuna.storages.RDBStorage(study.search.storage)
-        except Exception as exc:  # sqlalchemy's errors vary by driver
-            raise SweepError(
-                f"search.storage: cannot open {study.search.storage!r}: {exc}"
-            ) from None
-    check_optuna_storage(study, store)
-    from optuna.storages.journal import JournalFileBackend
-
-    path = Path(store.root) / OPTUNA_JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_journal(path)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-
-
-def check_optuna_storage(study: Study, store: ResultStore) -> None:
-    """An Optuna journal is a file that the driver appends to under a POSIX file lock: it can
-    live under a local (or NFS) output, not in an object store, which has neither appends nor
-    locks. Checked before anything runs."""
-    if study.search.algorithm != "optuna" or study.search.storage_kind != "journal":
-        return
-    if not store.local:
-        raise SweepError(
-            f"search.storage: the Optuna journal needs a local output, not {store.uri}; give "
-            "search.storage an RDB URL (sqlite:///optuna.db, postgresql://...) or 'memory'"
-        )
-
-
-def _repair_journal(path: Path) -> None:
-    """Undo what a driver killed in the middle of a journal write can leave: a last record
-    without its line end (Optuna would glue the next record to it and could not read the
-    journal again) and the journal's lock file (Optuna waits for a stale one to age). Called
-    while this run holds the output's lock, so no other writer exists."""
-    lock = path.with_name(path.name + ".lock")
-    if lock.is_symlink() or lock.exists():
-        lock.unlink()
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data.endswith(b"\n"):
-            return
-        # Every complete record ends with a line end; what follows the last one was never
-        # acknowledged to anybody.
-        handle.truncate(data.rfind(b"\n") + 1)
-
-
-def settle_stale_optuna_trials(study: Study, storage, store: ResultStore) -> tuple[int, int]:
-    """Close the Optuna trials that an earlier, killed or interrupted driver left RUNNING.
-
-    A trial whose row was written completes with the row's objective values (a finished trial
-    is not run twice); the others fail, and the search runs new ones in their place. Only for
-    the journal under the output, which this run's output lock makes its own: an RDB may be
-    shared with drivers that are alive. Returns (completed, failed).
-    """
-    if storage is None or study.search.storage_kind != "journal":
-        return 0, 0
-    try:
-        existing = optuna.load_study(study_name=study.name, storage=storage)
-    except KeyError:
-        return 0, 0
-    completed = failed = 0
-    stale = existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for frozen in stale:
-        values = None
-        try:
-            trial = resolve_trial(study, assignment_from_sampler(study, frozen.params))
-            row = store.read_row(config_hash(study, trial))
-        except (KeyError, ValueError, TypeError):  # params of another space: nothing to match
-            row = None
-        if row is not None:
-            raw = [row.get(o.metric) for o in study.objectives]
-            if all(v is not None and math.isfinite(float(v)) for v in raw):
-                values = [float(v) for v in raw]
-        state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
-        storage.set_trial_state_values(frozen._trial_id, state=state, values=values)
-        completed, failed = (completed + 1, failed) if values else (completed, failed + 1)
-    return completed, failed
-
-
-def finished_optuna_trials(study: Study, storage) -> int:
-    """Trials of the study's Optuna study that completed in an earlier run (0 without one)."""
-    if storage is None:
-        return 0
-    try:
-        existing = optuna.load_study(study_name=study.name, storage=storage)
-    except KeyError:  # no such study yet
-        return 0
-    return len(existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-
-
-class _NSGAIISampler(optuna.samplers.NSGAIISampler):
-    """NSGA-II that Ray Tune can checkpoint with its searcher.
-
-    Optuna 5.1 gave the genetic samplers a thread lock, which does not pickle; the lock is
-    dropped from the pickled state and made anew on load.
-    """
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_thread_lock", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._thread_lock = threading.Lock()
-
-
-def _optuna_searcher(study: Study, storage=None, finished: int = 0):
-    from ray.tune.search.optuna import OptunaSearch
-
-    samplers = {
-        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
-        "nsga2": lambda seed: _NSGAIISampler(seed=seed),
-        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    }
-    # A resumed study re-seeds its sampler past the trials it has: with the same seed, the
-    # random start-up draws would repeat the first run's configurations.
-    sampler = samplers[study.search.sampler or "tpe"](study.search.seed + finished)
-    metrics = [o.metric for o in study.objectives]
-    modes = [o.direction for o in study.objectives]
-    shared = {"space": _DefineByRun(study), "sampler": sampler, "storage": storage}
-    if storage is not None:
-        shared["study_name"] = study.name
-    if len(metrics) == 1:
-        return OptunaSearch(metric=metrics[0], mode=modes[0], **shared)
-    return OptunaSearch(metric=metrics, mode=modes, **shared)
-
-
 FINAL_STATUSES = ("ok", "stopped")
 """Row statuses a re-run keeps; ``error`` rows are kept too unless errors are retried."""
 
@@ -341,7 +151,7 @@ def _asha_scheduler(study: Study):
 
     scheduler = study.scheduler
     assert scheduler is not None
-    max_t = scheduler.max_t or _max_epochs(study)
+    max_t = scheduler.max_t or study.search_space.max_epochs()
     if max_t is None:
         raise SweepError(
             "scheduler: set 'scheduler.max_t' or an 'epochs' value in the space (ASHA needs the "
@@ -355,28 +165,6 @@ def _asha_scheduler(study: Study):
         grace_period=min(scheduler.grace_period, max_t),
         reduction_factor=scheduler.reduction_factor,
     )
-
-
-def _max_epochs(study: Study) -> int | None:
-    """The longest training of the study in epochs: per model its ``model.epochs``, else the
-    shared ``epochs``, else its default (one-pass detectors have none); the largest of them."""
-
-    def largest(param: Any) -> int | None:
-        if not param.is_enumerable:
-            return None if param.high is None else int(param.high)
-        values = [int(v) for v in param.options() if v is not None]
-        return max(values) if values else None
-
-    budgets = []
-    for model in study.models:
-        key = first_key(study.space, model, "epochs")
-        if key is not None:
-            budgets.append(largest(study.space[key]))
-        else:
-            default = models.hyperparameters(model).get("epochs")
-            budgets.append(default if isinstance(default, int) else None)
-    values = [b for b in budgets if b is not None]
-    return max(values) if values else None
 
 
 class _StoppedTrialRows(Callback):
@@ -407,7 +195,7 @@ class _TrialRequest:
         if "trial" in config:
             trial = TrialConfig.from_dict(config["trial"])
         else:
-            trial = resolve_trial(self.study, assignment_from_sampler(self.study, config))
+            trial = self.study.search_space.resolve_sampled(config)
         return ray_resources(trial_resources(self.study, trial, self.cluster))
 
 
@@ -564,7 +352,7 @@ def run_study(
         check_study_weights(study)
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
         # the synthetic data set once here rather than in every worker at the same time.
-        for size in study_image_sizes(study):
+        for size in study.search_space.image_sizes():
             with console.status(f"preparing data ({study.dataset.kind}, {size}px)"):
                 splits = load_data(study, size)
             console.print(f"data: {splits.describe()}")
@@ -680,7 +468,7 @@ def _tune(
         param_space: dict[str, Any] = {}
         total = planned - skipped
         tune_config = tune.TuneConfig(
-            search_alg=_optuna_searcher(study, storage, finished=skipped),
+            search_alg=optuna_searcher(study, storage, finished=skipped),
             num_samples=total,
             max_concurrent_trials=study.max_concurrent,
             reuse_actors=True,

@@ -30,7 +30,8 @@ import models
 from data.transforms import normalize
 from sweep import metrics as metric_fns
 from sweep.results import HP_PREFIX, ResultStore
-from sweep.study import Study, TrialConfig, assignment_from_sampler, config_hash, resolve_trial
+from sweep.space import TrialConfig
+from sweep.study import Study, config_hash
 from sweep.timing import (
     PeakMemory,
     Stopwatch,
@@ -582,7 +583,7 @@ def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     if "trial" in config:
         trial = TrialConfig.from_dict(config["trial"])
     else:
-        trial = resolve_trial(ctx.study, assignment_from_sampler(ctx.study, config))
+        trial = ctx.study.search_space.resolve_sampled(config)
     store = ResultStore(ctx.output)
     digest = config_hash(ctx.study, trial)
     existing = store.read_row(digest)

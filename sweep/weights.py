@@ -39,7 +39,8 @@ from rich.console import Console
 
 from models.parts import file_sha256
 from sweep.errors import SweepError
-from sweep.study import Study, TrialConfig, space_options
+from sweep.space import TrialConfig
+from sweep.study import Study
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/anomaly-sweep/weights"
 WEIGHTS_DIR_ENV = "ANOMALY_SWEEP_WEIGHTS_DIR"
@@ -88,10 +89,10 @@ class BackboneNeed:
 def _options(
     study: Study, model: str, key: str, known: dict[str, Any], backbone: str | None = None
 ) -> tuple[Any, ...]:
-    """Every value ``key`` may take for ``model``'s trials (on ``backbone`` where given): the
-    most specific space key (``sweep.study.key_candidates``), else the detector's default (a
-    sampled distribution counts as its default)."""
-    options = space_options(study, model, key, backbone)
+    """Every value ``key`` may take for ``model``'s trials (on ``backbone`` where given), as
+    :meth:`sweep.space.Space.values` gives them; a sampled distribution counts as the
+    detector's default."""
+    options = study.search_space.values(model, key, backbone)
     return (known.get(key),) if options is None else tuple(options)
 
 

@@ -228,7 +228,6 @@ def test_format_duration():
 
 
 def test_optuna_configurations_cost_per_backbone_keys_on_their_backbone():
-    from sweep.plan import optuna_configurations
 
     study = quick_study(
         search={"algorithm": "optuna", "n_trials": 10},
@@ -242,7 +241,7 @@ def test_optuna_configurations_cost_per_backbone_keys_on_their_backbone():
     )
     found = {
         (t.model, t.backbone, t.hparams.get("lr") and round(t.hparams["lr"], 4))
-        for t in optuna_configurations(study)
+        for t in study.search_space.representatives()
     }
     # A sampled per-backbone key is costed at one value (the geometric middle of a loguniform).
     assert found == {

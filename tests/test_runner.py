@@ -229,9 +229,6 @@ def test_packed_trials_never_time_at_once(ray_session, glue_root, tmp_path):
 def test_define_by_run_samples_per_backbone_keys_only_for_the_drawn_backbone():
     import optuna
 
-    from sweep.runner import _DefineByRun
-    from sweep.study import assignment_from_sampler, resolve_trial
-
     deit = "deit_base_distilled_patch16_384"
     key = f"fastflow@{deit}.flow_steps"
     study = study_from_dict(
@@ -249,13 +246,13 @@ def test_define_by_run_samples_per_backbone_keys_only_for_the_drawn_backbone():
             },
         }
     )
-    space = _DefineByRun(study)
+    space = study.search_space
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     kinds = set()
     for _ in range(40):
         trial = sampler.ask()
-        space(trial)
-        config = resolve_trial(study, assignment_from_sampler(study, trial.params))
+        space.suggest(trial)
+        config = space.resolve_sampled(trial.params)
         sampler.tell(trial, 0.0)
         kinds.add(config.backbone if config.model == "fastflow" else config.model)
         # Optuna holds a per-backbone value only for trials that run on that backbone.
@@ -272,10 +269,11 @@ def test_define_by_run_samples_per_backbone_keys_only_for_the_drawn_backbone():
 
 
 def test_asha_runs_to_the_longest_budget_a_model_has():
-    from sweep.runner import _max_epochs
-
     def study(**space):
         return study_from_dict({"name": "t", "space": {"pretrained": False, **space}})
+
+    def _max_epochs(study):
+        return study.search_space.max_epochs()
 
     both = {"model": {"grid": ["stfpm", "padim"]}}
     assert _max_epochs(study(**both, epochs=5)) == 5

@@ -24,22 +24,17 @@ from typer.testing import CliRunner
 from sweep.cli import app
 from sweep.errors import SweepError
 from sweep.results import ResultStore, read_results
-from sweep.runner import (
+from sweep.runner import read_study_copy, run_study, study_schema
+from sweep.search import (
     OPTUNA_JOURNAL,
-    _DefineByRun,
     check_optuna_storage,
     finished_optuna_trials,
     optuna_storage,
-    read_study_copy,
-    run_study,
     settle_stale_optuna_trials,
-    study_schema,
 )
 from sweep.study import (
-    assignment_from_sampler,
     config_hash,
     expand_trials,
-    resolve_trial,
     study_from_dict,
     study_to_yaml,
 )
@@ -270,12 +265,12 @@ def test_trials_a_killed_driver_left_running_are_settled_from_their_rows(glue_ro
     created = optuna.create_study(
         study_name=study.name, storage=storage, directions=["maximize", "minimize"]
     )
-    space = _DefineByRun(study)
+    space = study.search_space
     finished, lost = created.ask(), created.ask()
-    space(finished)
-    space(lost)
+    space.suggest(finished)
+    space.suggest(lost)
     # `finished` wrote its row before the driver died; `lost` was still training.
-    trial = resolve_trial(study, assignment_from_sampler(study, finished.params))
+    trial = space.resolve_sampled(finished.params)
     row = {"config_hash": config_hash(study, trial), "status": "ok", "image_auroc": 0.8}
     ResultStore(tmp_path / "out").write_row({**row, "latency_ms": 3.0}, study_schema(study))
     assert finished_optuna_trials(study, storage) == 0

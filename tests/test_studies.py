@@ -10,7 +10,8 @@ import pytest
 
 from sweep.results import read_results
 from sweep.runner import run_study
-from sweep.study import expand_trials, load_study, smoke_form
+from sweep.smoke import smoke_form
+from sweep.study import expand_trials, load_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 # Smoke forms that take longer than a few seconds run in CI's slow stage.

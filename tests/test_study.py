@@ -8,13 +8,12 @@ import pytest
 import yaml
 
 from sweep.errors import StudyError
+from sweep.smoke import smoke_form
 from sweep.study import (
     apply_override,
     config_hash,
     expand_trials,
     load_study,
-    resolve_trial,
-    smoke_form,
     study_from_dict,
 )
 
@@ -74,8 +73,7 @@ def test_random_search_is_seeded():
 
 def test_prefixed_key_wins_over_shared_key():
     study = study_from_dict(with_space(**{"patchcore.backbone": "wide_resnet50_2"}))
-    trial = resolve_trial(
-        study,
+    trial = study.search_space.resolve(
         {"model": "patchcore", "backbone": "resnet18", "patchcore.backbone": "wide_resnet50_2"},
     )
     assert trial.backbone == "wide_resnet50_2"
