@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -51,37 +51,6 @@ DEFAULT_TRAIN_BATCH_SIZE = 32
 DEFAULT_TRAIN_IMAGES = 200
 """Training images assumed when a study does not say (the synthetic glue-line default; MVTec AD
 categories have 60-391)."""
-
-
-# Only the record: how a detector's memory becomes a GPU share, CPUs and host memory is the
-# engine's policy (sweep.resources, its home). It is defined here for now because
-# sweep/plan.py and tests/test_plan.py import it from models.base; it moves to
-# sweep/resources.py once they import it from there.
-@dataclass(frozen=True)
-class ResourceRequest:
-    """What one trial asks of the cluster, and the device memory it is expected to take."""
-
-    gpu: float
-    """Share of one GPU (``sweep.resources.GPU_FRACTIONS``) or whole GPUs; 0 runs on the CPU."""
-    cpu: float
-    """CPUs (torch threads) of the trial."""
-    memory_gb: float
-    """Host memory (Ray's ``memory`` resource)."""
-    gpu_memory_gb: float
-    """Estimated device memory of the trial on a GPU (what the fraction is sized from)."""
-
-    def __post_init__(self) -> None:
-        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
-            raise ModelError(f"a GPU request is a fraction up to 1 or whole GPUs, got {self.gpu}")
-        if self.cpu <= 0 or self.memory_gb < 0 or self.gpu_memory_gb < 0:
-            raise ModelError(
-                f"a resource request needs cpu > 0 and memory >= 0, got cpu={self.cpu}, "
-                f"memory_gb={self.memory_gb}, gpu_memory_gb={self.gpu_memory_gb}"
-            )
-
-    def replace(self, **changes: float) -> ResourceRequest:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
 
 
 def batch_images(batch: Batch) -> Tensor:

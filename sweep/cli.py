@@ -57,7 +57,7 @@ def _bad_input(exc: Exception) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from data.errors import DatasetError
-    from models.base import ModelError
+    from models.errors import ModelError
 
     return (SweepError, DatasetError, ModelError)
 

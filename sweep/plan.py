@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import models
-from models.base import ModelError, ResourceRequest
 from models.costs import Work
+from models.errors import ModelError
 from sweep.errors import StudyError
 from sweep.resources import (
     ClusterShape,
+    ResourceRequest,
     merge_warnings,
     study_image_counts,
     trial_resources,

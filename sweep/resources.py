@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from models.base import (
     DEFAULT_TRAIN_BATCH_SIZE,
     DEFAULT_TRAIN_IMAGES,
     Detector,
-    ResourceRequest,
 )
 from models.errors import ModelError
 from sweep.errors import StudyError
@@ -55,6 +54,34 @@ __all__ = [
     "study_train_images",
     "trial_resources",
 ]
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What one trial asks of the cluster, and the device memory it is expected to take."""
+
+    gpu: float
+    """Share of one GPU (``GPU_FRACTIONS``) or whole GPUs; 0 runs on the CPU."""
+    cpu: float
+    """CPUs (torch threads) of the trial."""
+    memory_gb: float
+    """Host memory (Ray's ``memory`` resource)."""
+    gpu_memory_gb: float
+    """Estimated device memory of the trial on a GPU (what the fraction is sized from)."""
+
+    def __post_init__(self) -> None:
+        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
+            raise ModelError(f"a GPU request is a fraction up to 1 or whole GPUs, got {self.gpu}")
+        if self.cpu <= 0 or self.memory_gb < 0 or self.gpu_memory_gb < 0:
+            raise ModelError(
+                f"a resource request needs cpu > 0 and memory >= 0, got cpu={self.cpu}, "
+                f"memory_gb={self.memory_gb}, gpu_memory_gb={self.gpu_memory_gb}"
+            )
+
+    def replace(self, **changes: float) -> ResourceRequest:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
 
 # The policy that turns a detector's cost (models.costs: memory and FLOPs, which are the
 # method's) into what a trial asks of Ray (GPU share, CPUs, host memory: the engine's).

@@ -36,8 +36,9 @@ from data.augment import augmentation_sets, parse_augmentation_sets
 from data.errors import DatasetError
 from data.stress import BUILTIN_STRESSES, parse_stresses
 from data.synthetic_glue import GlueSetConfig
-from models.base import ModelError, get_class
+from models.base import get_class
 from models.costs import build_on_meta
+from models.errors import ModelError
 from models.parts import PART_HYPERPARAMETERS, part_fingerprint
 from sweep.errors import StudyError, did_you_mean
 from sweep.space import Param, Space, TrialConfig, parse_param

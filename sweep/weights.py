@@ -175,7 +175,7 @@ def read_checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
     header says how long the data is); other formats are loaded whole.
     """
     from models.backbones import load_state_dict_file
-    from models.base import ModelError
+    from models.errors import ModelError
 
     if path.suffix != ".safetensors":
         state = load_state_dict_file(path)
@@ -196,7 +196,7 @@ def weights_file_problem(spec: Any, path: Path) -> str | None:
     """Why ``path`` cannot serve backbone ``spec`` (unreadable, truncated, another
     architecture: :func:`checkpoint_problem`), or None when it can."""
     from models.backbones import timm_state
-    from models.base import ModelError
+    from models.errors import ModelError
 
     try:
         state = timm_state(spec, read_checkpoint_shapes(path), f"weights file {str(path)!r}")
@@ -264,7 +264,7 @@ def inspect_weights(
     """For each backbone: the file ``directory`` holds for it (the name trials look up), and
     whether it is readable and fits the architecture (``validate``)."""
     from models.backbones import get_backbone, resolve_weights_file
-    from models.base import ModelError
+    from models.errors import ModelError
 
     entries = []
     for need in needs:
@@ -286,7 +286,7 @@ def inspect_weights(
 
 def _packaged_entry(need: BackboneNeed) -> WeightsEntry:
     """A packaged backbone's entry: its installed file, or missing with what to install."""
-    from models.base import ModelError
+    from models.errors import ModelError
 
     try:
         path = need.packaged.require()
@@ -359,7 +359,7 @@ def trial_weights(study: Study, trial: TrialConfig) -> tuple[dict[str, Any], str
     """
     import models
     from models.backbones import get_backbone, resolve_weights_file
-    from models.base import ModelError
+    from models.errors import ModelError
     from models.packaged import packaged_weights
 
     known = models.hyperparameters(trial.model)
@@ -479,7 +479,7 @@ def fetch_weights(
 def _fetch_one(spec: Any, directory: Path, source: WeightsSource) -> Path:
     from safetensors.torch import save_file
 
-    from models.base import ModelError
+    from models.errors import ModelError
 
     target = directory / f"{spec.name}{FETCH_SUFFIX}"
     tmp = directory / f".tmp-{spec.name}-{uuid.uuid4().hex}{FETCH_SUFFIX}"

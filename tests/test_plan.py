@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from models.base import ResourceRequest
 from sweep.errors import StudyError
 from sweep.plan import (
     TRIAL_OVERHEAD_S,
@@ -22,7 +21,7 @@ from sweep.plan import (
     plan_study,
     render_plan,
 )
-from sweep.resources import ClusterShape, NodeShape
+from sweep.resources import ClusterShape, NodeShape, ResourceRequest
 from sweep.study import config_hash, expand_trials, load_study, study_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
