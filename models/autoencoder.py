@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,16 @@ from models.base import (
     train_epochs,
 )
 from models.components.losses import ssim
+from models.constraints import (
+    NON_NEGATIVE,
+    ODD,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    AllOf,
+    Options,
+    Rule,
+)
 from models.errors import ModelError
 
 __all__ = ["ConvAutoencoder"]
@@ -102,6 +112,19 @@ class ConvAutoencoder(Detector):
 
     learning_type = "iterative"
     localizes = True
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "lr": POSITIVE,
+        "min_lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "beta1": UNIT_LEFT_CLOSED,
+        "beta2": UNIT_LEFT_CLOSED,
+        "l1_weight": NON_NEGATIVE,
+        "ssim_weight": NON_NEGATIVE,
+        "grad_clip": (POSITIVE, None),
+        "epochs": POSITIVE_INT,
+        "score_mode": Options("mean", "max"),
+        "map_kernel": AllOf(POSITIVE_INT, ODD),
+    }
 
     def __init__(
         self,
@@ -136,42 +159,17 @@ class ConvAutoencoder(Detector):
             seed: seeds the initialisation.
         """
         super().__init__()
-        for name, value in (("lr", lr), ("min_lr", min_lr)):
-            if not isinstance(value, int | float) or not value > 0:
-                raise ModelError(f"autoencoder: {name} must be > 0, got {value!r}")
+        # Beyond the table: two hyperparameters together.
         if min_lr > lr:
             raise ModelError(f"autoencoder: min_lr must be <= lr ({lr}), got {min_lr!r}")
-        if not isinstance(weight_decay, int | float) or not weight_decay >= 0:
-            raise ModelError(f"autoencoder: weight_decay must be >= 0, got {weight_decay!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ModelError(f"autoencoder: {name} must be in [0, 1), got {value!r}")
-        for name, value in (("l1_weight", l1_weight), ("ssim_weight", ssim_weight)):
-            if not isinstance(value, int | float) or not value >= 0:
-                raise ModelError(f"autoencoder: {name} must be >= 0, got {value!r}")
         if l1_weight + ssim_weight <= 0:
             raise ModelError("autoencoder: l1_weight + ssim_weight must be > 0, got 0")
-        if grad_clip is not None and (not isinstance(grad_clip, int | float) or not grad_clip > 0):
-            raise ModelError(f"autoencoder: grad_clip must be > 0 or None, got {grad_clip!r}")
-        if score_mode not in ("mean", "max"):
-            raise ModelError(
-                f"autoencoder: score_mode must be one of mean, max, got {score_mode!r}"
-            )
-        if (
-            isinstance(map_kernel, bool)
-            or not isinstance(map_kernel, int)
-            or map_kernel < 1
-            or map_kernel % 2 == 0
-        ):
-            raise ModelError(
-                f"autoencoder: map_kernel must be an odd positive int, got {map_kernel!r}"
-            )
         self.lr, self.min_lr = float(lr), float(min_lr)
         self.weight_decay = float(weight_decay)
         self.betas = (float(beta1), float(beta2))
         self.l1_weight, self.ssim_weight = float(l1_weight), float(ssim_weight)
         self.grad_clip = None if grad_clip is None else float(grad_clip)
-        self.epochs = check_epochs("autoencoder", epochs)
+        self.epochs = epochs
         self.score_mode = score_mode
         self.map_kernel = map_kernel
         self.seed = seed

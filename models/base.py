@@ -23,6 +23,7 @@ from models.backbones import (
     list_backbones,
     resolve_layers,
 )
+from models.constraints import Rule, check_hyperparameters
 from models.costs import OPTIMIZER_BYTES_PER_PARAM, CostProfile, Work, cost_profile
 from models.errors import ModelError, did_you_mean
 
@@ -88,6 +89,10 @@ class Detector(torch.nn.Module):
     """Backbone family (``BackboneSpec.family``) -> hyperparameter defaults that replace the
     signature's on backbones of that family (layers suited to its channel widths). A value the
     caller gives always wins; :func:`trial_hyperparameters` resolves them."""
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {}
+    """Hyperparameter -> what its value may be (see :mod:`models.constraints`), checked before
+    ``__init__`` runs. Checks relating several hyperparameters or the backbone stay in
+    ``__init__``."""
     fixed_input_size: ClassVar[bool] = False
     """Whether a backbone with a fixed input size (``BackboneSpec.input_size``) must be fed
     images of exactly that size (as FastFlow and U-Flow do with their transformers)."""
@@ -284,12 +289,6 @@ class Detector(torch.nn.Module):
         return torch.device("cpu")
 
 
-def is_real(value: Any) -> bool:
-    """Whether ``value`` is a finite int or float (a bool is not: ``True`` is no learning
-    rate), the test every real-valued hyperparameter check starts from."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_epochs(model: str, value: Any, what: str = "epochs") -> int:
     """``value`` as an epoch count; anything but a positive int is a :class:`ModelError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -358,15 +357,26 @@ def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
             raise ModelError(f"detector {name!r} is registered twice")
         cls.name = name
         original_init = cls.__init__
+        signature = inspect.signature(original_init)
+        # A misspelt table key would silently check nothing: refuse it on import.
+        unknown = set(cls.hyperparameter_constraints) - set(signature.parameters) - {"self"}
+        if unknown:
+            raise TypeError(
+                f"detector {name!r} constrains {', '.join(sorted(unknown))}, which its "
+                f"__init__ does not take"
+            )
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            bound = inspect.signature(original_init).bind(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
+            # The one place hyperparameters are checked: every way of building a detector
+            # (create, a direct call, costs.build_on_meta) passes here before the body runs.
+            check_hyperparameters(name, cls.hyperparameter_constraints, bound.arguments)
             original_init(self, *args, **kwargs)
             if type(self) is cls:
                 self._hparams = {k: v for k, v in bound.arguments.items() if k != "self"}
 
-        __init__.__signature__ = inspect.signature(original_init)  # type: ignore[attr-defined]
+        __init__.__signature__ = signature  # type: ignore[attr-defined]
         __init__.__doc__ = original_init.__doc__
         cls.__init__ = __init__  # type: ignore[method-assign]
         _REGISTRY[name] = cls

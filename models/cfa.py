@@ -17,8 +17,8 @@ blurred and its maximum is the image score.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,12 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
-    is_real,
     iter_images,
     register,
     train_epochs,
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+from models.constraints import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule
 from models.errors import ModelError
 
 __all__ = ["CFA", "CoordConvDescriptor"]
@@ -97,6 +97,20 @@ class CFA(Detector):
     learning_type = "iterative"
     localizes = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "gamma_c": POSITIVE_INT,
+        "gamma_d": POSITIVE_INT,
+        "num_nearest_neighbors": POSITIVE_INT,
+        "num_hard_negative_features": NON_NEGATIVE_INT,
+        "radius": NON_NEGATIVE,
+        "nu": POSITIVE,
+        "repulsion_margin": NON_NEGATIVE,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "blur_sigma": NON_NEGATIVE,
+    }
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -148,33 +162,7 @@ class CFA(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        for name, value in (
-            ("gamma_c", gamma_c),
-            ("gamma_d", gamma_d),
-            ("num_nearest_neighbors", num_nearest_neighbors),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"cfa: {name} must be a positive int, got {value!r}")
-        if (
-            isinstance(num_hard_negative_features, bool)
-            or not isinstance(num_hard_negative_features, int)
-            or num_hard_negative_features < 0
-        ):
-            raise ModelError(
-                f"cfa: num_hard_negative_features must be an int >= 0, "
-                f"got {num_hard_negative_features!r}"
-            )
-        for name, value in (("radius", radius), ("weight_decay", weight_decay)):
-            if not is_real(value) or value < 0:
-                raise ModelError(f"cfa: {name} must be >= 0, got {value!r}")
-        for name, value in (("nu", nu), ("lr", lr)):
-            if not is_real(value) or not value > 0:
-                raise ModelError(f"cfa: {name} must be > 0, got {value!r}")
-        if not is_real(repulsion_margin) or repulsion_margin < 0:
-            raise ModelError(f"cfa: repulsion_margin must be >= 0, got {repulsion_margin!r}")
-        if not is_real(blur_sigma) or blur_sigma < 0:
-            raise ModelError(f"cfa: blur_sigma must be >= 0, got {blur_sigma!r}")
-        self.epochs = check_epochs("cfa", epochs)
+        self.epochs = epochs
         self.gamma_c = gamma_c
         self.gamma_d = gamma_d
         self.num_nearest_neighbors = num_nearest_neighbors
@@ -195,6 +183,7 @@ class CFA(Detector):
             backbone, layers, pretrained=pretrained, weights=weights, seed=backbone_seed
         )
         channels = sum(self.extractor.channels.values())
+        # Beyond the table: the bound comes from the backbone's layers.
         if channels // gamma_d < 1:
             raise ModelError(
                 f"cfa: gamma_d must be at most the {channels} feature channels, got {gamma_d}"

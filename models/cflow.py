@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ from models.components.flows import (
     gaussian_log_likelihood,
     positional_encoding_2d,
 )
+from models.constraints import POSITIVE, POSITIVE_INT, AllOf, Rule, multiple_of
 from models.costs import OPTIMIZER_BYTES_PER_PARAM, Work
 from models.errors import ModelError
 
@@ -101,6 +102,18 @@ class CFlow(Detector):
     learning_type = "iterative"
     localizes = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "condition_vector": AllOf(
+            POSITIVE_INT,
+            multiple_of(4, "sines and cosines of rows and columns"),
+        ),
+        "coupling_blocks": POSITIVE_INT,
+        "clamp_alpha": POSITIVE,
+        "fiber_batch_size": POSITIVE_INT,
+        "lr": POSITIVE,
+        "epochs": POSITIVE_INT,
+    }
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
@@ -135,23 +148,7 @@ class CFlow(Detector):
             weights: local encoder weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        for name, value in (
-            ("condition_vector", condition_vector),
-            ("coupling_blocks", coupling_blocks),
-            ("fiber_batch_size", fiber_batch_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"cflow: {name} must be a positive int, got {value!r}")
-        if condition_vector % 4:
-            raise ModelError(
-                f"cflow: condition_vector must be a multiple of 4 (sines and cosines of rows and "
-                f"columns), got {condition_vector}"
-            )
-        if not isinstance(clamp_alpha, int | float) or not 0 < clamp_alpha < math.inf:
-            raise ModelError(f"cflow: clamp_alpha must be > 0, got {clamp_alpha!r}")
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ModelError(f"cflow: lr must be > 0, got {lr!r}")
-        self.epochs = check_epochs("cflow", epochs)
+        self.epochs = epochs
         self.condition_vector = condition_vector
         self.fiber_batch_size = fiber_batch_size
         self.lr = float(lr)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,22 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
-    is_real,
     register,
     train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
+from models.constraints import (
+    NON_NEGATIVE,
+    ODD,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    AllOf,
+    Options,
+    Rule,
+    SequenceOf,
+)
 from models.errors import ModelError
 
 __all__ = ["CSFlow", "CrossScaleSubnet"]
@@ -125,6 +135,21 @@ class CSFlow(Detector):
     localizes = True
     supported_backbones = tuple(f"efficientnet_b{i}" for i in range(8))
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "n_coupling_blocks": POSITIVE_INT,
+        "hidden_channels": POSITIVE_INT,
+        "kernel_size": AllOf(POSITIVE_INT, ODD),
+        "last_kernel_size": AllOf(POSITIVE_INT, ODD),
+        "clamp": POSITIVE,
+        "lr": POSITIVE,
+        "eps": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "betas": SequenceOf(UNIT_LEFT_CLOSED, length=2),
+        "grad_clip_norm": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "anomaly_map_mode": Options(*MAP_MODES),
+    }
+
     def __init__(
         self,
         backbone: str = "efficientnet_b5",
@@ -178,36 +203,11 @@ class CSFlow(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
+        # Beyond the table: the stage must exist in the backbone.
         problem = _layer_problem(layer)
         if problem is not None:
             raise ModelError(f"csflow: {problem}")
-        for name, value in (
-            ("n_coupling_blocks", n_coupling_blocks),
-            ("hidden_channels", hidden_channels),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"csflow: {name} must be a positive int, got {value!r}")
-        for name, value in (("kernel_size", kernel_size), ("last_kernel_size", last_kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-                raise ModelError(f"csflow: {name} must be a positive odd int, got {value!r}")
-        for name, value in (("clamp", clamp), ("lr", lr), ("eps", eps)):
-            if not is_real(value) or not value > 0:
-                raise ModelError(f"csflow: {name} must be > 0, got {value!r}")
-        for name, value in (("weight_decay", weight_decay), ("grad_clip_norm", grad_clip_norm)):
-            if not is_real(value) or not value >= 0:
-                raise ModelError(f"csflow: {name} must be >= 0, got {value!r}")
-        if anomaly_map_mode not in MAP_MODES:
-            raise ModelError(
-                f"csflow: anomaly_map_mode must be one of {', '.join(MAP_MODES)}, "
-                f"got {anomaly_map_mode!r}"
-            )
-        if (
-            not isinstance(betas, Sequence)
-            or len(betas) != 2
-            or not all(is_real(b) and 0 <= b < 1 for b in betas)
-        ):
-            raise ModelError(f"csflow: betas must be two numbers in [0, 1), got {betas!r}")
-        self.epochs = check_epochs("csflow", epochs)
+        self.epochs = epochs
         self.layer = layer
         self.lr = float(lr)
         self.eps = float(eps)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,21 @@ from models.base import (
     Prediction,
     check_epochs,
     hyperparameters,
-    is_real,
     iter_images,
     register,
     train_epochs,
 )
 from models.components.feature_utils import gaussian_blur
+from models.constraints import (
+    BOOL,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Interval,
+    Options,
+    Rule,
+    SequenceOf,
+)
 from models.errors import ModelError
 
 __all__ = ["CutPaste", "GaussianDensity", "ledoit_wolf"]
@@ -152,6 +161,21 @@ class CutPaste(Detector):
     # its own ``localizes`` and returns maps.
     localizes = False
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "variant": Options(*VARIANTS),
+        # A single int is one linear layer.
+        "head_dims": (SequenceOf(POSITIVE_INT, min_length=1), POSITIVE_INT),
+        "embedding": Options(*EMBEDDINGS),
+        "lr": POSITIVE,
+        "momentum": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "localize": BOOL,
+        "patch_size": Interval(int, 8, None),
+        "patch_stride": POSITIVE_INT,
+        "blur_sigma": NON_NEGATIVE,
+    }
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -215,36 +239,8 @@ class CutPaste(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        if variant not in VARIANTS:
-            raise ModelError(
-                f"cutpaste: variant must be one of {', '.join(VARIANTS)}, got {variant!r}"
-            )
-        if embedding not in EMBEDDINGS:
-            raise ModelError(
-                f"cutpaste: embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}"
-            )
-        dims = [head_dims] if isinstance(head_dims, int) else list(head_dims or ())
-        if not dims or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims
-        ):
-            raise ModelError(
-                f"cutpaste: head_dims must be a non-empty sequence of positive ints, "
-                f"got {head_dims!r}"
-            )
-        if not is_real(lr) or lr <= 0:
-            raise ModelError(f"cutpaste: lr must be > 0, got {lr!r}")
-        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if not is_real(value) or value < 0:
-                raise ModelError(f"cutpaste: {name} must be >= 0, got {value!r}")
-        if not isinstance(localize, bool):
-            raise ModelError(f"cutpaste: localize must be a bool, got {localize!r}")
-        for name, value in (("patch_size", patch_size), ("patch_stride", patch_stride)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"cutpaste: {name} must be a positive int, got {value!r}")
-        if patch_size < 8:
-            raise ModelError(f"cutpaste: patch_size must be >= 8 pixels, got {patch_size}")
-        if not is_real(blur_sigma) or blur_sigma < 0:
-            raise ModelError(f"cutpaste: blur_sigma must be >= 0, got {blur_sigma!r}")
+        dims = [head_dims] if isinstance(head_dims, int) else list(head_dims)
+        # Beyond the table: the backbone (a direct call skips create's check).
         problem = type(self).backbone_problem(backbone)
         if problem is not None:
             raise ModelError(f"cutpaste: cannot use backbone {backbone!r}: {problem}")
@@ -253,7 +249,7 @@ class CutPaste(Detector):
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
-        self.epochs = check_epochs("cutpaste", epochs)
+        self.epochs = epochs
         self.localize = localize
         self.localizes = localize
         self.patch_size = patch_size

@@ -12,8 +12,8 @@ no anomaly map.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import Tensor
 from models.backbones import FeatureExtractor
 from models.base import Batch, Detector, EpochCallback, Prediction, iter_images, register
 from models.components.pca import PCA
+from models.constraints import POSITIVE_INT, Interval, Options, Rule
 from models.errors import ModelError
 
 __all__ = ["DFKDE", "GaussianKDE"]
@@ -110,6 +111,12 @@ class DFKDE(Detector):
     backbone_kinds = ("cnn", "vit")
     fixed_input_size = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "n_pca_components": POSITIVE_INT,
+        "feature_scaling_method": Options(*SCALING_METHODS),
+        "max_training_points": Interval(int, 2, None, note="a density needs two points"),
+    }
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -141,24 +148,6 @@ class DFKDE(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        if isinstance(n_pca_components, bool) or not isinstance(n_pca_components, int):
-            raise ModelError(f"dfkde: n_pca_components must be an int, got {n_pca_components!r}")
-        if n_pca_components < 1:
-            raise ModelError(f"dfkde: n_pca_components must be >= 1, got {n_pca_components}")
-        if feature_scaling_method not in SCALING_METHODS:
-            raise ModelError(
-                f"dfkde: feature_scaling_method must be one of {', '.join(SCALING_METHODS)}, "
-                f"got {feature_scaling_method!r}"
-            )
-        if isinstance(max_training_points, bool) or not isinstance(max_training_points, int):
-            raise ModelError(
-                f"dfkde: max_training_points must be an int, got {max_training_points!r}"
-            )
-        if max_training_points < 2:
-            raise ModelError(
-                f"dfkde: max_training_points must be >= 2 (a density needs two points), "
-                f"got {max_training_points}"
-            )
         self.n_pca_components = n_pca_components
         self.feature_scaling_method = feature_scaling_method
         self.max_training_points = max_training_points

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from models.base import (
 )
 from models.components.feature_utils import concat_to_first, upsample_maps
 from models.components.pca import PCA
+from models.constraints import POSITIVE_INT, Interval, Options, Rule
 from models.errors import ModelError
 
 __all__ = ["DFM"]
@@ -57,6 +58,12 @@ class DFM(Detector):
     # study ran DFM on DeiT too); transformers must be fed their native input size.
     backbone_kinds = ("cnn", "vit")
     fixed_input_size = True
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "pooling_kernel_size": POSITIVE_INT,
+        "pca_level": Interval(float, 0, 1, closed="right"),
+        "score_type": Options(*SCORE_TYPES),
+    }
 
     def __init__(
         self,
@@ -89,22 +96,6 @@ class DFM(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        if isinstance(pooling_kernel_size, bool) or not isinstance(pooling_kernel_size, int):
-            raise ModelError(
-                f"dfm: pooling_kernel_size must be an int, got {pooling_kernel_size!r}"
-            )
-        if pooling_kernel_size < 1:
-            raise ModelError(f"dfm: pooling_kernel_size must be >= 1, got {pooling_kernel_size}")
-        if (
-            isinstance(pca_level, bool)
-            or not isinstance(pca_level, int | float)
-            or not 0.0 < pca_level <= 1.0
-        ):
-            raise ModelError(f"dfm: pca_level must be in (0, 1], got {pca_level!r}")
-        if score_type not in SCORE_TYPES:
-            raise ModelError(
-                f"dfm: score_type must be one of {', '.join(SCORE_TYPES)}, got {score_type!r}"
-            )
         self.pooling_kernel_size = pooling_kernel_size
         self.pca_level = float(pca_level)
         self.score_type = score_type

@@ -27,10 +27,9 @@ aligned industrial parts).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +48,18 @@ from models.base import (
 )
 from models.components.losses import focal_loss, ssim
 from models.components.sspcab import SSPCAB
+from models.constraints import (
+    BOOL,
+    NON_NEGATIVE,
+    ODD,
+    POSITIVE,
+    POSITIVE_INT,
+    AllOf,
+    Interval,
+    Is,
+    Range,
+    Rule,
+)
 from models.errors import ModelError
 from models.parts import describe_part
 
@@ -174,22 +185,26 @@ class DiscriminativeSubNetwork(nn.Module):
         return self.out(x)
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"draem: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @register("draem")
 class Draem(Detector):
     """Reconstructive and discriminative sub-networks trained on Perlin-blended anomalies."""
 
     learning_type = "iterative"
     localizes = True
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "reconstructive_channels": POSITIVE_INT,
+        "discriminative_channels": POSITIVE_INT,
+        "lr": POSITIVE,
+        "epochs": POSITIVE_INT,
+        "beta": Range(0, 1),
+        "anomaly_probability": Interval(float, 0, 1, closed="right"),
+        "texture_dir": (Is(str, "a folder path"), None),
+        "focal_gamma": NON_NEGATIVE,
+        "sspcab": BOOL,
+        "sspcab_lambda": NON_NEGATIVE,
+        "score_kernel": AllOf(POSITIVE_INT, ODD),
+    }
 
     def __init__(
         self,
@@ -232,43 +247,14 @@ class Draem(Detector):
             seed: seeds the initialisation of both networks and the synthetic anomalies.
         """
         super().__init__()
-        self.reconstructive_channels = _positive_int(
-            reconstructive_channels, "reconstructive_channels"
-        )
-        self.discriminative_channels = _positive_int(
-            discriminative_channels, "discriminative_channels"
-        )
-        if not _real(lr) or lr <= 0:
-            raise ModelError(f"draem: lr must be > 0, got {lr!r}")
-        self.epochs = check_epochs("draem", epochs)
-        beta = tuple(beta) if isinstance(beta, Sequence) and not isinstance(beta, str) else beta
-        if (
-            not isinstance(beta, tuple)
-            or len(beta) != 2
-            or not all(_real(b) for b in beta)
-            or not 0 <= beta[0] <= beta[1] <= 1
-        ):
-            raise ModelError(f"draem: beta must be a range (low, high) in [0, 1], got {beta!r}")
-        if not _real(anomaly_probability) or not 0 < anomaly_probability <= 1:
-            raise ModelError(
-                f"draem: anomaly_probability must be in (0, 1], got {anomaly_probability!r}"
-            )
-        if texture_dir is not None and not isinstance(texture_dir, str):
-            raise ModelError(
-                f"draem: texture_dir must be a folder path or None, got {texture_dir!r}"
-            )
+        # Beyond the table: the file system. Here, not only in fit: a study's validation builds
+        # every configuration first.
         if texture_dir is not None and not Path(texture_dir).expanduser().is_dir():
-            # Here, not only in fit: a study's validation builds every configuration first.
             raise ModelError(f"draem: texture_dir {texture_dir!r} is not a folder")
-        if not _real(focal_gamma) or focal_gamma < 0:
-            raise ModelError(f"draem: focal_gamma must be >= 0, got {focal_gamma!r}")
-        if not isinstance(sspcab, bool):
-            raise ModelError(f"draem: sspcab must be True or False, got {sspcab!r}")
-        if not _real(sspcab_lambda) or sspcab_lambda < 0:
-            raise ModelError(f"draem: sspcab_lambda must be >= 0, got {sspcab_lambda!r}")
-        self.score_kernel = _positive_int(score_kernel, "score_kernel")
-        if score_kernel % 2 == 0:
-            raise ModelError(f"draem: score_kernel must be odd, got {score_kernel!r}")
+        self.reconstructive_channels = reconstructive_channels
+        self.discriminative_channels = discriminative_channels
+        self.epochs = epochs
+        self.score_kernel = score_kernel
         self.lr = float(lr)
         self.beta = (float(beta[0]), float(beta[1]))
         self.anomaly_probability = float(anomaly_probability)

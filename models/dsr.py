@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,22 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
-    is_real,
     register,
     train_epochs,
 )
 from models.components.vq import LatentDecoder, TwoLevelVQVAE, VectorQuantizer
+from models.constraints import (
+    EVEN,
+    NON_NEGATIVE_INT,
+    ODD,
+    POSITIVE,
+    POSITIVE_INT,
+    AllOf,
+    Interval,
+    Rule,
+    check_hyperparameters,
+    multiple_of,
+)
 from models.errors import ModelError
 from models.parts import FolderImages, check_part_kind, describe_part, list_images, save_part
 
@@ -217,6 +228,22 @@ class DSR(Detector):
     learning_type = "iterative"
     localizes = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "lr": POSITIVE,
+        "epochs": POSITIVE_INT,
+        "latent_anomaly_strength": Interval(float, 0, 1, closed="right"),
+        "upsampling_train_ratio": Interval(float, 0, 1, closed="both"),
+        "vq_train_ratio": Interval(float, 0, 1, closed="neither"),
+        # Even: the VQ-VAE's encoder halves its channels.
+        "hidden_channels": AllOf(Interval(int, 2, None), EVEN),
+        "residual_channels": POSITIVE_INT,
+        "n_residual_layers": NON_NEGATIVE_INT,
+        "embedding_dim": POSITIVE_INT,
+        "num_embeddings": Interval(int, 2, None),
+        "unet_width": POSITIVE_INT,
+        "score_filter_size": AllOf(POSITIVE_INT, ODD),
+    }
+
     def __init__(
         self,
         lr: float = 2e-4,
@@ -271,48 +298,12 @@ class DSR(Detector):
                 training (codebook starts, masks, strengths, swapped codes, image anomalies).
         """
         super().__init__()
-        if not is_real(lr) or lr <= 0:
-            raise ModelError(f"dsr: lr must be > 0, got {lr!r}")
-        if not is_real(latent_anomaly_strength) or not 0 < latent_anomaly_strength <= 1:
-            raise ModelError(
-                f"dsr: latent_anomaly_strength must be in (0, 1], got {latent_anomaly_strength!r}"
-            )
-        if not is_real(upsampling_train_ratio) or not 0 <= upsampling_train_ratio <= 1:
-            raise ModelError(
-                f"dsr: upsampling_train_ratio must be in [0, 1], got {upsampling_train_ratio!r}"
-            )
-        if not is_real(vq_train_ratio) or not 0 < vq_train_ratio < 1:
-            raise ModelError(f"dsr: vq_train_ratio must be in (0, 1), got {vq_train_ratio!r}")
-        minimum = {
-            "hidden_channels": 2,
-            "residual_channels": 1,
-            "n_residual_layers": 0,
-            "embedding_dim": 1,
-            "num_embeddings": 2,
-            "unet_width": 1,
-            "score_filter_size": 1,
-        }
-        sizes = {
-            "hidden_channels": hidden_channels,
-            "residual_channels": residual_channels,
-            "n_residual_layers": n_residual_layers,
-            "embedding_dim": embedding_dim,
-            "num_embeddings": num_embeddings,
-            "unet_width": unet_width,
-            "score_filter_size": score_filter_size,
-        }
-        for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum[name]:
-                raise ModelError(f"dsr: {name} must be an int >= {minimum[name]}, got {value!r}")
-        if hidden_channels % 2:
-            raise ModelError(f"dsr: hidden_channels must be even, got {hidden_channels}")
-        if score_filter_size % 2 == 0:
-            raise ModelError(f"dsr: score_filter_size must be odd, got {score_filter_size}")
+        # Beyond the table: the file system.
         try:
             self._blend = PerlinBlend(texture_dir=texture_dir)
         except DatasetError as error:
             raise ModelError(f"dsr: texture_dir {texture_dir!r}: {error}") from None
-        self.epochs = check_epochs("dsr", epochs)
+        self.epochs = epochs
         self.lr = float(lr)
         self.latent_anomaly_strength = float(latent_anomaly_strength)
         self.upsampling_train_ratio = float(upsampling_train_ratio)
@@ -703,16 +694,21 @@ def train_general_vq(
     The sizes must be the DSR configuration's that will load it. ``progress(step, steps,
     loss)`` runs after every step. Returns the state dict, metadata and losses.
     """
-    for name, value in (
-        ("image_size", image_size),
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("restart_every", restart_every),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelError(f"train_general_vq: {name} must be a positive int, got {value!r}")
-    if image_size % STRIDE:
-        raise ModelError(f"train_general_vq: image_size must be a multiple of {STRIDE}")
+    check_hyperparameters(
+        "train_general_vq",
+        {
+            "image_size": AllOf(POSITIVE_INT, multiple_of(STRIDE)),
+            "steps": POSITIVE_INT,
+            "batch_size": POSITIVE_INT,
+            "restart_every": POSITIVE_INT,
+        },
+        {
+            "image_size": image_size,
+            "steps": steps,
+            "batch_size": batch_size,
+            "restart_every": restart_every,
+        },
+    )
     files = list_images(images, "train_general_vq")
     sizes = {
         "hidden_channels": hidden_channels,

@@ -32,10 +32,9 @@ for the last 5 % of the images seen, as the paper's schedule does.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +62,15 @@ from models.components.pdn import (
     patch_description_network,
     quantile,
 )
+from models.constraints import (
+    BOOL,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    Options,
+    Rule,
+)
 from models.errors import ModelError
 from models.parts import check_part_kind, describe_part
 from models.teacher_distillation import TEACHER_KIND
@@ -83,6 +91,18 @@ class EfficientAD(Detector):
 
     learning_type = "iterative"
     localizes = True
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "model_size": Options("small", "medium"),
+        "teacher_out_channels": POSITIVE_INT,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "hard_quantile": UNIT_LEFT_CLOSED,
+        "validation_fraction": UNIT_LEFT_CLOSED,
+        "padding": BOOL,
+        "pad_maps": BOOL,
+    }
 
     def __init__(
         self,
@@ -127,29 +147,11 @@ class EfficientAD(Detector):
                 augmentation, the penalty images and dropout.
         """
         super().__init__()
-        if model_size not in ("small", "medium"):
-            raise ModelError(
-                f"efficient_ad: model_size must be 'small' or 'medium', got {model_size!r}"
-            )
-        self.out_channels = _positive_int(teacher_out_channels, "teacher_out_channels")
-        self.epochs = check_epochs("efficient_ad", epochs)
-        if not _is_number(lr) or not lr > 0:
-            raise ModelError(f"efficient_ad: lr must be > 0, got {lr!r}")
-        if not _is_number(weight_decay) or not weight_decay >= 0:
-            raise ModelError(f"efficient_ad: weight_decay must be >= 0, got {weight_decay!r}")
-        if not _is_number(hard_quantile) or not 0 <= hard_quantile < 1:
-            raise ModelError(
-                f"efficient_ad: hard_quantile must be in [0, 1), got {hard_quantile!r}"
-            )
-        if not _is_number(validation_fraction) or not 0 <= validation_fraction < 1:
-            raise ModelError(
-                f"efficient_ad: validation_fraction must be in [0, 1), got {validation_fraction!r}"
-            )
-        for name, value in (("padding", padding), ("pad_maps", pad_maps)):
-            if not isinstance(value, bool):
-                raise ModelError(f"efficient_ad: {name} must be True or False, got {value!r}")
+        # Beyond the table: the file system.
         if imagenet_dir is not None and not Path(imagenet_dir).expanduser().is_dir():
             raise ModelError(f"efficient_ad: imagenet_dir {str(imagenet_dir)!r} is not a folder")
+        self.out_channels = teacher_out_channels
+        self.epochs = epochs
         self.model_size = model_size
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
@@ -480,13 +482,3 @@ def _normalise(maps: Tensor, quantiles: Tensor) -> Tensor:
     # The paper's linear map sending q_a to 0 and q_b to 0.1.
     q_a, q_b = quantiles[0], quantiles[1]
     return 0.1 * (maps - q_a) / (q_b - q_a).clamp_min(1e-12)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"efficient_ad: {name} must be a positive int, got {value!r}")
-    return value

@@ -40,10 +40,9 @@ takes that. At the usual 256 px a stride-32 map is only 8 x 8; ``layers=("layer3
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +61,16 @@ from models.base import (
 from models.components.feature_utils import concat_to_first, upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, positional_encoding_2d
 from models.components.pdn import PenaltyImages, hard_feature_loss
+from models.constraints import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    AllOf,
+    Rule,
+    multiple_of,
+)
 from models.errors import ModelError
 
 __all__ = ["EfficientADAST", "FeatureAutoencoder", "ResidualStudent"]
@@ -177,6 +186,22 @@ class EfficientADAST(Detector):
     localizes = True
     backbone_kinds = ("cnn", "vit")
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        # Sines and cosines of rows and columns.
+        "pos_enc_dim": AllOf(POSITIVE_INT, multiple_of(4)),
+        "n_coupling_blocks": POSITIVE_INT,
+        "teacher_hidden_channels": POSITIVE_INT,
+        "clamp": POSITIVE,
+        "teacher_lr": POSITIVE,
+        "teacher_epochs": POSITIVE_INT,
+        "student_hidden_channels": POSITIVE_INT,
+        "n_student_blocks": NON_NEGATIVE_INT,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "hard_quantile": UNIT_LEFT_CLOSED,
+    }
+
     def __init__(
         self,
         backbone: str = "efficientnet_b5",
@@ -230,36 +255,7 @@ class EfficientADAST(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        for name, value in (
-            ("pos_enc_dim", pos_enc_dim),
-            ("n_coupling_blocks", n_coupling_blocks),
-            ("teacher_hidden_channels", teacher_hidden_channels),
-            ("student_hidden_channels", student_hidden_channels),
-        ):
-            _positive_int(value, name)
-        check_epochs("efficient_ad_ast", teacher_epochs, "teacher_epochs")
-        check_epochs("efficient_ad_ast", epochs)
-        if pos_enc_dim % 4:
-            raise ModelError(
-                f"efficient_ad_ast: pos_enc_dim must be a multiple of 4, got {pos_enc_dim}"
-            )
-        if isinstance(n_student_blocks, bool) or not isinstance(n_student_blocks, int):
-            raise ModelError(
-                f"efficient_ad_ast: n_student_blocks must be an int >= 0, got {n_student_blocks!r}"
-            )
-        if n_student_blocks < 0:
-            raise ModelError(
-                f"efficient_ad_ast: n_student_blocks must be an int >= 0, got {n_student_blocks!r}"
-            )
-        for name, value in (("clamp", clamp), ("teacher_lr", teacher_lr), ("lr", lr)):
-            if not _is_number(value) or not value > 0:
-                raise ModelError(f"efficient_ad_ast: {name} must be > 0, got {value!r}")
-        if not _is_number(weight_decay) or not weight_decay >= 0:
-            raise ModelError(f"efficient_ad_ast: weight_decay must be >= 0, got {weight_decay!r}")
-        if not _is_number(hard_quantile) or not 0 <= hard_quantile < 1:
-            raise ModelError(
-                f"efficient_ad_ast: hard_quantile must be in [0, 1), got {hard_quantile!r}"
-            )
+        # Beyond the table: the file system.
         if imagenet_dir is not None and not Path(imagenet_dir).expanduser().is_dir():
             raise ModelError(
                 f"efficient_ad_ast: imagenet_dir {str(imagenet_dir)!r} is not a folder"
@@ -484,13 +480,3 @@ class EfficientADAST(Detector):
             self.train(training)
         anomaly_map = upsample_maps(0.5 * local + 0.5 * global_, images.shape[-2:])
         return Prediction(score=anomaly_map.flatten(1).amax(1), anomaly_map=anomaly_map)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"efficient_ad_ast: {name} must be a positive int, got {value!r}")
-    return value

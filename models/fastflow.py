@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,7 @@ from models.base import (
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
+from models.constraints import BOOL, NON_NEGATIVE, POSITIVE, POSITIVE_INT, Rule
 from models.errors import ModelError
 
 __all__ = ["FastFlow"]
@@ -93,6 +94,16 @@ class FastFlow(Detector):
     backbone_kinds = ("cnn", "vit")
     fixed_input_size = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "flow_steps": POSITIVE_INT,
+        "hidden_ratio": POSITIVE,
+        "conv3x3_only": BOOL,
+        "clamp": POSITIVE,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+    }
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -132,17 +143,7 @@ class FastFlow(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        if isinstance(flow_steps, bool) or not isinstance(flow_steps, int) or flow_steps < 1:
-            raise ModelError(f"fastflow: flow_steps must be a positive int, got {flow_steps!r}")
-        if not isinstance(hidden_ratio, int | float) or not hidden_ratio > 0:
-            raise ModelError(f"fastflow: hidden_ratio must be > 0, got {hidden_ratio!r}")
-        if not isinstance(clamp, int | float) or not 0 < clamp < math.inf:
-            raise ModelError(f"fastflow: clamp must be > 0, got {clamp!r}")
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ModelError(f"fastflow: lr must be > 0, got {lr!r}")
-        if not isinstance(weight_decay, int | float) or not weight_decay >= 0:
-            raise ModelError(f"fastflow: weight_decay must be >= 0, got {weight_decay!r}")
-        self.epochs = check_epochs("fastflow", epochs)
+        self.epochs = epochs
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         spec = get_backbone(backbone)

@@ -27,12 +27,16 @@ min-max-scales scores over the test set; that is left to the evaluation (AUROC i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Prediction, register
 from models.components.dcgan import DCGANDecoder, DCGANEncoder, SquareGAN
+from models.constraints import NON_NEGATIVE, Rule
 from models.errors import ModelError
 
 __all__ = ["GANomaly"]
@@ -60,6 +64,13 @@ class GANomaly(SquareGAN):
 
     learning_type = "iterative"
     localizes = False
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        **SquareGAN.hyperparameter_constraints,
+        "wadv": NON_NEGATIVE,
+        "wcon": NON_NEGATIVE,
+        "wenc": NON_NEGATIVE,
+    }
 
     def __init__(
         self,

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,16 @@ from models.base import (
     train_epochs,
 )
 from models.components.losses import focal_loss
+from models.constraints import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    Interval,
+    Is,
+    Range,
+    Rule,
+)
 from models.errors import ModelError
 from models.parts import describe_part
 
@@ -208,16 +218,6 @@ class _FusionAndDecoder(nn.Module):
         return self.out(self.up_mask(x, size))
 
 
-def _real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"memseg: {name} must be a positive int, got {value!r}")
-    return value
-
-
 @register("memseg")
 class MemSeg(Detector):
     """Memory-guided U-Net segmenter trained on simulated anomalies."""
@@ -225,6 +225,22 @@ class MemSeg(Detector):
     learning_type = "iterative"
     localizes = True
     supported_backbones = RESNETS
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "memory_size": POSITIVE_INT,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "min_lr": POSITIVE,
+        "warmup_ratio": UNIT_LEFT_CLOSED,
+        "epochs": POSITIVE_INT,
+        "focal_weight": NON_NEGATIVE,
+        "l1_weight": NON_NEGATIVE,
+        "focal_gamma": NON_NEGATIVE,
+        "beta": Range(0, 1),
+        "anomaly_probability": Interval(float, 0, 1, closed="right"),
+        "texture_dir": (Is(str, "a folder path"), None),
+        "top_k": POSITIVE_INT,
+    }
 
     def __init__(
         self,
@@ -285,45 +301,17 @@ class MemSeg(Detector):
         problem = type(self).backbone_problem(backbone)
         if problem is not None:
             raise ModelError(f"memseg: cannot use backbone {backbone!r}: {problem}")
-        self.memory_size = _positive_int(memory_size, "memory_size")
-        self.top_k = _positive_int(top_k, "top_k")
-        for name, value in (("lr", lr), ("min_lr", min_lr)):
-            if not _real(value) or value <= 0:
-                raise ModelError(f"memseg: {name} must be > 0, got {value!r}")
+        # Beyond the table: two hyperparameters together, and the file system.
         if min_lr > lr:
             raise ModelError(f"memseg: min_lr must be <= lr ({lr}), got {min_lr!r}")
-        for name, value in (
-            ("weight_decay", weight_decay),
-            ("focal_weight", focal_weight),
-            ("l1_weight", l1_weight),
-            ("focal_gamma", focal_gamma),
-        ):
-            if not _real(value) or value < 0:
-                raise ModelError(f"memseg: {name} must be >= 0, got {value!r}")
         if focal_weight + l1_weight <= 0:
             raise ModelError("memseg: focal_weight and l1_weight cannot both be 0")
-        if not _real(warmup_ratio) or not 0 <= warmup_ratio < 1:
-            raise ModelError(f"memseg: warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
-        beta = tuple(beta) if isinstance(beta, Sequence) and not isinstance(beta, str) else beta
-        if (
-            not isinstance(beta, tuple)
-            or len(beta) != 2
-            or not all(_real(b) for b in beta)
-            or not 0 <= beta[0] <= beta[1] <= 1
-        ):
-            raise ModelError(f"memseg: beta must be a range (low, high) in [0, 1], got {beta!r}")
-        if not _real(anomaly_probability) or not 0 < anomaly_probability <= 1:
-            raise ModelError(
-                f"memseg: anomaly_probability must be in (0, 1], got {anomaly_probability!r}"
-            )
-        if texture_dir is not None and not isinstance(texture_dir, str):
-            raise ModelError(
-                f"memseg: texture_dir must be a folder path or None, got {texture_dir!r}"
-            )
+        # Not only in fit: a study's validation builds every configuration first.
         if texture_dir is not None and not Path(texture_dir).expanduser().is_dir():
-            # Here, not only in fit: a study's validation builds every configuration first.
             raise ModelError(f"memseg: texture_dir {texture_dir!r} is not a folder")
-        self.epochs = check_epochs("memseg", epochs)
+        self.memory_size = memory_size
+        self.top_k = top_k
+        self.epochs = epochs
         self.lr, self.min_lr = float(lr), float(min_lr)
         self.weight_decay = float(weight_decay)
         self.warmup_ratio = float(warmup_ratio)

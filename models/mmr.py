@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,21 @@ from models.base import (
     Detector,
     EpochCallback,
     Prediction,
+    check_epochs,
     hyperparameters,
-    is_real,
     register,
     train_epochs,
 )
 from models.components.feature_utils import gaussian_blur, upsample_maps
+from models.constraints import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    Interval,
+    Rule,
+)
 from models.errors import ModelError
 from models.parts import describe_part
 
@@ -219,6 +228,24 @@ class MMR(Detector):
     learning_type = "iterative"
     localizes = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "mask_ratio": UNIT_LEFT_CLOSED,
+        # Which patch sizes the backbone's strides allow is backbone_problem's to say.
+        "patch_size": POSITIVE_INT,
+        # The pyramid halves the embedding up to MAX_SCALE_STEPS times.
+        "vit_embed_dim": Interval(int, 2**MAX_SCALE_STEPS, None),
+        "vit_depth": NON_NEGATIVE_INT,
+        "vit_heads": POSITIVE_INT,
+        "vit_mlp_ratio": POSITIVE,
+        "lr": POSITIVE,
+        "beta1": UNIT_LEFT_CLOSED,
+        "beta2": UNIT_LEFT_CLOSED,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "warmup_epochs": NON_NEGATIVE_INT,
+        "blur_sigma": NON_NEGATIVE,
+    }
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
@@ -282,29 +309,14 @@ class MMR(Detector):
         )
         if problem is not None:
             raise ModelError(f"mmr: cannot use backbone {backbone!r}: {problem}")
-        if not is_real(mask_ratio) or not 0 <= mask_ratio < 1:
-            raise ModelError(f"mmr: mask_ratio must be in [0, 1), got {mask_ratio!r}")
-        for name, value in (("vit_embed_dim", vit_embed_dim), ("vit_heads", vit_heads)):
-            _check_int(value, name)
-        _check_int(vit_depth, "vit_depth", minimum=0)
+        # Beyond the table: two hyperparameters together.
         if vit_embed_dim % 4 or vit_embed_dim % vit_heads:
             raise ModelError(
                 f"mmr: vit_embed_dim must be a multiple of 4 and of vit_heads ({vit_heads}), "
                 f"got {vit_embed_dim}"
             )
-        if vit_embed_dim < 2**MAX_SCALE_STEPS:
-            raise ModelError(f"mmr: vit_embed_dim must be >= 8, got {vit_embed_dim}")
-        for name, value in (("vit_mlp_ratio", vit_mlp_ratio), ("lr", lr)):
-            if not is_real(value) or value <= 0:
-                raise ModelError(f"mmr: {name} must be > 0, got {value!r}")
-        for name, value in (("weight_decay", weight_decay), ("blur_sigma", blur_sigma)):
-            if not is_real(value) or value < 0:
-                raise ModelError(f"mmr: {name} must be >= 0, got {value!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not is_real(value) or not 0 <= value < 1:
-                raise ModelError(f"mmr: {name} must be in [0, 1), got {value!r}")
-        self.epochs = _check_int(epochs, "epochs")
-        self.warmup_epochs = _check_int(warmup_epochs, "warmup_epochs", minimum=0)
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
         self.mask_ratio = float(mask_ratio)
         self.lr = float(lr)
         self.betas = (float(beta1), float(beta2))
@@ -426,7 +438,7 @@ class MMR(Detector):
         after every epoch and stops training when it returns True. A non-finite loss is a
         :class:`ModelError`. Returns the epochs run and the last epoch's loss.
         """
-        n_epochs = self.epochs if epochs is None else _check_int(epochs, "fit epochs")
+        n_epochs = self.epochs if epochs is None else check_epochs("mmr", epochs, "fit epochs")
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         decay = [p for n, p in trainable if p.ndim >= 2 and not n.endswith(".bias")]
         no_decay = [p for n, p in trainable if not (p.ndim >= 2 and not n.endswith(".bias"))]
@@ -536,9 +548,3 @@ def _vit_checkpoint_kind(state: Mapping[str, Tensor]) -> str:
     if "pos_embed" in state or "head.weight" in state:
         return "timm ViT"
     return "ViT"
-
-
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"mmr: {name} must be an int >= {minimum}, got {value!r}")
-    return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from models.base import (
     register,
 )
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+from models.constraints import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Rule
 from models.costs import Work
 from models.errors import ModelError
 
@@ -54,6 +55,13 @@ class PaDiM(Detector):
 
     learning_type = "one_pass"
     localizes = True
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        # None: the paper's value for the backbone, else all channels up to a cap.
+        "n_features": (POSITIVE_INT, None),
+        "covariance_eps": POSITIVE,
+        "blur_sigma": NON_NEGATIVE,
+    }
 
     def __init__(
         self,
@@ -89,17 +97,12 @@ class PaDiM(Detector):
         total = sum(self.extractor.channels.values())
         if n_features is None:
             n_features = PAPER_N_FEATURES.get(backbone, min(total, _DEFAULT_N_FEATURES_CAP))
-        if isinstance(n_features, bool) or not isinstance(n_features, int):
-            raise ModelError(f"padim: n_features must be an int or None, got {n_features!r}")
-        if not 1 <= n_features <= total:
+        # Beyond the table: the bound comes from the backbone's layers.
+        if n_features > total:
             raise ModelError(
                 f"padim: n_features must be between 1 and the {total} channels of {backbone} "
                 f"{'+'.join(self.extractor.layers)}, got {n_features}"
             )
-        if covariance_eps <= 0:
-            raise ModelError(f"padim: covariance_eps must be > 0, got {covariance_eps}")
-        if blur_sigma < 0:
-            raise ModelError(f"padim: blur_sigma must be >= 0, got {blur_sigma}")
         self.n_features = n_features
         self.covariance_eps = float(covariance_eps)
         self.blur_sigma = float(blur_sigma)

@@ -37,6 +37,7 @@ from models.components.feature_utils import (
     gaussian_blur,
     upsample_maps,
 )
+from models.constraints import NON_NEGATIVE, POSITIVE_INT, Interval, Rule
 from models.costs import Work
 from models.errors import ModelError
 
@@ -69,6 +70,13 @@ class PatchCore(Detector):
         "efficientnet_lite": {"layers": ("layer1", "layer2", "layer3")}
     }
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "coreset_ratio": Interval(float, 0, 1, closed="right"),
+        "num_neighbors": POSITIVE_INT,
+        "projection_dim": (POSITIVE_INT, None),
+        "blur_sigma": NON_NEGATIVE,
+    }
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
@@ -98,22 +106,6 @@ class PatchCore(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        if not isinstance(coreset_ratio, int | float) or not 0.0 < coreset_ratio <= 1.0:
-            raise ModelError(f"patchcore: coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
-        if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int):
-            raise ModelError(f"patchcore: num_neighbors must be an int, got {num_neighbors!r}")
-        if num_neighbors < 1:
-            raise ModelError(f"patchcore: num_neighbors must be >= 1, got {num_neighbors}")
-        if projection_dim is not None and (
-            isinstance(projection_dim, bool)
-            or not isinstance(projection_dim, int)
-            or projection_dim < 1
-        ):
-            raise ModelError(
-                f"patchcore: projection_dim must be a positive int or None, got {projection_dim!r}"
-            )
-        if blur_sigma < 0:
-            raise ModelError(f"patchcore: blur_sigma must be >= 0, got {blur_sigma}")
         self.coreset_ratio = float(coreset_ratio)
         self.num_neighbors = num_neighbors
         self.projection_dim = projection_dim

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ from models.base import (
     Prediction,
     check_epochs,
     hyperparameters,
-    is_real,
     register,
     train_epochs,
 )
@@ -43,6 +42,14 @@ from models.components.decoders import (
     init_conv_weights,
 )
 from models.components.feature_utils import gaussian_blur, upsample_maps
+from models.constraints import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_LEFT_CLOSED,
+    Options,
+    Rule,
+)
 from models.errors import ModelError
 
 __all__ = ["OneClassBottleneck", "ReverseDistillation"]
@@ -99,6 +106,15 @@ class ReverseDistillation(Detector):
     localizes = True
     supported_backbones = tuple(RESNET_ARCHS)
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "lr": POSITIVE,
+        "beta1": UNIT_LEFT_CLOSED,
+        "beta2": UNIT_LEFT_CLOSED,
+        "epochs": POSITIVE_INT,
+        "anomaly_map_mode": Options(*MAP_MODES),
+        "blur_sigma": NON_NEGATIVE,
+    }
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
@@ -137,19 +153,7 @@ class ReverseDistillation(Detector):
         problem = type(self).backbone_problem(backbone, {"layers": layers})
         if problem is not None:
             raise ModelError(f"reverse_distillation: cannot use backbone {backbone!r}: {problem}")
-        for name, value in (("lr", lr), ("blur_sigma", blur_sigma)):
-            if not is_real(value) or value < 0 or (name == "lr" and value == 0):
-                bound = "> 0" if name == "lr" else ">= 0"
-                raise ModelError(f"reverse_distillation: {name} must be {bound}, got {value!r}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not is_real(value) or not 0 <= value < 1:
-                raise ModelError(f"reverse_distillation: {name} must be in [0, 1), got {value!r}")
-        if anomaly_map_mode not in MAP_MODES:
-            raise ModelError(
-                f"reverse_distillation: anomaly_map_mode must be one of {', '.join(MAP_MODES)}, "
-                f"got {anomaly_map_mode!r}"
-            )
-        self.epochs = check_epochs("reverse_distillation", epochs)
+        self.epochs = epochs
         self.lr = float(lr)
         self.betas = (float(beta1), float(beta2))
         self.anomaly_map_mode = anomaly_map_mode

@@ -15,17 +15,33 @@ scores, the image score the largest patch score.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import FeatureExtractor
-from models.base import Batch, Detector, EpochCallback, Prediction, register, train_epochs
+from models.base import (
+    Batch,
+    Detector,
+    EpochCallback,
+    Prediction,
+    check_epochs,
+    register,
+    train_epochs,
+)
 from models.components.feature_utils import concat_to_first, gaussian_blur, upsample_maps
+from models.constraints import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    ODD,
+    POSITIVE,
+    POSITIVE_INT,
+    AllOf,
+    Rule,
+)
 from models.errors import ModelError
 
 __all__ = ["SimpleNet", "patch_embedding"]
@@ -62,32 +78,29 @@ def patch_embedding(
     return _pool_channels(concat_to_first(pooled, mode="bilinear"), embed_dim)
 
 
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"simplenet: {name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_float(value: Any, name: str, allow_zero: bool = False) -> float:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    if not ok:
-        raise ModelError(
-            f"simplenet: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        )
-    return float(value)
-
-
 @register("simplenet")
 class SimpleNet(Detector):
     """Feature adaptor and discriminator trained against Gaussian-noise feature anomalies."""
 
     learning_type = "iterative"
     localizes = True
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "pretrain_embed_dimension": POSITIVE_INT,
+        "target_embed_dimension": POSITIVE_INT,
+        # An even window has no centre: the pooled grid would shift by half a patch.
+        "patch_size": AllOf(POSITIVE_INT, ODD),
+        "pre_proj": NON_NEGATIVE_INT,
+        "noise_std": POSITIVE,
+        "dsc_layers": POSITIVE_INT,
+        "dsc_hidden": POSITIVE_INT,
+        "dsc_margin": POSITIVE,
+        "adaptor_lr": POSITIVE,
+        "dsc_lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+        "blur_sigma": NON_NEGATIVE,
+    }
 
     def __init__(
         self,
@@ -147,24 +160,19 @@ class SimpleNet(Detector):
             weights: local backbone weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        self.pretrain_embed_dimension = _check_int(
-            pretrain_embed_dimension, "pretrain_embed_dimension"
-        )
-        self.target_embed_dimension = _check_int(target_embed_dimension, "target_embed_dimension")
-        self.patch_size = _check_int(patch_size, "patch_size")
-        if self.patch_size % 2 == 0:
-            # An even window has no centre: the pooled grid would shift by half a patch.
-            raise ModelError(f"simplenet: patch_size must be odd, got {patch_size}")
-        self.pre_proj = _check_int(pre_proj, "pre_proj", minimum=0)
-        self.noise_std = _check_float(noise_std, "noise_std")
-        self.dsc_layers = _check_int(dsc_layers, "dsc_layers")
-        self.dsc_hidden = _check_int(dsc_hidden, "dsc_hidden")
-        self.dsc_margin = _check_float(dsc_margin, "dsc_margin")
-        self.adaptor_lr = _check_float(adaptor_lr, "adaptor_lr")
-        self.dsc_lr = _check_float(dsc_lr, "dsc_lr")
-        self.weight_decay = _check_float(weight_decay, "weight_decay", allow_zero=True)
-        self.epochs = _check_int(epochs, "epochs")
-        self.blur_sigma = _check_float(blur_sigma, "blur_sigma", allow_zero=True)
+        self.pretrain_embed_dimension = pretrain_embed_dimension
+        self.target_embed_dimension = target_embed_dimension
+        self.patch_size = patch_size
+        self.pre_proj = pre_proj
+        self.noise_std = float(noise_std)
+        self.dsc_layers = dsc_layers
+        self.dsc_hidden = dsc_hidden
+        self.dsc_margin = float(dsc_margin)
+        self.adaptor_lr = float(adaptor_lr)
+        self.dsc_lr = float(dsc_lr)
+        self.weight_decay = float(weight_decay)
+        self.epochs = epochs
+        self.blur_sigma = float(blur_sigma)
         self.seed = seed
         # Backbone, adaptor and discriminator get distinct initialisations drawn from the seed.
         generator = torch.Generator().manual_seed(seed)
@@ -261,7 +269,9 @@ class SimpleNet(Detector):
         returns True. A non-finite loss is a :class:`ModelError`. Returns the epochs run and
         the last epoch's metrics.
         """
-        n_epochs = self.epochs if epochs is None else _check_int(epochs, "fit epochs")
+        n_epochs = (
+            self.epochs if epochs is None else check_epochs("simplenet", epochs, "fit epochs")
+        )
         device = self.fitted.device
         optimizers = [
             torch.optim.Adam(

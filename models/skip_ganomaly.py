@@ -35,6 +35,8 @@ neither is done here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 
 from models.base import Prediction, register
 from models.components.dcgan import DCGANEncoder, SquareGAN
+from models.constraints import NON_NEGATIVE, Interval, Rule
 from models.errors import ModelError
 
 __all__ = ["SkipGANomaly", "UNetGenerator"]
@@ -112,6 +115,14 @@ class SkipGANomaly(SquareGAN):
     learning_type = "iterative"
     localizes = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        **SquareGAN.hyperparameter_constraints,
+        "w_adv": NON_NEGATIVE,
+        "w_con": NON_NEGATIVE,
+        "w_lat": NON_NEGATIVE,
+        "lambda_score": Interval(float, 0, 1),
+    }
+
     def __init__(
         self,
         latent_dim: int = 100,
@@ -144,8 +155,6 @@ class SkipGANomaly(SquareGAN):
                 re-initialisations.
         """
         super().__init__()
-        if not isinstance(lambda_score, int | float) or not 0 <= lambda_score <= 1:
-            raise ModelError(f"skip_ganomaly: lambda_score must be in [0, 1], got {lambda_score!r}")
         self.lambda_score = float(lambda_score)
         self._setup_gan(
             latent_dim=latent_dim,

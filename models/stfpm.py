@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from models.base import (
     train_epochs,
 )
 from models.components.feature_utils import upsample_maps
-from models.errors import ModelError
+from models.constraints import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Rule
 
 __all__ = ["STFPM"]
 
@@ -50,6 +50,13 @@ class STFPM(Detector):
 
     learning_type = "iterative"
     localizes = True
+
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "lr": POSITIVE,
+        "momentum": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+    }
 
     def __init__(
         self,
@@ -78,12 +85,7 @@ class STFPM(Detector):
             weights: local teacher weight file or directory (overrides ``pretrained``).
         """
         super().__init__()
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ModelError(f"stfpm: lr must be > 0, got {lr!r}")
-        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if not isinstance(value, int | float) or not value >= 0:
-                raise ModelError(f"stfpm: {name} must be >= 0, got {value!r}")
-        self.epochs = check_epochs("stfpm", epochs)
+        self.epochs = epochs
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)

@@ -33,6 +33,14 @@ from torch import Tensor, nn
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.backbones import FeatureExtractor, get_backbone, resolve_weights_file
 from models.components.pdn import patch_description_network
+from models.constraints import (
+    POSITIVE_INT,
+    AllOf,
+    Interval,
+    Options,
+    check_hyperparameters,
+    multiple_of,
+)
 from models.errors import ModelError
 from models.packaged import packaged_weights
 from models.parts import FolderImages, file_sha256, list_images, save_part, short_sha
@@ -173,17 +181,23 @@ def distill_teacher(
     Returns the teacher's state dict (``nn.Sequential`` keys), its metadata and the loss of
     every step.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("image_size", image_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelError(f"distill_teacher: {name} must be a positive int, got {value!r}")
-    if image_size % 4 or image_size < 32:
-        raise ModelError(
-            f"distill_teacher: image_size must be a multiple of 4 and >= 32, got {image_size}"
-        )
-    if model_size not in ("small", "medium"):
-        raise ModelError(
-            f"distill_teacher: model_size must be 'small' or 'medium', got {model_size!r}"
-        )
+    check_hyperparameters(
+        "distill_teacher",
+        {
+            "steps": POSITIVE_INT,
+            "batch_size": POSITIVE_INT,
+            "image_size": AllOf(Interval(int, 32, None), multiple_of(4)),
+            "model_size": Options("small", "medium"),
+            "norm_images": (POSITIVE_INT, None),
+        },
+        {
+            "steps": steps,
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "model_size": model_size,
+            "norm_images": norm_images,
+        },
+    )
     files = list_images(images, "distill_teacher")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(seed)
@@ -199,8 +213,6 @@ def distill_teacher(
     draws = FolderImages(files, (extractor_size, image_size), draw_seed, GRAY_PROBABILITY)
 
     n_norm = norm_images if norm_images is not None else min(PAPER_NORM_IMAGES, len(files))
-    if isinstance(n_norm, bool) or not isinstance(n_norm, int) or n_norm < 1:
-        raise ModelError(f"distill_teacher: norm_images must be a positive int, got {n_norm!r}")
     mean, std = _channel_statistics(target_net, draws, n_norm, batch_size, device)
     if progress is not None:
         progress(0, steps, math.nan)

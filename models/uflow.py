@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,12 @@ from models.base import (
     EpochCallback,
     Prediction,
     check_epochs,
-    is_real,
     register,
     train_epochs,
 )
 from models.components.feature_utils import upsample_maps
 from models.components.flows import AffineCoupling, SequentialFlow, gaussian_nll
+from models.constraints import NON_NEGATIVE, POSITIVE, POSITIVE_INT, Rule
 from models.errors import ModelError
 
 __all__ = ["UFlow", "UShapedFlow"]
@@ -172,6 +172,15 @@ class UFlow(Detector):
     backbone_kinds = ("cnn", "composite")
     fixed_input_size = True
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "flow_steps": POSITIVE_INT,
+        "affine_clamp": POSITIVE,
+        "affine_subnet_channels_ratio": POSITIVE,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "epochs": POSITIVE_INT,
+    }
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -211,18 +220,8 @@ class UFlow(Detector):
                 ``mcait`` a directory holding both members' files.
         """
         super().__init__()
-        if isinstance(flow_steps, bool) or not isinstance(flow_steps, int) or flow_steps < 1:
-            raise ModelError(f"uflow: flow_steps must be a positive int, got {flow_steps!r}")
-        for name, value in (
-            ("affine_clamp", affine_clamp),
-            ("affine_subnet_channels_ratio", affine_subnet_channels_ratio),
-            ("lr", lr),
-        ):
-            if not is_real(value) or not value > 0:
-                raise ModelError(f"uflow: {name} must be > 0, got {value!r}")
-        if not is_real(weight_decay) or not weight_decay >= 0:
-            raise ModelError(f"uflow: weight_decay must be >= 0, got {weight_decay!r}")
-        self.epochs = check_epochs("uflow", epochs)
+        self.epochs = epochs
+        # Beyond the table: the layers must form the backbone's pyramid.
         problem = _pyramid_problem(get_backbone(backbone), layers)
         if problem is not None:
             raise ModelError(f"uflow: {problem}")

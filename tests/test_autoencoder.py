@@ -191,7 +191,9 @@ def test_predict_before_fit_and_empty_training_set_are_errors(toy):
         ({"grad_clip": 0}, "grad_clip must be > 0 or None"),
         ({"epochs": 0}, "epochs must be a positive int"),
         ({"score_mode": "median"}, "score_mode must be one of mean, max"),
-        ({"map_kernel": 4}, "map_kernel must be an odd positive int"),
+        ({"map_kernel": 4}, "map_kernel must be odd, got 4"),
+        ({"map_kernel": 0}, "map_kernel must be a positive int, got 0"),
+        ({"grad_clip": True}, "grad_clip must be > 0 or None, got True"),
     ],
 )
 def test_bad_hyperparameters_are_model_errors(overrides, message):

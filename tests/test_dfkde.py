@@ -125,10 +125,10 @@ def test_defaults_are_the_reference_studys():
 @pytest.mark.parametrize(
     ("hparams", "message"),
     [
-        ({"n_pca_components": 0}, "n_pca_components must be >= 1, got 0"),
-        ({"n_pca_components": 2.5}, "n_pca_components must be an int"),
+        ({"n_pca_components": 0}, "n_pca_components must be a positive int, got 0"),
+        ({"n_pca_components": 2.5}, "n_pca_components must be a positive int, got 2.5"),
         ({"feature_scaling_method": "minmax"}, "feature_scaling_method must be one of"),
-        ({"max_training_points": 1}, "max_training_points must be >= 2"),
+        ({"max_training_points": 1}, r"max_training_points must be an int >= 2 \(a density"),
         ({"layers": ("layer9",)}, "layer9"),
     ],
 )

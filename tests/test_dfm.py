@@ -122,8 +122,8 @@ def test_defaults_are_the_reference_studys():
 @pytest.mark.parametrize(
     ("hparams", "message"),
     [
-        ({"pooling_kernel_size": 0}, "pooling_kernel_size must be >= 1, got 0"),
-        ({"pooling_kernel_size": 2.0}, "pooling_kernel_size must be an int"),
+        ({"pooling_kernel_size": 0}, "pooling_kernel_size must be a positive int, got 0"),
+        ({"pooling_kernel_size": 2.0}, "pooling_kernel_size must be a positive int, got 2.0"),
         ({"pca_level": 0.0}, "pca_level must be in"),
         ({"pca_level": 1.5}, "pca_level must be in"),
         ({"score_type": "mahalanobis"}, "score_type must be one of fre, nll"),

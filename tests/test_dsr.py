@@ -334,8 +334,8 @@ def test_parameters_split_into_the_frozen_vq_vae_and_the_trained_modules():
         ({"vq_train_ratio": 1.0}, "vq_train_ratio must be in"),
         ({"hidden_channels": 7}, "hidden_channels must be even"),
         ({"num_embeddings": 1}, "num_embeddings must be an int >= 2"),
-        ({"unet_width": 0}, "unet_width must be an int >= 1"),
-        ({"embedding_dim": 2.5}, "embedding_dim must be an int"),
+        ({"unet_width": 0}, "unet_width must be a positive int, got 0"),
+        ({"embedding_dim": 2.5}, "embedding_dim must be a positive int, got 2.5"),
         ({"score_filter_size": 4}, "score_filter_size must be odd"),
     ],
 )

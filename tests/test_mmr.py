@@ -212,7 +212,7 @@ def test_odd_input_size_gives_maps_of_input_size(toy, fitted):
         ({"lr": -1e-3}, "lr must be > 0"),
         ({"weight_decay": -1}, "weight_decay must be >= 0"),
         ({"beta2": 1.0}, "beta2 must be in"),
-        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"epochs": 0}, "epochs must be a positive int"),
         ({"warmup_epochs": -1}, "warmup_epochs must be an int >= 0"),
         ({"blur_sigma": -2}, "blur_sigma must be >= 0"),
         ({"patch_size": 12}, "power of two"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from models.backbones import meta_init
 from models.base import Batch, Detector, EpochCallback, check_epochs, train_epochs
+from models.constraints import POSITIVE, POSITIVE_INT, UNIT_LEFT_CLOSED, Rule
 from models.errors import ModelError
 
 __all__ = [
@@ -158,6 +159,15 @@ class SquareGAN(Detector):
     ``(logits, features)``) and :meth:`_generator_losses` (the generator's objective).
     """
 
+    hyperparameter_constraints: ClassVar[Mapping[str, Rule]] = {
+        "latent_dim": POSITIVE_INT,
+        "n_features": POSITIVE_INT,
+        "lr": POSITIVE,
+        "beta1": UNIT_LEFT_CLOSED,
+        "beta2": UNIT_LEFT_CLOSED,
+        "epochs": POSITIVE_INT,
+    }
+
     def _setup_gan(
         self,
         *,
@@ -170,26 +180,15 @@ class SquareGAN(Detector):
         epochs: int,
         seed: int,
     ) -> None:
-        """Check and keep the hyperparameters GANs share, draw the networks' seeds, build."""
-        name = self.name
-        for key, value in (("latent_dim", latent_dim), ("n_features", n_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ModelError(f"{name}: {key} must be a positive int, got {value!r}")
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ModelError(f"{name}: lr must be > 0, got {lr!r}")
-        for key, value in (("beta1", beta1), ("beta2", beta2)):
-            if not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ModelError(f"{name}: {key} must be in [0, 1), got {value!r}")
-        for key, value in loss_weights.items():
-            if not isinstance(value, int | float) or not value >= 0:
-                raise ModelError(f"{name}: {key} must be >= 0, got {value!r}")
+        """Keep the hyperparameters GANs share (checked by the subclass's table, which extends
+        :attr:`hyperparameter_constraints`), draw the networks' seeds, build."""
         self.latent_dim = latent_dim
         self.n_features = n_features
         self.lr = float(lr)
         self.betas = (float(beta1), float(beta2))
         for key, value in loss_weights.items():
             setattr(self, key, float(value))
-        self.epochs = check_epochs(name, epochs)
+        self.epochs = epochs
         self.seed = seed
         generator = torch.Generator().manual_seed(seed)
         self._generator_seed, self._discriminator_seed = torch.randint(
