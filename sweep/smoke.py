@@ -82,11 +82,11 @@ def smoke_form(
         space["pretrained"] = False
     for model in models_:
         tiny = tiny_hparams(model)
-        layers_key = f"{model}.layers" if f"{model}.layers" in space else "layers"
+        layers_key = study.search_space.key_for(model, "layers")
         if (
             "backbone" in tiny
             and "layers" not in tiny
-            and layers_key in study.space
+            and layers_key is not None
             and not _layers_fit(model, tiny["backbone"], study.space[layers_key])
         ):
             # The study's layers belong to its own backbones: the tiny one takes its defaults.
