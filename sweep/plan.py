@@ -59,11 +59,12 @@ __all__ = [
     "DeviceSpeed",
     "Packing",
     "StudyPlan",
+    "TrialGroup",
     "TrialPlan",
+    "group_trials",
+    "make_plan",
     "pack_trials",
-    "plan_command",
     "plan_study",
-    "render_plan",
 ]
 
 CPU_GFLOPS_PER_THREAD = 84.0
@@ -519,124 +520,60 @@ def plan_study(study: Study, cluster: ClusterShape, history: Any = None) -> Stud
     )
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- groups
 
 
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``3.5 min``, ``2.1 h``, ``3.2 d``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
+@dataclass(frozen=True)
+class TrialGroup:
+    """Trials of one model x backbone x image size x epochs x request: seeds and
+    hyperparameters that change neither are counted, not repeated (``sweep plan``'s rows)."""
+
+    first: TrialPlan
+    count: int
+    total_s: float
+    epochs: int | None
+    """None for a one-pass detector."""
+    sources: frozenset[str]
+    """The members' :attr:`TrialPlan.source`."""
 
 
-SOURCE_LABELS = {
-    "history (same config)": "measured",
-    "history (model/backbone/size)": "similar rows",
-    "model": "FLOPs",
-    "unknown": "unknown",
-}
-"""How the table names the estimate sources."""
-
-
-def _group_rows(plan: StudyPlan) -> list[tuple[TrialPlan, int, float, list[str]]]:
-    """(first trial, count, total seconds, sources) per model x backbone x size x epochs x
-    request: seeds and hyperparameters that change neither are counted, not repeated."""
+def group_trials(plan: StudyPlan) -> list[TrialGroup]:
+    """``plan``'s trials as :class:`TrialGroup`, in the order of their first member."""
     groups: dict[tuple, list[TrialPlan]] = {}
     for trial_plan in plan.trials:
         trial = trial_plan.trial
         key = (trial.model, trial.backbone, trial.image_size, trial.epochs, trial_plan.request)
         groups.setdefault(key, []).append(trial_plan)
     return [
-        (
+        TrialGroup(
             members[0],
             len(members),
             sum(m.seconds for m in members),
-            sorted({SOURCE_LABELS.get(m.source, m.source) for m in members}),
+            _trial_epochs(members[0].trial),
+            frozenset(m.source for m in members),
         )
         for members in groups.values()
     ]
 
 
-def render_plan(plan: StudyPlan, console: Any) -> None:
-    """Print ``plan`` with rich: its trials grouped by model x backbone x image size (with
-    counts), their resources and estimates; the packing summary; notes and warnings."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(
-        title=f"{plan.study}: {len(plan.trials)} trials ({plan.algorithm} search)",
-        title_justify="left",
-        pad_edge=False,
-    )
-    table.add_column("model / backbone")
-    for name in ("n", "px", "epochs", "GPU", "CPU", "RAM GB", "GPU GB", "each", "total"):
-        table.add_column(name, justify="right")
-    table.add_column("from")
-    for first, count, total, sources in _group_rows(plan):
-        trial, request = first.trial, first.request
-        epochs = _trial_epochs(trial)
-        table.add_row(
-            trial.model + (f" / {trial.backbone}" if trial.backbone else ""),
-            str(count),
-            str(trial.image_size),
-            "-" if epochs is None else str(epochs),
-            f"{request.gpu:g}" if request.gpu else "-",
-            f"{request.cpu:g}",
-            f"{request.memory_gb:.1f}",
-            f"{request.gpu_memory_gb:.1f}",
-            format_duration(total / count),
-            format_duration(total),
-            ", ".join(sources),
-        )
-    console.print(table)
-    packing = plan.packing
-    console.print(f"cluster: {escape(plan.cluster.describe())}")
-    held = f"CPUs held {packing.cpu_utilisation:.0%}"
-    if plan.cluster.gpus:
-        held += f", GPUs held {packing.gpu_utilisation:.0%}"
-    console.print(
-        f"  wall clock ~ {format_duration(packing.makespan_s)} "
-        f"(one at a time: {format_duration(plan.serial_s)})"
-    )
-    console.print(
-        f"  trials at once: up to {packing.max_concurrent}, "
-        f"{packing.mean_concurrent:.1f} on average; {held}"
-    )
-    for note in plan.notes:
-        console.print(f"[dim]note: {escape(note)}[/dim]")
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-
-
-def plan_command(
+def make_plan(
     study: Study | str | Path,
     *,
     cluster: str | Path | None = None,
     gpus: float | None = None,
     gpu_memory_gb: float | None = None,
-    as_json: bool = False,
     overrides: Iterable[str] = (),
     history: str | Path | None = None,
-    console: Any = None,
 ) -> StudyPlan:
-    """What ``sweep plan STUDY.yaml [--cluster FILE | --gpus N] [--json] [--set k=v]`` does.
+    """The plan ``sweep plan STUDY.yaml [--cluster FILE | --gpus N] [--set k=v]`` shows
+    (``sweep.output.show_plan`` prints it).
 
     ``study`` is a study file (read with ``overrides``) or a loaded :class:`Study`. The cluster
     is the launcher file ``cluster`` (each node type at ``max_workers``), else this machine
     (with ``gpus`` GPUs when given); ``gpu_memory_gb`` is the memory of each GPU where the
     cluster does not say. The history is ``history``, else the study's own output when it
-    holds rows. Prints the plan (as JSON with ``as_json``) and returns it; bad input is a
-    :class:`StudyError` (exit status 2).
+    holds rows. Bad input is a :class:`StudyError` (exit status 2).
     """
-    import json
-
-    from rich.console import Console
-
-    console = console or Console()
     if not isinstance(study, Study):
         study = load_study(study, list(overrides))
     if cluster is not None and gpus is not None:
@@ -650,9 +587,4 @@ def plan_command(
         history = output if output.is_dir() and any(output.glob("*.parquet")) else None
     elif not Path(history).expanduser().exists():
         raise StudyError(f"no such results directory: {history}")
-    plan = plan_study(study, shape, history=history)
-    if as_json:
-        console.out(json.dumps(plan.to_dict(), indent=2), highlight=False)
-    else:
-        render_plan(plan, console)
-    return plan
+    return plan_study(study, shape, history=history)

