@@ -9,7 +9,7 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sweep.study import Objective
+from sweep.results import Objective
 
 
 class SweepProgress(Callback):
@@ -160,7 +160,7 @@ class SweepProgress(Callback):
 
 def trial_label(trial: Any) -> str:
     """A readable name for a Tune trial of a grid/random study, else its id."""
-    from sweep.study import TrialConfig
+    from sweep.space import TrialConfig
 
     raw = getattr(trial, "config", {}).get("trial")
     return TrialConfig.from_dict(raw).label() if isinstance(raw, dict) else str(trial.trial_id)

@@ -25,12 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from sweep.errors import SweepError
-from sweep.results import write_atomically
+from sweep.results import METRICS, Objective, write_atomically
 
 __all__ = [
     "REPORT_METRICS",
@@ -78,8 +79,6 @@ PLOT_TITLES = {
 
 def metric_mode(metric: str, objectives: Sequence[tuple[str, str]] = ()) -> str:
     """Which way ``metric`` is better: the objective's mode, else the metric's natural one."""
-    from sweep.study import METRICS
-
     mode = dict(objectives).get(metric) or METRICS.get(metric)
     if mode:
         return mode
@@ -88,8 +87,6 @@ def metric_mode(metric: str, objectives: Sequence[tuple[str, str]] = ()) -> str:
 
 def study_objectives(results_dir: Path, objectives: list[str] | None) -> list[tuple[str, str]]:
     """``--objective metric[:max|min]`` options, else the saved study's, else AUROC vs latency."""
-    from sweep.study import METRICS, Objective, load_study
-
     if objectives:
         parsed = []
         for text in objectives:
@@ -102,10 +99,15 @@ def study_objectives(results_dir: Path, objectives: list[str] | None) -> list[tu
         return parsed
     copy = results_dir / "_study.yaml"
     if copy.is_file():
+        # The run validated the whole study before saving it: only its objectives are read here
+        # (reading results never needs the detector registries a full validation loads).
         try:
-            study = load_study(copy)
-            return [(o.metric, o.direction) for o in study.objectives]
-        except SweepError:
+            saved = yaml.safe_load(copy.read_text()) or {}
+            given = saved.get("objectives") if isinstance(saved, dict) else None
+            if given:
+                objectives_ = [Objective.model_validate(o) for o in given]
+                return [(o.metric, o.direction) for o in objectives_]
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError):
             pass
     return [("image_auroc", METRICS["image_auroc"]), ("latency_ms", METRICS["latency_ms"])]
 

@@ -20,14 +20,57 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, did_you_mean
+
+METRICS: dict[str, Literal["max", "min"]] = {
+    "image_auroc": "max",
+    "image_f1": "max",
+    "image_f1max": "max",
+    "pixel_auroc": "max",
+    "pixel_f1": "max",
+    "pixel_f1max": "max",
+    "pixel_aupro": "max",
+    "latency_ms": "min",
+    "throughput_fps": "max",
+    "train_s": "min",
+    "params_trainable": "min",
+    "params_total": "min",
+    "peak_rss_mb": "min",
+    "peak_gpu_mb": "min",
+}
+"""Metrics a study may use as objectives, with their natural direction."""
+
+
+class Objective(BaseModel):
+    """A metric a study optimises, and which way (its natural direction unless ``mode`` says)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str
+    mode: Literal["max", "min"] | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in METRICS:
+            raise ValueError(
+                f"unknown metric {metric!r}{did_you_mean(metric, METRICS)} "
+                f"(known: {', '.join(METRICS)})"
+            )
+        return metric
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or METRICS[self.metric]
+
 
 BASE_SCHEMA = pa.schema(
     [

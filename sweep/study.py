@@ -41,25 +41,8 @@ from models.costs import build_on_meta
 from models.errors import ModelError
 from models.parts import PART_HYPERPARAMETERS, part_fingerprint
 from sweep.errors import StudyError, did_you_mean
+from sweep.results import Objective
 from sweep.space import Param, Space, TrialConfig, parse_param
-
-METRICS: dict[str, Literal["max", "min"]] = {
-    "image_auroc": "max",
-    "image_f1": "max",
-    "image_f1max": "max",
-    "pixel_auroc": "max",
-    "pixel_f1": "max",
-    "pixel_f1max": "max",
-    "pixel_aupro": "max",
-    "latency_ms": "min",
-    "throughput_fps": "max",
-    "train_s": "min",
-    "params_trainable": "min",
-    "params_total": "min",
-    "peak_rss_mb": "min",
-    "peak_gpu_mb": "min",
-}
-"""Metrics a study may use as objectives, with their natural direction."""
 
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
 DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"
@@ -191,25 +174,6 @@ class SearchConfig(_Strict):
     def storage_kind(self) -> Literal["journal", "memory", "url"]:
         storage = self.storage or "journal"
         return storage if storage in ("journal", "memory") else "url"  # type: ignore[return-value]
-
-
-class Objective(_Strict):
-    metric: str
-    mode: Literal["max", "min"] | None = None
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, metric: str) -> str:
-        if metric not in METRICS:
-            raise ValueError(
-                f"unknown metric {metric!r}{did_you_mean(metric, METRICS)} "
-                f"(known: {', '.join(METRICS)})"
-            )
-        return metric
-
-    @property
-    def direction(self) -> Literal["max", "min"]:
-        return self.mode or METRICS[self.metric]
 
 
 class ResourceOverride(_Strict):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from sweep.progress import SweepProgress
-from sweep.study import Objective
+from sweep.results import Objective
 
 
 def _trial(trial_id: str, failures: int = 0):
