@@ -1,6 +1,6 @@
 """Benchmark: a PatchCore coreset-ratio study with the feature cache off and on.
 
-Runs the same study twice per repeat through ``sweep.runner.run_study`` in one Ray session: one
+Runs the same study twice per repeat through ``sweep.run.runner.run_study`` in one Ray session: one
 PatchCore trial per coreset ratio (default ladder 0.001 ... 1.0, 10 ratios), once with
 ``cache.features: false`` and once with a fresh, empty cache folder (``cache.features: true``),
 each into a fresh output folder. With the cache on, the trials share the backbone features of
@@ -31,8 +31,8 @@ import torch
 from rich.console import Console
 
 from models.backbones import FeatureExtractor
-from sweep.runner import connect_ray, run_study
-from sweep.study import study_from_dict
+from sweep.run.runner import connect_ray, run_study
+from sweep.run.study import study_from_dict
 
 LADDER = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 RESULT_COLUMNS = ["image_auroc", "pixel_auroc", "image_f1", "memory_bank_size"]

@@ -7,7 +7,7 @@ Each detector is built with ``pretrained=False`` and ``resnet18`` wherever it ta
 * ``fit_s``: the whole fit for one-pass detectors; ``fit_s_per_epoch``: one epoch (``fit(...,
   epochs=1)``) for iterative ones, whose real budget is the study's max epochs times that;
 * ``latency_ms``: median wall time of ``predict`` on one image after warm-up
-  (``sweep.timing.measure_latency``, as the sweep measures it);
+  (``sweep.run.timing.measure_latency``, as the sweep measures it);
 * ``backbone_ms``: the same for the detector's own frozen feature extractor alone (its first
   ``FeatureExtractor``, with the layers it reads), and ``ratio`` = latency / backbone: what the
   method adds on top of the features. Detectors without a timm backbone (EfficientAD's PDN) have
@@ -41,7 +41,7 @@ import models
 from data.synthetic_glue import render_normal
 from data.transforms import normalize, resize_image, to_rgb
 from models.backbones import FeatureExtractor
-from sweep.timing import measure_latency
+from sweep.run.timing import measure_latency
 
 BENCH_OVERRIDES: dict[str, dict[str, Any]] = {
     # CS-Flow reads EfficientNet stages only: the smallest one, at the paper's stage.

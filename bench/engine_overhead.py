@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 
 from sweep.results import ResultStore
-from sweep.runner import connect_ray, run_study, study_schema
-from sweep.study import expand_trials, study_from_dict
-from sweep.trainable import TrialContext, execute_trial
+from sweep.run.runner import connect_ray, run_study, study_schema
+from sweep.run.study import expand_trials, study_from_dict
+from sweep.run.trainable import TrialContext, execute_trial
 
 
 def trivial_runner(trial, ctx, report):

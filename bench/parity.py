@@ -45,7 +45,7 @@ is configured to match and the Pair says so.
 Anomalib is trained through its ``Engine`` (Lightning, CPU, one device, a datamodule of the
 training images) for the same epochs and batch size, with the post-processor, evaluator and
 visualiser off; its raw ``pred_score`` and ``anomaly_map`` (the torch model's eval-mode output)
-are scored with the same ``sweep.metrics.auroc`` as the zoo's. Downloads fail loudly
+are scored with the same ``sweep.run.metrics.auroc`` as the zoo's. Downloads fail loudly
 (``no_hub_weights``): DRAEM gets an empty DTD folder and generated noise textures on both sides.
 
 Per detector and side: image AUROC (mean over seeds), pixel AUROC, fit seconds (the zoo's
@@ -103,8 +103,8 @@ from models.backbones import (
     timm_state,
 )
 from models.packaged import PACKAGED_WEIGHTS
-from sweep.metrics import auroc
-from sweep.timing import measure_latency
+from sweep.run.metrics import auroc
+from sweep.run.timing import measure_latency
 
 BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ("layer1", "layer2", "layer3")

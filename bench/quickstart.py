@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from sweep.results import read_results
-from sweep.runner import connect_ray, run_study
-from sweep.study import load_study
+from sweep.run.runner import connect_ray, run_study
+from sweep.run.study import load_study
 
 STUDY = Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml"
 VARIANTS = {

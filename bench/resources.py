@@ -10,7 +10,7 @@ building it with ``pretrained=False`` and training on one batch of random images
   follows the tensors alive;
 - time: ``fit`` several epochs and take the steady-state seconds per epoch (one-pass detectors:
   the second of two fits), next to the work ``fit_work`` counts for one epoch (FLOPs, memory
-  traffic, optimiser steps). ``--fit`` fits the CPU speed constants of ``sweep.plan`` to it.
+  traffic, optimiser steps). ``--fit`` fits the CPU speed constants of ``sweep.run.plan`` to it.
 
     python bench/resources.py [--size 128] [--batch 8] [--threads 1] [--models a,b] [--json OUT]
 """
@@ -35,7 +35,7 @@ CHILD = r"""
 import json, sys, threading, time
 import psutil, torch
 import models
-from sweep.resources import ALLOCATOR_SLACK, DEVICE_OVERHEAD_GB, detector_request
+from sweep.run.resources import ALLOCATOR_SLACK, DEVICE_OVERHEAD_GB, detector_request
 
 mode, name, size, batch, threads, epochs, extra = sys.argv[1:8]
 size, batch, threads, epochs = int(size), int(batch), int(threads), int(epochs)
@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     import models
     from models.costs import Work
-    from sweep.plan import DeviceSpeed
+    from sweep.run.plan import DeviceSpeed
 
     names = args.models.split(",") if args.models else models.list_models()
     speed = DeviceSpeed.cpu(args.threads)

@@ -3,7 +3,7 @@
 Several trials packed on one node time their latency at the same moment unless something keeps
 them apart; each then measures the others' work too. This times one fitted PaDiM (resnet18,
 random init, 128 px, one torch thread per process) at batch 1 the way every trial does
-(``sweep.timing.measure_latency``), in three settings within one run:
+(``sweep.run.timing.measure_latency``), in three settings within one run:
 
 - alone: one process times, nothing else runs;
 - packed, no lock: ``--workers`` processes time at the same moment (a start barrier);
@@ -43,7 +43,7 @@ def _detector(threads: int):
 
 
 def _time(lock: str | None, repeats: int, threads: int, barrier, results) -> None:
-    from sweep.timing import exclusive_timing, measure_latency
+    from sweep.run.timing import exclusive_timing, measure_latency
 
     detector, image = _detector(threads)
     barrier.wait()

@@ -197,7 +197,7 @@ class Detector(torch.nn.Module):
         """Bytes of device memory ``fit`` holds beyond its networks' weights, activations and
         optimiser state (which :meth:`cost_profile` measures): a memory bank, per-position
         covariances. 0 by default; detectors that build such state from ``n_train`` images
-        override it. ``sweep.resources`` turns this and the profile into a trial's request."""
+        override it. ``sweep.run.resources`` turns this and the profile into a trial's request."""
         return 0
 
     @classmethod

@@ -85,8 +85,8 @@ def run(
     Interrupted (Ctrl-C, a killed driver, a lost node), the same command, or ``sweep resume
     OUTPUT``, runs the rest: finished trials are never run twice.
     """
-    from sweep.smoke import smoke_form
-    from sweep.study import load_study
+    from sweep.run.smoke import smoke_form
+    from sweep.run.study import load_study
 
     try:
         study = load_study(study_file, overrides=set_ or [])
@@ -106,7 +106,7 @@ def resume(
 ) -> None:
     """Finish a study from its output alone: run the study saved there (_study.yaml, as the
     first run validated it, overrides and --smoke applied) for the trials it does not hold."""
-    from sweep.runner import read_study_copy
+    from sweep.run.runner import read_study_copy
 
     try:
         study = read_study_copy(output)
@@ -118,7 +118,7 @@ def resume(
 def _run_and_report(
     study: Any, output: str | None, address: str | None, num_cpus: int | None, retry_errors: bool
 ) -> None:
-    from sweep.runner import run_study
+    from sweep.run.runner import run_study
 
     target = output or study.output_dir
     try:
@@ -154,9 +154,9 @@ def validate(
     ] = False,
 ) -> None:
     """Check a study file (and its smoke form) and print its trials, without running anything."""
-    from sweep.smoke import smoke_form
-    from sweep.space import VARIANT_KEYS
-    from sweep.study import check_hyperparameters, config_hash, expand_trials, load_study
+    from sweep.run.smoke import smoke_form
+    from sweep.run.space import VARIANT_KEYS
+    from sweep.run.study import check_hyperparameters, config_hash, expand_trials, load_study
 
     try:
         study = load_study(study_file, overrides=set_ or [])
@@ -198,9 +198,9 @@ def plan(
 ) -> None:
     """Print the trials, their resources, how they pack on the cluster and a time estimate,
     without running anything."""
-    from sweep.plan import make_plan
-    from sweep.smoke import smoke_form
-    from sweep.study import load_study
+    from sweep.run.plan import make_plan
+    from sweep.run.smoke import smoke_form
+    from sweep.run.study import load_study
 
     try:
         study = load_study(study_file, overrides=set_ or [])
@@ -248,7 +248,7 @@ def report(
 ) -> None:
     """Seed-aggregated table, Pareto front, each knee method's pick and the plots; optionally
     an HTML or Markdown report."""
-    from sweep.report import (
+    from sweep.read.report import (
         build_report,
         check_writable,
         parse_weights,
@@ -312,7 +312,7 @@ def results_cmd(
 ) -> None:
     """Filter a study's rows and print or export them (every column unless --columns; the
     table shows the main ones)."""
-    from sweep.query import FORMATS, apply_where, export_rows, pick_columns, sort_rows
+    from sweep.read.query import FORMATS, apply_where, export_rows, pick_columns, sort_rows
     from sweep.results import read_results
 
     try:
@@ -356,7 +356,7 @@ def compare(
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """The same configurations of two outputs side by side: mean ± std in A and B, and B - A."""
-    from sweep.compare import compare_outputs
+    from sweep.read.compare import compare_outputs
 
     try:
         if fmt not in ("table", "json"):
@@ -547,7 +547,7 @@ def weights_fetch(
 ) -> None:
     """Download the pretrained backbones the studies' trials can load (where there is internet)
     into a folder nodes share; files already there and valid are kept. Exit 1 if any failed."""
-    from sweep.weights import fetch_studies
+    from sweep.run.weights import fetch_studies
 
     try:
         # The downloads' progress bar shares stderr with the summary.
@@ -565,7 +565,7 @@ def weights_list(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a study key.")] = None,
 ) -> None:
     """List the backbones the studies need and what the weights folder holds for each."""
-    from sweep.weights import list_weights
+    from sweep.run.weights import list_weights
 
     try:
         folders = list_weights(study_files, to, set_ or [])

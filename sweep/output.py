@@ -32,10 +32,10 @@ from sweep.errors import EXIT_BAD_INPUT
 if TYPE_CHECKING:
     import pandas as pd
 
-    from sweep.plan import StudyPlan
-    from sweep.runner import RunSummary
-    from sweep.space import TrialConfig
-    from sweep.weights import FetchReport, FetchResult, WeightsEntry
+    from sweep.run.plan import StudyPlan
+    from sweep.run.runner import RunSummary
+    from sweep.run.space import TrialConfig
+    from sweep.run.weights import FetchReport, FetchResult, WeightsEntry
 
 __all__ = [
     "SOURCE_LABELS",
@@ -168,7 +168,7 @@ SOURCE_LABELS = {
     "model": "FLOPs",
     "unknown": "unknown",
 }
-"""How the plan's table names the estimate sources (:attr:`sweep.plan.TrialPlan.source`)."""
+"""How the plan's table names the estimate sources (:attr:`sweep.run.plan.TrialPlan.source`)."""
 
 
 def show_plan(plan: StudyPlan, as_json: bool = False, console: Console | None = None) -> None:
@@ -183,7 +183,7 @@ def show_plan(plan: StudyPlan, as_json: bool = False, console: Console | None = 
 def render_plan(plan: StudyPlan, console: Console) -> None:
     """Print ``plan`` with rich: its trials grouped by model x backbone x image size (with
     counts), their resources and estimates; the packing summary; notes and warnings."""
-    from sweep.plan import group_trials  # the plan module brings torch; only `plan` needs it
+    from sweep.run.plan import group_trials  # the plan module brings torch; only `plan` needs it
 
     table = Table(
         title=f"{plan.study}: {len(plan.trials)} trials ({plan.algorithm} search)",
@@ -240,8 +240,8 @@ def show_report(
     if as_json:
         emit_json(result)
     else:
-        # sweep.report brings pandas; only `report` needs it.
-        from sweep.report import print_report
+        # sweep.read.report brings pandas; only `report` needs it.
+        from sweep.read.report import print_report
 
         print_report(result, objectives, out)
     for kind, path in written:
@@ -256,7 +256,7 @@ def show_rows(rows: pd.DataFrame, total: int, fmt: str, source: str, output: Pat
     elif fmt == "csv":
         rows.to_csv(sys.stdout, index=False)
     elif fmt == "json":
-        from sweep.query import rows_as_json  # pandas; only `results` needs it
+        from sweep.read.query import rows_as_json  # pandas; only `results` needs it
 
         sys.stdout.write(rows_as_json(rows))
     else:
@@ -281,7 +281,7 @@ def show_comparison(result: dict, as_json: bool) -> None:
     if as_json:
         emit_json(result)
         return
-    from sweep.compare import print_comparison  # pandas; only `compare` needs it
+    from sweep.read.compare import print_comparison  # pandas; only `compare` needs it
 
     print_comparison(result, out)
 

@@ -126,7 +126,7 @@ IDENTITY = (
 
 def demo(out_dir: str) -> dict[str, Path]:
     """Write every plot of a frame with everything in it, for looking at."""
-    from sweep.plots import report_plots
+    from sweep.read.plots import report_plots
 
     df = result_frame(variants=True, sizes=True, coreset=True)
     return report_plots(df, None, [("image_auroc", "max"), ("latency_ms", "min")], Path(out_dir))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sweep.results import ResultStore, hp_column_types, row_schema
-from sweep.study import study_from_dict, study_to_yaml
+from sweep.run.study import study_from_dict, study_to_yaml
 from tests.conftest import tiny_study
 
 # model, hyperparameters, image AUROC, pixel AUROC, latency ms, train s

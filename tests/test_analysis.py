@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sweep.analysis import (
+from sweep.errors import SweepError
+from sweep.read.analysis import (
     aggregate_seeds,
     config_columns,
     knee_kneedle,
@@ -20,7 +21,6 @@ from sweep.analysis import (
     selection_to_dict,
     topsis,
 )
-from sweep.errors import SweepError
 
 # ------------------------------------------------------------------------------ aggregation
 

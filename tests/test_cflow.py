@@ -96,7 +96,7 @@ def test_stops_when_told_and_defaults_to_the_constructor_budget(toy):
 
 
 def test_can_be_scored_between_epochs(toy):
-    # A scheduler scores the validation split from on_epoch_end (sweep/trainable.py).
+    # A scheduler scores the validation split from on_epoch_end (sweep/run/trainable.py).
     detector = models.create("cflow", pretrained=False, **{**CONFIG, "coupling_blocks": 1})
     scores = []
 

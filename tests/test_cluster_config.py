@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.errors import StudyError
-from sweep.resources import ClusterShape
+from sweep.run.resources import ClusterShape
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_FILES = ["cluster.yaml", "cluster/gcp.yaml", "cluster/local.yaml"]

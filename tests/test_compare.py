@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sweep.cli import app
-from sweep.compare import compare_outputs
+from sweep.read.compare import compare_outputs
 from tests.report_rows import CONFIGS, write_study_output
 
 runner = CliRunner()

@@ -125,7 +125,7 @@ def test_same_seed_same_scores_and_global_rng_untouched(toy, small_train):
 
 def test_can_be_scored_between_epochs(toy, small_train):
     # An ASHA study on a validation metric scores the detector from on_epoch_end
-    # (sweep/trainable.py): maps must be normalised for the networks of that epoch.
+    # (sweep/run/trainable.py): maps must be normalised for the networks of that epoch.
     test = toy.test[:4, :, :MECHANICS_SIZE, :MECHANICS_SIZE]
     detector = models.create("efficient_ad", seed=0, lr=1e-3)
     scored: list[tuple[int, models.Prediction, torch.Tensor]] = []

@@ -80,7 +80,7 @@ def test_stops_when_told(toy):
 
 def test_can_be_scored_between_epochs(toy):
     # An ASHA study on a validation metric scores the detector from on_epoch_end
-    # (sweep/trainable.py), from the first student epoch on.
+    # (sweep/run/trainable.py), from the first student epoch on.
     test = toy.test[:4]
     detector = create(teacher_epochs=1, seed=0)
     scored: list[tuple[int, models.Prediction]] = []

@@ -27,9 +27,9 @@ import torch
 import yaml
 
 import models
-from sweep.runner import study_schema
-from sweep.study import config_hash, expand_trials, study_from_dict
-from sweep.trainable import TrialContext, execute_trial
+from sweep.run.runner import study_schema
+from sweep.run.study import config_hash, expand_trials, study_from_dict
+from sweep.run.trainable import TrialContext, execute_trial
 from tests.conftest import tiny_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +221,7 @@ def _study_file(glue_root: Path, tmp_path: Path, seeds: int, **space) -> tuple[P
 
 
 def _expected_hashes(study_path: Path) -> set[str]:
-    from sweep.study import load_study
+    from sweep.run.study import load_study
 
     study = load_study(study_path)
     return {config_hash(study, t) for t in expand_trials(study)}
@@ -380,9 +380,9 @@ _DRIVER = textwrap.dedent(
 
     import ray
 
-    from sweep.runner import run_study
-    from sweep.study import config_hash, load_study
-    from sweep.trainable import run_trial
+    from sweep.run.runner import run_study
+    from sweep.run.study import config_hash, load_study
+    from sweep.run.trainable import run_trial
 
     STUDY, ADDRESS, ATTEMPTS = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 

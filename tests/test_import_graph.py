@@ -9,6 +9,8 @@ Two rules are checked:
 
 - ``models`` and ``data`` never import ``sweep``: the zoo and the data sets know nothing of the
   engine that schedules them (issue 14).
+- ``sweep.read`` (reading a study's results) never imports ``sweep.run`` (running it): the two
+  meet only in ``sweep.results`` (the rows and their metrics) and ``sweep.errors``.
 - There is no import cycle. Imports inside functions count as much as those at the top of a
   file: a function-level import that closes a loop is still a loop, only one that fails at call
   time instead of import time, and hiding cycles in functions is what this test is here to
@@ -249,6 +251,18 @@ def test_models_and_data_never_import_sweep() -> None:
         if target.split(".")[0] == "sweep"
     )
     assert not wrong, "models/data import sweep: " + "; ".join(wrong)
+
+
+def test_reading_results_never_imports_running() -> None:
+    graph = import_graph()
+    wrong = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith("sweep.read.")
+        for target in targets
+        if target == "sweep.run" or target.startswith("sweep.run.")
+    )
+    assert not wrong, "sweep.read imports sweep.run: " + "; ".join(wrong)
 
 
 @pytest.mark.parametrize("package", PACKAGES)

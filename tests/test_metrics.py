@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 
-from sweep.metrics import (
+from sweep.run.metrics import (
     METRIC_KEYS,
     SplitOutputs,
     aupro,

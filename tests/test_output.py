@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from sweep import output
 from sweep.cli import app
-from sweep.plan import group_trials, make_plan
-from sweep.study import load_study
-from sweep.weights import fetch_studies, fetch_weights, list_weights, needed_backbones
+from sweep.run.plan import group_trials, make_plan
+from sweep.run.study import load_study
+from sweep.run.weights import fetch_studies, fetch_weights, list_weights, needed_backbones
 from tests.report_rows import write_study_output
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,9 +34,9 @@ from models.backbones import (
 from models.errors import ModelError
 from models.packaged import PACKAGED_WEIGHTS, packaged_weights, to_timm_names
 from sweep.cli import app
-from sweep.study import expand_trials, study_from_dict
-from sweep.weights import WEIGHTS_DIR_ENV, check_study_weights, fetch_weights, needed_backbones
-from sweep.weights import trial_weights as weights_of_trial
+from sweep.run.study import expand_trials, study_from_dict
+from sweep.run.weights import WEIGHTS_DIR_ENV, check_study_weights, fetch_weights, needed_backbones
+from sweep.run.weights import trial_weights as weights_of_trial
 from tests.test_weights import no_network  # noqa: F401  (the fixture)
 
 DATA = Path(__file__).parent / "data"

@@ -41,9 +41,9 @@ from models.teacher_distillation import (
 )
 from sweep.cli import app
 from sweep.errors import EXIT_BAD_INPUT, StudyError
-from sweep.runner import study_schema
-from sweep.study import check_hyperparameters, config_hash, expand_trials, study_from_dict
-from sweep.trainable import TrialContext, run_trial
+from sweep.run.runner import study_schema
+from sweep.run.study import check_hyperparameters, config_hash, expand_trials, study_from_dict
+from sweep.run.trainable import TrialContext, run_trial
 from tests.conftest import tiny_study
 
 DSR_TINY = {

@@ -14,9 +14,9 @@ from rich.console import Console
 
 from sweep.errors import StudyError
 from sweep.output import format_duration, render_plan, show_plan
-from sweep.plan import TRIAL_OVERHEAD_S, make_plan, pack_trials, plan_study
-from sweep.resources import ClusterShape, NodeShape, ResourceRequest
-from sweep.study import config_hash, expand_trials, load_study, study_from_dict
+from sweep.run.plan import TRIAL_OVERHEAD_S, make_plan, pack_trials, plan_study
+from sweep.run.resources import ClusterShape, NodeShape, ResourceRequest
+from sweep.run.study import config_hash, expand_trials, load_study, study_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_GPU = ClusterShape((NodeShape("n", cpus=16, gpus=1, gpu_memory_gb=16, memory_gb=64),))

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sweep.analysis import aggregate_seeds, select, variant_deltas
 from sweep.errors import StudyError, SweepError
-from sweep.examples import load_examples, save_examples
-from sweep.plots import (
+from sweep.read.analysis import aggregate_seeds, select, variant_deltas
+from sweep.read.examples import load_examples, save_examples
+from sweep.read.plots import (
     image_vs_pixel_plot,
     param_plot,
     pareto_plot,
@@ -24,9 +24,9 @@ from sweep.plots import (
     tradeoff_plot,
 )
 from sweep.results import ResultStore, read_results
-from sweep.runner import study_schema
-from sweep.study import config_hash, expand_trials, study_from_dict
-from sweep.trainable import TrialContext, execute_trial, load_data
+from sweep.run.runner import study_schema
+from sweep.run.study import config_hash, expand_trials, study_from_dict
+from sweep.run.trainable import TrialContext, execute_trial, load_data
 from tests.conftest import tiny_study
 from tests.plot_frames import result_frame
 
@@ -94,8 +94,8 @@ def test_importing_and_plotting_leaves_pyplot_alone(tmp_path):
     # import) stays out and the check is about this package alone.
     code = (
         "import sys, numpy as np, pandas as pd\n"
-        "from sweep.analysis import select\n"
-        "from sweep.plots import pareto_plot\n"
+        "from sweep.read.analysis import select\n"
+        "from sweep.read.plots import pareto_plot\n"
         "agg = pd.DataFrame({'model': ['a', 'b'], 'latency_ms_mean': [1.0, 30.0],"
         " 'image_auroc_mean': [0.5, 0.9]})\n"
         "sel = select(agg, [('image_auroc', 'max'), ('latency_ms', 'min')])\n"
@@ -304,7 +304,7 @@ def test_example_maps_setting_zero_none_and_bad_values(glue_root, tmp_path, monk
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sweep.examples.save_examples", broken)
+    monkeypatch.setattr("sweep.read.examples.save_examples", broken)
     raw["evaluation"]["example_maps"] = 2
     raw["output"] = str(tmp_path / "again")
     _, (row,) = _run(raw, tmp_path)

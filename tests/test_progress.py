@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from sweep.progress import SweepProgress
 from sweep.results import Objective
+from sweep.run.progress import SweepProgress
 
 
 def _trial(trial_id: str, failures: int = 0):

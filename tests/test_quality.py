@@ -88,7 +88,7 @@ from texture_defects import (
 from toy_defects import toy_set
 
 import models
-from sweep.metrics import auroc
+from sweep.run.metrics import auroc
 
 SEED = 0
 """Seeds the set and every detector."""

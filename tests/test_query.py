@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.errors import SweepError
-from sweep.query import apply_where, parse_condition
+from sweep.read.query import apply_where, parse_condition
 from tests.report_rows import write_study_output
 
 runner = CliRunner()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.errors import SweepError
-from sweep.report import print_report, render_markdown, write_atomically
+from sweep.read.report import print_report, render_markdown, write_atomically
 from tests.report_rows import write_study_output
 
 runner = CliRunner()

@@ -12,8 +12,8 @@ import models
 from models.costs import build_on_meta
 from models.errors import ModelError
 from sweep.errors import StudyError
-from sweep.plan import plan_study
-from sweep.resources import (
+from sweep.run.plan import plan_study
+from sweep.run.resources import (
     GPU_FRACTIONS,
     ClusterShape,
     NodeShape,
@@ -27,7 +27,7 @@ from sweep.resources import (
     study_image_counts,
     trial_resources,
 )
-from sweep.study import expand_trials, study_from_dict
+from sweep.run.study import expand_trials, study_from_dict
 
 GPU_NODE = ClusterShape((NodeShape("gpu", cpus=16, gpus=4, gpu_memory_gb=16, memory_gb=120),))
 CPU_NODE = ClusterShape((NodeShape("cpu", cpus=8, gpus=0, memory_gb=30),))

@@ -11,8 +11,8 @@ import ray.cloudpickle as cloudpickle
 
 from sweep.errors import StudyError
 from sweep.results import read_results
-from sweep.runner import run_study
-from sweep.study import study_from_dict
+from sweep.run.runner import run_study
+from sweep.run.study import study_from_dict
 from tests.conftest import tiny_study
 
 pytestmark = pytest.mark.ray
@@ -40,7 +40,7 @@ def test_real_tiny_study_rows_read_back(ray_session, glue_root, tmp_path, monkey
         run_study(study)  # a grid's refused configuration is bad input, found before any trial
     assert not (tmp_path / "out").exists()
     # One the up-front check cannot see (an Optuna draw) fails in its trial: an error row.
-    monkeypatch.setattr("sweep.runner.check_hyperparameters", lambda study: None)
+    monkeypatch.setattr("sweep.run.runner.check_hyperparameters", lambda study: None)
     summary = run_study(study)
     assert (summary.ok, summary.errors, summary.lost) == (2, 1, 0)
 

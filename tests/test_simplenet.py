@@ -90,7 +90,7 @@ def test_stops_when_told_defaults_to_the_constructor_budget_and_scores_between_e
     seen, scores = [], []
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
-        # A scheduler scores the validation split mid-training (sweep/trainable.py).
+        # A scheduler scores the validation split mid-training (sweep/run/trainable.py).
         seen.append(epoch)
         detector.eval()
         scores.append(detector.predict(toy.test[:2]).score)

@@ -24,15 +24,15 @@ from typer.testing import CliRunner
 from sweep.cli import app
 from sweep.errors import SweepError
 from sweep.results import ResultStore, read_results
-from sweep.runner import read_study_copy, run_study, study_schema
-from sweep.search import (
+from sweep.run.runner import read_study_copy, run_study, study_schema
+from sweep.run.search import (
     OPTUNA_JOURNAL,
     check_optuna_storage,
     finished_optuna_trials,
     optuna_storage,
     settle_stale_optuna_trials,
 )
-from sweep.study import (
+from sweep.run.study import (
     config_hash,
     expand_trials,
     study_from_dict,
@@ -200,8 +200,8 @@ def test_a_writer_killed_mid_write_leaves_nothing_a_reader_sees(glue_root, tmp_p
         f"""
         import os, signal
         from sweep.results import ResultStore
-        from sweep.runner import study_schema
-        from sweep.study import load_study
+        from sweep.run.runner import study_schema
+        from sweep.run.study import load_study
         os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
         study = load_study({str(tmp_path / "study.yaml")!r})
         row = {{"config_hash": {config_hash(study, second)!r}, "status": "ok", "seed": 1}}

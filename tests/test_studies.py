@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from sweep.results import read_results
-from sweep.runner import run_study
-from sweep.smoke import smoke_form
-from sweep.study import expand_trials, load_study
+from sweep.run.runner import run_study
+from sweep.run.smoke import smoke_form
+from sweep.run.study import expand_trials, load_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 # Smoke forms that take longer than a few seconds run in CI's slow stage.

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from sweep.errors import StudyError
-from sweep.smoke import smoke_form
-from sweep.study import (
+from sweep.run.smoke import smoke_form
+from sweep.run.study import (
     apply_override,
     config_hash,
     expand_trials,
@@ -428,7 +428,7 @@ def test_glue_line_gives_fastflow_table_b8_transformer_settings_only_on_transfor
 
 
 def test_per_backbone_pretrained_and_weights_decide_which_weights_a_study_needs():
-    from sweep.weights import needed_backbones
+    from sweep.run.weights import needed_backbones
 
     space = {"model": "stfpm", "stfpm.backbone": {"grid": ["resnet18", "wide_resnet50_2"]}}
     only_wide = {"pretrained": False, "stfpm@wide_resnet50_2.pretrained": True}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.timing import exclusive_timing
+from sweep.run.timing import exclusive_timing
 
 HOLD_S = 0.3
 
@@ -94,7 +94,7 @@ def test_a_timeout_times_anyway_and_says_so(tmp_path):
 
 
 def test_the_lock_file_comes_from_the_environment(tmp_path, monkeypatch):
-    from sweep.timing import TIMING_LOCK_ENV, timing_lock_path
+    from sweep.run.timing import TIMING_LOCK_ENV, timing_lock_path
 
     monkeypatch.setenv(TIMING_LOCK_ENV, str(tmp_path / "node.lock"))
     assert timing_lock_path() == tmp_path / "node.lock"

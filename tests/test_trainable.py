@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sweep.errors import StudyError
-from sweep.runner import study_schema
-from sweep.study import expand_trials, study_from_dict
-from sweep.trainable import TrialContext, run_trial
+from sweep.run.runner import study_schema
+from sweep.run.study import expand_trials, study_from_dict
+from sweep.run.trainable import TrialContext, run_trial
 from tests.conftest import tiny_study
 
 
@@ -77,7 +77,7 @@ def test_what_a_detector_could_not_use_lands_in_the_row(glue_root, tmp_path):
 
 def test_validation_mid_training_gives_each_module_its_own_mode_back(glue_root, tmp_path):
     import models
-    from sweep.trainable import _validation_metrics, load_data
+    from sweep.run.trainable import _validation_metrics, load_data
 
     raw = tiny_study(glue_root, tmp_path / "out")
     raw["space"] = {"model": "stfpm", "backbone": "resnet18", "pretrained": False}

@@ -21,11 +21,11 @@ from models.backbones import BACKBONES, FeatureExtractor, get_backbone, meta_ini
 from models.errors import ModelError
 from sweep.cli import app
 from sweep.errors import StudyError, SweepError
-from sweep.runner import study_schema
-from sweep.smoke import smoke_form
-from sweep.study import config_hash, expand_trials, study_from_dict
-from sweep.trainable import TrialContext, run_trial
-from sweep.weights import (
+from sweep.run.runner import study_schema
+from sweep.run.smoke import smoke_form
+from sweep.run.study import config_hash, expand_trials, study_from_dict
+from sweep.run.trainable import TrialContext, run_trial
+from sweep.run.weights import (
     WEIGHTS_DIR_ENV,
     check_study_weights,
     fetch_weights,
@@ -401,10 +401,10 @@ def test_sweep_run_exits_2_before_anything_runs_when_a_weights_file_is_missing(t
 
 
 def test_weights_fetch_and_list_commands(tmp_path, monkeypatch):
-    import sweep.weights
+    import sweep.run.weights
 
     source = RandomSource()
-    monkeypatch.setattr(sweep.weights, "timm_pretrained", source)
+    monkeypatch.setattr(sweep.run.weights, "timm_pretrained", source)
     path = tmp_path / "study.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -433,7 +433,7 @@ def test_weights_fetch_and_list_commands(tmp_path, monkeypatch):
     def offline(spec, scratch):
         raise ConnectionError("no route to the hub")
 
-    monkeypatch.setattr(sweep.weights, "timm_pretrained", offline)
+    monkeypatch.setattr(sweep.run.weights, "timm_pretrained", offline)
     failed = runner.invoke(app, ["weights", "fetch", str(path), "--to", str(tmp_path / "other")])
     assert failed.exit_code == 1 and "no route to the hub" in failed.output
     bad = runner.invoke(app, ["weights", "fetch", str(tmp_path / "missing.yaml")])

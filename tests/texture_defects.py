@@ -41,7 +41,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from data.transforms import normalize
-from sweep.metrics import auroc
+from sweep.run.metrics import auroc
 
 SIZE = 96
 N_TRAIN = 32

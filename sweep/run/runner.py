@@ -28,18 +28,18 @@ from rich.console import Console
 
 import models
 from sweep.errors import SweepError
-from sweep.progress import SweepProgress
-from sweep.resources import ClusterShape, merge_warnings, ray_resources, trial_resources
 from sweep.results import ResultStore, hp_column_types, row_schema
-from sweep.search import (
+from sweep.run.progress import SweepProgress
+from sweep.run.resources import ClusterShape, merge_warnings, ray_resources, trial_resources
+from sweep.run.search import (
     check_optuna_storage,
     finished_optuna_trials,
     optuna_searcher,
     optuna_storage,
     settle_stale_optuna_trials,
 )
-from sweep.space import TRIAL_KEYS, Param, TrialConfig, split_key
-from sweep.study import (
+from sweep.run.space import TRIAL_KEYS, Param, TrialConfig, split_key
+from sweep.run.study import (
     Study,
     check_hyperparameters,
     config_hash,
@@ -47,7 +47,7 @@ from sweep.study import (
     study_from_dict,
     study_to_yaml,
 )
-from sweep.trainable import Reporter, TrialContext, load_data, stopped_row, tune_trial
+from sweep.run.trainable import Reporter, TrialContext, load_data, stopped_row, tune_trial
 
 TrialRunner = Callable[[TrialConfig, TrialContext, Reporter | None], dict[str, Any]]
 
@@ -347,7 +347,7 @@ def run_study(
 
     if preflight:
         # A weights folder the user named must hold every pretrained backbone (exit 2 if not).
-        from sweep.weights import check_study_weights
+        from sweep.run.weights import check_study_weights
 
         check_study_weights(study)
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make

@@ -2,7 +2,7 @@
 
 :func:`plan_study` lists the study's trials (a grid or random study's own; for an Optuna study
 its ``n_trials`` spread evenly over the configurations its space can produce), gives each its
-resources (:func:`sweep.resources.trial_resources`) and an estimated duration, and packs them
+resources (:func:`sweep.run.resources.trial_resources`) and an estimated duration, and packs them
 onto the cluster in a small simulation to estimate the wall-clock time. Nothing is trained, no
 data is loaded and Ray is not started.
 
@@ -35,14 +35,14 @@ import models
 from models.costs import Work
 from models.errors import ModelError
 from sweep.errors import StudyError
-from sweep.resources import (
+from sweep.run.resources import (
     ClusterShape,
     ResourceRequest,
     merge_warnings,
     study_image_counts,
     trial_resources,
 )
-from sweep.study import (
+from sweep.run.study import (
     Study,
     TrialConfig,
     config_hash,

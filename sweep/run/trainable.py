@@ -28,18 +28,18 @@ import torch
 
 import models
 from data.transforms import normalize
-from sweep import metrics as metric_fns
 from sweep.results import HP_PREFIX, ResultStore
-from sweep.space import TrialConfig
-from sweep.study import Study, config_hash
-from sweep.timing import (
+from sweep.run import metrics as metric_fns
+from sweep.run.space import TrialConfig
+from sweep.run.study import Study, config_hash
+from sweep.run.timing import (
     PeakMemory,
     Stopwatch,
     exclusive_timing,
     measure_latency,
     measure_throughput,
 )
-from sweep.weights import trial_weights
+from sweep.run.weights import trial_weights
 
 Reporter = Callable[[dict[str, Any]], None]
 """Receives per-epoch results while a trial trains (Ray Tune's ``report`` in a sweep)."""
@@ -328,7 +328,7 @@ def _save_examples(trial: TrialConfig, ctx: TrialContext, dataset, outputs) -> s
     if n <= 0:
         return None
     try:
-        from sweep.examples import save_examples
+        from sweep.read.examples import save_examples
 
         save_examples(
             ResultStore(ctx.output),

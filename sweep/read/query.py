@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweep.analysis import jsonable
 from sweep.errors import SweepError, did_you_mean
+from sweep.read.analysis import jsonable
 
 __all__ = [
     "FORMATS",

@@ -1,8 +1,8 @@
 """``sweep report``: a study's results as a decision.
 
 :func:`build_report` reads a study's output, aggregates the seeds, finds the Pareto front and
-each knee method's pick (``sweep.analysis``), writes the plots (``sweep.plots``) and returns
-the report as a JSON-able dict. Three renderings of that dict:
+each knee method's pick (``sweep.read.analysis``), writes the plots (``sweep.read.plots``) and
+returns the report as a JSON-able dict. Three renderings of that dict:
 
 * :func:`print_report`: rich tables on the terminal;
 * :func:`render_html`: one self-contained HTML file (inline CSS, plots embedded as base64
@@ -71,7 +71,7 @@ PLOT_TITLES = {
     "robustness": "Robustness: each variant against clean (Fig. 12)",
     "examples": "Example test images, each picked model's anomaly map, ground truth (Fig. 11)",
 }
-"""Captions of ``sweep.plots.report_plots``'s plots; ``pareto_<m>`` and ``vs_<key>`` below."""
+"""Captions of ``sweep.read.plots.report_plots``'s plots; ``pareto_<m>`` and ``vs_<key>`` below."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -115,7 +115,7 @@ def study_objectives(results_dir: Path, objectives: list[str] | None) -> list[tu
 def parse_weights(texts: Sequence[str] | None) -> dict[str, float]:
     """``--weights image_auroc=2,latency_ms=1`` (repeatable, comma-separated) as a dict.
 
-    Names are checked against the objectives by ``sweep.analysis.select``; here only the form
+    Names are checked against the objectives by ``sweep.read.analysis.select``; here only the form
     and positivity.
     """
     weights: dict[str, float] = {}
@@ -174,12 +174,12 @@ def build_report(
     Keys: ``results``, ``study`` (the saved study, or None), ``trials``, ``ok``, ``errors``
     (rows whose status is not ok), ``objectives``, ``weights``, ``metrics``,
     ``configurations`` (seed-aggregated, clean data only when the study has variants),
-    ``selection`` (``sweep.analysis.selection_to_dict``), ``robustness`` (when the study has
+    ``selection`` (``sweep.read.analysis.selection_to_dict``), ``robustness`` (when the study has
     augmentations or stresses), ``plots`` (name -> PNG path).
     """
     import pandas as pd
 
-    from sweep import analysis, plots
+    from sweep.read import analysis, plots
     from sweep.results import read_results
 
     all_rows = read_results(results_dir)

@@ -13,8 +13,8 @@ import yaml
 import models
 from models.tiny import tiny_hparams
 from sweep.errors import StudyError
-from sweep.space import Param, Space, jsonable, split_key
-from sweep.study import Study, apply_override, study_from_dict, study_to_yaml
+from sweep.run.space import Param, Space, jsonable, split_key
+from sweep.run.study import Study, apply_override, study_from_dict, study_to_yaml
 
 DEFAULT_SMOKE_DATA_ROOT = "~/.cache/anomaly-sweep/glue-smoke"
 SMOKE_IMAGE_SIZES = (64, 96)

@@ -36,7 +36,7 @@ from models.base import (
 )
 from models.errors import ModelError
 from sweep.errors import StudyError
-from sweep.study import Study, TrialConfig
+from sweep.run.study import Study, TrialConfig
 
 __all__ = [
     "DEFAULT_CPUS",

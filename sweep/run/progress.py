@@ -160,7 +160,7 @@ class SweepProgress(Callback):
 
 def trial_label(trial: Any) -> str:
     """A readable name for a Tune trial of a grid/random study, else its id."""
-    from sweep.space import TrialConfig
+    from sweep.run.space import TrialConfig
 
     raw = getattr(trial, "config", {}).get("trial")
     return TrialConfig.from_dict(raw).label() if isinstance(raw, dict) else str(trial.trial_id)

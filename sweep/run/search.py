@@ -15,7 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweep.errors import SweepError
 from sweep.results import ResultStore
-from sweep.study import Study, config_hash
+from sweep.run.study import Study, config_hash
 
 OPTUNA_JOURNAL = "_optuna/journal.log"
 """Where a study's Optuna journal lives under its output (``search.storage: journal``)."""

@@ -7,7 +7,7 @@
 * :func:`param_plot`: metrics against any numeric hyperparameter a study varies (resolution,
   PatchCore's coreset ratio), with latency and memory-bank size in a panel of their own;
 * :func:`examples_plot`: example test images, their ground truth and each chosen model's
-  anomaly map (Fig. 11), from the maps trials save (:mod:`sweep.examples`);
+  anomaly map (Fig. 11), from the maps trials save (:mod:`sweep.read.examples`);
 * :func:`report_plots`: every one of these that a study's rows have data for.
 
 Figures are built with :class:`matplotlib.figure.Figure` on an Agg canvas rather than through
@@ -36,7 +36,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import Bbox
 
-from sweep.analysis import (
+from sweep.errors import SweepError
+from sweep.read.analysis import (
     CLEAN,
     VARIANT_COLUMNS,
     Selection,
@@ -46,7 +47,6 @@ from sweep.analysis import (
     select,
     variant_deltas,
 )
-from sweep.errors import SweepError
 
 __all__ = [
     "examples_plot",
@@ -460,7 +460,7 @@ def tradeoff_plot(
     """:func:`pareto_plot` of ``y`` against ``x`` with the front and knees of these two
     metrics (not the study's objectives): the reference study's Fig. 13, one metric a file.
 
-    ``agg`` is a seed-aggregated table (:func:`sweep.analysis.aggregate_seeds`) with
+    ``agg`` is a seed-aggregated table (:func:`sweep.read.analysis.aggregate_seeds`) with
     ``<metric>_mean`` and ``<metric>_std`` columns. Returns None, writing nothing, when no
     configuration has finite values of both.
     """
@@ -542,7 +542,7 @@ def robustness_plot(
 ) -> Path | None:
     """Each data variant against clean, per configuration (the reference study's Fig. 12).
 
-    ``deltas`` is :func:`sweep.analysis.variant_deltas`'s frame. One panel per metric with a
+    ``deltas`` is :func:`sweep.read.analysis.variant_deltas`'s frame. One panel per metric with a
     finite ``<metric>_delta``; a group of horizontal bars per configuration, one bar per
     variant (training augmentation set and/or test-time stress), its length the variant's
     mean minus the clean mean, its error bar the variant's seed std. None, writing nothing,
@@ -787,7 +787,7 @@ def examples_plot(
     image and its image score.
 
     ``columns`` are ``(label, examples)`` pairs, ``examples`` as
-    :func:`sweep.examples.load_examples` returns them. Rows are the images every model saved
+    :func:`sweep.read.examples.load_examples` returns them. Rows are the images every model saved
     (matched by file path, so models at different image sizes line up), in the first model's
     order. Each model's maps share one colour scale, min-max over the rows shown. None, writing
     nothing, without a model or an image they all saved.
@@ -912,7 +912,7 @@ def _example_choices(
     """The models of the heatmap grid: the knee picks (the recommended one first), then the
     other front members by the first objective, up to ``cap``; each shown by its lowest seed
     that saved example maps."""
-    from sweep.examples import load_examples
+    from sweep.read.examples import load_examples
 
     table = sel.table
     order: list[int] = []

@@ -4,7 +4,7 @@ of a study's trials.
 A study names a data set, a search space over detectors and their hyperparameters, a search
 algorithm, the objectives and the resources of each trial. ``load_study`` reads and validates a
 file; the space itself, what its keys resolve to and how it is enumerated, is
-:class:`sweep.space.Space` (``Study.search_space``); ``expand_trials`` lists a grid or random
+:class:`sweep.run.space.Space` (``Study.search_space``); ``expand_trials`` lists a grid or random
 study's trials and ``config_hash`` names each one by everything that decides its result.
 """
 
@@ -42,7 +42,7 @@ from models.errors import ModelError
 from models.parts import PART_HYPERPARAMETERS, part_fingerprint
 from sweep.errors import StudyError, did_you_mean
 from sweep.results import Objective
-from sweep.space import Param, Space, TrialConfig, parse_param
+from sweep.run.space import Param, Space, TrialConfig, parse_param
 
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
 DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"

@@ -55,8 +55,8 @@ from models.errors import ModelError
 from models.packaged import packaged_weights
 from models.parts import file_sha256
 from sweep.errors import SweepError
-from sweep.space import TrialConfig
-from sweep.study import Study, load_study
+from sweep.run.space import TrialConfig
+from sweep.run.study import Study, load_study
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/anomaly-sweep/weights"
 WEIGHTS_DIR_ENV = "ANOMALY_SWEEP_WEIGHTS_DIR"
@@ -102,7 +102,7 @@ def _options(
     study: Study, model: str, key: str, known: dict[str, Any], backbone: str | None = None
 ) -> tuple[Any, ...]:
     """Every value ``key`` may take for ``model``'s trials (on ``backbone`` where given), as
-    :meth:`sweep.space.Space.values` gives them; a sampled distribution counts as the
+    :meth:`sweep.run.space.Space.values` gives them; a sampled distribution counts as the
     detector's default."""
     options = study.search_space.values(model, key, backbone)
     return (known.get(key),) if options is None else tuple(options)

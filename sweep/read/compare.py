@@ -2,7 +2,7 @@
 
 Two outputs differ by design in a few keys (the *treatment*: the augmentation set, the part,
 the image size, ...) and are otherwise meant to hold the same configurations. The configuration
-columns (``sweep.analysis.config_columns``: model, backbone, image size, data set, variants,
+columns (``sweep.read.analysis.config_columns``: model, backbone, image size, data set, variants,
 every ``hp.*``) minus the treatment keys match a configuration of A with one of B; each side is
 aggregated over seeds and every metric is shown as mean ± std for A and B with the difference
 of the means (B - A).
@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sweep import analysis
 from sweep.errors import SweepError, did_you_mean
+from sweep.read import analysis
 
 __all__ = ["DEFAULT_METRICS", "compare_outputs", "print_comparison"]
 
@@ -129,10 +129,10 @@ def compare_outputs(
     configuration in both: its match columns, ``n_seeds_a`` / ``_b`` and per metric
     ``<m>_a`` / ``<m>_a_std`` / ``<m>_b`` / ``<m>_b_std`` / ``<m>_diff``), ``only_a``,
     ``only_b`` (configurations in one output only) and ``rows`` (row and ok counts per side).
-    ``where`` filters both sides first (``sweep.query`` conditions).
+    ``where`` filters both sides first (``sweep.read.query`` conditions).
     """
-    from sweep.query import apply_where
-    from sweep.report import metric_mode
+    from sweep.read.query import apply_where
+    from sweep.read.report import metric_mode
     from sweep.results import read_results
 
     frames = []
