@@ -304,7 +304,7 @@ def test_example_maps_setting_zero_none_and_bad_values(glue_root, tmp_path, monk
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sweep.read.examples.save_examples", broken)
+    monkeypatch.setattr("sweep.run.trainable.save_examples", broken)
     raw["evaluation"]["example_maps"] = 2
     raw["output"] = str(tmp_path / "again")
     _, (row,) = _run(raw, tmp_path)

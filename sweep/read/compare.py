@@ -27,6 +27,9 @@ from rich.table import Table
 
 from sweep.errors import SweepError, did_you_mean
 from sweep.read import analysis
+from sweep.read.query import apply_where
+from sweep.read.report import metric_mode
+from sweep.results import read_results
 
 __all__ = ["DEFAULT_METRICS", "compare_outputs", "print_comparison"]
 
@@ -131,10 +134,6 @@ def compare_outputs(
     ``only_b`` (configurations in one output only) and ``rows`` (row and ok counts per side).
     ``where`` filters both sides first (``sweep.read.query`` conditions).
     """
-    from sweep.read.query import apply_where
-    from sweep.read.report import metric_mode
-    from sweep.results import read_results
-
     frames = []
     for directory in (dir_a, dir_b):
         df = read_results(directory)

@@ -47,6 +47,7 @@ from sweep.read.analysis import (
     select,
     variant_deltas,
 )
+from sweep.read.examples import load_examples
 
 __all__ = [
     "examples_plot",
@@ -912,8 +913,6 @@ def _example_choices(
     """The models of the heatmap grid: the knee picks (the recommended one first), then the
     other front members by the first objective, up to ``cap``; each shown by its lowest seed
     that saved example maps."""
-    from sweep.read.examples import load_examples
-
     table = sel.table
     order: list[int] = []
     if sel.chosen is not None and sel.picks.get(sel.chosen) is not None:

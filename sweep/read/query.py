@@ -32,9 +32,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sweep.errors import SweepError, did_you_mean
 from sweep.read.analysis import jsonable
+from sweep.results import write_atomically
 
 __all__ = [
     "FORMATS",
@@ -313,11 +316,6 @@ def rows_as_json(df: pd.DataFrame) -> str:
 
 def export_rows(df: pd.DataFrame, fmt: str, output: Path) -> Path:
     """Write ``df`` as ``csv``, ``json`` or ``parquet`` to ``output`` atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from sweep.results import write_atomically
-
     if fmt == "parquet":
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), sink)

@@ -25,13 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from sweep.errors import SweepError
-from sweep.results import METRICS, Objective, write_atomically
+from sweep.read import analysis
+from sweep.results import METRICS, Objective, read_results, write_atomically
 
 __all__ = [
     "REPORT_METRICS",
@@ -139,8 +141,6 @@ def parse_weights(texts: Sequence[str] | None) -> dict[str, float]:
 
 def _study_settings(results_dir: Path) -> dict[str, Any] | None:
     """The study copy the runner saves under the output (``_study.yaml``), raw and parsed."""
-    import yaml
-
     copy = results_dir / "_study.yaml"
     if not copy.is_file():
         return None
@@ -177,10 +177,9 @@ def build_report(
     ``selection`` (``sweep.read.analysis.selection_to_dict``), ``robustness`` (when the study has
     augmentations or stresses), ``plots`` (name -> PNG path).
     """
-    import pandas as pd
-
-    from sweep.read import analysis, plots
-    from sweep.results import read_results
+    # matplotlib (about half a second) only where plots are drawn: `sweep compare` imports
+    # this module for metric_mode.
+    from sweep.read import plots
 
     all_rows = read_results(results_dir)
     if all_rows.empty:

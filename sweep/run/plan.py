@@ -35,6 +35,7 @@ import models
 from models.costs import Work
 from models.errors import ModelError
 from sweep.errors import StudyError
+from sweep.results import read_results
 from sweep.run.resources import (
     ClusterShape,
     ResourceRequest,
@@ -241,8 +242,6 @@ def _history_rows(history: Any) -> list[dict[str, Any]]:
     if history is None:
         return []
     if isinstance(history, str | Path):
-        from sweep.results import read_results
-
         frame = read_results(history)
         rows = frame.to_dict("records") if len(frame) else []
     elif hasattr(history, "to_dict"):

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sweep.results import Objective
+from sweep.run.space import TrialConfig
 
 
 class SweepProgress(Callback):
@@ -160,7 +161,5 @@ class SweepProgress(Callback):
 
 def trial_label(trial: Any) -> str:
     """A readable name for a Tune trial of a grid/random study, else its id."""
-    from sweep.run.space import TrialConfig
-
     raw = getattr(trial, "config", {}).get("trial")
     return TrialConfig.from_dict(raw).label() if isinstance(raw, dict) else str(trial.trial_id)

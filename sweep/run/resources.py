@@ -26,9 +26,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
 import yaml
 
 import models
+from data.synthetic_glue import GlueSetConfig
 from models.base import (
     DEFAULT_TRAIN_BATCH_SIZE,
     DEFAULT_TRAIN_IMAGES,
@@ -312,9 +315,6 @@ class ClusterShape:
         ``gpus`` pretends it has that many GPUs (``sweep plan --gpus N``), of
         ``gpu_memory_gb`` each (default: the real one's, else the 16 GB reference).
         """
-        import psutil
-        import torch
-
         cpus = float(os.cpu_count() or 1)
         memory = psutil.virtual_memory().total / 2**30 * (1 - RAY_OBJECT_STORE_SHARE)
         real_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -526,8 +526,6 @@ def study_image_counts(study: Study) -> tuple[int, int]:
     for evaluation."""
     dataset = study.dataset
     if dataset.kind == "synthetic_glue":
-        from data.synthetic_glue import GlueSetConfig
-
         values = dataset.synthetic.model_dump(exclude_none=True) if dataset.synthetic else {}
         if "defect_types" in values:
             values["defect_types"] = tuple(values["defect_types"])

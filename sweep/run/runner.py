@@ -23,7 +23,10 @@ from typing import Any
 
 import ray
 import yaml
+from ray import tune
 from ray.tune import Callback, Stopper
+from ray.tune.schedulers import ASHAScheduler
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 import models
@@ -48,6 +51,7 @@ from sweep.run.study import (
     study_to_yaml,
 )
 from sweep.run.trainable import Reporter, TrialContext, load_data, stopped_row, tune_trial
+from sweep.run.weights import check_study_weights
 
 TrialRunner = Callable[[TrialConfig, TrialContext, Reporter | None], dict[str, Any]]
 
@@ -147,8 +151,6 @@ FINAL_STATUSES = ("ok", "stopped")
 
 
 def _asha_scheduler(study: Study):
-    from ray.tune.schedulers import ASHAScheduler
-
     scheduler = study.scheduler
     assert scheduler is not None
     max_t = scheduler.max_t or study.search_space.max_epochs()
@@ -277,8 +279,6 @@ def _check_output_shared(store: ResultStore, timeout_s: float = 120.0) -> None:
     """On a cluster of several nodes, a local output must be a folder every node sees (NFS,
     EFS, a shared mount): each trial writes its row where it runs. A marker written here must
     be visible on every alive node, or the run stops before any trial."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not store.local or len(nodes) < 2:
         return
@@ -347,8 +347,6 @@ def run_study(
 
     if preflight:
         # A weights folder the user named must hold every pretrained backbone (exit 2 if not).
-        from sweep.run.weights import check_study_weights
-
         check_study_weights(study)
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
         # the synthetic data set once here rather than in every worker at the same time.
@@ -444,8 +442,6 @@ def _tune(
     storage: Any,
     console: Console,
 ) -> None:
-    from ray import tune
-
     planned, skipped = summary.planned, summary.skipped
     cluster = ClusterShape.from_ray()
     warnings: list[str] = []

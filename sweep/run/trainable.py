@@ -20,14 +20,23 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+import timm
 import torch
+from ray import tune
 
+import data
 import models
+from data.augment import Augmenter
+from data.stress import apply_stress
 from data.transforms import normalize
+from models.cache import TensorCache, use_cache
+from sweep.read.examples import save_examples
 from sweep.results import HP_PREFIX, ResultStore
 from sweep.run import metrics as metric_fns
 from sweep.run.space import TrialConfig
@@ -82,8 +91,6 @@ def load_data(study: Study, image_size: int, stress: str = "none"):  # -> data.D
     The stressed test split is drawn from the data set's seed, not the trial's: every trial of a
     study sees the same perturbed images, so their scores compare.
     """
-    import data
-
     args = study.dataset.loader_arguments(image_size)
     key = json.dumps([study.dataset.kind, args], sort_keys=True, default=repr)
     if stress != "none":
@@ -95,8 +102,6 @@ def load_data(study: Study, image_size: int, stress: str = "none"):  # -> data.D
     if stress == "none":
         splits = data.load_dataset(study.dataset.kind, **args)
     else:
-        from data.stress import apply_stress
-
         clean = load_data(study, image_size)
         splits = dataclasses.replace(
             clean, test=apply_stress(clean.test, spec, seed=study.dataset.seed)
@@ -130,8 +135,6 @@ _FEATURE_CACHES: dict[tuple[str, int], Any] = {}
 
 def feature_cache(study: Study):  # -> models.cache.TensorCache | None
     """This process's handle on the node's feature cache, or None when the study disables it."""
-    from models.cache import TensorCache
-
     if not study.cache.features:
         return None
     key = (str(study.cache.directory), int(study.cache.max_gb * 2**30))
@@ -149,8 +152,6 @@ def _in_ray_worker() -> bool:
     A driver that has called ``ray.init`` is not a worker: a trial run there (a test, a
     notebook) owns whatever the process has, and Ray's assigned-resource calls refuse it.
     """
-    import ray
-
     if not ray.is_initialized():
         return False
     return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
@@ -160,8 +161,6 @@ def select_device() -> torch.device:
     """CUDA when this trial may use a GPU: one Ray assigned it, or any outside Ray."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    import ray
-
     if _in_ray_worker() and not ray.get_gpu_ids():
         return torch.device("cpu")
     return torch.device("cuda")
@@ -169,8 +168,6 @@ def select_device() -> torch.device:
 
 def _assigned_cpus(study: Study) -> int:
     """Torch threads for the trial: the CPUs Ray gave it, else the study's request (else 1)."""
-    import ray
-
     if _in_ray_worker():
         assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if assigned:
@@ -206,11 +203,7 @@ def run_trial(
     splits = load_data(study, trial.image_size, trial.stress)
     augmenter = None
     if trial.augmentation != "none":
-        from data.augment import Augmenter
-
         augmenter = Augmenter(study.augmentation_sets[trial.augmentation], seed=trial.seed)
-    from models.cache import use_cache
-
     cache = feature_cache(study)
     cache_before = cache.stats() if cache is not None else None
 
@@ -328,8 +321,6 @@ def _save_examples(trial: TrialConfig, ctx: TrialContext, dataset, outputs) -> s
     if n <= 0:
         return None
     try:
-        from sweep.read.examples import save_examples
-
         save_examples(
             ResultStore(ctx.output),
             config_hash(ctx.study, trial),
@@ -385,9 +376,6 @@ def _validation_metrics(
 
 @functools.cache
 def _versions() -> str:
-    import ray
-    import timm
-
     return json.dumps(
         {
             "python": platform.python_version(),
@@ -400,8 +388,6 @@ def _versions() -> str:
 
 
 def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("anomaly-sweep")
     except PackageNotFoundError:
@@ -578,8 +564,6 @@ def final_metrics(study: Study, row: dict[str, Any]) -> dict[str, Any]:
 
 def tune_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: one trial from a grid entry or an Optuna assignment."""
-    from ray import tune
-
     if "trial" in config:
         trial = TrialConfig.from_dict(config["trial"])
     else:
