@@ -287,7 +287,7 @@ PAIRS: dict[str, Pair] = {
         backbone=None,
         build="build_draem",
         native_preprocessing=True,
-        epochs=1,
+        epochs=20,  # at 1-3 epochs both sides are near chance
         size=64,
         batch_size=8,
     ),
