@@ -26,11 +26,18 @@ __all__ = [
     "METRIC_KEYS",
     "PIXEL_METRICS",
     "SplitOutputs",
+    "ThresholdStats",
     "aupro",
     "auroc",
+    "average_precision",
     "evaluate",
     "f1_at",
     "f1_max",
+    "iou_at",
+    "iou_max",
+    "recall_at_precision",
+    "threshold_stats",
+    "youden",
 ]
 
 IMAGE_METRICS = ("image_auroc", "image_f1", "image_f1max", "image_threshold")
@@ -235,6 +242,142 @@ def f1_at(labels: Any, scores: Any, threshold: float) -> float:
     predicted = flat_scores >= threshold
     tp = int(np.count_nonzero(predicted & flat_labels))
     return 2.0 * tp / (int(np.count_nonzero(predicted)) + positives)
+
+
+def average_precision(labels: Any, scores: Any) -> float:
+    """Area under the precision-recall curve as average precision: the sum over thresholds of
+    the recall gained times the precision there (``sklearn.metrics.average_precision_score``,
+    ties grouped as it groups them); NaN if ``labels`` has no positive."""
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    ranking = _Ranking.of(flat_scores)
+    tp = ranking.true_counts(flat_labels)
+    positives = int(tp[-1]) if tp.size else 0
+    if positives == 0:
+        return NAN
+    precision = tp / ranking.predicted
+    recall_gain = np.diff(tp, prepend=0) / positives
+    return float(np.dot(recall_gain, precision))
+
+
+def recall_at_precision(labels: Any, scores: Any, min_precision: float) -> tuple[float, float]:
+    """``(recall, threshold)``: the highest recall of any threshold ``score >= t`` whose
+    precision is at least ``min_precision``, and the highest such threshold reaching it.
+
+    A line that must not flag more than ``1 - min_precision`` of its rejects wrongly reads how
+    many defects it still catches. ``(0.0, NaN)`` when no threshold is that precise; NaNs when
+    ``labels`` has no positive.
+    """
+    if not 0 < min_precision <= 1:
+        raise ValueError(f"min_precision must be in (0, 1], got {min_precision!r}")
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    ranking = _Ranking.of(flat_scores)
+    tp = ranking.true_counts(flat_labels)
+    positives = int(tp[-1]) if tp.size else 0
+    if positives == 0:
+        return NAN, NAN
+    # A hair of tolerance: 19 / 20 must count as precision 0.95 whatever the rounding.
+    precise = tp / ranking.predicted >= min_precision - 1e-12
+    if not precise.any():
+        return 0.0, NAN
+    recall = np.where(precise, tp, -1)
+    best = int(np.argmax(recall))  # first maximum = the highest threshold achieving it
+    return float(recall[best] / positives), float(ranking.thresholds[best])
+
+
+def youden(labels: Any, scores: Any) -> tuple[float, float]:
+    """``(J, threshold)``: Youden's J = TPR - FPR at its best threshold ``score >= t`` (the
+    highest one reaching it); NaNs if ``labels`` lacks either class."""
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    ranking = _Ranking.of(flat_scores)
+    tp = ranking.true_counts(flat_labels)
+    positives = int(tp[-1]) if tp.size else 0
+    negatives = flat_labels.size - positives
+    if positives == 0 or negatives == 0:
+        return NAN, NAN
+    j = tp / positives - (ranking.predicted - tp) / negatives
+    best = int(np.argmax(j))
+    return float(j[best]), float(ranking.thresholds[best])
+
+
+@dataclass(frozen=True)
+class ThresholdStats:
+    """The confusion matrix of ``score >= threshold`` and what a line reads off it."""
+
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        predicted = self.tp + self.fp
+        return self.tp / predicted if predicted else NAN
+
+    @property
+    def recall(self) -> float:
+        positives = self.tp + self.fn
+        return self.tp / positives if positives else NAN
+
+    @property
+    def accuracy(self) -> float:
+        return (self.tp + self.tn) / (self.tp + self.fp + self.tn + self.fn)
+
+    @property
+    def false_positive_rate(self) -> float:
+        """The share of normal items flagged (a re-inspection cost)."""
+        negatives = self.fp + self.tn
+        return self.fp / negatives if negatives else NAN
+
+    @property
+    def false_positive_share(self) -> float:
+        """The share of flagged items that are normal (1 - precision)."""
+        predicted = self.tp + self.fp
+        return self.fp / predicted if predicted else NAN
+
+
+def threshold_stats(labels: Any, scores: Any, threshold: float) -> ThresholdStats:
+    """The confusion matrix when a value is predicted anomalous iff ``score >= threshold``."""
+    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    predicted = flat_scores >= threshold
+    tp = int(np.count_nonzero(predicted & flat_labels))
+    fp = int(np.count_nonzero(predicted)) - tp
+    positives = int(np.count_nonzero(flat_labels))
+    return ThresholdStats(
+        threshold=float(threshold),
+        tp=tp,
+        fp=fp,
+        tn=flat_labels.size - positives - fp,
+        fn=positives - tp,
+    )
+
+
+def iou_at(masks: Any, maps: Any, threshold: float) -> float:
+    """Intersection over union of ``maps >= threshold`` and the masks, over every pixel
+    together; NaN if both are empty or ``threshold`` is NaN."""
+    flat_masks, flat_maps = _paired(masks, maps, "masks", "maps")
+    if math.isnan(threshold):
+        return NAN
+    predicted = flat_maps >= threshold
+    union = int(np.count_nonzero(predicted | flat_masks))
+    return int(np.count_nonzero(predicted & flat_masks)) / union if union else NAN
+
+
+def iou_max(masks: Any, maps: Any) -> tuple[float, float]:
+    """``(best IoU, threshold)`` over every threshold ``map >= t`` (the sealant study's
+    IoU-maximising threshold: the highest one reaching the best); NaNs if no mask pixel."""
+    flat_masks, flat_maps = _paired(masks, maps, "masks", "maps")
+    ranking = _Ranking.of(flat_maps)
+    tp = ranking.true_counts(flat_masks)
+    positives = int(tp[-1]) if tp.size else 0
+    if positives == 0:
+        return NAN, NAN
+    # |pred & gt| / |pred | gt| = TP / (predicted + P - TP), never 0 in the denominator.
+    iou = tp / (ranking.predicted + positives - tp)
+    best = int(np.argmax(iou))
+    return float(iou[best]), float(ranking.thresholds[best])
 
 
 def _region_weights(masks: np.ndarray) -> np.ndarray:
