@@ -99,18 +99,15 @@ def study_objectives(results_dir: Path, objectives: list[str] | None) -> list[tu
                 raise SweepError(f"--objective {text!r}: {exc.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
             parsed.append((objective.metric, objective.direction))
         return parsed
-    copy = results_dir / "_study.yaml"
-    if copy.is_file():
-        # The run validated the whole study before saving it: only its objectives are read here
-        # (reading results never needs the detector registries a full validation loads).
-        try:
-            saved = yaml.safe_load(copy.read_text()) or {}
-            given = saved.get("objectives") if isinstance(saved, dict) else None
-            if given:
-                objectives_ = [Objective.model_validate(o) for o in given]
-                return [(o.metric, o.direction) for o in objectives_]
-        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError):
-            pass
+    # The run validated the whole study before saving it: only its objectives are read here
+    # (reading results never needs the detector registries a full validation loads).
+    try:
+        saved = _study_settings(results_dir)
+        given = saved["settings"].get("objectives") if saved else None
+        if given:
+            return [(o.metric, o.direction) for o in map(Objective.model_validate, given)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
     return [("image_auroc", METRICS["image_auroc"]), ("latency_ms", METRICS["latency_ms"])]
 
 

@@ -172,6 +172,16 @@ class _Ranking:
         return np.cumsum(per_group)
 
 
+def _ranked(
+    labels: Any, scores: Any, label_name: str = "labels", score_name: str = "scores"
+) -> tuple[_Ranking, np.ndarray, int]:
+    """The one sort of ``scores``, the true-positive count per threshold and the positives."""
+    flat_labels, flat_scores = _paired(labels, scores, label_name, score_name)
+    ranking = _Ranking.of(flat_scores)
+    tp = ranking.true_counts(flat_labels)
+    return ranking, tp, int(tp[-1]) if tp.size else 0
+
+
 def _auroc_from(ranking: _Ranking, tp: np.ndarray) -> float:
     """AUROC from the per-threshold true-positive counts ``tp`` of ``ranking``."""
     positives = int(tp[-1]) if tp.size else 0
@@ -214,9 +224,8 @@ def auroc(labels: Any, scores: Any) -> float:
     ``sklearn.metrics.roc_auc_score``. ``labels`` and ``scores`` may have any shape as long
     as they hold the same number of values (pixel masks and maps are flattened).
     """
-    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
-    ranking = _Ranking.of(flat_scores)
-    return _auroc_from(ranking, ranking.true_counts(flat_labels))
+    ranking, tp, _ = _ranked(labels, scores)
+    return _auroc_from(ranking, tp)
 
 
 def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
@@ -225,9 +234,8 @@ def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
     The threshold is the highest distinct score that reaches the best F1, so
     ``f1_at(labels, scores, threshold)`` gives the best F1 back.
     """
-    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
-    ranking = _Ranking.of(flat_scores)
-    return _f1_max_from(ranking, ranking.true_counts(flat_labels))
+    ranking, tp, _ = _ranked(labels, scores)
+    return _f1_max_from(ranking, tp)
 
 
 def f1_at(labels: Any, scores: Any, threshold: float) -> float:
@@ -248,10 +256,7 @@ def average_precision(labels: Any, scores: Any) -> float:
     """Area under the precision-recall curve as average precision: the sum over thresholds of
     the recall gained times the precision there (``sklearn.metrics.average_precision_score``,
     ties grouped as it groups them); NaN if ``labels`` has no positive."""
-    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
-    ranking = _Ranking.of(flat_scores)
-    tp = ranking.true_counts(flat_labels)
-    positives = int(tp[-1]) if tp.size else 0
+    ranking, tp, positives = _ranked(labels, scores)
     if positives == 0:
         return NAN
     precision = tp / ranking.predicted
@@ -269,10 +274,7 @@ def recall_at_precision(labels: Any, scores: Any, min_precision: float) -> tuple
     """
     if not 0 < min_precision <= 1:
         raise ValueError(f"min_precision must be in (0, 1], got {min_precision!r}")
-    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
-    ranking = _Ranking.of(flat_scores)
-    tp = ranking.true_counts(flat_labels)
-    positives = int(tp[-1]) if tp.size else 0
+    ranking, tp, positives = _ranked(labels, scores)
     if positives == 0:
         return NAN, NAN
     # A hair of tolerance: 19 / 20 must count as precision 0.95 whatever the rounding.
@@ -287,11 +289,8 @@ def recall_at_precision(labels: Any, scores: Any, min_precision: float) -> tuple
 def youden(labels: Any, scores: Any) -> tuple[float, float]:
     """``(J, threshold)``: Youden's J = TPR - FPR at its best threshold ``score >= t`` (the
     highest one reaching it); NaNs if ``labels`` lacks either class."""
-    flat_labels, flat_scores = _paired(labels, scores, "labels", "scores")
-    ranking = _Ranking.of(flat_scores)
-    tp = ranking.true_counts(flat_labels)
-    positives = int(tp[-1]) if tp.size else 0
-    negatives = flat_labels.size - positives
+    ranking, tp, positives = _ranked(labels, scores)
+    negatives = ranking.order.size - positives
     if positives == 0 or negatives == 0:
         return NAN, NAN
     j = tp / positives - (ranking.predicted - tp) / negatives
@@ -368,10 +367,7 @@ def iou_at(masks: Any, maps: Any, threshold: float) -> float:
 def iou_max(masks: Any, maps: Any) -> tuple[float, float]:
     """``(best IoU, threshold)`` over every threshold ``map >= t`` (the sealant study's
     IoU-maximising threshold: the highest one reaching the best); NaNs if no mask pixel."""
-    flat_masks, flat_maps = _paired(masks, maps, "masks", "maps")
-    ranking = _Ranking.of(flat_maps)
-    tp = ranking.true_counts(flat_masks)
-    positives = int(tp[-1]) if tp.size else 0
+    ranking, tp, positives = _ranked(masks, maps, "masks", "maps")
     if positives == 0:
         return NAN, NAN
     # |pred & gt| / |pred | gt| = TP / (predicted + P - TP), never 0 in the denominator.

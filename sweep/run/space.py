@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -318,11 +318,9 @@ class Space:
         where a continuous distribution samples it. A shared key reaches only the detectors
         that have the hyperparameter."""
         known = models.hyperparameters(model)
-        # A shared key reaches only the detectors that have the hyperparameter.
-        reachable = {
-            k: p for k, p in self.params.items() if split_key(k).model is not None or k in known
-        }
-        key = _winning_key(reachable, model, name, backbone)
+        key = self.key_for(model, name, backbone)
+        if key == name and name not in known:
+            key = None
         if key is None:
             return (known.get(name),)
         param = self.params[key]
@@ -465,18 +463,14 @@ class Space:
         rng: np.random.Generator | None,
         draws: int,
     ) -> list[TrialConfig]:
-        seen: set[str] = set()
         trials: list[TrialConfig] = []
         for values in itertools.product(*(self.params[k].options() for k in enumerated)):
             point = dict(zip(enumerated, values, strict=True))
             for _ in range(draws):
                 assert rng is not None or not sampled
                 drawn = {k: self.params[k].draw(rng) for k in sampled} if sampled else {}
-                trial = self.resolve({**point, **drawn})
-                if trial.key() not in seen:
-                    seen.add(trial.key())
-                    trials.append(trial)
-        return trials
+                trials.append(self.resolve({**point, **drawn}))
+        return _distinct(trials)
 
     def representatives(self, limit: int = MAX_REPRESENTATIVES) -> list[TrialConfig]:
         """The distinct configurations a sampled (Optuna) space can produce, for costing: every
@@ -489,14 +483,10 @@ class Space:
             else (p.representative(split_key(k).name in ("epochs", "image_size")),)
             for k, p in self.params.items()
         ]
-        seen: set[str] = set()
-        configurations: list[TrialConfig] = []
-        for values in itertools.islice(itertools.product(*options), limit):
-            trial = self.resolve(dict(zip(keys, values, strict=True)))
-            if trial.key() not in seen:
-                seen.add(trial.key())
-                configurations.append(trial)
-        return configurations
+        combinations = itertools.islice(itertools.product(*options), limit)
+        return _distinct(
+            self.resolve(dict(zip(keys, values, strict=True))) for values in combinations
+        )
 
     def suggest(self, trial: Any) -> None:
         """Optuna's define-by-run space: the model first, then only that model's keys, and a
@@ -703,6 +693,15 @@ class Space:
     def to_yaml(self) -> dict[str, Any]:
         """The space as a study file writes it."""
         return {key: param.to_yaml() for key, param in self.params.items()}
+
+
+def _distinct(trials: Iterable[TrialConfig]) -> list[TrialConfig]:
+    """``trials`` in order, each configuration once: keys that do not apply to a model repeat its
+    configurations."""
+    first: dict[str, TrialConfig] = {}
+    for trial in trials:
+        first.setdefault(trial.key(), trial)
+    return list(first.values())
 
 
 def _suggest_param(trial: Any, key: str, param: Param) -> None:
