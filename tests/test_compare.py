@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from scipy import stats
 from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.read.compare import compare_outputs
 from tests.report_rows import CONFIGS, write_study_output
+
+# A seeds study: two configurations, 5 seeds; in B PatchCore is 0.05 better, PaDiM unchanged.
+SEEDS = (0, 1, 2, 3, 4)
+SEEDS_A = [CONFIGS[0], CONFIGS[3]]
+SEEDS_B = [(*CONFIGS[0][:2], CONFIGS[0][2] + 0.05, *CONFIGS[0][3:]), CONFIGS[3]]
 
 runner = CliRunner()
 
@@ -125,3 +132,54 @@ def test_compare_bad_input_exits_2(parts, args, needles):
 def test_compare_missing_output_exits_2(parts, tmp_path):
     result = invoke("compare", parts[0], tmp_path / "nope")
     assert result.exit_code == 2 and "no such directory" in result.output
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("seeds")
+    a = write_study_output(root / "a", seeds=SEEDS, configs=SEEDS_A, error_row=False)
+    b = write_study_output(root / "b", seeds=SEEDS, configs=SEEDS_B, error_row=False, wobble_seed=1)
+    return a, b
+
+
+def test_paired_t_tests_over_seeds_with_bh_adjustment(seed_runs):
+    a, b = seed_runs
+    result = compare_outputs(a, b, metrics=["image_auroc", "pixel_auroc"])
+    by_model = {entry["model"]: entry for entry in result["matched"]}
+    assert set(by_model) == {"patchcore", "padim"}
+    assert all(entry["paired_seeds"] == 5 for entry in by_model.values())
+    # The 0.05 shift stands far above seed noise of +-0.01; PaDiM differs by noise only.
+    assert by_model["patchcore"]["image_auroc_p_adj"] < 1e-4
+    assert by_model["padim"]["image_auroc_p_adj"] > 0.2
+    # Independently: scipy's paired test on the rows matched by seed, then BH by hand over the
+    # family of one metric across the two configurations (m = 2).
+    rows = [pd.read_parquet(path).query("status == 'ok'") for path in (a, b)]
+    for metric in ("image_auroc", "pixel_auroc"):
+        p = {}
+        for model in by_model:
+            pair = pd.merge(*(r[r.model == model][["seed", metric]] for r in rows), on="seed")
+            assert len(pair) == 5
+            p[model] = stats.ttest_rel(pair[f"{metric}_y"], pair[f"{metric}_x"]).pvalue
+        low, high = sorted(p, key=p.get)
+        expected = {high: p[high], low: min(p[low] * 2, p[high])}
+        for model, entry in by_model.items():
+            assert entry[f"{metric}_p"] == pytest.approx(p[model], rel=1e-9)
+            assert entry[f"{metric}_p_adj"] == pytest.approx(expected[model], rel=1e-9)
+    table = invoke("compare", a, b, "--metric", "image_auroc")
+    assert table.exit_code == 0, table.output
+    assert "p adj" in table.output and "Benjamini-Hochberg" in table.output
+    patchcore = next(line for line in table.output.splitlines() if "patchcore" in line)
+    padim = next(line for line in table.output.splitlines() if "padim" in line)
+    assert "*" in patchcore and "*" not in padim
+    data = json.loads(invoke("compare", a, b, "--format", "json").stdout)
+    assert {"image_auroc_p", "image_auroc_p_adj"} <= set(data["matched"][0])
+
+
+def test_fewer_than_two_paired_seeds_have_no_p_value(seed_runs, tmp_path):
+    one = write_study_output(tmp_path / "one", seeds=(4, 9), configs=SEEDS_B, error_row=False)
+    result = compare_outputs(seed_runs[0], one, metrics=["image_auroc"])
+    for entry in result["matched"]:
+        assert entry["paired_seeds"] == 1  # seed 4 only
+        assert entry["image_auroc_p"] is None and entry["image_auroc_p_adj"] is None
+    table = invoke("compare", seed_runs[0], one, "--metric", "image_auroc")
+    assert table.exit_code == 0 and table.output.count("n<2") == 3  # 2 rows and the title

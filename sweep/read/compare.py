@@ -7,6 +7,14 @@ every ``hp.*``) minus the treatment keys match a configuration of A with one of 
 aggregated over seeds and every metric is shown as mean ± std for A and B with the difference
 of the means (B - A).
 
+Each difference comes with a p-value: a paired t-test over the seeds both sides ran
+(``sweep.read.stats.paired_t_test``; the seed fixes the data order, initialisation and
+sampling, so seed s of A and seed s of B share them) and its Benjamini-Hochberg adjustment.
+The family of the adjustment is one metric across all matched configurations: the question
+a comparison asks is "where does the treatment change this metric?", one test per
+configuration, and the metrics are different questions (and strongly correlated, which would
+only make a family over them conservative in an unknown way).
+
 The treatment is ``--on KEY`` (repeatable), or else found: the configuration columns that are
 constant within each output but differ between them.
 """
@@ -29,11 +37,14 @@ from sweep.errors import SweepError, did_you_mean
 from sweep.read import analysis
 from sweep.read.query import apply_where
 from sweep.read.report import metric_mode
+from sweep.read.stats import benjamini_hochberg, paired_by_seed, paired_t_test
 from sweep.results import read_results
 
-__all__ = ["DEFAULT_METRICS", "compare_outputs", "print_comparison"]
+__all__ = ["DEFAULT_METRICS", "SIGNIFICANCE", "compare_outputs", "print_comparison"]
 
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "latency_ms")
+SIGNIFICANCE = 0.05
+"""The adjusted p-value below which the table marks a difference (a false discovery rate)."""
 
 
 def _norm(value: Any) -> Any:
@@ -98,6 +109,44 @@ def _side(
     return agg
 
 
+def _by_seed(df: pd.DataFrame, match_on: list[str]) -> dict[str, pd.DataFrame]:
+    """One output's ok rows grouped by configuration: ``_key`` (as in :func:`_side`) -> rows."""
+    ok = df[df["status"] == "ok"] if "status" in df.columns else df
+    if ok.empty:
+        return {}
+    present = [c for c in match_on if c in ok.columns]
+    keys = [
+        json.dumps([_norm(values.get(c)) for c in match_on], default=str)
+        for values in ok[present].to_dict(orient="records")
+    ]
+    return dict(tuple(ok.groupby(pd.Series(keys, index=ok.index), sort=False)))
+
+
+def _add_paired_tests(
+    matched: list[tuple[str, dict]],
+    rows_a: dict[str, pd.DataFrame],
+    rows_b: dict[str, pd.DataFrame],
+    metrics: list[str],
+) -> None:
+    """``paired_seeds``, ``<m>_p`` and ``<m>_p_adj`` on each matched entry (in place)."""
+
+    def plain(p: float) -> float | None:
+        return None if math.isnan(p) else float(p)
+
+    for key, entry in matched:
+        common = set(rows_a[key]["seed"].dropna()) & set(rows_b[key]["seed"].dropna())
+        entry["paired_seeds"] = len(common)
+    for metric in metrics:
+        p_values = [
+            paired_t_test(*paired_by_seed(rows_a[key], rows_b[key], metric)[:2])[1]
+            for key, _ in matched
+        ]
+        adjusted = benjamini_hochberg(p_values)
+        for (_, entry), p, p_adj in zip(matched, p_values, adjusted, strict=True):
+            entry[f"{metric}_p"] = plain(p)
+            entry[f"{metric}_p_adj"] = plain(float(p_adj))
+
+
 def _metric_list(a: pd.DataFrame, b: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
     columns = set(a.columns) | set(b.columns)
     if not metrics:
@@ -130,8 +179,11 @@ def compare_outputs(
     Keys: ``a``, ``b`` (the directories), ``treatment`` (key -> its values in A and in B),
     ``match_on`` (the columns that matched), ``metrics``, ``modes``, ``matched`` (one entry per
     configuration in both: its match columns, ``n_seeds_a`` / ``_b`` and per metric
-    ``<m>_a`` / ``<m>_a_std`` / ``<m>_b`` / ``<m>_b_std`` / ``<m>_diff``), ``only_a``,
-    ``only_b`` (configurations in one output only) and ``rows`` (row and ok counts per side).
+    ``<m>_a`` / ``<m>_a_std`` / ``<m>_b`` / ``<m>_b_std`` / ``<m>_diff``, and the paired
+    t-test over the seeds both sides hold with a value: ``<m>_p`` and ``<m>_p_adj``, the
+    Benjamini-Hochberg adjustment over the matched configurations, None with fewer than 2
+    such seeds; ``paired_seeds``: the seeds both sides ran), ``only_a``, ``only_b``
+    (configurations in one output only) and ``rows`` (row and ok counts per side).
     ``where`` filters both sides first (``sweep.read.query`` conditions).
     """
     frames = []
@@ -169,6 +221,7 @@ def compare_outputs(
     ]
     modes = {m: metric_mode(m) for m in metric_names}
     matched, only_a, only_b = [], [], []
+    tested: list[tuple[str, dict]] = []
 
     def identity(row: dict) -> dict:
         return {c: _norm(row.get(c)) for c in match_on}
@@ -193,9 +246,11 @@ def compare_outputs(
                 None if mean_a is None or mean_b is None else float(mean_b) - float(mean_a)
             )
         matched.append(entry)
+        tested.append((key, entry))
     for key, row_b in by_key[1].items():
         if key not in by_key[0]:
             only_b.append({**identity(row_b), "n_seeds": int(row_b["n_seeds"])})
+    _add_paired_tests(tested, _by_seed(a, match_on), _by_seed(b, match_on), metric_names)
     return {
         "a": str(dir_a),
         "b": str(dir_b),
@@ -245,6 +300,13 @@ def _fmt(mean: Any, std: Any, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _p_cell(p_adj: Any) -> str:
+    if p_adj is None:
+        return "[dim]n<2[/dim]"
+    text = f"{p_adj:.2g}" if p_adj >= 1e-4 else f"{p_adj:.0e}"
+    return f"[bold]{text}*[/bold]" if p_adj < SIGNIFICANCE else text
+
+
 def print_comparison(result: dict, console: Console) -> None:
     """The comparison as rich tables (A, B, B - A per metric) and the unmatched lists."""
     treatment = result["treatment"]
@@ -259,7 +321,9 @@ def print_comparison(result: dict, console: Console) -> None:
     labels = _label_columns(entries, result["match_on"])
     table = Table(
         title=f"{len(result['matched'])} configuration(s) in both (mean ± std over seeds; "
-        "Δ = B - A, green = better)"
+        "Δ = B - A, green = better; p: paired t-test over seeds, Benjamini-Hochberg adjusted "
+        f"per metric over the configurations, * below {SIGNIFICANCE:g}; n<2: fewer than 2 "
+        "seeds on both sides)"
     )
     for column in labels:
         table.add_column(column.removeprefix("hp."), justify="left")
@@ -269,6 +333,7 @@ def print_comparison(result: dict, console: Console) -> None:
         table.add_column(f"{metric} {arrow} A", justify="right")
         table.add_column("B", justify="right")
         table.add_column("Δ", justify="right")
+        table.add_column("p adj", justify="right")
     for entry in result["matched"]:
         cells = []
         for metric in result["metrics"]:
@@ -284,6 +349,7 @@ def print_comparison(result: dict, console: Console) -> None:
                 _fmt(entry[f"{metric}_a"], entry[f"{metric}_a_std"], digits),
                 _fmt(entry[f"{metric}_b"], entry[f"{metric}_b_std"], digits),
                 delta,
+                _p_cell(entry.get(f"{metric}_p_adj")),
             ]
         table.add_row(
             *(escape(str(entry.get(c) if entry.get(c) is not None else "-")) for c in labels),
