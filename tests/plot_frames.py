@@ -32,12 +32,14 @@ def result_frame(
     coreset: bool = False,
     seeds: int = 2,
     failures: bool = True,
+    timing: bool = True,
 ) -> pd.DataFrame:
     """Rows of a made-up study: six detector/backbone configurations at 64 px, ``seeds`` seeds.
 
     ``pixel`` gives pixel metrics; ``variants`` adds an augmentation set and a stress per
     configuration; ``sizes`` runs PaDiM/resnet18 at 64, 128 and 256 px; ``coreset`` runs
-    PatchCore at coreset ratios 0.001 to 1; ``failures`` adds an error and a stopped row.
+    PatchCore at coreset ratios 0.001 to 1; ``failures`` adds an error and a stopped row;
+    ``timing`` gives ``latency_ms`` and ``throughput_fps`` (NaN without).
     """
     rng = np.random.default_rng(0)
     configs = []
@@ -85,6 +87,7 @@ def result_frame(
                     "pixel_f1": (image_auroc - 0.4) if pixel else np.nan,
                     "pixel_aupro": (image_auroc - 0.1) if pixel else np.nan,
                     "latency_ms": config["latency"] * rng.uniform(0.95, 1.05),
+                    "throughput_fps": 1000.0 / config["latency"] * rng.uniform(0.9, 1.5),
                     "train_s": 10.0,
                     "memory_bank_size": (
                         int(2000 * config["ratio"]) if config["ratio"] is not None else None
@@ -102,6 +105,8 @@ def result_frame(
                  "config_hash": status, "error": "boom" if status == "error" else None}
             )  # fmt: skip
     frame = pd.DataFrame(rows)
+    if not timing:
+        frame[["latency_ms", "throughput_fps"]] = np.nan
     # As read back from Parquet: nullable integers become floats.
     for column in ("memory_bank_size", "epochs"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)

@@ -15,12 +15,18 @@ from sweep.errors import StudyError, SweepError
 from sweep.read.analysis import aggregate_seeds, select, variant_deltas
 from sweep.read.examples import load_examples, save_examples
 from sweep.read.plots import (
+    ExamplesSpec,
+    _example_choices,
     image_vs_pixel_plot,
     param_plot,
     pareto_plot,
+    parse_examples,
+    ranked_choices,
     report_plots,
     robustness_plot,
     swept_columns,
+    timing_bars,
+    timing_plot,
     tradeoff_plot,
 )
 from sweep.results import ResultStore, read_results
@@ -163,23 +169,40 @@ def test_swept_columns_are_those_varied_with_everything_else_fixed():
 
 PARETO_IMAGE = {"pareto_image_auroc", "pareto_image_f1"}
 PARETO_ALL = PARETO_IMAGE | {"pareto_pixel_auroc", "pareto_pixel_f1", "pareto_pixel_aupro"}
+TIMING = {"timing"}
 
 
 @pytest.mark.parametrize(
     ("frame", "objectives", "expected"),
     [
-        ({"pixel": False}, OBJECTIVES, PARETO_IMAGE),
-        ({}, OBJECTIVES, PARETO_ALL | {"image_vs_pixel"}),
-        ({"pixel": False, "variants": True}, OBJECTIVES, PARETO_IMAGE | {"robustness"}),
-        ({"pixel": False, "sizes": True}, OBJECTIVES, PARETO_IMAGE | {"vs_image_size"}),
-        ({"pixel": False, "coreset": True}, OBJECTIVES, PARETO_IMAGE | {"vs_coreset_ratio"}),
+        ({"pixel": False}, OBJECTIVES, PARETO_IMAGE | TIMING),
+        ({}, OBJECTIVES, PARETO_ALL | TIMING | {"image_vs_pixel"}),
+        ({"pixel": False, "variants": True}, OBJECTIVES, PARETO_IMAGE | TIMING | {"robustness"}),
+        ({"pixel": False, "sizes": True}, OBJECTIVES, PARETO_IMAGE | TIMING | {"vs_image_size"}),
+        (
+            {"pixel": False, "coreset": True},
+            OBJECTIVES,
+            PARETO_IMAGE | TIMING | {"vs_coreset_ratio"},
+        ),
         (
             {"variants": True, "sizes": True, "coreset": True},
             OBJECTIVES,
-            PARETO_ALL | {"image_vs_pixel", "robustness", "vs_image_size", "vs_coreset_ratio"},
+            PARETO_ALL
+            | TIMING
+            | {"image_vs_pixel", "robustness", "vs_image_size", "vs_coreset_ratio"},
         ),
         # Objectives that are not latency against an accuracy metric get their own plot.
-        ({"pixel": False}, [("image_auroc", "max"), ("train_s", "min")], PARETO_IMAGE | {"pareto"}),
+        (
+            {"pixel": False},
+            [("image_auroc", "max"), ("train_s", "min")],
+            PARETO_IMAGE | TIMING | {"pareto"},
+        ),
+        # No timing values: no Fig. 10 (and no time-vs-accuracy fronts).
+        (
+            {"pixel": False, "timing": False},
+            [("image_auroc", "max"), ("train_s", "min")],
+            {"pareto"},
+        ),
     ],
 )
 def test_report_plots_writes_exactly_the_applicable_plots(tmp_path, frame, objectives, expected):
@@ -212,8 +235,8 @@ def test_model_selection_plots_use_clean_rows_only(tmp_path):
     )
     before = report_plots(df, None, OBJECTIVES, tmp_path / "before")
     after = report_plots(pd.concat([df, best]), None, OBJECTIVES, tmp_path / "after")
-    assert set(before) == set(after) == PARETO_IMAGE | {"robustness"}
-    for name in PARETO_IMAGE:
+    assert set(before) == set(after) == PARETO_IMAGE | TIMING | {"robustness"}
+    for name in PARETO_IMAGE | TIMING:
         assert before[name].read_bytes() == after[name].read_bytes()
     assert before["robustness"].read_bytes() != after["robustness"].read_bytes()
 
@@ -342,3 +365,177 @@ def test_saved_maps_keep_their_variation_and_files_appear_whole(tmp_path):
     (tmp_path / "out" / "_examples" / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(SweepError, match=r"bad\.npz"):
         load_examples(tmp_path / "out", "bad")
+
+
+# --------------------------------------------------------------------------- Fig. 10
+
+
+def _timing_agg() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": ["slow", "fast", "untimed", "middle"],
+            "backbone": "resnet18",
+            "n_seeds": 3,
+            "latency_ms_mean": [300.0, 5.0, np.nan, 12.0],
+            "latency_ms_std": [20.0, 0.5, np.nan, np.nan],  # one seed with a value: no std
+            "throughput_fps_mean": [3.0, 180.0, np.nan, np.nan],
+            "throughput_fps_std": [0.1, 9.0, np.nan, np.nan],
+        }
+    )
+
+
+def test_timing_bars_sort_best_first_and_leave_out_untimed_configurations(tmp_path):
+    agg = _timing_agg()
+    latency = timing_bars(agg, "latency_ms")
+    assert latency["label"].tolist() == ["fast/resnet18", "middle/resnet18", "slow/resnet18"]
+    assert latency["row"].tolist() == [1, 3, 0]
+    assert latency["mean"].tolist() == [5.0, 12.0, 300.0]
+    assert latency["std"].tolist() == [0.5, 0.0, 20.0]
+    # Throughput is better high: the fastest on top again; rows without it left out.
+    throughput = timing_bars(agg, "throughput_fps")
+    assert throughput["row"].tolist() == [1, 0]
+    assert timing_bars(agg, "train_s").empty
+    assert timing_bars(agg.iloc[:0], "latency_ms").empty
+
+    path = timing_plot(agg, tmp_path / "timing.png")
+    assert _is_png(path) and _png_size(path)[0] == 2 * 960  # a panel per metric, 6.4 in each
+    one_panel = agg.drop(columns=["throughput_fps_mean", "throughput_fps_std"])
+    assert _png_size(timing_plot(one_panel, tmp_path / "one.png"))[0] == 960
+    untimed = agg.assign(latency_ms_mean=np.nan, throughput_fps_mean=np.nan)
+    assert timing_plot(untimed, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+# --------------------------------------------------------------------------- Fig. 11's models
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("knee", ExamplesSpec()),
+        ("top-bottom:4:image_auroc", ExamplesSpec("top-bottom", 4, "image_auroc")),
+        ("top:3", ExamplesSpec("top", 3, "image_auroc")),
+        ("bottom:12:latency_ms", ExamplesSpec("bottom", 12, "latency_ms")),
+        (" top-bottom:6:pixel_aupro ", ExamplesSpec("top-bottom", 6, "pixel_aupro")),
+    ],
+)
+def test_parse_examples_reads_the_documented_specs(text, expected):
+    assert parse_examples(text) == expected
+    assert parse_examples(str(expected)) == expected  # str() gives a spec back
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("knees", "unknown choice 'knees'"),
+        ("best:4", "unknown choice 'best'"),
+        ("", "unknown choice ''"),
+        ("top", "N must be a whole number"),
+        ("top:four", "N must be a whole number"),
+        ("top:0", "at least 1"),
+        ("top-bottom:7", r"at most 12 models \(got 14\)"),
+        ("top:2:image_auroc:max", "too many ':'"),
+    ],
+)
+def test_parse_examples_names_a_bad_spec(text, message):
+    with pytest.raises(SweepError, match=message) as error:
+        parse_examples(text)
+    assert repr(text.strip()) in str(error.value)
+
+
+def _ranked_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "model": ["a", "b", "c", "d", "e", "f"],
+            "image_auroc_mean": [0.90, 0.97, np.nan, 0.50, 0.80, 0.97],
+            "latency_ms_mean": [20.0, 50.0, 1.0, 5.0, np.nan, 9.0],
+        }
+    )
+
+
+def test_ranked_choices_pick_the_best_and_worst_by_the_metric():
+    table = _ranked_table()
+
+    def rows(spec, **kwargs):
+        return [row for row, _ in ranked_choices(table, parse_examples(spec), **kwargs)]
+
+    # AUROC ranks b, f (tied, by row), a, e, d; c has no value. Shown best to worst.
+    choices = ranked_choices(table, parse_examples("top-bottom:2:image_auroc"))
+    assert choices == [
+        (1, "top 1 by image_auroc = 0.97"),
+        (5, "top 2 by image_auroc = 0.97"),
+        (4, "bottom 2 by image_auroc = 0.8"),
+        (3, "bottom 1 by image_auroc = 0.5"),
+    ]
+    assert rows("top:1") == [1] and rows("bottom:1") == [3]
+    # More asked for than there are: each configuration once, as a top one.
+    assert rows("top-bottom:4") == [1, 5, 0, 4, 3]
+    assert rows("top:9") == [1, 5, 0, 4, 3]
+    # A configuration without maps is passed over; the labels keep the true ranks.
+    choices = ranked_choices(
+        table, parse_examples("top-bottom:1"), available=lambda row: row not in (1, 3)
+    )
+    assert choices == [(5, "top 2 by image_auroc = 0.97"), (4, "bottom 2 by image_auroc = 0.8")]
+    # Lower is better for a time (its natural direction), unless the caller says otherwise.
+    assert rows("top:2:latency_ms") == [2, 3] and rows("bottom:1:latency_ms") == [1]
+    assert rows("top:1:latency_ms", mode="max") == [1]
+    assert rows("top:1:pixel_auroc") == []  # no such column
+
+
+def _examples_frame(out) -> pd.DataFrame:
+    """Four configurations at two seeds, their example maps saved as trials save them: none
+    for the best, only seed 1's for the worst."""
+    aurocs = {"best": 0.99, "good": 0.9, "fair": 0.8, "worst": 0.6}
+    rows = []
+    for model, auroc in aurocs.items():
+        for seed in (0, 1):
+            rows.append(
+                {"status": "ok", "model": model, "backbone": "resnet18", "seed": seed,
+                 "image_size": 16, "augmentation": "none", "stress": "none",
+                 "image_auroc": auroc + 0.001 * seed, "latency_ms": 10.0 * (1 + seed),
+                 "config_hash": f"{model}{seed}"}
+            )  # fmt: skip
+    store = ResultStore(out)
+    rng = np.random.default_rng(0)
+    for row in rows:
+        if row["model"] == "best" or (row["model"] == "worst" and row["seed"] == 0):
+            continue
+        save_examples(
+            store,
+            row["config_hash"],
+            pixels=rng.integers(0, 255, (2, 3, 16, 16), dtype=np.uint8),
+            masks=None,
+            maps=rng.normal(size=(2, 16, 16)),
+            scores=rng.normal(size=2),
+            labels=np.array([1, 0]),
+            paths=["a.png", "b.png"],
+            defects=["hole", "good"],
+            n=2,
+        )
+    return pd.DataFrame(rows)
+
+
+def test_the_grid_shows_the_ranked_models_with_why_each_is_there(tmp_path):
+    df = _examples_frame(tmp_path / "out")
+    agg = aggregate_seeds(df, ["image_auroc", "latency_ms"])
+    choices = _example_choices(
+        parse_examples("top-bottom:1:image_auroc"), None, agg, df, tmp_path / "out"
+    )
+    # The best saved no maps: the next one is shown, as what it is; the worst by seed 1's.
+    assert [label for label, _ in choices] == [
+        "good/resnet18 (top 2 by image_auroc = 0.901)",
+        "worst/resnet18 (bottom 1 by image_auroc = 0.601)",
+    ]
+    assert [str(ex["config_hash"]) for _, ex in choices] == ["good0", "worst1"]
+
+    written = report_plots(
+        df, None, OBJECTIVES, tmp_path / "plots", tmp_path / "out", examples="bottom:2"
+    )
+    assert _is_png(written["examples"]) and _png_size(written["examples"])[0] == 4 * 1.9 * 150
+
+    # A bad spec or metric stops before anything is drawn.
+    with pytest.raises(SweepError, match=r"'top:1:image_aurox'.*did you mean 'image_auroc'"):
+        report_plots(df, None, OBJECTIVES, tmp_path / "bad", examples="top:1:image_aurox")
+    with pytest.raises(SweepError, match="'middle:1'"):
+        report_plots(df, None, OBJECTIVES, tmp_path / "bad", examples="middle:1")
+    assert not (tmp_path / "bad").exists()

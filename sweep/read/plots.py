@@ -1,4 +1,4 @@
-"""PNG plots of a study's results: the reference study's Figs. 11-14 and the ablations.
+"""PNG plots of a study's results: the reference study's Figs. 10-14 and the ablations.
 
 * :func:`tradeoff_plot` / :func:`pareto_plot`: inference time against an accuracy metric,
   Pareto front and knee picks marked, seed std as error bars (Fig. 13);
@@ -6,8 +6,11 @@
 * :func:`robustness_plot`: each augmentation / stress against clean, per configuration (Fig. 12);
 * :func:`param_plot`: metrics against any numeric hyperparameter a study varies (resolution,
   PatchCore's coreset ratio), with latency and memory-bank size in a panel of their own;
+* :func:`timing_plot`: inference time and throughput per configuration as sorted bars (Fig. 10);
 * :func:`examples_plot`: example test images, their ground truth and each chosen model's
-  anomaly map (Fig. 11), from the maps trials save (:mod:`sweep.read.examples`);
+  anomaly map (Fig. 11), from the maps trials save (:mod:`sweep.read.examples`); which models
+  it shows is an :class:`ExamplesSpec` (:func:`parse_examples`: the knee picks, or the top and
+  bottom N by a metric);
 * :func:`report_plots`: every one of these that a study's rows have data for.
 
 Figures are built with :class:`matplotlib.figure.Figure` on an Agg canvas rather than through
@@ -25,6 +28,7 @@ import os
 import textwrap
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import Bbox
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, did_you_mean
 from sweep.read.analysis import (
     CLEAN,
     VARIANT_COLUMNS,
@@ -48,15 +52,21 @@ from sweep.read.analysis import (
     variant_deltas,
 )
 from sweep.read.examples import load_examples
+from sweep.results import METRICS
 
 __all__ = [
+    "ExamplesSpec",
     "examples_plot",
     "image_vs_pixel_plot",
     "param_plot",
     "pareto_plot",
+    "parse_examples",
+    "ranked_choices",
     "report_plots",
     "robustness_plot",
     "swept_columns",
+    "timing_bars",
+    "timing_plot",
     "tradeoff_plot",
 ]
 
@@ -771,6 +781,110 @@ def param_plot(
     return Path(path)
 
 
+# --------------------------------------------------------------------------- Fig. 10
+
+TIMING_METRICS = ("latency_ms", "throughput_fps")
+"""Fig. 10's panels, those with data: inference time per image, and images per second."""
+TIMING_TITLES = {
+    "latency_ms": "Inference time per image (ms)",
+    "throughput_fps": "Throughput (images / s)",
+}
+TIMING_COLORS = {"min": "#1f77b4", "max": "#2ca02c"}
+
+
+def _metric_mode(metric: str, objectives: Sequence[tuple[str, str]] = ()) -> str:
+    """Which way ``metric`` is better: the study's objective, else its natural direction."""
+    return dict(objectives).get(metric) or METRICS.get(metric) or _guess_mode(metric)
+
+
+def timing_bars(agg: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Fig. 10's bars of one metric: ``label``, ``mean``, ``std`` and ``row`` (the position in
+    ``agg``) of each configuration with a finite ``<metric>_mean``, best first (lowest latency,
+    highest throughput), ties by label. Empty when no configuration has the metric."""
+    columns = ["label", "mean", "std", "row"]
+    if agg.empty or f"{metric}_mean" not in agg.columns:
+        return pd.DataFrame(columns=columns)
+    means = _numeric(agg, f"{metric}_mean")
+    stds = (
+        np.nan_to_num(_numeric(agg, f"{metric}_std"))
+        if f"{metric}_std" in agg.columns
+        else np.zeros(len(agg))
+    )
+    bars = pd.DataFrame(
+        {
+            "label": _config_labels(agg.reset_index(drop=True)),
+            "mean": means,
+            "std": stds,
+            "row": np.arange(len(agg)),
+        }
+    )[np.isfinite(means)]
+    ascending = _metric_mode(metric) == "min"
+    bars = bars.sort_values(["mean", "label"], ascending=[ascending, True], kind="stable")
+    return bars.reset_index(drop=True)[columns]
+
+
+def timing_plot(
+    agg: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    metrics: Sequence[str] = TIMING_METRICS,
+) -> Path | None:
+    """Inference time and throughput per configuration (the reference study's Fig. 10).
+
+    ``agg`` is a seed-aggregated table (:func:`sweep.read.analysis.aggregate_seeds`). One panel
+    per metric of ``metrics`` with data: a horizontal bar per configuration (its seed mean,
+    the seed std as an error bar, the value written beside it), sorted best first from the
+    top (:func:`timing_bars`); configurations without the metric are left out of its panel.
+    The axis is logarithmic when the values span more than a decade. None, writing nothing,
+    when no configuration has any of ``metrics``.
+    """
+    panels = [(m, timing_bars(agg, m)) for m in metrics]
+    panels = [(m, bars) for m, bars in panels if not bars.empty]
+    if not panels:
+        return None
+    longest = max(len(bars) for _, bars in panels)
+    height = min(40.0, max(2.4, 0.24 * longest + 1.3))
+    fig = _new_figure(6.4 * len(panels), height)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (metric, bars) in zip(axes, panels, strict=True):
+        mode = _metric_mode(metric)
+        means, stds = bars["mean"].to_numpy(float), bars["std"].to_numpy(float)
+        _log_x_if_wide(ax, means)
+        ys = np.arange(len(bars))
+        ax.barh(
+            ys,
+            means,
+            height=0.7,
+            xerr=stds,
+            color=TIMING_COLORS[mode],
+            alpha=0.85,
+            error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"},
+        )
+        for y, mean, std in zip(ys, means, stds, strict=True):
+            ax.annotate(
+                f"{mean:.3g}",
+                (mean + std, y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=6,
+                color="#333333",
+            )
+        ax.set_yticks(ys, bars["label"].tolist(), fontsize=7)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_ylim(len(bars) - 0.5, -0.5)  # best on top
+        ax.margins(x=0.12)
+        ax.grid(True, axis="x", which="major", alpha=0.3)
+        better = "← better" if mode == "min" else "better →"
+        ax.set_xlabel(f"{metric}   ({better}; mean ± std over seeds)", fontsize=8)
+        ax.set_title(
+            f"{TIMING_TITLES.get(metric, metric)}: {len(bars)} configurations", fontsize=10
+        )
+    fig.suptitle("Inference time and throughput per configuration (best on top)", fontsize=11)
+    _save_atomically(fig, Path(path))
+    return Path(path)
+
+
 # --------------------------------------------------------------------------- Fig. 11
 
 MAX_EXAMPLE_MODELS = 6
@@ -907,12 +1021,111 @@ def _clean_rows(frame: pd.DataFrame) -> pd.Series:
     return (frame[present].fillna(CLEAN) == CLEAN).all(axis=1)
 
 
-def _example_choices(
-    sel: Selection, clean: pd.DataFrame, results_dir: str | os.PathLike[str], cap: int
-) -> list[tuple[str, dict[str, Any]]]:
-    """The models of the heatmap grid: the knee picks (the recommended one first), then the
-    other front members by the first objective, up to ``cap``; each shown by its lowest seed
-    that saved example maps."""
+MAX_RANKED_MODELS = 12
+"""The most models a ranked examples spec may ask for (``top-bottom:6`` is twelve columns)."""
+EXAMPLES_DEFAULT_METRIC = "image_auroc"
+EXAMPLES_KINDS = ("top", "bottom", "top-bottom")
+
+
+@dataclass(frozen=True)
+class ExamplesSpec:
+    """Which models the heatmap grid (Fig. 11) shows; :func:`parse_examples` reads the text.
+
+    ``kind`` is ``"knee"`` (the knee picks, then the other Pareto front members), or ``"top"``,
+    ``"bottom"`` or ``"top-bottom"``: the ``n`` best and/or worst configurations by ``metric``.
+    """
+
+    kind: str = "knee"
+    n: int = 0
+    metric: str = ""
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "knee" else f"{self.kind}:{self.n}:{self.metric}"
+
+
+def parse_examples(spec: str | ExamplesSpec) -> ExamplesSpec:
+    """Read an examples spec: ``knee`` (the default), or ``top:N[:METRIC]``,
+    ``bottom:N[:METRIC]`` or ``top-bottom:N[:METRIC]`` for the N best, the N worst, or both,
+    by METRIC (default ``image_auroc``; "best" follows the metric's direction, so
+    ``top:3:latency_ms`` is the three fastest). ``top-bottom:4:image_auroc`` is the reference
+    study's Fig. 11. Raises :class:`SweepError` naming the spec when it is malformed.
+    """
+    if isinstance(spec, ExamplesSpec):
+        return spec
+    text = str(spec).strip()
+    if text == "knee":
+        return ExamplesSpec()
+    kind, _, rest = text.partition(":")
+    count, _, metric = rest.partition(":")
+    usage = "expected knee, top:N[:METRIC], bottom:N[:METRIC] or top-bottom:N[:METRIC]"
+    if kind not in EXAMPLES_KINDS:
+        raise SweepError(f"examples {text!r}: unknown choice {kind!r} ({usage})")
+    try:
+        n = int(count)
+    except ValueError:
+        raise SweepError(f"examples {text!r}: N must be a whole number ({usage})") from None
+    models = 2 * n if kind == "top-bottom" else n
+    if n < 1 or models > MAX_RANKED_MODELS:
+        raise SweepError(
+            f"examples {text!r}: N must be at least 1 and show at most {MAX_RANKED_MODELS} "
+            f"models (got {models})"
+        )
+    metric = metric.strip() or EXAMPLES_DEFAULT_METRIC
+    if ":" in metric:
+        raise SweepError(f"examples {text!r}: too many ':' parts ({usage})")
+    return ExamplesSpec(kind, n, metric)
+
+
+def ranked_choices(
+    table: pd.DataFrame,
+    spec: ExamplesSpec,
+    mode: str | None = None,
+    available: Callable[[int], bool] | None = None,
+) -> list[tuple[int, str]]:
+    """The rows of ``table`` (a seed-aggregated table with ``<metric>_mean``) a ranked spec
+    picks, each with why it is there, best first: ``(row, "top 1 by image_auroc = 0.97")``.
+
+    Configurations are ranked on their finite seed means in ``mode``'s direction (default the
+    metric's natural one), ties by row. ``top k`` / ``bottom k`` is the k-th best / worst among
+    them. ``available`` says whether a row can be shown (it saved example maps); those that
+    cannot are passed over and the next rank taken, so a label always gives the true rank. A
+    configuration among both the best and the worst is shown once, as a top one.
+    """
+    column = f"{spec.metric}_mean"
+    if spec.kind not in EXAMPLES_KINDS:
+        raise SweepError(f"examples {str(spec)!r}: not a ranked choice")
+    if column not in table.columns:
+        return []
+    values = _numeric(table, column)
+    better_low = (mode or _metric_mode(spec.metric)) == "min"
+    rows = [r for r in range(len(table)) if np.isfinite(values[r])]
+    rows.sort(key=lambda r: (values[r] if better_low else -values[r], r))
+    usable = available or (lambda _row: True)
+
+    def reason(side: str, rank: int, row: int) -> str:
+        return f"{side} {rank} by {spec.metric} = {values[row]:.3g}"
+
+    top: list[tuple[int, str]] = []
+    if spec.kind in ("top", "top-bottom"):
+        for rank, row in enumerate(rows, start=1):
+            if len(top) == spec.n:
+                break
+            if usable(row):
+                top.append((row, reason("top", rank, row)))
+    bottom: list[tuple[int, str]] = []
+    if spec.kind in ("bottom", "top-bottom"):
+        taken = {row for row, _ in top}
+        for rank, row in enumerate(reversed(rows), start=1):
+            if len(bottom) == spec.n:
+                break
+            if row not in taken and usable(row):
+                bottom.append((row, reason("bottom", rank, row)))
+    return top + bottom[::-1]
+
+
+def _knee_choices(sel: Selection) -> list[tuple[int, str]]:
+    """The knee picks (the recommended one first), then the other front members by the first
+    objective."""
     table = sel.table
     order: list[int] = []
     if sel.chosen is not None and sel.picks.get(sel.chosen) is not None:
@@ -923,31 +1136,64 @@ def _example_choices(
     values = pd.to_numeric(table[f"{first_metric}_mean"], errors="coerce")
     front.sort(key=lambda r: (-values[r] if first_mode == "max" else values[r], r))
     order += front
-    order = list(dict.fromkeys(order))
+    choices = []
+    for r in dict.fromkeys(order):
+        knees = [m for m, pick in sel.picks.items() if pick == r]
+        choices.append((r, f"knee: {', '.join(knees)}" if knees else "front"))
+    return choices
 
+
+def _example_choices(
+    spec: ExamplesSpec,
+    sel: Selection | None,
+    agg: pd.DataFrame,
+    clean: pd.DataFrame,
+    results_dir: str | os.PathLike[str],
+    objectives: Sequence[tuple[str, str]] = (),
+) -> list[tuple[str, dict[str, Any]]]:
+    """The models of the heatmap grid, labelled with why each is there: the knee picks and
+    front members of ``sel`` (up to :data:`MAX_EXAMPLE_MODELS`), or the ranked configurations
+    of ``agg``; each shown by its lowest seed that saved example maps."""
+    if "config_hash" not in clean.columns:
+        return []
+    table = sel.table if spec.kind == "knee" and sel is not None else agg
+    if spec.kind == "knee" and sel is None:
+        return []
     by = [c for c in config_columns(table) if c in clean.columns]
     hashes: dict[str, list[str]] = {}
     ranked = clean.sort_values("seed", kind="stable") if "seed" in clean.columns else clean
-    if "config_hash" not in ranked.columns:
-        return []
     for _, row in ranked.iterrows():
         hashes.setdefault(_key([row[c] for c in by]), []).append(str(row["config_hash"]))
-    labels = _config_labels(table)
+    loaded: dict[int, dict[str, Any] | None] = {}
+
+    def examples_of(r: int) -> dict[str, Any] | None:
+        if r not in loaded:
+            loaded[r] = None
+            for digest in hashes.get(_key([table[c].iloc[r] for c in by]), []):
+                try:
+                    examples = load_examples(results_dir, digest)
+                except SweepError:
+                    continue
+                if examples is not None and examples.get("anomaly_map") is not None:
+                    loaded[r] = examples
+                    break
+        return loaded[r]
+
+    if spec.kind == "knee":
+        candidates = _knee_choices(sel)  # type: ignore[arg-type]
+        cap = MAX_EXAMPLE_MODELS
+    else:
+        mode = _metric_mode(spec.metric, objectives)
+        candidates = ranked_choices(table, spec, mode, lambda r: examples_of(r) is not None)
+        cap = len(candidates)
+    labels = _config_labels(table.reset_index(drop=True))
     chosen = []
-    for r in order:
+    for r, why in candidates:
         if len(chosen) >= cap:
             break
-        for digest in hashes.get(_key([table.at[r, c] for c in by]), []):
-            try:
-                examples = load_examples(results_dir, digest)
-            except SweepError:
-                continue
-            if examples is None or examples.get("anomaly_map") is None:
-                continue
-            knees = [m for m, pick in sel.picks.items() if pick == r]
-            tag = f" (knee: {', '.join(knees)})" if knees else " (front)"
-            chosen.append((labels[r] + tag, examples))
-            break
+        examples = examples_of(r)
+        if examples is not None:
+            chosen.append((f"{labels[r]} ({why})", examples))
     return chosen
 
 
@@ -957,6 +1203,7 @@ def report_plots(
     objectives: list[tuple[str, str]],
     out_dir: Path,
     results_dir: str | Path | None = None,
+    examples: str | ExamplesSpec = "knee",
 ) -> dict[str, Path]:
     """Every plot the rows have data for, written under ``out_dir``; returns ``{name: path}``.
 
@@ -970,18 +1217,29 @@ def report_plots(
       (Fig. 14);
     * ``robustness``: each augmentation / stress against clean, when there are variant rows
       (Fig. 12);
+    * ``timing``: inference time and throughput bars per configuration, when any has them
+      (Fig. 10);
     * ``vs_<param>``: metrics against each numeric configuration column the study varies with
       everything else fixed (``vs_image_size``, ``vs_coreset_ratio``);
-    * ``examples``: the heatmap grid of the knee picks and front members (Fig. 11), when
-      ``results_dir`` holds their saved example maps.
+    * ``examples``: the heatmap grid (Fig. 11), when ``results_dir`` holds the chosen models'
+      saved example maps.
 
     ``selection`` is the study's selection over the clean configurations (made here from
-    ``objectives`` when None); it decides the grid's models.
+    ``objectives`` when None). ``examples`` (:func:`parse_examples`) chooses the grid's models:
+    ``"knee"``, the selection's knee picks and front members, or ``"top-bottom:4:image_auroc"``
+    and the like, the best and worst configurations by a metric. A malformed spec, or a metric
+    the rows have no column for, raises :class:`SweepError`.
     """
+    spec = parse_examples(examples)
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     if df is None or df.empty:
         return written
+    if spec.kind != "knee" and spec.metric not in df.columns:
+        raise SweepError(
+            f"examples {str(spec)!r}: the results have no column {spec.metric!r}"
+            + did_you_mean(spec.metric, df.columns)
+        )
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
     clean = ok[_clean_rows(ok)]
     objective_metrics = [m for m, _ in objectives]
@@ -994,7 +1252,14 @@ def report_plots(
     metrics = [
         m
         for m in dict.fromkeys(
-            [*accuracy, *extra, TIME_METRIC, "memory_bank_size", *objective_metrics]
+            [
+                *accuracy,
+                *extra,
+                *TIMING_METRICS,
+                "memory_bank_size",
+                *objective_metrics,
+                *([spec.metric] if spec.metric else []),
+            ]
         )
         if m in clean.columns
     ]
@@ -1033,11 +1298,12 @@ def report_plots(
             keep("robustness", robustness_plot(deltas, out_dir / "robustness.png"))
 
     if not agg.empty:
+        keep("timing", timing_plot(agg, out_dir / "timing.png"))
         for param in swept_columns(agg):
             name = f"vs_{param.removeprefix('hp.')}"
             keep(name, param_plot(agg, param, out_dir / f"{name}.png"))
 
-    if results_dir is not None and selection is not None and len(clean):
-        choices = _example_choices(selection, clean, results_dir, MAX_EXAMPLE_MODELS)
+    if results_dir is not None and not agg.empty:
+        choices = _example_choices(spec, selection, agg, clean, results_dir, objectives)
         keep("examples", examples_plot(choices, out_dir / "examples.png"))
     return written
