@@ -114,6 +114,32 @@ class AnomalyDataset:
         )
 
     @property
+    def mask_present(self) -> torch.Tensor:
+        """N bool: which images have a mask (normal images count as having their empty one)."""
+        return self._mask_present
+
+    @property
+    def defect_pixels(self) -> list[int | None]:
+        """Per image, its mask's anomalous pixels (0 for normal images), None without a mask."""
+        counts = self.masks.flatten(1).sum(dim=1).tolist()
+        present = self._mask_present.tolist()
+        return [int(c) if p else None for c, p in zip(counts, present, strict=True)]
+
+    @classmethod
+    def concat(cls, parts: Sequence[AnomalyDataset]) -> AnomalyDataset:
+        """One data set holding the images of ``parts`` in order (all at one image size)."""
+        if not parts:
+            raise ValueError("concat: expected at least one data set")
+        return cls(
+            pixels=torch.cat([p.pixels for p in parts]),
+            labels=torch.cat([p.labels for p in parts]),
+            masks=torch.cat([p.masks for p in parts]),
+            defects=[d for p in parts for d in p.defects],
+            paths=[path for p in parts for path in p.paths],
+            mask_present=torch.cat([p.mask_present for p in parts]),
+        )
+
+    @property
     def num_anomalous(self) -> int:
         """How many images are anomalous."""
         return int(self.labels.sum())
@@ -189,6 +215,8 @@ class DatasetSplits:
     name: str
     category: str | None
     image_size: int
+    val_source: str = "split"
+    """Where the validation anomalies come from (``data.splits.VALIDATION_SOURCES``)."""
 
     def describe(self) -> str:
         """One line: images per split, how many anomalous, whether masks exist, image size."""
@@ -200,7 +228,8 @@ class DatasetSplits:
             return f"{label} {len(data)} ({data.num_anomalous} anomalous, {masks})"
 
         title = f"{self.name}/{self.category}" if self.category else self.name
-        parts = [split("train", self.train), split("val", self.val), split("test", self.test)]
+        val = "val" if self.val_source == "split" else f"val ({self.val_source})"
+        parts = [split("train", self.train), split(val, self.val), split("test", self.test)]
         return f"{title} {self.image_size}px: {', '.join(parts)}"
 
 

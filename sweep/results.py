@@ -38,6 +38,20 @@ METRICS: dict[str, Literal["max", "min"]] = {
     "pixel_f1": "max",
     "pixel_f1max": "max",
     "pixel_aupro": "max",
+    "image_ap": "max",
+    "image_recall_p996": "max",
+    "image_recall_p95": "max",
+    "image_recall_p90": "max",
+    "image_precision": "max",
+    "image_recall": "max",
+    "image_accuracy": "max",
+    "image_fpr": "min",
+    "image_fp_share": "min",
+    "pixel_ap": "max",
+    "pixel_iou": "max",
+    "pixel_precision": "max",
+    "pixel_recall": "max",
+    "pixel_fpr": "min",
     "latency_ms": "min",
     "throughput_fps": "max",
     "train_s": "min",
@@ -94,6 +108,9 @@ BASE_SCHEMA = pa.schema(
         ("augmentation_spec", pa.string()),
         ("stress", pa.string()),
         ("stress_spec", pa.string()),
+        ("split_seed", pa.int64()),
+        ("test_fraction", pa.float64()),
+        ("val_source", pa.string()),
         ("image_auroc", pa.float64()),
         ("image_f1", pa.float64()),
         ("image_f1max", pa.float64()),
@@ -103,6 +120,26 @@ BASE_SCHEMA = pa.schema(
         ("pixel_f1max", pa.float64()),
         ("pixel_threshold", pa.float64()),
         ("pixel_aupro", pa.float64()),
+        ("image_ap", pa.float64()),
+        ("image_recall_p996", pa.float64()),
+        ("image_recall_p95", pa.float64()),
+        ("image_recall_p90", pa.float64()),
+        ("threshold_policy", pa.string()),
+        ("image_precision", pa.float64()),
+        ("image_recall", pa.float64()),
+        ("image_accuracy", pa.float64()),
+        ("image_fpr", pa.float64()),
+        ("image_fp_share", pa.float64()),
+        ("image_tp", pa.int64()),
+        ("image_fp", pa.int64()),
+        ("image_tn", pa.int64()),
+        ("image_fn", pa.int64()),
+        ("pixel_threshold_policy", pa.string()),
+        ("pixel_ap", pa.float64()),
+        ("pixel_iou", pa.float64()),
+        ("pixel_precision", pa.float64()),
+        ("pixel_recall", pa.float64()),
+        ("pixel_fpr", pa.float64()),
         ("metric_notes", pa.string()),
         ("train_s", pa.float64()),
         ("latency_ms", pa.float64()),
@@ -122,6 +159,7 @@ BASE_SCHEMA = pa.schema(
         ("peak_rss_mb", pa.float64()),
         ("peak_gpu_mb", pa.float64()),
         ("n_train", pa.int64()),
+        ("n_val", pa.int64()),
         ("n_test", pa.int64()),
         ("device", pa.string()),
         ("hostname", pa.string()),
@@ -135,6 +173,25 @@ BASE_SCHEMA = pa.schema(
 """The fixed columns; ``hp.<name>`` columns (one per detector hyperparameter) follow them."""
 
 HP_PREFIX = "hp."
+
+IMAGES_DIR = "_images"
+"""Where each trial's per-image results go: ``<output>/_images/<config_hash>.parquet``."""
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("config_hash", pa.string()),
+        ("split", pa.string()),
+        ("index", pa.int64()),
+        ("path", pa.string()),
+        ("label", pa.int8()),
+        ("defect", pa.string()),
+        ("defect_pixels", pa.int64()),
+        ("defect_fraction", pa.float64()),
+        ("score", pa.float64()),
+    ]
+)
+"""One row per validation and test image of a trial: which split and image, its label, defect
+type and size (mask pixels at the trial's image size; null without a mask) and its score."""
 
 STORAGE_TIMEOUT_S = 60.0
 """How long the driver waits for an object store to answer its checks before giving up."""
@@ -311,17 +368,6 @@ class ResultStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return final
-        tmp = f"{self.root}/.tmp-{name}-{uuid.uuid4().hex[:8]}.partial"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return final
 
     def read_file(self, name: str) -> bytes | None:
         """The bytes of ``<output>/<name>``, or None when there is no such file."""
@@ -391,6 +437,40 @@ class ResultStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         return self.write_file(f"{row['config_hash']}.parquet", sink.getvalue().to_pybytes())
+
+    def write_images(self, config_hash: str, table: pa.Table) -> str:
+        """Write a trial's per-image results (:data:`IMAGE_SCHEMA`; ``config_hash`` is set
+        here) atomically as ``_images/<config_hash>.parquet``."""
+        table = table.cast(IMAGE_SCHEMA)
+        position = IMAGE_SCHEMA.get_field_index("config_hash")
+        table = table.set_column(
+            position, "config_hash", pa.array([config_hash] * table.num_rows, pa.string())
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.write_file(f"{IMAGES_DIR}/{config_hash}.parquet", sink.getvalue().to_pybytes())
+
+    def read_images(self, config_hashes: Iterable[str] | None = None) -> pa.Table:
+        """The per-image results of the trials ``config_hashes`` (default: all) that have
+        them, concatenated; a trial without a file (an error row, an output written before
+        they existed) contributes nothing."""
+        folder = f"{self.root}/{IMAGES_DIR}"
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot list {IMAGES_DIR} ({exc})") from None
+        wanted = None if config_hashes is None else {f"{h}.parquet" for h in config_hashes}
+        files = sorted(
+            info.path
+            for info in infos
+            if info.type == pafs.FileType.File
+            and info.base_name.endswith(".parquet")
+            and not info.base_name.startswith(".")
+            and (wanted is None or info.base_name in wanted)
+        )
+        if not files:
+            return IMAGE_SCHEMA.empty_table()
+        return pads.dataset(files, schema=IMAGE_SCHEMA, filesystem=self.fs).to_table()
 
     def _files(self) -> list[str]:
         try:
@@ -467,3 +547,12 @@ def read_results(output: str | os.PathLike[str]):  # -> pandas.DataFrame
     if store.local and not Path(store.root).is_dir():
         raise SweepError(f"results {store.uri!r}: no such directory")
     return store.read().to_pandas()
+
+
+def read_images(output: str | os.PathLike[str], config_hashes: Iterable[str] | None = None):
+    """The per-image results (``IMAGE_SCHEMA``) of an output's trials as a pandas DataFrame:
+    all of them, or those of ``config_hashes``; empty (with the columns) when there are none."""
+    store = ResultStore(output)
+    if store.local and not Path(store.root).is_dir():
+        raise SweepError(f"results {store.uri!r}: no such directory")
+    return store.read_images(config_hashes).to_pandas()

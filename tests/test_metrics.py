@@ -11,6 +11,9 @@ from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 
 from sweep.run.metrics import (
+    AT_IMAGE_THRESHOLD,
+    AT_PIXEL_THRESHOLD,
+    IMAGE_COUNTS,
     METRIC_KEYS,
     SplitOutputs,
     aupro,
@@ -211,9 +214,16 @@ def test_evaluate_returns_every_key_and_consistent_values():
     rng = np.random.default_rng(0)
     val, test = _split(rng, 6, 6), _split(rng, 8, 8)
     result = evaluate(val, test)
-    assert set(result) == {*METRIC_KEYS, "metric_notes"}
+    assert set(result) == {
+        *METRIC_KEYS,
+        "metric_notes",
+        "threshold_policy",
+        "pixel_threshold_policy",
+    }
     assert result["metric_notes"] == ""
-    assert all(isinstance(result[k], float) and math.isfinite(result[k]) for k in METRIC_KEYS)
+    assert result["threshold_policy"] == result["pixel_threshold_policy"] == "f1_max"
+    assert all(math.isfinite(result[k]) for k in METRIC_KEYS)
+    assert all(isinstance(result[k], int) for k in IMAGE_COUNTS)
     assert result["image_auroc"] == pytest.approx(roc_auc_score(test.labels, test.scores))
     assert result["pixel_auroc"] == pytest.approx(
         roc_auc_score(test.masks.ravel(), test.maps.ravel())
@@ -250,12 +260,10 @@ def _nan_keys(result):
 def test_evaluate_validation_without_anomalies_gives_nan_f1_with_reason():
     rng = np.random.default_rng(2)
     result = evaluate(_split(rng, 5, 0), _split(rng, 5, 5))
-    assert _nan_keys(result) == {"image_f1", "image_threshold", "pixel_f1", "pixel_threshold"}
-    assert "image_f1, image_threshold: validation split has no anomalies" in result["metric_notes"]
-    assert (
-        "pixel_f1, pixel_threshold: validation masks have no anomalous pixel"
-        in (result["metric_notes"])
-    )
+    assert _nan_keys(result) == {*AT_IMAGE_THRESHOLD, *AT_PIXEL_THRESHOLD}
+    notes = result["metric_notes"]
+    assert "image_threshold and its metrics (f1_max): validation split has no anomalies" in notes
+    assert "pixel_threshold and its metrics (f1_max): validation masks have no anomalous" in notes
     assert math.isfinite(result["image_auroc"]) and math.isfinite(result["pixel_aupro"])
 
 
@@ -282,17 +290,28 @@ def test_evaluate_test_split_with_one_class():
     assert math.isfinite(only_anomalies["pixel_auroc"])  # images still have normal pixels
 
     only_normal = evaluate(_split(rng, 3, 3), _split(rng, 4, 0))
-    assert _nan_keys(only_normal) == {
+    undefined_without_anomalies = {
         "image_auroc",
+        "image_ap",
         "image_f1",
         "image_f1max",
+        "image_recall",
+        *(k for k in METRIC_KEYS if k.startswith("image_recall_p")),
         "pixel_auroc",
+        "pixel_ap",
         "pixel_f1",
         "pixel_f1max",
         "pixel_aupro",
+        "pixel_recall",
     }
+    assert undefined_without_anomalies <= _nan_keys(only_normal)
+    # What needs no anomaly is still measured: how many good parts the threshold rejects.
+    assert math.isfinite(only_normal["image_fpr"]) and math.isfinite(only_normal["image_accuracy"])
+    assert only_normal["image_tn"] + only_normal["image_fp"] == 4
     notes = only_normal["metric_notes"]
-    assert "image_auroc, image_f1, image_f1max: test split has no anomalies" in notes
+    assert (
+        "image_auroc, image_ap, image_f1max, image_recall_*: test split has no anomalies" in notes
+    )
     assert "test masks have no anomalous pixel" in notes
 
 

@@ -58,8 +58,16 @@ def test_real_tiny_study_rows_read_back(ray_session, glue_root, tmp_path, monkey
     assert "100000" in error.error
     assert math.isnan(error.image_auroc)
 
-    count = duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/out/**/*.parquet'").fetchall()
+    count = duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/out/[!._]*.parquet'").fetchall()
     assert count == [(3,)]
+    # Each scored trial's per-image results sit beside its row, one row per val and test image.
+    images = duckdb.sql(
+        f"SELECT config_hash, count(*) AS n, count(DISTINCT split) AS splits "
+        f"FROM '{tmp_path}/out/_images/*.parquet' GROUP BY ALL"
+    ).fetchall()
+    assert {h for h, _, _ in images} == set(ok.config_hash)
+    for _, n, splits in images:
+        assert n == ok.n_val.iloc[0] + ok.n_test.iloc[0] and splits == 2
 
     again = run_study(study)
     assert (again.planned, again.skipped, again.ok, again.errors) == (3, 3, 0, 0)

@@ -21,11 +21,17 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "AT_IMAGE_THRESHOLD",
+    "AT_PIXEL_THRESHOLD",
     "AUPRO_FPR_LIMIT",
+    "IMAGE_COUNTS",
     "IMAGE_METRICS",
     "METRIC_KEYS",
     "PIXEL_METRICS",
+    "RECALL_AT_PRECISION",
+    "THRESHOLD_POLICIES",
     "SplitOutputs",
+    "ThresholdPolicy",
     "ThresholdStats",
     "aupro",
     "auroc",
@@ -33,6 +39,7 @@ __all__ = [
     "evaluate",
     "f1_at",
     "f1_max",
+    "image_metrics",
     "iou_at",
     "iou_max",
     "recall_at_precision",
@@ -40,10 +47,47 @@ __all__ = [
     "youden",
 ]
 
-IMAGE_METRICS = ("image_auroc", "image_f1", "image_f1max", "image_threshold")
-PIXEL_METRICS = ("pixel_auroc", "pixel_f1", "pixel_f1max", "pixel_threshold", "pixel_aupro")
+RECALL_AT_PRECISION = {
+    "image_recall_p996": 0.996,
+    "image_recall_p95": 0.95,
+    "image_recall_p90": 0.90,
+}
+"""Test recall at the most permissive threshold whose precision reaches the value (the
+VIN-label study's headline: how many defects a line still catches when at most 0.4 %, 5 % or
+10 % of what it rejects is good)."""
+
+IMAGE_COUNTS = ("image_tp", "image_fp", "image_tn", "image_fn")
+"""The test confusion matrix at the chosen image threshold (integer columns)."""
+AT_IMAGE_THRESHOLD = (
+    "image_threshold",
+    "image_f1",
+    "image_precision",
+    "image_recall",
+    "image_accuracy",
+    "image_fpr",
+    "image_fp_share",
+    *IMAGE_COUNTS,
+)
+"""The image threshold a policy chose on validation, and the test metrics at it."""
+AT_PIXEL_THRESHOLD = (
+    "pixel_threshold",
+    "pixel_f1",
+    "pixel_iou",
+    "pixel_precision",
+    "pixel_recall",
+    "pixel_fpr",
+)
+"""The pixel threshold a policy chose on validation, and the test metrics at it."""
+IMAGE_METRICS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1max",
+    *RECALL_AT_PRECISION,
+    *AT_IMAGE_THRESHOLD,
+)
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", *AT_PIXEL_THRESHOLD)
 METRIC_KEYS = (*IMAGE_METRICS, *PIXEL_METRICS)
-"""The float keys :func:`evaluate` returns (besides ``metric_notes``)."""
+"""The numeric keys :func:`evaluate` returns (besides ``metric_notes`` and the policies)."""
 
 AUPRO_FPR_LIMIT = 0.3
 """The false-positive-rate limit of ``pixel_aupro`` (the MVTec AD convention)."""
@@ -256,7 +300,11 @@ def average_precision(labels: Any, scores: Any) -> float:
     """Area under the precision-recall curve as average precision: the sum over thresholds of
     the recall gained times the precision there (``sklearn.metrics.average_precision_score``,
     ties grouped as it groups them); NaN if ``labels`` has no positive."""
-    ranking, tp, positives = _ranked(labels, scores)
+    return _average_precision_from(*_ranked(labels, scores)[:2])
+
+
+def _average_precision_from(ranking: _Ranking, tp: np.ndarray) -> float:
+    positives = int(tp[-1]) if tp.size else 0
     if positives == 0:
         return NAN
     precision = tp / ranking.predicted
@@ -274,7 +322,13 @@ def recall_at_precision(labels: Any, scores: Any, min_precision: float) -> tuple
     """
     if not 0 < min_precision <= 1:
         raise ValueError(f"min_precision must be in (0, 1], got {min_precision!r}")
-    ranking, tp, positives = _ranked(labels, scores)
+    return _recall_at_precision_from(*_ranked(labels, scores)[:2], min_precision)
+
+
+def _recall_at_precision_from(
+    ranking: _Ranking, tp: np.ndarray, min_precision: float
+) -> tuple[float, float]:
+    positives = int(tp[-1]) if tp.size else 0
     if positives == 0:
         return NAN, NAN
     # A hair of tolerance: 19 / 20 must count as precision 0.95 whatever the rounding.
@@ -289,7 +343,11 @@ def recall_at_precision(labels: Any, scores: Any, min_precision: float) -> tuple
 def youden(labels: Any, scores: Any) -> tuple[float, float]:
     """``(J, threshold)``: Youden's J = TPR - FPR at its best threshold ``score >= t`` (the
     highest one reaching it); NaNs if ``labels`` lacks either class."""
-    ranking, tp, positives = _ranked(labels, scores)
+    return _youden_from(*_ranked(labels, scores)[:2])
+
+
+def _youden_from(ranking: _Ranking, tp: np.ndarray) -> tuple[float, float]:
+    positives = int(tp[-1]) if tp.size else 0
     negatives = ranking.order.size - positives
     if positives == 0 or negatives == 0:
         return NAN, NAN
@@ -367,7 +425,11 @@ def iou_at(masks: Any, maps: Any, threshold: float) -> float:
 def iou_max(masks: Any, maps: Any) -> tuple[float, float]:
     """``(best IoU, threshold)`` over every threshold ``map >= t`` (the sealant study's
     IoU-maximising threshold: the highest one reaching the best); NaNs if no mask pixel."""
-    ranking, tp, positives = _ranked(masks, maps, "masks", "maps")
+    return _iou_max_from(*_ranked(masks, maps, "masks", "maps")[:2])
+
+
+def _iou_max_from(ranking: _Ranking, tp: np.ndarray) -> tuple[float, float]:
+    positives = int(tp[-1]) if tp.size else 0
     if positives == 0:
         return NAN, NAN
     # |pred & gt| / |pred | gt| = TP / (predicted + P - TP), never 0 in the denominator.
@@ -451,6 +513,103 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
     return _aupro_from(ranking, ranking.true_counts(flat_masks), stack, flat_masks, fpr_limit)
 
 
+# --------------------------------------------------------------------------- thresholds
+
+THRESHOLD_POLICIES = ("f1_max", "youden", "iou_max", "precision_at", "fixed")
+"""How a decision threshold is chosen on the validation split (``fixed`` takes a value and
+needs no validation anomalies; ``precision_at`` takes the precision to reach)."""
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy:
+    """A way of choosing the threshold ``score >= t`` that flags an image or a pixel.
+
+    ``f1_max`` maximises F1 (the reference study), ``youden`` maximises TPR - FPR (the
+    battery study), ``iou_max`` maximises TP / (TP + FP + FN), the IoU of the flagged pixels
+    with the masks (the sealant study), ``precision_at: p`` takes the most permissive threshold
+    whose precision reaches ``p`` (the VIN-label study) and ``fixed: v`` is ``v`` itself.
+    Written ``f1_max`` or ``precision_at:0.95`` (:meth:`parse` also takes ``{precision_at:
+    0.95}``).
+    """
+
+    kind: str = "f1_max"
+    value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in THRESHOLD_POLICIES:
+            raise ValueError(
+                f"unknown threshold policy {self.kind!r} (known: {', '.join(THRESHOLD_POLICIES)})"
+            )
+        takes_value = self.kind in ("precision_at", "fixed")
+        if takes_value and self.value is None:
+            example = "precision_at: 0.95" if self.kind == "precision_at" else "fixed: 0.5"
+            raise ValueError(f"threshold policy {self.kind!r} needs a value (e.g. {example})")
+        if not takes_value and self.value is not None:
+            raise ValueError(f"threshold policy {self.kind!r} takes no value")
+        if self.value is not None:
+            if isinstance(self.value, bool) or not math.isfinite(float(self.value)):
+                raise ValueError(f"threshold policy {self.kind!r}: {self.value!r} is not finite")
+            if self.kind == "precision_at" and not 0 < self.value <= 1:
+                raise ValueError(f"precision_at: expected a precision in (0, 1], got {self.value}")
+
+    @classmethod
+    def parse(cls, spec: Any) -> ThresholdPolicy:
+        """A policy from ``"youden"``, ``"precision_at:0.95"`` or ``{"fixed": 0.5}``."""
+        if isinstance(spec, ThresholdPolicy):
+            return spec
+        if isinstance(spec, dict):
+            if len(spec) != 1:
+                raise ValueError(
+                    f"threshold policy: expected one key such as {{precision_at: 0.95}}, "
+                    f"got {spec!r}"
+                )
+            ((kind, value),) = spec.items()
+            return cls(str(kind), _policy_value(kind, value))
+        if not isinstance(spec, str):
+            raise ValueError(f"threshold policy: expected a name or a mapping, got {spec!r}")
+        kind, colon, value = spec.partition(":")
+        return cls(kind.strip(), _policy_value(kind, value.strip()) if colon else None)
+
+    @property
+    def needs_anomalies(self) -> bool:
+        """Whether choosing it needs anomalous validation images (all but ``fixed`` do)."""
+        return self.kind != "fixed"
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+    def choose(self, labels: Any, scores: Any) -> tuple[float, str | None]:
+        """``(threshold, None)`` chosen on validation ``labels`` and ``scores``, or ``(NaN,
+        why)`` when no threshold can be chosen."""
+        if self.kind == "fixed":
+            return float(self.value), None  # type: ignore[arg-type]
+        ranking, tp, positives = _ranked(labels, scores)
+        negatives = ranking.order.size - positives
+        if ranking.order.size == 0:
+            return NAN, "validation split is empty"
+        if positives == 0:
+            return NAN, "validation split has no anomalies"
+        if self.kind == "f1_max":
+            return _f1_max_from(ranking, tp)[1], None
+        if self.kind == "iou_max":
+            return _iou_max_from(ranking, tp)[1], None
+        if self.kind == "youden":
+            if negatives == 0:
+                return NAN, "validation split has no normal images"
+            return _youden_from(ranking, tp)[1], None
+        threshold = _recall_at_precision_from(ranking, tp, float(self.value))[1]  # type: ignore[arg-type]
+        if math.isnan(threshold):
+            return NAN, f"no validation threshold reaches precision {self.value:g}"
+        return threshold, None
+
+
+def _policy_value(kind: Any, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold policy {kind!r}: expected a number, got {value!r}") from None
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -467,39 +626,68 @@ class _Notes:
         return "; ".join(self.items)
 
 
-def _evaluate_image(val: SplitOutputs, test: SplitOutputs, notes: _Notes) -> dict[str, float]:
+def image_metrics(
+    val_labels: Any,
+    val_scores: Any,
+    test_labels: Any,
+    test_scores: Any,
+    policy: ThresholdPolicy | str = "f1_max",
+) -> tuple[dict[str, float], list[str]]:
+    """The image-level columns of a result row, and the reasons for their NaNs.
+
+    Curve metrics (AUROC, AP, F1-max, recall at precision) are read off the test scores alone;
+    the threshold is chosen on the validation split by ``policy`` and the test split is then
+    judged at it (F1, precision, recall, accuracy, false-positive rate and share, the confusion
+    matrix). :func:`evaluate` calls it on a detector's outputs and ``sweep results
+    --recompute`` on a trial's stored per-image results.
+    """
+    policy = ThresholdPolicy.parse(policy)
+    notes = _Notes()
     out = dict.fromkeys(IMAGE_METRICS, NAN)
-    test_labels, test_scores = _paired(test.labels, test.scores, "test labels", "test scores")
-    val_labels, val_scores = _paired(val.labels, val.scores, "val labels", "val scores")
+    test_labels, test_scores = _paired(test_labels, test_scores, "test labels", "test scores")
+    val_labels, val_scores = _paired(val_labels, val_scores, "val labels", "val scores")
     n_anomalous = int(np.count_nonzero(test_labels))
     n_normal = test_labels.size - n_anomalous
 
     if test_labels.size == 0:
         notes.add("image_*", "test split is empty")
-        return out
+        return out, notes.items
     ranking = _Ranking.of(test_scores)
     tp = ranking.true_counts(test_labels)
     if n_anomalous == 0:
-        notes.add("image_auroc, image_f1, image_f1max", "test split has no anomalies")
+        notes.add(
+            "image_auroc, image_ap, image_f1max, image_recall_*", "test split has no anomalies"
+        )
     else:
         out["image_f1max"] = _f1_max_from(ranking, tp)[0]
+        out["image_ap"] = _average_precision_from(ranking, tp)
+        for key, precision in RECALL_AT_PRECISION.items():
+            out[key] = _recall_at_precision_from(ranking, tp, precision)[0]
         if n_normal == 0:
             notes.add("image_auroc", "test split has no normal images")
         else:
             out["image_auroc"] = _auroc_from(ranking, tp)
+    del ranking, tp
 
-    if not np.any(val_labels):
-        keys = "image_f1, image_threshold" if n_anomalous else "image_threshold"
-        empty = val_labels.size == 0
-        notes.add(
-            keys, "validation split is empty" if empty else "validation split has no anomalies"
-        )
-        return out
-    val_ranking = _Ranking.of(val_scores)
-    out["image_threshold"] = _f1_max_from(val_ranking, val_ranking.true_counts(val_labels))[1]
-    if n_anomalous:
-        out["image_f1"] = f1_at(test_labels, test_scores, out["image_threshold"])
-    return out
+    threshold, why = policy.choose(val_labels, val_scores)
+    if why is not None:
+        notes.add(f"image_threshold and its metrics ({policy})", why)
+        return out, notes.items
+    out["image_threshold"] = threshold
+    stats = threshold_stats(test_labels, test_scores, threshold)
+    out.update(
+        image_f1=f1_at(test_labels, test_scores, threshold),
+        image_precision=stats.precision,
+        image_recall=stats.recall,
+        image_accuracy=stats.accuracy,
+        image_fpr=stats.false_positive_rate,
+        image_fp_share=stats.false_positive_share,
+        image_tp=stats.tp,
+        image_fp=stats.fp,
+        image_tn=stats.tn,
+        image_fn=stats.fn,
+    )
+    return out, notes.items
 
 
 def _pixel_problem(split: SplitOutputs, name: str) -> str | None:
@@ -518,7 +706,9 @@ def _pixel_problem(split: SplitOutputs, name: str) -> str | None:
     return None
 
 
-def _evaluate_pixel(val: SplitOutputs, test: SplitOutputs, notes: _Notes) -> dict[str, float]:
+def _evaluate_pixel(
+    val: SplitOutputs, test: SplitOutputs, policy: ThresholdPolicy, notes: _Notes
+) -> dict[str, float]:
     out = dict.fromkeys(PIXEL_METRICS, NAN)
     problem = _pixel_problem(test, "test")
     if problem is not None:
@@ -533,7 +723,7 @@ def _evaluate_pixel(val: SplitOutputs, test: SplitOutputs, notes: _Notes) -> dic
     n_normal = flat_masks.size - n_anomalous
     if n_anomalous == 0:
         notes.add(
-            "pixel_auroc, pixel_f1, pixel_f1max, pixel_aupro", "test masks have no anomalous pixel"
+            "pixel_auroc, pixel_ap, pixel_f1max, pixel_aupro", "test masks have no anomalous pixel"
         )
     elif n_normal == 0:
         notes.add("pixel_auroc, pixel_aupro", "test masks have no normal pixel")
@@ -541,37 +731,65 @@ def _evaluate_pixel(val: SplitOutputs, test: SplitOutputs, notes: _Notes) -> dic
         ranking = _Ranking.of(flat_maps)
         tp = ranking.true_counts(flat_masks)
         out["pixel_f1max"] = _f1_max_from(ranking, tp)[0]
+        out["pixel_ap"] = _average_precision_from(ranking, tp)
         if n_normal:
             out["pixel_auroc"] = _auroc_from(ranking, tp)
             out["pixel_aupro"] = _aupro_from(ranking, tp, stack, flat_masks, AUPRO_FPR_LIMIT)
         del ranking, tp  # the validation split's sort below needs the memory
 
-    val_problem = _pixel_problem(val, "validation")
-    if val_problem is None and not np.any(_to_numpy(val.masks, "validation masks")):
-        val_problem = "validation masks have no anomalous pixel"
-    if val_problem is not None:
-        notes.add("pixel_f1, pixel_threshold" if n_anomalous else "pixel_threshold", val_problem)
+    if policy.needs_anomalies:
+        why = _pixel_problem(val, "validation")
+        if why is None:
+            threshold, why = policy.choose(val.masks, val.maps)
+            if why is not None:
+                why = why.replace(
+                    "validation split has no anomalies", "validation masks have no anomalous pixel"
+                )
+    else:
+        threshold, why = float(policy.value), None  # type: ignore[arg-type]
+    if why is not None:
+        notes.add(f"pixel_threshold and its metrics ({policy})", why)
         return out
-    out["pixel_threshold"] = f1_max(val.masks, val.maps)[1]
-    if n_anomalous:
-        out["pixel_f1"] = f1_at(flat_masks, flat_maps, out["pixel_threshold"])
+    out["pixel_threshold"] = threshold
+    stats = threshold_stats(flat_masks, flat_maps, threshold)
+    out.update(
+        pixel_f1=f1_at(flat_masks, flat_maps, threshold),
+        pixel_iou=iou_at(flat_masks, flat_maps, threshold),
+        pixel_precision=stats.precision,
+        pixel_recall=stats.recall,
+        pixel_fpr=stats.false_positive_rate,
+    )
     return out
 
 
-def evaluate(val: SplitOutputs, test: SplitOutputs) -> dict[str, float | str]:
+def evaluate(
+    val: SplitOutputs,
+    test: SplitOutputs,
+    policy: ThresholdPolicy | str = "f1_max",
+    pixel_policy: ThresholdPolicy | str | None = None,
+) -> dict[str, float | str]:
     """The metric columns of a result row.
 
-    ``image_auroc``, ``image_f1max`` (oracle F1-max on test), ``image_threshold`` (the score
-    threshold maximising F1 on the validation split) and ``image_f1`` (test F1 at that
-    threshold); the same five at pixel level over every test pixel, plus ``pixel_aupro``
-    (up to FPR 0.3); and ``metric_notes``, the ``"; "``-joined reasons for every NaN
-    (empty when there is none). Degenerate splits give NaN, never an exception; inconsistent
-    inputs (sizes that do not match, non-binary labels, non-finite image scores) raise
-    ``ValueError``.
+    Image level (:func:`image_metrics`): AUROC, AP, F1-max and recall at precision 0.996 /
+    0.95 / 0.90 on the test split; the threshold chosen on the validation split by ``policy``
+    and the test split's F1, precision, recall, accuracy, false-positive rate and share and
+    confusion matrix at it. Pixel level, over every test pixel: AUROC, AP, F1-max and AUPRO (up
+    to FPR 0.3); the threshold chosen on the validation maps by ``pixel_policy`` (default:
+    ``policy``) and the test F1, IoU, precision, recall and false-positive rate at it.
+    ``threshold_policy`` and ``pixel_threshold_policy`` name the policies; ``metric_notes``
+    holds the ``"; "``-joined reasons for every NaN (empty when there is none). Degenerate
+    splits give NaN, never an exception; inconsistent inputs (sizes that do not match,
+    non-binary labels, non-finite image scores) raise ``ValueError``.
     """
-    notes = _Notes()
+    policy = ThresholdPolicy.parse(policy)
+    pixel_policy = policy if pixel_policy is None else ThresholdPolicy.parse(pixel_policy)
     result: dict[str, float | str] = {}
-    result.update(_evaluate_image(val, test, notes))
-    result.update(_evaluate_pixel(val, test, notes))
+    image, image_notes = image_metrics(val.labels, val.scores, test.labels, test.scores, policy)
+    result.update(image)
+    notes = _Notes()
+    notes.items.extend(image_notes)
+    result.update(_evaluate_pixel(val, test, pixel_policy, notes))
+    result["threshold_policy"] = str(policy)
+    result["pixel_threshold_policy"] = str(pixel_policy)
     result["metric_notes"] = str(notes)
     return result

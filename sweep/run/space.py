@@ -32,9 +32,11 @@ from sweep.errors import did_you_mean
 __all__ = [
     "BACKBONE_MARK",
     "DISTRIBUTIONS",
+    "FOLLOW_SEED",
     "NATIVE_SIZE",
     "PER_MODEL_TRIAL_KEYS",
     "SHARED_HPARAMS",
+    "SPLIT_KEYS",
     "TRIAL_KEYS",
     "VARIANT_KEYS",
     "BackbonePair",
@@ -48,8 +50,22 @@ __all__ = [
     "split_key",
 ]
 
-TRIAL_KEYS = ("model", "seed", "image_size", "epochs", "augmentation", "stress")
+TRIAL_KEYS = (
+    "model",
+    "seed",
+    "image_size",
+    "epochs",
+    "augmentation",
+    "stress",
+    "split_seed",
+    "test_fraction",
+)
 """Keys of the space that are not detector hyperparameters, or not only."""
+SPLIT_KEYS = ("split_seed", "test_fraction")
+"""Trial keys that draw the data set's splits again (:func:`data.splits.resplit`): the split's
+seed (an int, or ``seed`` for the trial's own seed) and the share of normal images tested."""
+FOLLOW_SEED = "seed"
+"""The ``split_seed`` that means: the trial's seed draws its split too."""
 VARIANT_KEYS = ("augmentation", "stress")
 """Trial keys that name a data variant: a training augmentation set or a test-time stress."""
 PER_MODEL_TRIAL_KEYS = ("image_size",)
@@ -97,6 +113,13 @@ def _winning_key(
     ``name``); None when none is present, and the detector's default applies."""
     specific = () if backbone is None else (f"{model}{BACKBONE_MARK}{backbone}.{name}",)
     return next((k for k in (*specific, f"{model}.{name}", name) if k in keys), None)
+
+
+def _split_seed(value: Any, seed: int) -> int | None:
+    """A trial's split seed: ``seed`` (:data:`FOLLOW_SEED`) follows the trial's own."""
+    if value is None:
+        return None
+    return seed if value == FOLLOW_SEED else int(value)
 
 
 class Param(BaseModel):
@@ -214,6 +237,15 @@ class TrialConfig:
     """The training augmentation set (a name of ``Study.augmentation_sets``)."""
     stress: str = "none"
     """The test-time stress perturbation (a name of ``Study.stress_specs``)."""
+    split_seed: int | None = None
+    """Seed of a fresh train/val/test split of the data set; None keeps the data set's."""
+    test_fraction: float | None = None
+    """Share of normal images in a fresh split's test split; None keeps the data set's."""
+
+    @property
+    def resplits(self) -> bool:
+        """Whether this trial's data is split again (a split seed or a test share is set)."""
+        return self.split_seed is not None or self.test_fraction is not None
 
     @property
     def backbone(self) -> str | None:
@@ -229,6 +261,7 @@ class TrialConfig:
             "hparams": {k: jsonable(v) for k, v in sorted(self.hparams.items())},
             # Left out when unused, so that trials without variants keep their ids.
             **{k: getattr(self, k) for k in VARIANT_KEYS if getattr(self, k) != "none"},
+            **{k: getattr(self, k) for k in SPLIT_KEYS if getattr(self, k) is not None},
         }
 
     @classmethod
@@ -241,6 +274,8 @@ class TrialConfig:
             hparams={k: freeze(v) for k, v in raw.get("hparams", {}).items()},
             augmentation=str(raw.get("augmentation", "none")),
             stress=str(raw.get("stress", "none")),
+            split_seed=None if raw.get("split_seed") is None else int(raw["split_seed"]),
+            test_fraction=None if raw.get("test_fraction") is None else float(raw["test_fraction"]),
         )
 
     def key(self) -> str:
@@ -425,6 +460,12 @@ class Space:
             hparams=hparams,
             augmentation=str(assignment.get("augmentation", "none")),
             stress=str(assignment.get("stress", "none")),
+            split_seed=_split_seed(assignment.get("split_seed"), seed),
+            test_fraction=(
+                None
+                if assignment.get("test_fraction") is None
+                else float(assignment["test_fraction"])
+            ),
         )
 
     def from_sampler(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -566,6 +607,7 @@ class Space:
                     )
         self._check_backbone_pairs()
         self._check_whole_numbers()
+        self._check_split_keys()
         if algorithm == "grid":
             for key, param in self.params.items():
                 if not param.is_enumerable:
@@ -670,6 +712,34 @@ class Space:
                 f"{pair.image_size} px: {problem}{hint} (give each model its own backbones with "
                 f"'{pair.model}.backbone')"
             )
+
+    def _check_split_keys(self) -> None:
+        """``split_seed`` takes ints or ``seed``; ``test_fraction`` shares in (0, 1)."""
+        for key in SPLIT_KEYS:
+            param = self.params.get(key)
+            if param is None:
+                continue
+            if key == "split_seed" and param.kind in ("uniform", "loguniform"):
+                raise ValueError(f"space key {key!r} takes whole numbers, not {param.kind}")
+            bounds = (param.low, param.high) if not param.is_enumerable else param.options()
+            for value in bounds:
+                if value is None:
+                    continue
+                if key == "split_seed":
+                    whole = isinstance(value, int) and not isinstance(value, bool)
+                    if not whole and value != FOLLOW_SEED:
+                        raise ValueError(
+                            f"space key 'split_seed': expected an int or {FOLLOW_SEED!r} (the "
+                            f"trial's seed), got {value!r}"
+                        )
+                elif (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not (0 < value < 1)
+                ):
+                    raise ValueError(
+                        f"space key 'test_fraction': expected a share in (0, 1), got {value!r}"
+                    )
 
     def _check_whole_numbers(self) -> None:
         size_keys = [k for k in self.params if k == "image_size" or k.endswith(".image_size")]

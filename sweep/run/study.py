@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from data.anomalies import SYNTHETIC_KINDS
 from data.augment import augmentation_sets, parse_augmentation_sets
 from data.errors import DatasetError
 from data.stress import BUILTIN_STRESSES, parse_stresses
@@ -42,6 +43,7 @@ from models.errors import ModelError
 from models.parts import PART_HYPERPARAMETERS, part_fingerprint
 from sweep.errors import StudyError, did_you_mean
 from sweep.results import Objective
+from sweep.run.metrics import ThresholdPolicy
 from sweep.run.space import Param, Space, TrialConfig, parse_param
 
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
@@ -251,6 +253,56 @@ class EvaluationConfig(_Strict):
         description="test images whose anomaly maps each trial saves under <output>/_examples "
         "for the report's heatmap grid (anomalous first; 0 = none)",
     )
+
+    threshold: str | dict[str, float] = Field(
+        "f1_max",
+        description="how the decision threshold is chosen on the validation split: f1_max, "
+        "youden, iou_max, precision_at:P ({precision_at: 0.95}) or fixed:V ({fixed: 0.5}); "
+        "the test split is judged at it and the row records policy and value",
+    )
+    pixel_threshold: str | dict[str, float] | None = Field(
+        None, description="the pixel-level threshold policy (default: threshold's)"
+    )
+    validation: Literal["auto", "split", "from_test", "synthetic"] = Field(
+        "auto",
+        description="where the validation anomalies that thresholds are chosen on come from: "
+        "the data set's validation split, a share of its test split (val_from_test, then left "
+        "out of test), or synthetic anomalies made from half of the normal validation images; "
+        "auto = the split when it holds anomalies, else synthetic",
+    )
+    val_from_test: float = Field(
+        0.2, gt=0, lt=1, description="share of the test images moved to validation (from_test)"
+    )
+    synthetic_anomalies: str = Field(
+        "cutpaste",
+        description="generator of synthetic validation anomalies (data/anomalies.py): "
+        + ", ".join(SYNTHETIC_KINDS),
+    )
+
+    @field_validator("synthetic_anomalies")
+    @classmethod
+    def _known_generator(cls, kind: str) -> str:
+        if kind not in SYNTHETIC_KINDS:
+            raise ValueError(
+                f"unknown synthetic anomaly kind {kind!r}{did_you_mean(kind, SYNTHETIC_KINDS)} "
+                f"(known: {', '.join(SYNTHETIC_KINDS)})"
+            )
+        return kind
+
+    @field_validator("threshold", "pixel_threshold")
+    @classmethod
+    def _known_policy(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        return str(ThresholdPolicy.parse(value))
+
+    @property
+    def threshold_policy(self) -> ThresholdPolicy:
+        return ThresholdPolicy.parse(self.threshold)
+
+    @property
+    def pixel_threshold_policy(self) -> ThresholdPolicy:
+        return ThresholdPolicy.parse(self.pixel_threshold or self.threshold)
 
     def batch_sizes(self, model: str | None = None) -> tuple[int, int]:
         """The (training, evaluation) batch sizes of ``model``'s trials."""
@@ -593,6 +645,13 @@ def apply_override(
 # change what a trial computes: neither is part of its config hash.
 _TIMING_POLICY = {"exclusive_timing", "timing_lock_timeout_s"}
 _NOT_IN_HASH = _TIMING_POLICY | {"example_maps", "models"}
+_HASHED_WHEN_SET = (
+    "threshold",
+    "pixel_threshold",
+    "validation",
+    "val_from_test",
+    "synthetic_anomalies",
+)
 
 
 def config_hash(study: Study, trial: TrialConfig) -> str:
@@ -606,6 +665,11 @@ def config_hash(study: Study, trial: TrialConfig) -> str:
         "dataset": study.dataset.model_dump(exclude={"image_size"}, exclude_none=True),
         "evaluation": study.evaluation.model_dump(exclude=_NOT_IN_HASH),
     }
+    # Settings added after results existed count only when they are changed, so that those
+    # results keep their ids.
+    for key in _HASHED_WHEN_SET:
+        if identity["evaluation"][key] == EvaluationConfig.model_fields[key].default:
+            del identity["evaluation"][key]
     # A per-model batch size is part of that model's trials only (and of no one's when unset).
     train_batch, eval_batch = study.evaluation.batch_sizes(trial.model)
     identity["evaluation"].update(train_batch_size=train_batch, batch_size=eval_batch)

@@ -33,11 +33,13 @@ from ray import tune
 import data
 import models
 from data.augment import Augmenter
+from data.errors import DatasetError
+from data.splits import resplit, synthetic_validation, validation_from_test
 from data.stress import apply_stress
 from data.transforms import normalize
 from models.cache import TensorCache, use_cache
 from sweep.read.examples import save_examples
-from sweep.results import HP_PREFIX, ResultStore
+from sweep.results import HP_PREFIX, IMAGE_SCHEMA, ResultStore
 from sweep.run import metrics as metric_fns
 from sweep.run.space import TrialConfig
 from sweep.run.study import Study, config_hash
@@ -81,34 +83,87 @@ class TrialContext:
 # ----------------------------------------------------------------------------- data
 
 _DATA_CACHE: OrderedDict[str, Any] = OrderedDict()
-_DATA_CACHE_SIZE = 4
+_DATA_CACHE_SIZE = 6
+"""Loaded data sets, their prepared splits and stressed variants kept in a process."""
 
 
-def load_data(study: Study, image_size: int, stress: str = "none"):  # -> data.DatasetSplits
-    """The study's data at ``image_size``, its test split under ``stress`` (a name of the
-    study's stresses), cached in this process for the trials that follow.
+def load_data(
+    study: Study,
+    image_size: int,
+    stress: str = "none",
+    split_seed: int | None = None,
+    test_fraction: float | None = None,
+):  # -> data.DatasetSplits
+    """The study's data at ``image_size`` as a trial sees it, cached in this process for the
+    trials that follow: split again when ``split_seed`` or ``test_fraction`` is set
+    (:func:`data.splits.resplit`), with validation anomalies from the study's
+    ``evaluation.validation`` source, and the test split under ``stress`` (a name of the
+    study's stresses).
 
-    The stressed test split is drawn from the data set's seed, not the trial's: every trial of a
-    study sees the same perturbed images, so their scores compare.
+    Every draw here takes the split's seed (the data set's unless ``split_seed`` is set), not
+    the trial's: every trial of a split sees the same images, so their scores compare.
     """
     args = study.dataset.loader_arguments(image_size)
-    key = json.dumps([study.dataset.kind, args], sort_keys=True, default=repr)
-    if stress != "none":
-        spec = study.stress_specs[stress]
-        key = json.dumps([key, spec.spec()], sort_keys=True, default=repr)
+    raw_key = json.dumps([study.dataset.kind, args], sort_keys=True, default=repr)
+    redraw = split_seed is not None or test_fraction is not None
+    seed = study.dataset.seed if split_seed is None else split_seed
+    evaluation = study.evaluation
+    prepared_key = json.dumps(
+        [
+            raw_key,
+            [seed, test_fraction] if redraw else None,
+            [evaluation.validation, evaluation.val_from_test, evaluation.synthetic_anomalies],
+        ]
+    )
+
+    def prepared():
+        splits = _cached(raw_key, lambda: data.load_dataset(study.dataset.kind, **args))
+        if redraw:
+            splits = resplit(splits, seed=seed, test_fraction=test_fraction)
+        return with_validation(splits, study, seed)
+
+    if stress == "none":
+        return _cached(prepared_key, prepared)
+    spec = study.stress_specs[stress]
+    stressed_key = json.dumps([prepared_key, spec.spec()], sort_keys=True, default=repr)
+
+    def stressed():
+        clean = _cached(prepared_key, prepared)
+        return dataclasses.replace(
+            clean, test=apply_stress(clean.test, spec, seed=study.dataset.seed)
+        )
+
+    return _cached(stressed_key, stressed)
+
+
+def _cached(key: str, make: Callable[[], Any]) -> Any:
     if key in _DATA_CACHE:
         _DATA_CACHE.move_to_end(key)
         return _DATA_CACHE[key]
-    if stress == "none":
-        splits = data.load_dataset(study.dataset.kind, **args)
-    else:
-        clean = load_data(study, image_size)
-        splits = dataclasses.replace(
-            clean, test=apply_stress(clean.test, spec, seed=study.dataset.seed)
-        )
-    _DATA_CACHE[key] = splits
+    value = make()
+    _DATA_CACHE[key] = value
     while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
         _DATA_CACHE.popitem(last=False)
+    return value
+
+
+def with_validation(splits, study: Study, seed: int):  # -> data.DatasetSplits
+    """``splits`` with validation anomalies from ``evaluation.validation``: ``auto`` keeps the
+    data set's own validation split when it holds anomalies and otherwise makes synthetic ones
+    (or, where too few normal validation images allow that, keeps the split as it is)."""
+    evaluation = study.evaluation
+    source = evaluation.validation
+    if source == "auto":
+        if splits.val.num_anomalous:
+            return splits
+        try:
+            return synthetic_validation(splits, kind=evaluation.synthetic_anomalies, seed=seed)
+        except DatasetError:
+            return splits
+    if source == "from_test":
+        return validation_from_test(splits, fraction=evaluation.val_from_test, seed=seed)
+    if source == "synthetic":
+        return synthetic_validation(splits, kind=evaluation.synthetic_anomalies, seed=seed)
     return splits
 
 
@@ -200,7 +255,7 @@ def run_trial(
     study = ctx.study
     device = select_device()
     torch.set_num_threads(_assigned_cpus(study))
-    splits = load_data(study, trial.image_size, trial.stress)
+    splits = load_data(study, trial.image_size, trial.stress, trial.split_seed, trial.test_fraction)
     augmenter = None
     if trial.augmentation != "none":
         augmenter = Augmenter(study.augmentation_sets[trial.augmentation], seed=trial.seed)
@@ -252,7 +307,15 @@ def run_trial(
         with use_cache(cache):
             val = _predict_split(detector, splits.val, batch_size, device)
             test = _predict_split(detector, splits.test, batch_size, device)
-        scores = metric_fns.evaluate(val, test)
+        scores = metric_fns.evaluate(
+            val,
+            test,
+            study.evaluation.threshold_policy,
+            study.evaluation.pixel_threshold_policy,
+        )
+        ResultStore(ctx.output).write_images(
+            config_hash(study, trial), image_table(splits, val, test)
+        )
 
         images = splits.test.images()
         repeat = math.ceil(batch_size / len(images))
@@ -294,12 +357,34 @@ def run_trial(
         "peak_gpu_mb": memory.peak_gpu_mb,
         "weights": weights,
         "parts": _parts_column(stats),
+        "val_source": splits.val_source,
         "n_train": len(splits.train),
+        "n_val": len(splits.val),
         "n_test": len(splits.test),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "category": splits.category,
         "notes": "; ".join(notes) or None,
     }
+
+
+def image_table(splits, val: metric_fns.SplitOutputs, test: metric_fns.SplitOutputs) -> pa.Table:
+    """A trial's per-image results (``sweep.results.IMAGE_SCHEMA``): every validation and test
+    image with its label, defect type and size, and the score the detector gave it. Thresholds
+    and image-level metrics can be computed again from them (``sweep results --recompute``)."""
+    columns: dict[str, list] = {name: [] for name in IMAGE_SCHEMA.names}
+    for name, dataset, outputs in (("val", splits.val, val), ("test", splits.test, test)):
+        area = dataset.image_size**2
+        sizes = dataset.defect_pixels
+        columns["split"] += [name] * len(dataset)
+        columns["index"] += list(range(len(dataset)))
+        columns["path"] += dataset.paths
+        columns["label"] += [int(v) for v in outputs.labels]
+        columns["defect"] += dataset.defects
+        columns["defect_pixels"] += sizes
+        columns["defect_fraction"] += [None if n is None else n / area for n in sizes]
+        columns["score"] += [float(v) for v in outputs.scores]
+    columns["config_hash"] = [None] * len(columns["split"])
+    return pa.table(columns, schema=IMAGE_SCHEMA)
 
 
 def _parts_column(stats: dict[str, Any] | None) -> str | None:
@@ -530,6 +615,8 @@ def _row_header(trial: TrialConfig, ctx: TrialContext, trial_id: str) -> dict[st
         "augmentation_spec": _variant_spec(study, "augmentation_sets", trial.augmentation),
         "stress": trial.stress,
         "stress_spec": _variant_spec(study, "stress_specs", trial.stress),
+        "split_seed": trial.split_seed,
+        "test_fraction": trial.test_fraction,
         "hostname": socket.gethostname(),
         "versions": _versions(),
         "trial_config": json.dumps(trial.to_dict(), sort_keys=True),
