@@ -576,7 +576,12 @@ class ThresholdPolicy:
         return self.kind != "fixed"
 
     def __str__(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+        if self.value is None:
+            return self.kind
+        # Short where that is exact, every digit otherwise: rows store this string and
+        # ``sweep results --recompute`` parses it back.
+        text = f"{self.value:g}"
+        return f"{self.kind}:{text if float(text) == self.value else repr(float(self.value))}"
 
     def choose(self, labels: Any, scores: Any) -> tuple[float, str | None]:
         """``(threshold, None)`` chosen on validation ``labels`` and ``scores``, or ``(NaN,
