@@ -74,6 +74,8 @@ def write_study_output(
         schema = pa.schema(
             [*schema, *(pa.field(n, t) for n, t in NEW_COLUMNS.items() if n not in schema.names)]
         )
+    else:
+        schema = pa.schema([f for f in schema if f.name not in NEW_COLUMNS])
     store = ResultStore(output)
     trials = ((c, s, a) for c in configs for s in seeds for a in augmentations)
     for count, ((model, hp, auroc, pixel, latency, train), seed, augmentation) in enumerate(

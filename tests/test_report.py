@@ -11,14 +11,17 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from rich.console import Console
+from scipy import stats
 from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.errors import SweepError
 from sweep.read.report import print_report, render_markdown, write_atomically
 from tests.report_rows import write_study_output
+from tests.test_stats import brute_force_bh
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,12 +37,91 @@ def built(tmp_path_factory) -> dict:
     """A tiny study's output (clean and defocus rows, one error row) reported once as JSON,
     HTML and Markdown; the other tests read what this wrote."""
     root = tmp_path_factory.mktemp("report")
-    output = write_study_output(root / "out", augmentations=("none", "defocus"))
+    output = write_study_output(root / "out", augmentations=("none", "defocus"), images=True)
     html, markdown = root / "pages" / "report.html", root / "out" / "_report" / "report.md"
     result = invoke("report", output, "--json", "--html", html, "--markdown", markdown)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     return {"root": root, "output": output, "html": html, "markdown": markdown, "report": report}
+
+
+def test_recall_at_precision_and_threshold_policy_in_every_rendering(built):
+    report = built["report"]
+    metrics = report["metrics"]
+    # AP and recall at precision >= 0.95 follow the image F1 in the configurations table.
+    assert metrics[metrics.index("image_f1") + 1 : metrics.index("image_f1") + 3] == [
+        "image_ap",
+        "image_recall_p95",
+    ]
+    assert all(c["image_recall_p95_mean"] is not None for c in report["configurations"])
+    assert report["evaluation"] == {"threshold_policy": ["f1_max"], "val_source": ["split"]}
+    header = "Threshold policy: f1_max; validation images: split"
+    page = built["html"].read_text()
+    assert header in page and header in built["markdown"].read_text()
+    table = page[page.index('id="configurations-table"') :]
+    assert "image_recall_p95 ↑" in table[: table.index("</table>")]
+    console = Console(record=True, width=250)
+    print_report(report, [(o["metric"], o["mode"]) for o in report["objectives"]], console)
+    text = console.export_text()
+    assert header in text and "image_recal" in text
+
+
+def test_paired_tests_against_the_best_match_scipy_and_bh(built):
+    report = built["report"]
+    tests, configs = report["paired_tests"], report["configurations"]
+    assert (tests["metric"], tests["mode"]) == ("image_auroc", "max")
+    best = configs[tests["best"]]
+    assert (best["model"], best["hp.coreset_ratio"]) == ("patchcore", 1.0)
+    assert sorted(r["index"] for r in tests["rows"]) == sorted(
+        set(range(len(configs))) - {tests["best"]}
+    )
+    # Independently: the clean ok rows per configuration, matched by seed, scipy's paired
+    # t-test, then the brute-force BH step-up over the five comparisons.
+    rows = pd.read_parquet(built["output"]).query("status == 'ok' and augmentation == 'none'")
+
+    def seeds_of(config: dict) -> pd.Series:
+        mine = rows[rows.model == config["model"]]
+        for column in ("hp.coreset_ratio", "hp.n_features"):
+            value = config.get(column)
+            mine = mine[mine[column].isna()] if value is None else mine[mine[column] == value]
+        return mine.set_index("seed")["image_auroc"].sort_index()
+
+    top = seeds_of(best)
+    p = [stats.ttest_rel(seeds_of(configs[r["index"]]), top).pvalue for r in tests["rows"]]
+    for row, p_row, p_adj in zip(tests["rows"], p, brute_force_bh(p), strict=True):
+        assert row["n_pairs"] == 3
+        assert row["p"] == pytest.approx(p_row, rel=1e-9)
+        assert row["p_adj"] == pytest.approx(p_adj, rel=1e-9)
+        assert row["diff"] < 0  # every other configuration is worse than the best
+    page, markdown = built["html"].read_text(), built["markdown"].read_text()
+    assert '<table id="paired-tests-table">' in page and "## Paired tests" in markdown
+    assert "Benjamini-Hochberg" in page and "differs (p adj &lt; 0.05)" in page
+
+
+def test_false_negatives_by_size_for_the_front_and_picks(built):
+    report = built["report"]
+    selection = report["selection"]
+    shown = {i for i, r in enumerate(selection["table"]) if r["on_front"]}
+    shown |= {i for i in selection["picks"].values() if i is not None}
+    fn = {entry["index"]: entry for entry in report["false_negatives"]}
+    assert set(fn) == shown
+    # PatchCore at ratio 1 (AUROC 0.95 in tests/report_rows.py): anomalous scores 0.45 + 0.4 x
+    # size / 640, one copy of each size 0.01 lower; at threshold 0.5 both 40 px images and the
+    # lower 90 px one are missed in each of the 3 seeds; the unknown-size ones always.
+    best = next(i for i in shown if report["configurations"][i]["hp.coreset_ratio"] == 1.0)
+    assert fn[best]["trials"] == 3
+    assert [
+        (b["bucket"], b["min_pixels"], b["max_pixels"], b["n_false_negatives"], b["n_anomalous"])
+        for b in fn[best]["buckets"]
+    ] == [
+        ("small", 40, 90, 9, 12),
+        ("medium", 160, 250, 0, 12),
+        ("large", 400, 640, 0, 12),
+        ("unknown size", None, None, 6, 6),
+    ]
+    page, markdown = built["html"].read_text(), built["markdown"].read_text()
+    assert '<table id="false-negatives-table">' in page
+    assert "## False negatives by defect size" in markdown and "9/12 (75%) · 40–90 px" in markdown
 
 
 def test_every_plot_is_written_and_non_empty(built):
@@ -202,7 +284,8 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
 
 
 def test_report_without_a_saved_study_or_a_second_seed(tmp_path):
-    output = write_study_output(tmp_path / "out", seeds=(0,), error_row=False)
+    # An output written before issue 15: no AP, recall, threshold policy or per-image results.
+    output = write_study_output(tmp_path / "out", seeds=(0,), error_row=False, new_metrics=False)
     (output / "_study.yaml").unlink()
     result = invoke("report", output, "--html", tmp_path / "r.html", "--plots", tmp_path / "p")
     assert result.exit_code == 0, result.output
@@ -210,6 +293,9 @@ def test_report_without_a_saved_study_or_a_second_seed(tmp_path):
     assert "No saved study" in page and "None: every trial finished." in page
     assert "not tested (one seed per configuration)" in page
     assert "robustness-table" not in page
+    assert "image_recall_p95" not in page and "Threshold policy" not in page
+    assert "false-negatives-table" not in page and "paired-tests-table" not in page
+    assert "Paired tests: none ran" in page
     assert all(p.suffix == ".png" for p in (tmp_path / "p").iterdir())
 
 

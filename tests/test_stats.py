@@ -16,6 +16,7 @@ from sweep.read.stats import (
     false_negatives_by_size,
     paired_by_seed,
     paired_t_test,
+    paired_t_tests,
 )
 
 # ----------------------------------------------------------------------------- paired t-test
@@ -58,6 +59,33 @@ def test_paired_t_test_degenerate_cases():
         assert paired_t_test([2.0, 3.0], [1.0, 2.0]) == (-math.inf, 0.0)
     with pytest.raises(ValueError, match="pairs must match"):
         paired_t_test([1.0, 2.0], [1.0])
+
+
+def test_paired_t_tests_in_bulk_equal_one_at_a_time():
+    rng = np.random.default_rng(1)
+    a_parts, b_parts = {}, {}
+    for g, n in enumerate([5, 5, 3, 1, 4, 3, 5]):
+        a = rng.normal(0.8, 0.05, n)
+        b = a + rng.normal(0.02 * g, 0.01, n)
+        a_parts[f"c{g}"], b_parts[f"c{g}"] = pd.Series(a), pd.Series(b)
+    a_parts["same"], b_parts["same"] = pd.Series([0.5, 0.6]), pd.Series([0.5, 0.6])
+    a_parts["shift"], b_parts["shift"] = pd.Series([0.5, 0.6, 0.7]), pd.Series([0.6, 0.7, 0.8])
+    a_parts["gap"] = pd.Series([0.1, np.nan, 0.3, 0.2])
+    b_parts["gap"] = pd.Series([0.2, 0.5, 0.35, 0.1], index=[0, 1, 2, 9])  # seed 9 not in a
+    a_all, b_all = pd.concat(a_parts), pd.concat(b_parts)
+    result = paired_t_tests(a_all, b_all)
+    assert set(result.index) == set(a_parts)
+    for group in a_parts:
+        pair = pd.concat([a_parts[group], b_parts[group]], axis=1, join="inner")
+        t, p = paired_t_test(pair[0], pair[1])
+        n = int(np.isfinite(pair).all(axis=1).sum())
+        row = result.loc[group]
+        assert row["n_pairs"] == n, group
+        if math.isnan(p):
+            assert math.isnan(row["t"]) and math.isnan(row["p"]), group
+        else:
+            assert (row["t"], row["p"]) == pytest.approx((t, p), rel=1e-12), group
+    assert result.loc["same", "p"] == 1.0 and result.loc["shift", "p"] == 0.0
 
 
 def test_paired_by_seed_keeps_common_finite_seeds():

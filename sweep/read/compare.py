@@ -8,7 +8,7 @@ aggregated over seeds and every metric is shown as mean ± std for A and B with 
 of the means (B - A).
 
 Each difference comes with a p-value: a paired t-test over the seeds both sides ran
-(``sweep.read.stats.paired_t_test``; the seed fixes the data order, initialisation and
+(``sweep.read.stats.paired_t_tests``; the seed fixes the data order, initialisation and
 sampling, so seed s of A and seed s of B share them) and its Benjamini-Hochberg adjustment.
 The family of the adjustment is one metric across all matched configurations: the question
 a comparison asks is "where does the treatment change this metric?", one test per
@@ -37,7 +37,7 @@ from sweep.errors import SweepError, did_you_mean
 from sweep.read import analysis
 from sweep.read.query import apply_where
 from sweep.read.report import metric_mode
-from sweep.read.stats import benjamini_hochberg, paired_by_seed, paired_t_test
+from sweep.read.stats import benjamini_hochberg, paired_t_tests
 from sweep.results import read_results
 
 __all__ = ["DEFAULT_METRICS", "SIGNIFICANCE", "compare_outputs", "print_comparison"]
@@ -109,42 +109,33 @@ def _side(
     return agg
 
 
-def _by_seed(df: pd.DataFrame, match_on: list[str]) -> dict[str, pd.DataFrame]:
-    """One output's ok rows grouped by configuration: ``_key`` (as in :func:`_side`) -> rows."""
-    ok = df[df["status"] == "ok"] if "status" in df.columns else df
-    if ok.empty:
-        return {}
+def _seed_means(df: pd.DataFrame, match_on: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One output's ok rows as metric means per ``(_key, seed)`` (``_key`` as in :func:`_side`;
+    a repeated trial of a seed counts once, as its mean)."""
+    ok = df[(df["status"] == "ok") & df["seed"].notna()] if "status" in df.columns else df
     present = [c for c in match_on if c in ok.columns]
     keys = [
         json.dumps([_norm(values.get(c)) for c in match_on], default=str)
         for values in ok[present].to_dict(orient="records")
     ]
-    return dict(tuple(ok.groupby(pd.Series(keys, index=ok.index), sort=False)))
+    values = ok[metrics].apply(pd.to_numeric, errors="coerce").astype(float)
+    return values.groupby([pd.Index(keys, name="_key"), ok["seed"].to_numpy()]).mean()
 
 
 def _add_paired_tests(
-    matched: list[tuple[str, dict]],
-    rows_a: dict[str, pd.DataFrame],
-    rows_b: dict[str, pd.DataFrame],
-    metrics: list[str],
+    matched: list[tuple[str, dict]], means_a: pd.DataFrame, means_b: pd.DataFrame, metrics: list
 ) -> None:
     """``paired_seeds``, ``<m>_p`` and ``<m>_p_adj`` on each matched entry (in place)."""
-
-    def plain(p: float) -> float | None:
-        return None if math.isnan(p) else float(p)
-
+    common = means_a.index.intersection(means_b.index).get_level_values(0).value_counts()
     for key, entry in matched:
-        common = set(rows_a[key]["seed"].dropna()) & set(rows_b[key]["seed"].dropna())
-        entry["paired_seeds"] = len(common)
+        entry["paired_seeds"] = int(common.get(key, 0))
     for metric in metrics:
-        p_values = [
-            paired_t_test(*paired_by_seed(rows_a[key], rows_b[key], metric)[:2])[1]
-            for key, _ in matched
-        ]
+        tests = paired_t_tests(means_a[metric], means_b[metric])
+        p_values = [float(tests["p"].get(key, math.nan)) for key, _ in matched]
         adjusted = benjamini_hochberg(p_values)
         for (_, entry), p, p_adj in zip(matched, p_values, adjusted, strict=True):
-            entry[f"{metric}_p"] = plain(p)
-            entry[f"{metric}_p_adj"] = plain(float(p_adj))
+            entry[f"{metric}_p"] = None if math.isnan(p) else p
+            entry[f"{metric}_p_adj"] = None if math.isnan(p_adj) else float(p_adj)
 
 
 def _metric_list(a: pd.DataFrame, b: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
@@ -250,7 +241,12 @@ def compare_outputs(
     for key, row_b in by_key[1].items():
         if key not in by_key[0]:
             only_b.append({**identity(row_b), "n_seeds": int(row_b["n_seeds"])})
-    _add_paired_tests(tested, _by_seed(a, match_on), _by_seed(b, match_on), metric_names)
+    _add_paired_tests(
+        tested,
+        _seed_means(a, match_on, metric_names),
+        _seed_means(b, match_on, metric_names),
+        metric_names,
+    )
     return {
         "a": str(dir_a),
         "b": str(dir_b),

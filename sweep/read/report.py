@@ -25,7 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
 from rich.markup import escape
@@ -33,7 +36,8 @@ from rich.table import Table
 
 from sweep.errors import SweepError
 from sweep.read import analysis
-from sweep.results import METRICS, Objective, read_results, write_atomically
+from sweep.read.stats import benjamini_hochberg, false_negatives_by_size, paired_t_tests
+from sweep.results import METRICS, Objective, ResultStore, read_results, write_atomically
 
 __all__ = [
     "REPORT_METRICS",
@@ -61,6 +65,15 @@ REPORT_METRICS = (
     "train_s",
 )
 """The metrics of the configurations table (the objectives are added when not among them)."""
+OPTIONAL_METRICS = {"image_ap": "image_f1", "image_recall_p95": "image_ap"}
+"""Table metrics shown where the rows have values for them (outputs before issue 15 lack the
+columns), each placed after the metric named."""
+EVALUATION_COLUMNS = ("threshold_policy", "val_source")
+"""Row columns that say how a threshold was chosen; the report header shows their values."""
+SIGNIFICANCE = 0.05
+"""The adjusted p-value below which a paired test counts as a difference."""
+IMAGE_COLUMNS = ["config_hash", "split", "label", "defect_pixels", "score"]
+"""The per-image result columns the false-negatives section reads."""
 TIME_METRICS = ("latency_ms", "train_s")
 METHOD_TEXT = {
     "kneedle": "Kneedle (2-D knee)",
@@ -172,7 +185,15 @@ def build_report(
     (rows whose status is not ok), ``objectives``, ``weights``, ``metrics``,
     ``configurations`` (seed-aggregated, clean data only when the study has variants),
     ``selection`` (``sweep.read.analysis.selection_to_dict``), ``robustness`` (when the study has
-    augmentations or stresses), ``plots`` (name -> PNG path).
+    augmentations or stresses), ``evaluation`` (the rows' distinct ``threshold_policy`` and
+    ``val_source`` values, where the rows have them), ``paired_tests`` (each configuration
+    against the best by the first objective: ``metric``, ``mode``, ``best`` (its index in
+    ``configurations``), ``alpha``, ``rows`` of ``index``, ``n_pairs``, ``diff`` (its mean
+    minus the best's over the paired seeds), ``t``, ``p`` and ``p_adj`` (Benjamini-Hochberg
+    over the rows); None with one configuration), ``false_negatives`` (per front or picked
+    configuration with per-image results: ``index``, ``configuration``, ``trials`` and
+    ``buckets``, the rows of ``sweep.read.stats.false_negatives_by_size``; None without
+    them), ``plots`` (name -> PNG path).
     """
     # matplotlib (about half a second) only where plots are drawn: `sweep compare` imports
     # this module for metric_mode.
@@ -189,6 +210,11 @@ def build_report(
         raise SweepError(
             f"results {str(results_dir)!r}: no column(s) {', '.join(map(repr, missing))}"
         )
+    for metric, after in OPTIONAL_METRICS.items():
+        if metric in metrics or after not in metrics or metric not in df.columns:
+            continue
+        if df.loc[df["status"] == "ok", metric].notna().any():
+            metrics.insert(metrics.index(after) + 1, metric)
     variant_columns = [c for c in analysis.VARIANT_COLUMNS if c in df.columns]
     has_variants = bool(variant_columns) and bool(
         (df[variant_columns].fillna(analysis.CLEAN) != analysis.CLEAN).any(axis=None)
@@ -214,6 +240,7 @@ def build_report(
         "objectives": [{"metric": m, "mode": d} for m, d in objectives],
         "weights": dict(weights) if weights else None,
         "metrics": metrics,
+        "evaluation": _evaluation(df),
         "plots": {},
     }
     if has_variants:
@@ -229,11 +256,153 @@ def build_report(
         return report
     selection = analysis.select(agg, objectives, weights=weights)
     report["selection"] = analysis.selection_to_dict(selection)
+    rows = _config_rows(df, agg)
+    report["paired_tests"] = _paired_tests(agg, rows, objectives[0])
+    shown = [i for i, row in enumerate(report["selection"]["table"]) if row.get("on_front")]
+    shown += [i for i in report["selection"]["picks"].values() if i is not None]
+    report["false_negatives"] = _false_negatives(
+        results_dir, report["configurations"], rows, sorted(set(shown))
+    )
     written = plots.report_plots(
         all_rows, selection, objectives, plots_dir, results_dir=results_dir
     )
     report["plots"] = {name: str(path) for name, path in written.items()}
     return report
+
+
+def _evaluation(df: pd.DataFrame) -> dict[str, list[str]]:
+    """The distinct threshold policies and validation sources of the ok rows, by column."""
+    ok = df[df["status"] == "ok"]
+    return {
+        column: sorted(map(str, ok[column].dropna().unique()))
+        for column in EVALUATION_COLUMNS
+        if column in ok.columns and ok[column].notna().any()
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A cell as a JSON-able grouping key: NaN and None alike, numpy scalars as Python ones."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _config_rows(df: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows with ``_config``: the position of their configuration in ``agg``."""
+    ok = df[df["status"] == "ok"]
+    by = [c for c in analysis.config_columns(ok) if c in agg.columns]
+
+    def keys(frame: pd.DataFrame) -> list[str]:
+        records = frame[by].to_dict(orient="records")
+        return [json.dumps([_plain(r[c]) for c in by], default=str) for r in records]
+
+    position = {key: i for i, key in enumerate(keys(agg))}
+    return ok.assign(_config=[position.get(key, -1) for key in keys(ok)])
+
+
+def _paired_tests(agg: pd.DataFrame, rows: pd.DataFrame, objective: tuple[str, str]) -> dict | None:
+    """Each configuration against the best by ``objective``: a paired t-test over the seeds both
+    ran, Benjamini-Hochberg adjusted over the family of those comparisons. None with fewer than
+    two configurations or no best one."""
+    metric, mode = objective
+    means = agg[f"{metric}_mean"].astype(float)
+    if len(agg) < 2 or means.isna().all():
+        return None
+    best = int(means.idxmax() if mode == "max" else means.idxmin())
+    rows = rows[rows["seed"].notna()]
+    values = pd.to_numeric(rows[metric], errors="coerce").astype(float)
+    per_seed = values.groupby([rows["_config"], rows["seed"]]).mean()
+    others = per_seed.drop(index=[best, -1], level=0, errors="ignore")
+    top = per_seed.xs(best, level=0) if best in per_seed.index.get_level_values(0) else None
+    against = pd.Series(
+        np.nan if top is None else top.reindex(others.index.get_level_values(1)).to_numpy(),
+        index=others.index,
+        dtype=float,
+    )
+    tests = paired_t_tests(against, others)
+    diffs = (others - against).groupby(level=0).mean()
+    out = []
+    for i in range(len(agg)):
+        if i == best:
+            continue
+        tested = i in tests.index
+        out.append(
+            {
+                "index": i,
+                "n_pairs": int(tests.at[i, "n_pairs"]) if tested else 0,
+                "diff": _finite(diffs.get(i)) if tested else None,
+                "t": _finite(tests.at[i, "t"]) if tested else None,
+                "p": _finite(tests.at[i, "p"]) if tested else None,
+            }
+        )
+    adjusted = benjamini_hochberg([math.nan if r["p"] is None else r["p"] for r in out])
+    for row, p_adj in zip(out, adjusted, strict=True):
+        row["p_adj"] = _finite(p_adj)
+    return {"metric": metric, "mode": mode, "best": best, "alpha": SIGNIFICANCE, "rows": out}
+
+
+def _finite(value: Any) -> float | None:
+    """A float for JSON: None for a missing or NaN value (an infinite t stays)."""
+    if value is None or pd.isna(value):
+        return None
+    return float(value)
+
+
+def _read_images(results_dir: Path, config_hashes: Sequence[str]) -> pd.DataFrame:
+    """The per-image results of the given trials (``_images/<config_hash>.parquet``); empty
+    when there are none, as in outputs written before per-image results existed."""
+    from sweep import results
+
+    # sweep.results.read_images, where this version has it; else the files read here.
+    reader = getattr(results, "read_images", None)
+    if reader is not None:
+        return reader(results_dir, config_hashes=list(config_hashes))
+    store = ResultStore(results_dir)
+    paths = [f"{store.root}/_images/{h}.parquet" for h in config_hashes]
+    found = [i.path for i in store.fs.get_file_info(paths) if i.type == pafs.FileType.File]
+    frames = [
+        pq.read_table(path, filesystem=store.fs, columns=IMAGE_COLUMNS).to_pandas()
+        for path in found
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=IMAGE_COLUMNS)
+
+
+def _false_negatives(
+    results_dir: Path, configs: list[dict], rows: pd.DataFrame, shown: Sequence[int]
+) -> list[dict] | None:
+    """False negatives by defect-size tertile of the configurations ``shown`` (the front and
+    the picks), each trial at its own ``image_threshold``, summed over seeds. None when no
+    shown trial has per-image results and a threshold."""
+    if "image_threshold" not in rows.columns:
+        return None
+    trials = rows.loc[rows["_config"].isin(shown), ["config_hash", "image_threshold", "_config"]]
+    trials = trials[trials["image_threshold"].notna()]
+    if trials.empty:
+        return None
+    images = _read_images(results_dir, trials["config_hash"].tolist())
+    if images.empty:
+        return None
+    images = images.merge(trials, on="config_hash")
+    varying = _varying_columns(configs)
+    out = []
+    for i in shown:
+        mine = images[images["_config"] == i]
+        if mine.empty:
+            continue
+        table = false_negatives_by_size(mine, "image_threshold")
+        out.append(
+            {
+                "index": i,
+                "configuration": _config_name(configs[i], varying),
+                "trials": int(mine["config_hash"].nunique()),
+                "buckets": json.loads(table.to_json(orient="records")),
+            }
+        )
+    return out or None
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -375,6 +544,9 @@ def print_report(report: dict, objectives: list[tuple[str, str]], console: Conso
         dict.fromkeys([*REPORT_METRICS, *(m for m, _ in objectives)])
     )
     front, picked = _selection_rows(report)
+    doc = _Doc(report)
+    if doc.evaluation_text():
+        console.print(escape(doc.evaluation_text().capitalize()))
     table = Table(
         title=f"{escape(report['results'])}: {report['ok']}/{report['trials']} trials ok "
         "(mean ± std over seeds)"
@@ -433,6 +605,22 @@ def print_report(report: dict, objectives: list[tuple[str, str]], console: Conso
         console.print(picks)
         for note in selection.get("notes", []):
             console.print(f"  [dim]{escape(note)}[/dim]")
+    if report.get("paired_tests") and not doc.paired_ran():
+        console.print(PAIRED_NOT_RUN)
+    elif report.get("paired_tests"):
+        tests = Table(title=escape(doc.paired_title()))
+        for i, column in enumerate(doc.paired_header()):
+            tests.add_column(column, justify="left" if i in (0, 5) else "right")
+        for differs, cells in doc.paired_rows():
+            tests.add_row(*(escape(c) for c in cells), style="bold" if differs else None)
+        console.print(tests)
+    if report.get("false_negatives"):
+        fn = Table(title=FN_TITLE)
+        for i, column in enumerate(doc.fn_header()):
+            fn.add_column(column, justify="left" if i == 0 else "right")
+        for cells in doc.fn_rows():
+            fn.add_row(*(escape(c) for c in cells))
+        console.print(fn)
     if report.get("robustness"):
         print_robustness(report["robustness"], console)
     for error in report["errors"]:
@@ -601,6 +789,87 @@ class _Doc:
             f"{values}.{tail}"
         )
 
+    def evaluation_text(self) -> str:
+        """How thresholds were chosen, from the rows: ``threshold policy: f1_max; ...``."""
+        names = {"threshold_policy": "threshold policy", "val_source": "validation images"}
+        evaluation = self.report.get("evaluation") or {}
+        return "; ".join(
+            f"{names.get(column, column)}: {', '.join(values)}"
+            for column, values in evaluation.items()
+        )
+
+    def paired_title(self) -> str:
+        tests = self.report.get("paired_tests") or {}
+        best = self.configs[tests["best"]]
+        return (
+            f"Paired tests: each configuration against the best by {tests['metric']} "
+            f"({_config_name(best, self.varying)}), paired t-test over the seeds both ran, "
+            f"Benjamini-Hochberg adjusted over the {len(tests['rows'])} comparison(s)"
+        )
+
+    def paired_ran(self) -> bool:
+        tests = self.report.get("paired_tests") or {}
+        return any(row.get("p_adj") is not None for row in tests.get("rows", []))
+
+    def paired_header(self) -> list[str]:
+        metric = (self.report.get("paired_tests") or {}).get("metric", "")
+        return ["configuration", "seeds paired", f"Δ {metric} vs best", "p", "p adj", "verdict"]
+
+    def paired_rows(self) -> list[tuple[bool, list[str]]]:
+        """(differs at the significance level?, cells) per tested configuration."""
+        tests = self.report.get("paired_tests") or {}
+        digits = _digits(tests.get("metric", ""))
+        out = []
+        for row in tests.get("rows", []):
+            p_adj = row.get("p_adj")
+            differs = p_adj is not None and p_adj < tests["alpha"]
+            if p_adj is None:
+                verdict = "n<2 (no test)"
+            elif differs:
+                verdict = f"differs (p adj < {tests['alpha']:g})"
+            else:
+                verdict = "no evidence of a difference"
+            diff = row.get("diff")
+            out.append(
+                (
+                    differs,
+                    [
+                        _config_name(self.configs[row["index"]], self.varying),
+                        str(row["n_pairs"]),
+                        "-" if diff is None else f"{diff:+.{digits}f}",
+                        _p_text(row.get("p")),
+                        _p_text(p_adj),
+                        verdict,
+                    ],
+                )
+            )
+        return out
+
+    def fn_header(self) -> list[str]:
+        return ["configuration", "trials", *self._fn_buckets()]
+
+    def _fn_buckets(self) -> list[str]:
+        present = {
+            b["bucket"] for c in self.report.get("false_negatives") or [] for b in c["buckets"]
+        }
+        return [b for b in FN_BUCKET_ORDER if b in present]
+
+    def fn_rows(self) -> list[list[str]]:
+        """Per shown configuration: ``FN/n (rate) · size range`` per size bucket."""
+        buckets = self._fn_buckets()
+        out = []
+        for config in self.report.get("false_negatives") or []:
+            cells = dict.fromkeys(buckets, "-")
+            for b in config["buckets"]:
+                text = f"{b['n_false_negatives']}/{b['n_anomalous']}"
+                if not _missing(b.get("fn_rate")):
+                    text += f" ({b['fn_rate']:.0%})"
+                if b.get("min_pixels") is not None:
+                    text += f" · {b['min_pixels']}–{b['max_pixels']} px"
+                cells[b["bucket"]] = text
+            out.append([config["configuration"], str(config["trials"]), *cells.values()])
+        return out
+
     def robustness_header(self) -> list[str]:
         rows = self.report.get("robustness") or []
         return [
@@ -671,6 +940,8 @@ class _Doc:
             text += " TOPSIS weights: " + ", ".join(
                 f"{m}={w:g}" for m, w in report["weights"].items()
             )
+        if self.evaluation_text():
+            text += f" {self.evaluation_text().capitalize()}."
         return text
 
 
@@ -849,6 +1120,28 @@ def render_html(report: dict) -> str:
     else:
         parts.append("<p>No configuration has an ok row.</p>")
 
+    if report.get("paired_tests") and not doc.paired_ran():
+        parts.append(f"<p>{_e(PAIRED_NOT_RUN)}</p>")
+    elif report.get("paired_tests"):
+        parts.append('<h2 id="paired-tests">Paired tests</h2>')
+        parts.append(f"<p>{_e(doc.paired_title())}.</p>")
+        paired = doc.paired_rows()
+        parts.append(
+            _html_table(
+                doc.paired_header(),
+                [cells for _, cells in paired],
+                left=1,
+                table_id="paired-tests-table",
+                note_last=True,
+            )
+        )
+    if report.get("false_negatives"):
+        parts.append('<h2 id="false-negatives">False negatives by defect size</h2>')
+        parts.append(f"<p>{_e(FN_TITLE)}.</p>")
+        parts.append(
+            _html_table(doc.fn_header(), doc.fn_rows(), left=1, table_id="false-negatives-table")
+        )
+
     if report.get("robustness"):
         parts.append(
             '<h2 id="robustness">Robustness: each variant against the same configuration clean</h2>'
@@ -929,6 +1222,21 @@ def render_html(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _p_text(p: Any) -> str:
+    if _missing(p):
+        return "-"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.0e}"
+
+
+PAIRED_NOT_RUN = "Paired tests: none ran (no two configurations share 2 or more seeds)."
+FN_BUCKET_ORDER = ("small", "medium", "large", "all", "unknown size")
+FN_TITLE = (
+    "False negatives by defect size (the anomalous test images of the front and the picks, "
+    "each trial at its own threshold, summed over seeds): missed/anomalous (rate) · defect "
+    "pixels"
+)
+
+
 def _document_notes(selection: dict) -> list[str]:
     """The selection's notes less the per-method stability ones (the picks table shows them)."""
     tested = {f"uncertainty: the {method} pick " for method in selection.get("stability", {})}
@@ -995,6 +1303,19 @@ def render_markdown(report: dict, markdown_path: Path) -> str:
         ]
     else:
         lines += ["No configuration has an ok row.", ""]
+    if report.get("paired_tests") and not doc.paired_ran():
+        lines += [PAIRED_NOT_RUN, ""]
+    elif report.get("paired_tests"):
+        lines += ["## Paired tests", "", _md_escape(doc.paired_title()) + ".", ""]
+        rows = [
+            [*map(_md_escape, cells[:-1]), f"**{cells[-1]}**" if differs else cells[-1]]
+            for differs, cells in doc.paired_rows()
+        ]
+        lines += [_md_table(doc.paired_header(), rows, left=1, note_last=True), ""]
+    if report.get("false_negatives"):
+        lines += ["## False negatives by defect size", "", _md_escape(FN_TITLE) + ".", ""]
+        rows = [[_md_escape(c) for c in row] for row in doc.fn_rows()]
+        lines += [_md_table(doc.fn_header(), rows, left=1), ""]
     if report.get("robustness"):
         lines += ["## Robustness: each variant against the same configuration clean", ""]
         rows = [[_md_escape(text) for text, _ in row] for row in doc.robustness_rows()]

@@ -3,6 +3,7 @@
 * :func:`paired_t_test`: two configurations measured on the same seeds (the sealant study's
   paired t-test): does the metric differ beyond the seed-to-seed noise?
 * :func:`benjamini_hochberg`: the false-discovery-rate adjustment of a family of such tests.
+* :func:`paired_t_tests`: the same test for many pairs of configurations at once.
 * :func:`paired_by_seed`: two sets of rows lined up by seed for the test.
 * :func:`false_negatives_by_size`: the sealant study's false negatives by defect-size tertile.
 
@@ -26,6 +27,7 @@ __all__ = [
     "false_negatives_by_size",
     "paired_by_seed",
     "paired_t_test",
+    "paired_t_tests",
 ]
 
 UNKNOWN_SIZE = "unknown size"
@@ -67,6 +69,39 @@ def paired_t_test(a: ArrayLike, b: ArrayLike) -> tuple[float, float]:
         return math.copysign(math.inf, mean), 0.0
     result = stats.ttest_rel(y[keep], x[keep])
     return float(result.statistic), float(result.pvalue)
+
+
+def paired_t_tests(a: pd.Series, b: pd.Series) -> pd.DataFrame:
+    """:func:`paired_t_test` for many groups at once (hundreds of configurations in one call).
+
+    ``a`` and ``b`` are indexed by ``(group, seed)``; a group's pairs are the seeds both hold
+    with finite values. Returns one row per group with a pair (indexed by group): ``n_pairs``,
+    ``t``, ``p``, with :func:`paired_t_test`'s rules. Groups with as many pairs go to
+    ``scipy.stats.ttest_rel`` together, one call per pair count.
+    """
+    joined = pd.concat({"a": a, "b": b}, axis=1, join="inner").astype(float)
+    joined = joined[np.isfinite(joined["a"]) & np.isfinite(joined["b"])].sort_index()
+    groups = joined.index.get_level_values(0)
+    sizes = pd.Series(groups).value_counts(sort=False)
+    result = pd.DataFrame(
+        {"n_pairs": sizes.astype("int64"), "t": math.nan, "p": math.nan}, index=sizes.index
+    )
+    for size in sorted(set(sizes[sizes >= 2])):
+        inside = groups.isin(sizes.index[sizes == size])
+        block = joined[inside]
+        keys = block.index.get_level_values(0)[::size]
+        x = block["a"].to_numpy().reshape(len(keys), size)
+        y = block["b"].to_numpy().reshape(len(keys), size)
+        d = y - x
+        mean = d.mean(axis=1)
+        flat = np.ptp(d, axis=1) <= 1e-12 * np.abs(mean)
+        t = np.where(mean == 0, 0.0, np.copysign(np.inf, mean))
+        p = np.where(mean == 0, 1.0, 0.0)
+        if (~flat).any():
+            tested = stats.ttest_rel(y[~flat], x[~flat], axis=1)
+            t[~flat], p[~flat] = tested.statistic, tested.pvalue
+        result.loc[keys, "t"], result.loc[keys, "p"] = t, p
+    return result
 
 
 def benjamini_hochberg(p_values: ArrayLike) -> np.ndarray:
