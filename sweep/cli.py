@@ -309,12 +309,29 @@ def results_cmd(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file (csv/json/parquet).")
     ] = None,
+    recompute: Annotated[
+        bool,
+        typer.Option(
+            "--recompute",
+            help="First compute every row's image-level metrics again from its stored "
+            "per-image results (no retraining), and rewrite the rows.",
+        ),
+    ] = False,
+    threshold: Annotated[
+        str | None,
+        typer.Option(
+            help="With --recompute: choose the image threshold with this policy instead of each "
+            "row's own (f1_max, youden, iou_max, precision_at:P, fixed:V)."
+        ),
+    ] = None,
 ) -> None:
     """Filter a study's rows and print or export them (every column unless --columns; the
     table shows the main ones)."""
     from sweep.read.query import FORMATS, apply_where, export_rows, pick_columns, sort_rows
     from sweep.results import read_results
 
+    if recompute or threshold is not None:
+        _recompute(results_dir, threshold, recompute)
     try:
         if fmt not in FORMATS:
             raise SweepError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
@@ -332,6 +349,26 @@ def results_cmd(
     except _user_errors() as exc:
         bad_input(exc)
     view.show_rows(rows, len(df), fmt, results_dir, output)
+
+
+def _recompute(results_dir: str, threshold: str | None, recompute: bool) -> None:
+    from sweep.run.metrics import ThresholdPolicy
+    from sweep.run.recompute import recompute_output
+
+    try:
+        if not recompute:
+            raise SweepError("--threshold applies with --recompute")
+        policy = None
+        if threshold is not None:
+            try:
+                policy = ThresholdPolicy.parse(threshold)
+            except ValueError as exc:
+                raise SweepError(f"--threshold {threshold!r}: {exc}") from None
+        with view.recompute_progress() as progress:
+            summary = recompute_output(results_dir, policy, progress=progress)
+    except _user_errors() as exc:
+        bad_input(exc)
+    view.show_recompute(results_dir, summary)
 
 
 @app.command()

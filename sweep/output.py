@@ -47,6 +47,7 @@ __all__ = [
     "generation_progress",
     "note",
     "out",
+    "recompute_progress",
     "render_plan",
     "show_backbones",
     "show_comparison",
@@ -56,6 +57,7 @@ __all__ = [
     "show_optuna_study",
     "show_part",
     "show_plan",
+    "show_recompute",
     "show_report",
     "show_results_next",
     "show_rows",
@@ -266,6 +268,35 @@ def show_rows(rows: pd.DataFrame, total: int, fmt: str, source: str, output: Pat
         for row in rows.itertuples(index=False):
             table.add_row(*(_query_cell(v) for v in row))
         out.print(table)
+
+
+@contextmanager
+def recompute_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for ``sweep results --recompute``: ``(done, total)`` rows."""
+    with Progress(
+        TextColumn("recomputing rows"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        console=err, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("recompute", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
+
+
+def show_recompute(output: str, summary: Any) -> None:
+    """What ``sweep results --recompute`` did (stderr, before the rows it then shows)."""
+    policies = ", ".join(f"{p} ({n})" for p, n in sorted(summary.policies.items())) or "none"
+    note(
+        f"recomputed the image-level metrics of {len(summary.recomputed)} row(s) of {output} "
+        f"(threshold policy: {policies})"
+    )
+    if summary.without_images:
+        note(
+            f"{len(summary.without_images)} scored row(s) have no per-image results (written "
+            "before anomaly-sweep stored them) and were left as they were"
+        )
 
 
 def _query_cell(value: Any) -> str:
