@@ -14,7 +14,6 @@ from scipy import stats
 from sweep.read.stats import (
     benjamini_hochberg,
     false_negatives_by_size,
-    paired_by_seed,
     paired_t_test,
     paired_t_tests,
 )
@@ -86,14 +85,6 @@ def test_paired_t_tests_in_bulk_equal_one_at_a_time():
         else:
             assert (row["t"], row["p"]) == pytest.approx((t, p), rel=1e-12), group
     assert result.loc["same", "p"] == 1.0 and result.loc["shift", "p"] == 0.0
-
-
-def test_paired_by_seed_keeps_common_finite_seeds():
-    a = pd.DataFrame({"seed": [0, 1, 2, 3, 3], "m": [0.1, 0.2, np.nan, 0.4, 0.6]})
-    b = pd.DataFrame({"seed": [3, 1, 2, 4, None], "m": [1.5, 1.2, 1.3, 1.4, 9.0]})
-    x, y, seeds = paired_by_seed(a, b, "m")
-    assert seeds == [1, 3]  # 0 and 4 on one side only, 2 NaN in a, the null seed dropped
-    assert x.tolist() == pytest.approx([0.2, 0.5]) and y.tolist() == [1.2, 1.5]
 
 
 # ----------------------------------------------------------------------------- BH

@@ -189,11 +189,12 @@ def build_report(
     ``val_source`` values, where the rows have them), ``paired_tests`` (each configuration
     against the best by the first objective: ``metric``, ``mode``, ``best`` (its index in
     ``configurations``), ``alpha``, ``rows`` of ``index``, ``n_pairs``, ``diff`` (its mean
-    minus the best's over the paired seeds), ``t``, ``p`` and ``p_adj`` (Benjamini-Hochberg
-    over the rows); None with one configuration), ``false_negatives`` (per front or picked
-    configuration with per-image results: ``index``, ``configuration``, ``trials`` and
-    ``buckets``, the rows of ``sweep.read.stats.false_negatives_by_size``; None without
-    them), ``plots`` (name -> PNG path).
+    minus the best's over the paired seeds), ``t`` (None when infinite), ``p`` and ``p_adj``
+    (Benjamini-Hochberg over the rows); None with one configuration), ``false_negatives``
+    (per front or picked configuration with per-image results: ``index``,
+    ``configuration``, ``trials`` and ``buckets``, the rows of
+    ``sweep.read.stats.false_negatives_by_size``; None without them), ``plots`` (name -> PNG
+    path).
     """
     # matplotlib (about half a second) only where plots are drawn: `sweep compare` imports
     # this module for metric_mode.
@@ -346,8 +347,9 @@ def _paired_tests(agg: pd.DataFrame, rows: pd.DataFrame, objective: tuple[str, s
 
 
 def _finite(value: Any) -> float | None:
-    """A float for JSON: None for a missing or NaN value (an infinite t stays)."""
-    if value is None or pd.isna(value):
+    """A float for strict JSON: None for a missing, NaN or infinite value (the t of a constant
+    difference, whose p of 0 says it all)."""
+    if value is None or pd.isna(value) or not math.isfinite(value):
         return None
     return float(value)
 

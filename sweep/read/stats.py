@@ -4,7 +4,6 @@
   paired t-test): does the metric differ beyond the seed-to-seed noise?
 * :func:`benjamini_hochberg`: the false-discovery-rate adjustment of a family of such tests.
 * :func:`paired_t_tests`: the same test for many pairs of configurations at once.
-* :func:`paired_by_seed`: two sets of rows lined up by seed for the test.
 * :func:`false_negatives_by_size`: the sealant study's false negatives by defect-size tertile.
 
 ``sweep compare`` and ``sweep report`` call these; they are plain functions of arrays and
@@ -25,7 +24,6 @@ __all__ = [
     "UNKNOWN_SIZE",
     "benjamini_hochberg",
     "false_negatives_by_size",
-    "paired_by_seed",
     "paired_t_test",
     "paired_t_tests",
 ]
@@ -117,23 +115,6 @@ def benjamini_hochberg(p_values: ArrayLike) -> np.ndarray:
     if known.any():
         adjusted[known] = stats.false_discovery_control(p[known], method="bh")
     return adjusted
-
-
-def paired_by_seed(
-    a: pd.DataFrame, b: pd.DataFrame, metric: str, seed: str = "seed"
-) -> tuple[np.ndarray, np.ndarray, list]:
-    """``(a_values, b_values, seeds)``: the seeds both row sets hold with a finite ``metric``.
-
-    Rows with the same seed on one side (a repeated trial) count as their mean.
-    """
-
-    def per_seed(df: pd.DataFrame) -> pd.Series:
-        values = pd.to_numeric(df[metric], errors="coerce").astype(float)
-        values = values[np.isfinite(values) & df[seed].notna()]
-        return values.groupby(df.loc[values.index, seed]).mean()
-
-    joined = pd.concat([per_seed(a), per_seed(b)], axis=1, join="inner").sort_index()
-    return joined.iloc[:, 0].to_numpy(), joined.iloc[:, 1].to_numpy(), joined.index.tolist()
 
 
 def false_negatives_by_size(
