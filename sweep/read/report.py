@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import yaml
 from rich.console import Console
 from rich.markup import escape
@@ -37,7 +35,7 @@ from rich.table import Table
 from sweep.errors import SweepError
 from sweep.read import analysis
 from sweep.read.stats import benjamini_hochberg, false_negatives_by_size, paired_t_tests
-from sweep.results import METRICS, Objective, ResultStore, read_results, write_atomically
+from sweep.results import METRICS, Objective, read_images, read_results, write_atomically
 
 __all__ = [
     "REPORT_METRICS",
@@ -72,8 +70,6 @@ EVALUATION_COLUMNS = ("threshold_policy", "val_source")
 """Row columns that say how a threshold was chosen; the report header shows their values."""
 SIGNIFICANCE = 0.05
 """The adjusted p-value below which a paired test counts as a difference."""
-IMAGE_COLUMNS = ["config_hash", "split", "label", "defect_pixels", "score"]
-"""The per-image result columns the false-negatives section reads."""
 TIME_METRICS = ("latency_ms", "train_s")
 METHOD_TEXT = {
     "kneedle": "Kneedle (2-D knee)",
@@ -354,25 +350,6 @@ def _finite(value: Any) -> float | None:
     return float(value)
 
 
-def _read_images(results_dir: Path, config_hashes: Sequence[str]) -> pd.DataFrame:
-    """The per-image results of the given trials (``_images/<config_hash>.parquet``); empty
-    when there are none, as in outputs written before per-image results existed."""
-    from sweep import results
-
-    # sweep.results.read_images, where this version has it; else the files read here.
-    reader = getattr(results, "read_images", None)
-    if reader is not None:
-        return reader(results_dir, config_hashes=list(config_hashes))
-    store = ResultStore(results_dir)
-    paths = [f"{store.root}/_images/{h}.parquet" for h in config_hashes]
-    found = [i.path for i in store.fs.get_file_info(paths) if i.type == pafs.FileType.File]
-    frames = [
-        pq.read_table(path, filesystem=store.fs, columns=IMAGE_COLUMNS).to_pandas()
-        for path in found
-    ]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=IMAGE_COLUMNS)
-
-
 def _false_negatives(
     results_dir: Path, configs: list[dict], rows: pd.DataFrame, shown: Sequence[int]
 ) -> list[dict] | None:
@@ -385,7 +362,7 @@ def _false_negatives(
     trials = trials[trials["image_threshold"].notna()]
     if trials.empty:
         return None
-    images = _read_images(results_dir, trials["config_hash"].tolist())
+    images = read_images(results_dir, config_hashes=trials["config_hash"].tolist())
     if images.empty:
         return None
     images = images.merge(trials, on="config_hash")
