@@ -67,8 +67,8 @@ def resplit(splits: DatasetSplits, *, seed: int, test_fraction: float | None = N
         test_normal = max(1, round(test_fraction * normal.size))
     if normal.size - test_normal - val_normal < 1:
         raise DatasetError(
-            f"{splits.name}: {normal.size} normal image(s) are too few for a test share of "
-            f"{test_fraction} and {val_normal} validation image(s): no training image is left"
+            f"{splits.name}: {normal.size} normal image(s) are too few for {test_normal} test "
+            f"and {val_normal} validation image(s): no training image is left"
         )
     rng = np.random.default_rng([seed, 0x5B1])
     test_n, rest = _draw(normal, test_normal, rng)

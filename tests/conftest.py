@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="anomaly-sweep-tests-"))
 os.environ["ANOMALY_SWEEP_CACHE_DIR"] = str(_SESSION_DIR / "features")
 os.environ["ANOMALY_SWEEP_TIMING_LOCK"] = str(_SESSION_DIR / "timing.lock")
+# Every run would otherwise leave its cache behind (hundreds of runs filled a disk).
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

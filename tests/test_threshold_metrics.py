@@ -338,7 +338,8 @@ def test_image_metrics_on_degenerate_splits_are_nan_with_notes():
     # No test anomaly: the curve metrics are undefined, the threshold still judges normals.
     out, notes = image_metrics(*val, *_split_scores(rng, 10, 0))
     assert notes == [
-        "image_auroc, image_ap, image_f1max, image_recall_*: test split has no anomalies"
+        "image_auroc, image_ap, image_f1max, image_recall_*, image_f1, image_recall: "
+        "test split has no anomalies"
     ]
     assert all(math.isnan(out[k]) for k in ("image_auroc", "image_ap", *RECALL_AT_PRECISION))
     assert math.isfinite(out["image_fpr"]) and out["image_tp"] + out["image_fn"] == 0

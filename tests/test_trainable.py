@@ -102,3 +102,63 @@ def test_an_attempt_runs_its_models_batch_sizes(glue_root, tmp_path):
     assert ctx.batch_sizes("patchcore") == (8, 8)
     retry = dataclasses.replace(ctx, train_batch_size=1)  # an out-of-memory retry's context
     assert retry.batch_sizes("padim") == (1, 5)
+
+
+def _images_of(output, row_hash):
+    from sweep.results import read_images
+
+    return read_images(output, [row_hash])
+
+
+def test_a_trial_stores_its_per_image_results_and_the_threshold_policy(glue_root, tmp_path):
+    from sweep.run.study import config_hash
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "padim", "backbone": "resnet18", "pretrained": False, "seed": 0}
+    raw["evaluation"]["threshold"] = "youden"
+    study = study_from_dict(raw)
+    trial = expand_trials(study)[0]
+    row = run_trial(trial, _context(study, tmp_path))
+    images = _images_of(tmp_path / "out", config_hash(study, trial))
+    assert (row["threshold_policy"], row["pixel_threshold_policy"]) == ("youden", "youden")
+    assert row["val_source"] == "split"
+    test = images[images["split"] == "test"]
+    assert len(test) == row["n_test"] and (images["split"] == "val").sum() == row["n_val"]
+    # What the row says follows from the stored scores: the recompute's premise.
+    flagged = test["score"] >= row["image_threshold"]
+    assert row["image_tp"] == int((flagged & (test["label"] == 1)).sum())
+    assert row["image_fp"] == int((flagged & (test["label"] == 0)).sum())
+    anomalous = test[test["label"] == 1]
+    assert (anomalous["defect"] != "good").all() and (anomalous["defect_pixels"] > 0).all()
+    assert (test.loc[test["label"] == 0, "defect_pixels"] == 0).all()
+    assert anomalous["defect_fraction"].between(0, 1).all()
+
+
+def test_validation_from_test_and_split_axes_change_the_trial_s_data(glue_root, tmp_path):
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {
+        "model": "padim",
+        "backbone": "resnet18",
+        "pretrained": False,
+        "seed": {"grid": [0, 1]},
+        "split_seed": "seed",
+        "test_fraction": 0.3,
+    }
+    raw["evaluation"]["validation"] = "from_test"
+    raw["evaluation"]["val_from_test"] = 0.5
+    study = study_from_dict(raw)
+    trials = expand_trials(study)
+    assert [t.split_seed for t in trials] == [0, 1]
+    rows = [run_trial(t, _context(study, tmp_path)) for t in trials]
+    base = study_from_dict(tiny_study(glue_root, tmp_path / "base"))
+    from sweep.run.trainable import load_data
+
+    pooled = load_data(base, 64)
+    total = len(pooled.train) + len(pooled.val) + len(pooled.test)
+    for row in rows:
+        assert row["val_source"] == "from_test"
+        assert row["n_train"] + row["n_val"] + row["n_test"] == total
+    tested = [
+        set(load_data(study, 64, "none", t.split_seed, t.test_fraction).test.paths) for t in trials
+    ]
+    assert tested[0] != tested[1], "each seed draws its own split"

@@ -661,7 +661,8 @@ def image_metrics(
     tp = ranking.true_counts(test_labels)
     if n_anomalous == 0:
         notes.add(
-            "image_auroc, image_ap, image_f1max, image_recall_*", "test split has no anomalies"
+            "image_auroc, image_ap, image_f1max, image_recall_*, image_f1, image_recall",
+            "test split has no anomalies",
         )
     else:
         out["image_f1max"] = _f1_max_from(ranking, tp)[0]

@@ -41,7 +41,7 @@ from sweep.run.search import (
     optuna_storage,
     settle_stale_optuna_trials,
 )
-from sweep.run.space import TRIAL_KEYS, Param, TrialConfig, split_key
+from sweep.run.space import SPLIT_KEYS, TRIAL_KEYS, Param, TrialConfig, split_key
 from sweep.run.study import (
     Study,
     check_hyperparameters,
@@ -313,6 +313,23 @@ def _node_sees(ref: Any) -> bool:
         return True
 
 
+def _splits_to_check(study: Study) -> list[tuple[int | None, float | None]]:
+    """The (split seed, test share) pairs the data pre-flight draws: the data set's own split,
+    or one redrawn split per test share the space gives (a share too large for the data fails
+    there, before any trial). Split seeds change which images go where, not how many."""
+    params = study.search_space.params
+    if not any(key in params for key in SPLIT_KEYS):
+        return [(None, None)]
+    param = params.get("test_fraction")
+    if param is None:
+        fractions: list[float | None] = [None]
+    elif param.is_enumerable:
+        fractions = [None if v is None else float(v) for v in param.options()]
+    else:
+        fractions = [float(param.high)] if param.high is not None else [None]
+    return [(study.dataset.seed, f) for f in dict.fromkeys(fractions)]
+
+
 def run_study(
     study: Study,
     *,
@@ -351,9 +368,11 @@ def run_study(
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
         # the synthetic data set once here rather than in every worker at the same time.
         for size in study.search_space.image_sizes():
-            with console.status(f"preparing data ({study.dataset.kind}, {size}px)"):
-                splits = load_data(study, size)
-            console.print(f"data: {splits.describe()}")
+            for split_seed, test_fraction in _splits_to_check(study):
+                with console.status(f"preparing data ({study.dataset.kind}, {size}px)"):
+                    splits = load_data(study, size, "none", split_seed, test_fraction)
+                share = "" if test_fraction is None else f" (test share {test_fraction:g})"
+                console.print(f"data: {splits.describe()}{share}")
 
     store.check_writable()
     with store.lock():

@@ -727,10 +727,10 @@ class Space:
                     continue
                 if key == "split_seed":
                     whole = isinstance(value, int) and not isinstance(value, bool)
-                    if not whole and value != FOLLOW_SEED:
+                    if not (whole and value >= 0) and value != FOLLOW_SEED:
                         raise ValueError(
-                            f"space key 'split_seed': expected an int or {FOLLOW_SEED!r} (the "
-                            f"trial's seed), got {value!r}"
+                            f"space key 'split_seed': expected an int >= 0 or {FOLLOW_SEED!r} "
+                            f"(the trial's seed), got {value!r}"
                         )
                 elif (
                     isinstance(value, bool)
