@@ -245,9 +245,18 @@ def report(
             "TOPSIS's pick then becomes the chosen one."
         ),
     ] = None,
+    examples: Annotated[
+        str,
+        typer.Option(
+            help="Which models the heatmap grid (Fig. 11) shows: knee (the knee picks and front "
+            "members), or top:N, bottom:N or top-bottom:N with an optional :METRIC (default "
+            "image_auroc), e.g. top-bottom:4:image_auroc."
+        ),
+    ] = "knee",
 ) -> None:
     """Seed-aggregated table, Pareto front, each knee method's pick and the plots; optionally
     an HTML or Markdown report."""
+    from sweep.read.plots import parse_examples
     from sweep.read.report import (
         build_report,
         check_writable,
@@ -264,12 +273,14 @@ def report(
         for path, what in ((html, "--html"), (markdown, "--markdown")):
             if path is not None:
                 check_writable(path, what)
+        parse_examples(examples)  # a bad spec fails before anything is read
         objectives = study_objectives(results_dir, objective)
         result = build_report(
             results_dir,
             objectives,
             plots or results_dir / "_report",
             weights=parse_weights(weights) or None,
+            examples=examples,
         )
         written = []
         if html is not None:

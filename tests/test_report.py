@@ -255,6 +255,18 @@ def test_weights_move_the_choice_to_topsis_and_are_validated(built):
         assert needle in result.output, (bad, result.output)
 
 
+def test_examples_option_reaches_the_grid_and_a_bad_spec_exits_2(built, tmp_path):
+    result = invoke("report", built["output"], "--examples", "best:4", "--plots", tmp_path / "p")
+    assert result.exit_code == 2
+    assert "examples 'best:4'" in result.output
+    assert not (tmp_path / "p").exists(), "a bad spec fails before anything is drawn"
+    result = invoke(
+        "report", built["output"], "--json", "--examples", "top:1", "--plots", tmp_path / "q"
+    )
+    assert result.exit_code == 0, result.output
+    assert "timing" in json.loads(result.stdout)["plots"]
+
+
 def test_unwritable_html_exits_2_naming_it_and_leaves_nothing(built, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

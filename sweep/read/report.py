@@ -80,7 +80,8 @@ PLOT_TITLES = {
     "pareto": "The study's objectives: Pareto front and knee picks",
     "image_vs_pixel": "Image- vs pixel-level performance (Fig. 14)",
     "robustness": "Robustness: each variant against clean (Fig. 12)",
-    "examples": "Example test images, each picked model's anomaly map, ground truth (Fig. 11)",
+    "examples": "Example test images, each chosen model's anomaly map, ground truth (Fig. 11)",
+    "timing": "Inference time and throughput per configuration, best on top (Fig. 10)",
 }
 """Captions of ``sweep.read.plots.report_plots``'s plots; ``pareto_<m>`` and ``vs_<key>`` below."""
 
@@ -174,8 +175,11 @@ def build_report(
     objectives: list[tuple[str, str]],
     plots_dir: Path,
     weights: Mapping[str, float] | None = None,
+    examples: str = "knee",
 ) -> dict:
-    """Aggregate, select and plot; return the report as a JSON-able dict.
+    """Aggregate, select and plot; return the report as a JSON-able dict. ``examples`` picks
+    the heatmap grid's models (``sweep.read.plots.parse_examples``: ``knee`` or
+    ``top-bottom:4:image_auroc`` and the like).
 
     Keys: ``results``, ``study`` (the saved study, or None), ``trials``, ``ok``, ``errors``
     (rows whose status is not ok), ``objectives``, ``weights``, ``metrics``,
@@ -261,7 +265,7 @@ def build_report(
         results_dir, report["configurations"], rows, sorted(set(shown))
     )
     written = plots.report_plots(
-        all_rows, selection, objectives, plots_dir, results_dir=results_dir
+        all_rows, selection, objectives, plots_dir, results_dir=results_dir, examples=examples
     )
     report["plots"] = {name: str(path) for name, path in written.items()}
     return report
