@@ -16,7 +16,14 @@ from sweep.run.study import expand_trials, load_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 # Smoke forms that take longer than a few seconds run in CI's slow stage.
-SLOW_SMOKES = {"glue_line", "glue_line_lite", "augmentation_robustness", "glue_parts", "mvtec"}
+SLOW_SMOKES = {
+    "glue_line",
+    "glue_line_lite",
+    "augmentation_robustness",
+    "glue_parts",
+    "mvtec",
+    "vin_labels",
+}
 MAX_SMOKE_TRIALS = 40
 TABLE3 = [
     {"Defocus": {"alias_blur": [0.1, 0.5], "p": 0.5, "radius": [3, 10]}},
@@ -97,7 +104,20 @@ def test_the_issue_s_studies_exist():
         "optuna_patchcore",
         "glue_parts",
         "mvtec",
+        "vin_labels",
     } <= names
+
+
+def test_vin_labels_crosses_resolution_and_test_share_with_the_split_per_seed():
+    study = load_study(next(p for p in STUDIES if p.stem == "vin_labels"))
+    trials = expand_trials(study)
+    assert len(trials) == 3 * 3 * 3 * 5, "Table 9: 3 models x 3 sizes x 3 test shares x 5 seeds"
+    assert {t.model for t in trials} == {"patchcore", "padim", "skip_ganomaly"}
+    assert {t.image_size for t in trials} == {208, 256, 304}
+    assert {t.test_fraction for t in trials} == {0.10, 0.15, 0.20}
+    assert all(t.split_seed == t.seed for t in trials), "each seed draws its own split"
+    assert str(study.evaluation.threshold_policy) == "precision_at:0.996"
+    assert study.objectives[0].metric == "image_recall_p996"
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
