@@ -180,6 +180,12 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "validate",
         s.study(_space(stress={"grid": ["none", "earthquake"]})),
     ],
+    "study-unknown-threshold-policy": lambda s: [
+        "validate",
+        s.study(_set("evaluation", threshold="median")),
+    ],
+    "study-bad-split-seed": lambda s: ["validate", s.study(_space(split_seed="trial"))],
+    "study-bad-test-fraction": lambda s: ["validate", s.study(_space(test_fraction=1.5))],
     "study-fractional-gpus-above-one": lambda s: [
         "validate",
         s.study(resources={"cpu": 1, "gpu": 1.5}),
@@ -197,6 +203,7 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         s.study(dataset={"kind": "mvtec", "root": str(s.tmp / "none"), "category": "part"}),
     ],
     "dataset-missing-category": lambda s: ["run", s.mvtec_study(category="bottle")],
+    "dataset-test-share-too-large": lambda s: ["run", s.study(_space(test_fraction=0.95))],
     "dataset-no-training-images": lambda s: ["run", s.mvtec_study(train=0)],
     "dataset-no-anomalies": lambda s: ["run", s.mvtec_study(anomalies=False)],
     "dataset-mask-size": lambda s: ["run", s.mvtec_study(mask_size=20)],
