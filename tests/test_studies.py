@@ -17,6 +17,7 @@ from sweep.run.study import expand_trials, load_study
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 # Smoke forms that take longer than a few seconds run in CI's slow stage.
 SLOW_SMOKES = {
+    "resolution",
     "glue_line",
     "glue_line_lite",
     "augmentation_robustness",
