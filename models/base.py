@@ -266,6 +266,26 @@ class Detector(torch.nn.Module):
         """Score a batch of normalised ``B x 3 x H x W`` images."""
         raise NotImplementedError
 
+    def export_module(self) -> torch.nn.Module:
+        """The fitted detector's scoring as a module for deployment (TorchScript, ONNX).
+
+        It takes a normalised float ``B x 3 x H x W`` batch at the fitted image size and
+        returns ``(scores B, maps B x H x W)`` equal to :meth:`predict`'s, built only of tensor
+        operations that tracing records and ONNX expresses (no faiss, no Python branches on
+        tensor values, no in-place writes into slices), so that one trace serves any batch
+        size. It shares the detector's tensors; call it after ``fit``. Detectors that do not
+        implement it raise :class:`ModelError`.
+        """
+        exportable = [
+            name
+            for name, cls in sorted(_REGISTRY.items())
+            if cls.export_module is not Detector.export_module
+        ]
+        raise ModelError(
+            f"{self.name or type(self).__name__} cannot be exported yet "
+            f"(exportable: {', '.join(exportable) or 'none'})"
+        )
+
     def hparams(self) -> dict[str, Any]:
         """The hyperparameters this detector was built with."""
         return dict(getattr(self, "_hparams", {}))

@@ -291,6 +291,12 @@ class PaDiM(Detector):
         scores = maps.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=maps)
 
+    def export_module(self) -> torch.nn.Module:
+        """:meth:`predict` as traceable tensor operations (:class:`PaDiMExport`)."""
+        if self.mean.shape[0] == 0:
+            raise ModelError("padim: export called before fit")
+        return PaDiMExport(self)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The Gaussians' shapes are only known after fit: take the stored ones.
         for name in ("mean", "inv_covariance"):
@@ -298,3 +304,33 @@ class PaDiM(Detector):
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key], device=self.mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PaDiMExport(torch.nn.Module):
+    """PaDiM's scoring as traceable operations: :meth:`PaDiM.embed` with each layer's kept
+    channels fixed at export (``embed`` finds them with a boolean mask, a data-dependent shape)
+    and every position's Mahalanobis distance as one batched product."""
+
+    def __init__(self, detector: PaDiM) -> None:
+        super().__init__()
+        self.detector = detector
+        offset = 0
+        for i, channels in enumerate(detector.extractor.channels.values()):
+            index = detector.channel_index
+            kept = index[(index >= offset) & (index < offset + channels)] - offset
+            self.register_buffer(f"kept_{i}", kept.clone(), persistent=False)
+            offset += channels
+        self.blur_sigma = detector.blur_sigma
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.detector.extractor(images).values()
+        selected = [
+            feature.index_select(1, getattr(self, f"kept_{i}"))
+            for i, feature in enumerate(features)
+        ]
+        embedding = concat_to_first(selected, mode="nearest").float()  # B x C x h x w
+        delta = embedding.flatten(2).permute(2, 0, 1) - self.detector.mean[:, None, :]  # P x B x C
+        squared = (torch.bmm(delta, self.detector.inv_covariance) * delta).sum(2)  # P x B
+        distances = squared.clamp_min(0).sqrt().T.reshape_as(embedding[:, 0])
+        maps = gaussian_blur(upsample_maps(distances, images.shape[-2:]), self.blur_sigma)
+        return maps.flatten(1).max(dim=1).values, maps

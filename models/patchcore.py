@@ -339,6 +339,12 @@ class PatchCore(Detector):
         maps = gaussian_blur(maps, self.blur_sigma)
         return Prediction(score=scores, anomaly_map=maps)
 
+    def export_module(self) -> torch.nn.Module:
+        """:meth:`predict` as traceable tensor operations (:class:`PatchCoreExport`)."""
+        if self.memory_bank.shape[0] == 0:
+            raise ModelError("patchcore: export called before fit (the memory bank is empty)")
+        return PatchCoreExport(self)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The memory bank's size is only known after fit: take the stored one.
         key = prefix + "memory_bank"
@@ -346,3 +352,50 @@ class PatchCore(Detector):
             self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
         self._index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PatchCoreExport(torch.nn.Module):
+    """PatchCore's scoring without faiss: the nearest-neighbour search is a matrix product and a
+    minimum (top-k for the re-weighting neighbourhood), so TorchScript and ONNX can hold it.
+
+    Distances to the chosen bank patches are computed directly (``|q - m|``), not from the
+    expanded ``|q|^2 - 2 q.m + |m|^2`` the search ranks by, which loses precision near 0. The
+    ``B x patches x bank`` distance matrix is the memory cost: score small batches.
+    """
+
+    def __init__(self, detector: PatchCore) -> None:
+        super().__init__()
+        self.detector = detector
+        bank = detector.memory_bank.detach()
+        self.register_buffer("bank_norms", bank.square().sum(1), persistent=False)
+        self.register_buffer("bank_ids", torch.arange(bank.shape[0]), persistent=False)
+        self.k = min(detector.num_neighbors, bank.shape[0])
+        self.blur_sigma = detector.blur_sigma
+
+    def _squared(self, queries: Tensor) -> Tensor:
+        # ... x D queries -> ... x N squared distances to every bank patch (ranking only).
+        bank = self.detector.memory_bank
+        return queries.square().sum(-1, keepdim=True) - 2.0 * queries @ bank.T + self.bank_norms
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        bank = self.detector.memory_bank
+        features = self.detector.patch_features(images)  # B x D x h x w
+        queries = features.flatten(2).transpose(1, 2)  # B x P x D
+        nearest = self._squared(queries).argmin(-1)  # B x P
+        patch_scores = torch.linalg.vector_norm(queries - bank[nearest], dim=-1)  # B x P
+        max_scores, max_positions = patch_scores.max(1)
+        scores = max_scores
+        if self.k > 1:
+            index = max_positions[:, None, None].expand(-1, 1, queries.shape[-1])
+            worst_queries = queries.gather(1, index)[:, 0]  # B x D
+            matched = nearest.gather(1, max_positions[:, None])[:, 0]  # B
+            # The k - 1 bank patches nearest m* other than m* itself (predict's N_b(m*) less
+            # m*): the softmax below does not depend on their order.
+            to_bank = self._squared(bank[matched])
+            to_bank = to_bank.masked_fill(self.bank_ids[None] == matched[:, None], math.inf)
+            others = to_bank.topk(self.k - 1, dim=1, largest=False).indices
+            to_others = torch.linalg.vector_norm(worst_queries[:, None] - bank[others], dim=2)
+            to_neighborhood = torch.cat([max_scores[:, None], to_others], dim=1)
+            scores = (1.0 - torch.softmax(to_neighborhood, dim=1)[:, 0]) * max_scores
+        maps = upsample_maps(patch_scores.reshape_as(features[:, 0]), images.shape[-2:])
+        return scores, gaussian_blur(maps, self.blur_sigma)

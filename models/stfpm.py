@@ -165,3 +165,25 @@ class STFPM(Detector):
             anomaly_map = anomaly_map * upsample_maps(layer_map, size)
         scores = anomaly_map.flatten(1).max(dim=1).values
         return Prediction(score=scores, anomaly_map=anomaly_map)
+
+    def export_module(self) -> torch.nn.Module:
+        """:meth:`predict` as a module (:class:`STFPMExport`): it is tensor operations already."""
+        return STFPMExport(self)
+
+
+class STFPMExport(torch.nn.Module):
+    """STFPM's scoring: teacher and student pyramids, the product of their discrepancy maps."""
+
+    def __init__(self, detector: STFPM) -> None:
+        super().__init__()
+        self.teacher = detector.teacher
+        self.student = detector.student
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        maps = _discrepancy_maps(self.teacher(images), self.student(images))
+        size = images.shape[-2:]
+        # ones_like keeps the batch size a traced one (torch.ones(B, ...) would freeze it).
+        anomaly_map = torch.ones_like(images[:, 0])
+        for layer_map in maps.values():
+            anomaly_map = anomaly_map * upsample_maps(layer_map, size)
+        return anomaly_map.flatten(1).max(dim=1).values, anomaly_map
