@@ -1,0 +1,221 @@
+"""``sweep predict``: score images and folders with an exported artefact.
+
+Each image is read and prepared as the study's data loader prepares it (decoded by OpenCV, RGB,
+stretched to the artefact's square size, area-averaged when shrinking, normalised with its mean
+and std), scored in batches, and written out: one row per input in ``scores.parquet`` and
+``scores.csv``, and per scored image a mask (``masks/``, the map at or above the pixel
+threshold) and a heatmap overlay (``overlays/``), both at the image's own size. An image that
+cannot be read is reported in its row and skipped; the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from data.datasets import IMAGE_SUFFIXES, decode_image
+from data.errors import DatasetError
+from data.transforms import resize_image, to_rgb
+from sweep.deploy.artefact import Artefact, load_artefact, normalise_pixels
+from sweep.errors import SweepError
+
+__all__ = ["COLUMNS", "PredictSummary", "collect_images", "predict"]
+
+COLUMNS = ("path", "score", "normalised_score", "anomalous", "mask", "overlay", "error")
+"""``scores.parquet`` / ``scores.csv``: the input, its image score, the score normalised
+(``Normalisation``: 0.5 at the threshold), the decision ``score >= threshold``, the mask and
+overlay files (relative to the output folder) and why the image was skipped (else empty)."""
+
+OVERLAY_ALPHA = 0.5
+"""Weight of the heatmap over the image in an overlay."""
+
+
+@dataclass
+class PredictSummary:
+    """What ``predict`` did."""
+
+    out: Path
+    backend: str
+    scored: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) of every image that was skipped."""
+    anomalous: int = 0
+    files: list[Path] = field(default_factory=list)
+    """The tables written."""
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by ``inputs``: files as given, folders searched recursively for
+    image suffixes (sorted). A missing input, or none at all found, is a :class:`SweepError`."""
+    found: list[Path] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found += sorted(
+                (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                key=str,
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise SweepError(f"image input {str(path)!r}: no such file or directory")
+    if not found:
+        shown = ", ".join(map(str, inputs))
+        raise SweepError(
+            f"image inputs {shown!r}: no images found "
+            f"(expected {'/'.join(IMAGE_SUFFIXES)} files, or folders holding them)"
+        )
+    return found
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {str(out)!r}: a file is there, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "masks").mkdir(exist_ok=True)
+        (out / "overlays").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise SweepError(f"--out {str(out)!r}: cannot create it ({exc.strerror or exc})") from None
+
+
+def _read(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the image as H x W x 3 RGB uint8, its 3 x S x S model input as uint8)."""
+    try:
+        rgb = to_rgb(decode_image(path, cv2.IMREAD_UNCHANGED))
+    except TypeError as exc:
+        raise DatasetError(f"{path}: unsupported image ({exc})") from exc
+    height, width = size
+    if height != width:  # an artefact of a later format; load_artefact refuses it today
+        raise SweepError(f"non-square input size {height}x{width} is not supported")
+    return rgb, np.ascontiguousarray(resize_image(rgb, height).transpose(2, 0, 1))
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    # Two folders may hold a.png each: the second one's files become a-1.png.
+    used: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = path.stem
+        count = used.get(stem, 0)
+        used[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}-{count}")
+    return names
+
+
+def _write_pictures(
+    artefact: Artefact, rgb: np.ndarray, anomaly_map: np.ndarray, out: Path, name: str
+) -> tuple[str | None, str]:
+    """The mask and overlay PNGs of one image at its own size; their paths under ``out``."""
+    height, width = rgb.shape[:2]
+    resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), cv2.INTER_LINEAR)
+    mask_name = None
+    if artefact.pixel_threshold is not None:
+        mask_name = f"masks/{name}.png"
+        mask = np.where(resized >= artefact.pixel_threshold, 255, 0).astype(np.uint8)
+        if not cv2.imwrite(str(out / mask_name), mask):
+            raise OSError(f"cannot write {out / mask_name}")
+    normalisation = artefact.map_normalisation
+    if normalisation is not None:
+        heat = normalisation.apply(resized)
+    else:  # no pixel threshold: the map's own range
+        low, high = float(resized.min()), float(resized.max())
+        heat = (resized - low) / (high - low) if high > low else np.zeros_like(resized)
+    colours = cv2.applyColorMap((heat * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    overlay = cv2.addWeighted(bgr, 1 - OVERLAY_ALPHA, colours, OVERLAY_ALPHA, 0)
+    overlay_name = f"overlays/{name}.png"
+    if not cv2.imwrite(str(out / overlay_name), overlay):
+        raise OSError(f"cannot write {out / overlay_name}")
+    return mask_name, overlay_name
+
+
+def predict(
+    artefact_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    backend: str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictSummary:
+    """Score every image of ``inputs`` with the artefact; write tables and pictures to ``out``.
+
+    ``backend``: ``onnx`` (the default where the artefact has ``model.onnx``), ``torchscript``
+    or ``torch`` (the detector rebuilt from ``detector.safetensors``). ``progress(done,
+    total)`` is called after each batch. Bad input (no artefact, a damaged one, no images, an
+    unwritable ``out``) is a :class:`SweepError` before anything is scored; an image that
+    cannot be read is a row with its ``error`` and is counted in ``failed``.
+    """
+    if batch_size < 1:
+        raise SweepError(f"--batch-size {batch_size}: expected at least 1")
+    artefact = load_artefact(artefact_dir)
+    paths = collect_images(inputs)
+    out = Path(out)
+    _check_out(out)
+    backend = backend or artefact.default_backend()
+    score_batch = artefact.scorer(backend)
+    prep = artefact.meta["preprocessing"]
+    names = _unique_names(paths)
+    rows: list[dict[str, Any]] = []
+    summary = PredictSummary(out=out, backend=backend, scored=0)
+    threshold = artefact.image_threshold
+    normalisation = artefact.score_normalisation
+
+    def flush(batch: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        if not batch:
+            return
+        pixels = torch.from_numpy(np.stack([model_input for _, _, model_input in batch]))
+        images = normalise_pixels(pixels, prep["mean"], prep["std"]).numpy()
+        scores, maps = score_batch(images)
+        for j, (i, rgb, _) in enumerate(batch):
+            row = rows[i]
+            score = float(scores[j])
+            row["score"] = score
+            if threshold is not None:
+                row["anomalous"] = bool(score >= threshold)
+                summary.anomalous += row["anomalous"]
+            if normalisation is not None:
+                row["normalised_score"] = float(normalisation.apply(np.float64(score)))
+            if maps is not None:
+                row["mask"], row["overlay"] = _write_pictures(artefact, rgb, maps[j], out, names[i])
+            summary.scored += 1
+        batch.clear()
+
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for i, path in enumerate(paths):
+        rows.append(dict.fromkeys(COLUMNS) | {"path": str(path)})
+        try:
+            rgb, model_input = _read(path, artefact.image_size)
+        except DatasetError as exc:
+            rows[i]["error"] = str(exc)
+            summary.failed.append((str(path), str(exc)))
+        else:
+            pending.append((i, rgb, model_input))
+        if len(pending) >= batch_size:
+            flush(pending)
+            if progress is not None:
+                progress(i + 1, len(paths))
+    flush(pending)
+    if progress is not None:
+        progress(len(paths), len(paths))
+    summary.files = _write_tables(rows, out)
+    return summary
+
+
+def _write_tables(rows: Iterable[dict[str, Any]], out: Path) -> list[Path]:
+    table = pd.DataFrame(list(rows), columns=list(COLUMNS))
+    table["score"] = table["score"].astype(float)
+    table["normalised_score"] = table["normalised_score"].astype(float)
+    table["anomalous"] = table["anomalous"].astype("boolean")
+    parquet, csv = out / "scores.parquet", out / "scores.csv"
+    table.to_parquet(parquet, index=False)
+    table.to_csv(csv, index=False)
+    return [parquet, csv]
