@@ -2,10 +2,12 @@
 synthetic glue-line data.
 
 Every loader decodes and checks every image and mask up front, so a study with bad data fails
-before its first trial rather than in the middle of one. Images are resized to a square
-``image_size`` and kept as uint8 (N x 3 x S x S, RGB; gray images replicated to three
-channels); :meth:`AnomalyDataset.images` and :meth:`AnomalyDataset.batches` hand them out as
-float32 normalised with ImageNet's mean and standard deviation.
+before its first trial rather than in the middle of one. Images are brought to ``image_size``
+(a side, or ``(height, width)``; ``resize`` says how another aspect ratio is met, and a ROI
+blanks what lies outside it: :func:`data.transforms.prepare`) and kept as uint8 (N x 3 x H x W,
+RGB; gray images replicated to three channels); :meth:`AnomalyDataset.images` and
+:meth:`AnomalyDataset.batches` hand them out as float32 normalised with ImageNet's mean and
+standard deviation.
 
 Splits: ``train`` holds normal images only. ``val`` is what decision thresholds are fit on, so
 they are never fit on ``test``; when a data set has no validation images of its own, ``val`` is
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ import numpy as np
 import torch
 
 from data.errors import DatasetError
+from data.roi import RegionOfInterest
 from data.synthetic_glue import GlueSetConfig, ensure_generated
-from data.transforms import normalize, resize_image, resize_mask, to_rgb
+from data.transforms import RESIZE_MODES, as_shape, normalize, prepare, prepare_mask, to_rgb
 
 __all__ = [
     "DATASET_KINDS",
@@ -51,12 +54,12 @@ GOOD = "good"
 
 
 class AnomalyDataset:
-    """One split of a data set, every image in memory at one square size.
+    """One split of a data set, every image in memory at one size.
 
     Attributes:
-        pixels: N x 3 x S x S uint8, RGB (gray images replicated to three channels).
+        pixels: N x 3 x H x W uint8, RGB (gray images replicated to three channels).
         labels: N int64, 0 = normal, 1 = anomalous.
-        masks: N x S x S bool; all False for normal images and for anomalous images without a
+        masks: N x H x W bool; all False for normal images and for anomalous images without a
             mask file.
         has_masks: True when every anomalous image has a mask (so pixel metrics can be
             computed; also True for a split without anomalies).
@@ -79,7 +82,7 @@ class AnomalyDataset:
         n = len(paths)
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(
-                f"pixels: expected uint8 N x 3 x S x S, got {pixels.dtype} {tuple(pixels.shape)}"
+                f"pixels: expected uint8 N x 3 x H x W, got {pixels.dtype} {tuple(pixels.shape)}"
             )
         size = tuple(pixels.shape[2:])
         if pixels.shape[0] != n or labels.shape != (n,) or len(defects) != n:
@@ -146,11 +149,16 @@ class AnomalyDataset:
 
     @property
     def image_size(self) -> int:
-        """The side of the square images, in pixels."""
+        """The side of the square images, in pixels (the width of non-square ones)."""
         return int(self.pixels.shape[-1])
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the images, in pixels."""
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+
     def images(self, index: Any = None) -> torch.Tensor:
-        """float32 N x 3 x S x S images normalised with ImageNet's statistics: all of them, or
+        """float32 N x 3 x H x W images normalised with ImageNet's statistics: all of them, or
         those picked by ``index`` (an int, a slice, a sequence or tensor of indices)."""
         if index is None:
             return normalize(self.pixels)
@@ -166,8 +174,8 @@ class AnomalyDataset:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Mini-batches as dicts: ``image`` (normalised float32 B x 3 x S x S), ``label`` (B
-        int64), ``mask`` (B x S x S float32, 0 or 1) and ``index`` (B int64, into this split).
+        """Mini-batches as dicts: ``image`` (normalised float32 B x 3 x H x W), ``label`` (B
+        int64), ``mask`` (B x H x W float32, 0 or 1) and ``index`` (B int64, into this split).
 
         ``shuffle`` draws the order from ``generator``, which it requires (reproducibility
         never depends on global random state).
@@ -217,6 +225,63 @@ class DatasetSplits:
     image_size: int
     val_source: str = "split"
     """Where the validation anomalies come from (``data.splits.VALIDATION_SOURCES``)."""
+    shape: tuple[int, int] | None = None
+    """(height, width) of the images; None: ``image_size`` square."""
+    resize: str = "stretch"
+    """How images of another aspect ratio reached ``shape`` (``data.transforms.RESIZE_MODES``)."""
+    roi: RegionOfInterest | None = None
+    """The region of interest, if the data set has one (``data.roi``)."""
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    """Each image file's own (height, width), by path."""
+    valid: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """By path, which pixels count for evaluation (inside the ROI, not padding), for images
+    where some do not."""
+
+    @property
+    def restricted(self) -> bool:
+        """Whether evaluation goes through :func:`data.roi.restrict`: a ROI, or a resize that
+        can cut or pad. Otherwise outputs are evaluated as they are (today's behaviour)."""
+        return self.roi is not None or self.resize != "stretch"
+
+    def valid_pixels(self, dataset: AnomalyDataset) -> np.ndarray | None:
+        """N x H x W bool: which pixels of ``dataset``'s images (a split of these) count for
+        evaluation; None when all do. Synthetic anomalies (``path#kind``) take their source
+        image's."""
+        if not self.valid:
+            return None
+        out = np.ones((len(dataset), *dataset.shape), bool)
+        for i, path in enumerate(dataset.paths):
+            mask = self.valid.get(path.split("#", 1)[0])
+            if mask is not None:
+                out[i] = mask
+        return out
+
+    def source_sizes(self) -> list[tuple[int, int]]:
+        """The distinct (height, width) of the image files, most frequent first."""
+        counts: dict[tuple[int, int], int] = {}
+        for size in self.sources.values():
+            counts[size] = counts.get(size, 0) + 1
+        return sorted(counts, key=lambda s: (-counts[s], s))
+
+    def aspect_change(self) -> str | None:
+        """What happened to the images' aspect ratio, in words; None when nothing did (every
+        source has the target's aspect to within 1%)."""
+        height, width = self.shape or (self.image_size, self.image_size)
+        target = width / height
+        changed = [s for s in self.source_sizes() if abs((s[1] / s[0]) / target - 1) > 0.01]
+        if not changed:
+            return None
+        how = {
+            "stretch": "stretched",
+            "pad": "letterboxed (padded)",
+            "crop": "centre-cropped",
+        }[self.resize]
+        sources = ", ".join(f"{w}x{h}" for h, w in changed[:3])
+        more = f" and {len(changed) - 3} more sizes" if len(changed) > 3 else ""
+        return (
+            f"{sources}{more} (W x H, aspect {changed[0][1] / changed[0][0]:.3g}) {how} to "
+            f"{width}x{height} (aspect {target:.3g})"
+        )
 
     def describe(self) -> str:
         """One line: images per split, how many anomalous, whether masks exist, image size."""
@@ -230,7 +295,11 @@ class DatasetSplits:
         title = f"{self.name}/{self.category}" if self.category else self.name
         val = "val" if self.val_source == "split" else f"val ({self.val_source})"
         parts = [split("train", self.train), split(val, self.val), split("test", self.test)]
-        return f"{title} {self.image_size}px: {', '.join(parts)}"
+        size = f"{self.image_size}px"
+        if self.shape is not None and self.shape[0] != self.shape[1]:
+            size = f"{self.shape[0]}x{self.shape[1]}px ({self.resize})"
+        roi = f", roi {self.roi.path.name}" if self.roi is not None else ""
+        return f"{title} {size}{roi}: {', '.join(parts)}"
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -271,13 +340,32 @@ def decode_image(path: Path, flags: int) -> np.ndarray:
     return image
 
 
-def _load_one(item: _Item, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(3 x S x S uint8 RGB, S x S bool mask or None) of one image; raises DatasetError."""
+@dataclass(frozen=True)
+class _Preparation:
+    """How every image of a load is prepared (:func:`data.transforms.prepare`)."""
+
+    shape: tuple[int, int]
+    resize: str = "stretch"
+    roi: RegionOfInterest | None = None
+
+
+@dataclass
+class _Loaded:
+    pixels: np.ndarray
+    mask: np.ndarray | None
+    source: tuple[int, int]
+    valid: np.ndarray | None
+
+
+def _load_one(item: _Item, prep: _Preparation) -> _Loaded:
+    """One image prepared (3 x H x W uint8 RGB), its H x W bool mask or None, its own size and
+    which of its pixels count (None: all); raises DatasetError."""
     image = decode_image(item.path, cv2.IMREAD_UNCHANGED)
     try:
         rgb = to_rgb(image)
     except TypeError as exc:
         raise DatasetError(f"{item.path}: unsupported image ({exc})") from exc
+    source = (int(rgb.shape[0]), int(rgb.shape[1]))
     mask = None
     if item.mask is not None:
         raw = decode_image(item.mask, cv2.IMREAD_GRAYSCALE)
@@ -287,8 +375,51 @@ def _load_one(item: _Item, size: int) -> tuple[np.ndarray, np.ndarray | None]:
                 f"{item.path} is {rgb.shape[1]}x{rgb.shape[0]}"
             )
         # Masks are 0/255; >= 128 ignores compression noise in masks saved as JPEG.
-        mask = resize_mask(raw >= 128, size)
-    return np.ascontiguousarray(resize_image(rgb, size).transpose(2, 0, 1)), mask
+        mask = prepare_mask(raw >= 128, prep.shape, prep.resize)
+    roi = None if prep.roi is None else prep.roi.mask_for(item.path, *source)
+    pixels, valid = prepare(rgb, prep.shape, prep.resize, roi)
+    return _Loaded(np.ascontiguousarray(pixels.transpose(2, 0, 1)), mask, source, valid)
+
+
+@dataclass
+class _LoadInfo:
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)
+    valid: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _splits(
+    train: list[_Item],
+    val: list[_Item],
+    test: list[_Item],
+    prep: _Preparation,
+    name: str,
+    category: str | None,
+) -> DatasetSplits:
+    info = _LoadInfo()
+    loaded = [_load_items(items, prep, info) for items in (train, val, test)]
+    height, width = prep.shape
+    return DatasetSplits(
+        *loaded,
+        name=name,
+        category=category,
+        image_size=min(height, width),
+        shape=prep.shape,
+        resize=prep.resize,
+        roi=prep.roi,
+        sources=info.sources,
+        valid=info.valid,
+    )
+
+
+def _preparation(
+    image_size: int | Sequence[int], resize: str, roi: str | Path | RegionOfInterest | None
+) -> _Preparation:
+    shape = _check_size(image_size)
+    if resize not in RESIZE_MODES:
+        raise DatasetError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if roi is not None and not isinstance(roi, RegionOfInterest):
+        roi = RegionOfInterest(roi)
+    return _Preparation(shape, resize, roi)
 
 
 def _workers() -> int:
@@ -300,22 +431,31 @@ def _workers() -> int:
     return max(1, min(8, cpus))
 
 
-def _load_items(items: list[_Item], size: int) -> AnomalyDataset:
-    """Decode, check and resize ``items`` (in order) into a data set."""
+def _load_items(
+    items: list[_Item], prep: _Preparation, info: _LoadInfo | None = None
+) -> AnomalyDataset:
+    """Decode, check and prepare ``items`` (in order) into a data set; each image's own size
+    and valid pixels go to ``info``."""
     n = len(items)
-    pixels = np.empty((n, 3, size, size), np.uint8)
-    masks = np.zeros((n, size, size), bool)
+    height, width = prep.shape
+    pixels = np.empty((n, 3, height, width), np.uint8)
+    masks = np.zeros((n, height, width), bool)
     failures: list[DatasetError] = []
+    info = _LoadInfo() if info is None else info
 
     def load(i: int) -> None:
         try:
-            image, mask = _load_one(items[i], size)
+            loaded = _load_one(items[i], prep)
         except DatasetError as exc:
             failures.append(exc)
             return
-        pixels[i] = image
-        if mask is not None:
-            masks[i] = mask
+        pixels[i] = loaded.pixels
+        if loaded.mask is not None:
+            masks[i] = loaded.mask
+        path = str(items[i].path)
+        info.sources[path] = loaded.source
+        if loaded.valid is not None:
+            info.valid[path] = loaded.valid
 
     workers = _workers()
     if workers == 1 or n < 8:
@@ -365,10 +505,16 @@ def _check_masks(items: list[_Item], where: Path, expected: str) -> None:
         )
 
 
-def _check_size(image_size: int) -> int:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
-        raise DatasetError(f"image_size: expected an integer >= 8, got {image_size!r}")
-    return image_size
+def _check_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``image_size`` (a side, or ``(height, width)``) as ``(height, width)``."""
+    sides = [image_size] if not isinstance(image_size, Sequence) else list(image_size)
+    if len(sides) not in (1, 2) or any(
+        not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 8 for s in sides
+    ):
+        raise DatasetError(
+            f"image_size: expected an integer >= 8 or [height, width] of them, got {image_size!r}"
+        )
+    return as_shape(sides[0] if len(sides) == 1 else sides)
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -411,10 +557,12 @@ def _labelled_items(split_dir: Path, truth_dir: Path) -> list[_Item]:
 def load_mvtec(
     root: str | Path,
     category: str,
-    image_size: int,
+    image_size: int | Sequence[int],
     *,
     val_fraction: float = 0.1,
     seed: int = 0,
+    resize: str = "stretch",
+    roi: str | Path | RegionOfInterest | None = None,
 ) -> DatasetSplits:
     """One category of a data set in the MVTec AD layout.
 
@@ -427,8 +575,12 @@ def load_mvtec(
 
     Anomalous images without masks are allowed when no anomaly of the split has one
     (``has_masks`` is then False); a partial set of masks is an error.
+
+    ``image_size`` is a side or ``(height, width)``; ``resize`` (``stretch``, ``pad``,
+    ``crop``) how images of another aspect ratio reach it; ``roi`` a :mod:`data.roi` mask (or
+    folder of masks) outside which images are blanked and nothing counts.
     """
-    image_size = _check_size(image_size)
+    prep = _preparation(image_size, resize, roi)
     val_fraction = _check_fraction("val_fraction", val_fraction)
     root = _directory(root, "data root")
     if not isinstance(category, str) or not category:
@@ -482,14 +634,7 @@ def load_mvtec(
         val_items = [train_items[i] for i in val_index]
         train_items = [train_items[i] for i in train_index]
 
-    return DatasetSplits(
-        train=_load_items(train_items, image_size),
-        val=_load_items(val_items, image_size),
-        test=_load_items(test_items, image_size),
-        name="mvtec",
-        category=category,
-        image_size=image_size,
-    )
+    return _splits(train_items, val_items, test_items, prep, "mvtec", category)
 
 
 # ----------------------------------------------------------------------------- folder layout
@@ -498,21 +643,24 @@ def load_mvtec(
 def load_folder(
     normal_dir: str | Path,
     abnormal_dir: str | Path,
-    image_size: int,
+    image_size: int | Sequence[int],
     *,
     mask_dir: str | Path | None = None,
     val_fraction: float = 0.2,
     test_fraction: float = 0.3,
     seed: int = 0,
+    resize: str = "stretch",
+    roi: str | Path | RegionOfInterest | None = None,
 ) -> DatasetSplits:
     """A folder of normal images and a folder of anomalous ones, split with a seed.
 
     Normal images are shared out as ``val_fraction`` to validation, ``test_fraction`` to test
     and the rest to training; anomalous images as ``val_fraction`` to validation (at least one
     stays for test) and the rest to test. ``mask_dir`` optionally holds a mask per anomalous
-    image, named ``<stem>.png`` or ``<stem>_mask.png`` (any image suffix).
+    image, named ``<stem>.png`` or ``<stem>_mask.png`` (any image suffix). ``image_size``,
+    ``resize`` and ``roi`` as for :func:`load_mvtec`.
     """
-    image_size = _check_size(image_size)
+    prep = _preparation(image_size, resize, roi)
     val_fraction = _check_fraction("val_fraction", val_fraction)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1:
@@ -564,14 +712,7 @@ def load_folder(
     train = [normal_items[i] for i in train_index]
     val = [normal_items[held_out[i]] for i in val_pos] + [abnormal_items[i] for i in a_val_index]
     test = [normal_items[held_out[i]] for i in test_pos] + [abnormal_items[i] for i in a_test_index]
-    return DatasetSplits(
-        train=_load_items(train, image_size),
-        val=_load_items(val, image_size),
-        test=_load_items(test, image_size),
-        name="folder",
-        category=None,
-        image_size=image_size,
-    )
+    return _splits(train, val, test, prep, "folder", None)
 
 
 # ----------------------------------------------------------------------------- glue lines & kinds
@@ -580,24 +721,28 @@ def load_folder(
 def load_synthetic_glue(
     root: str | Path,
     category: str,
-    image_size: int,
+    image_size: int | Sequence[int],
     *,
     config: GlueSetConfig = GlueSetConfig(),
     seed: int = 0,
+    resize: str = "stretch",
+    roi: str | Path | RegionOfInterest | None = None,
 ) -> DatasetSplits:
     """The synthetic glue-line data of part ``category`` (generated under ``root`` on first
     use, reused after; see :mod:`data.synthetic_glue`), loaded like MVTec AD."""
-    image_size = _check_size(image_size)
+    _preparation(image_size, resize, None)
     ensure_generated(root, category, config=config, seed=seed)
-    splits = load_mvtec(root, category, image_size, seed=seed)
+    splits = load_mvtec(root, category, image_size, seed=seed, resize=resize, roi=roi)
     splits.name = "synthetic_glue"
     return splits
 
 
+_COMMON_OPTIONS = {"resize", "roi"}
 _OPTIONS = {
-    "synthetic_glue": {"config"},
-    "mvtec": {"val_fraction"},
-    "folder": {"normal_dir", "abnormal_dir", "mask_dir", "val_fraction", "test_fraction"},
+    "synthetic_glue": {"config"} | _COMMON_OPTIONS,
+    "mvtec": {"val_fraction"} | _COMMON_OPTIONS,
+    "folder": {"normal_dir", "abnormal_dir", "mask_dir", "val_fraction", "test_fraction"}
+    | _COMMON_OPTIONS,
 }
 
 
@@ -606,7 +751,7 @@ def load_dataset(
     *,
     root: str | Path | None = None,
     category: str | None = None,
-    image_size: int,
+    image_size: int | Sequence[int],
     seed: int = 0,
     **options: Any,
 ) -> DatasetSplits:
@@ -614,7 +759,8 @@ def load_dataset(
     ``part1``; option ``config``), ``"mvtec"`` (``root``, ``category``; option
     ``val_fraction``) or ``"folder"`` (options ``normal_dir``, ``abnormal_dir``, optional
     ``mask_dir``, ``val_fraction``, ``test_fraction``; relative directories are taken under
-    ``root`` when it is given)."""
+    ``root`` when it is given). Every kind takes ``resize`` and ``roi`` (see
+    :func:`load_mvtec`); ``image_size`` is a side or ``(height, width)``."""
     if kind not in _OPTIONS:
         raise DatasetError(f"unknown dataset kind {kind!r} (known: {', '.join(DATASET_KINDS)})")
     unknown = sorted(set(options) - _OPTIONS[kind])

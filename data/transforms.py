@@ -1,6 +1,13 @@
-"""Pixel transforms shared by the loaders: channel handling, resizing, normalisation."""
+"""Pixel transforms shared by the loaders: channel handling, resizing, aspect handling,
+normalisation.
+
+:func:`prepare` is the whole geometric and ROI preprocessing of one decoded image, as the
+loaders apply it; anything that scores new images (an exported model) calls it the same way.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -9,11 +16,25 @@ import torch
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "RESIZE_MODES",
+    "as_shape",
+    "fit_aspect",
+    "frame_mask",
     "normalize",
+    "prepare",
+    "prepare_mask",
     "resize_image",
     "resize_mask",
     "to_rgb",
 ]
+
+RESIZE_MODES = ("stretch", "pad", "crop")
+"""How an image reaches a target shape of another aspect ratio: ``stretch`` resizes it as it is
+(the aspect changes), ``pad`` letterboxes it (a constant border, centred), ``crop`` cuts the
+centre to the target's aspect. Pad and crop then resize with the aspect kept."""
+
+Shape = tuple[int, int]
+"""(height, width) in pixels."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,31 +62,122 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     raise TypeError(f"expected 1, 3 or 4 channels, got shape {image.shape}")
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """``image`` resized to ``size`` x ``size``: area averaging when shrinking (no aliasing of
-    fine structure such as a thin glue bead), bilinear when enlarging."""
-    if image.shape[0] == size and image.shape[1] == size:
+def as_shape(size: int | Sequence[int]) -> Shape:
+    """``size`` (a side, or ``(height, width)``) as ``(height, width)``."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
+def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """``image`` resized to ``size`` (a side, or ``(height, width)``): area averaging when
+    shrinking (no aliasing of fine structure such as a thin glue bead), bilinear when
+    enlarging."""
+    height, width = as_shape(size)
+    if image.shape[0] == height and image.shape[1] == width:
         return image
-    shrinking = image.shape[0] * image.shape[1] >= size * size
+    shrinking = image.shape[0] * image.shape[1] >= height * width
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interpolation)
+    return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A binary mask (H x W, nonzero = anomalous) resized to ``size`` x ``size`` as bool.
+def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """A binary mask (H x W, nonzero = anomalous) resized to ``size`` (a side, or ``(height,
+    width)``) as bool.
 
     A pixel of the result is anomalous when at least half of the area it covers is. A defect
     smaller than half an output pixel would vanish that way and leave an anomalous image with
     an empty mask, so in that case every output pixel the defect touches is kept instead.
     """
+    shape = as_shape(size)
     binary = (mask > 0).astype(np.float32)
-    if binary.shape[0] == size and binary.shape[1] == size:
+    if binary.shape[:2] == shape:
         return binary > 0
-    coverage = resize_image(binary, size)
+    coverage = resize_image(binary, shape)
     resized = coverage >= 0.5
     if not resized.any() and binary.any():
         resized = coverage > 0
     return resized
+
+
+def fit_aspect(image: np.ndarray, shape: Sequence[int], resize: str = "stretch") -> np.ndarray:
+    """``image`` (H x W or H x W x C) brought to the aspect ratio of ``shape`` (height, width)
+    at its own scale, before any resizing: unchanged for ``stretch`` (and when the aspects
+    already agree to the pixel), centred zero borders for ``pad``, its centre for ``crop``."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    height, width = image.shape[:2]
+    target_h, target_w = as_shape(shape)
+    if resize == "stretch":
+        return image
+    # Integer cross-multiplication: which side is too long for the target's aspect.
+    too_wide = width * target_h > target_w * height
+    if resize == "crop":
+        if too_wide:
+            keep = max(1, round(height * target_w / target_h))
+            left = (width - keep) // 2
+            return image[:, left : left + keep]
+        keep = max(1, round(width * target_h / target_w))
+        top = (height - keep) // 2
+        return image[top : top + keep]
+    if too_wide:
+        grow = max(0, round(width * target_h / target_w) - height)
+        borders = (grow // 2, grow - grow // 2, 0, 0)
+    else:
+        grow = max(0, round(height * target_w / target_h) - width)
+        borders = (0, 0, grow // 2, grow - grow // 2)
+    if not grow:
+        return image
+    return cv2.copyMakeBorder(image, *borders, cv2.BORDER_CONSTANT, value=0)
+
+
+def prepare_mask(mask: np.ndarray, shape: Sequence[int], resize: str = "stretch") -> np.ndarray:
+    """A mask (H x W, nonzero = set) as ``prepare`` brings its image to ``shape``: bool, the
+    padding of ``pad`` unset."""
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    return resize_mask(fit_aspect(binary, shape, resize), shape)
+
+
+def frame_mask(source: Sequence[int], shape: Sequence[int], resize: str = "stretch") -> np.ndarray:
+    """Which pixels of a ``source`` (height, width) image prepared to ``shape`` show the image:
+    all of them but the letterbox border of ``pad``."""
+    return prepare_mask(np.ones(as_shape(source), np.uint8), shape, resize)
+
+
+def prepare(
+    rgb: np.ndarray,
+    shape: int | Sequence[int],
+    resize: str = "stretch",
+    roi: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One decoded RGB image (H x W x 3 uint8, see :func:`to_rgb`) as a detector sees it:
+    pixels outside ``roi`` (an H x W mask of the source, nonzero = inside) set to 0, brought to
+    ``shape``'s aspect by ``resize`` and resized to ``shape``. Returns ``(pixels, valid)``:
+    ``shape`` x 3 uint8, and which of its pixels count for evaluation (inside the ROI and not
+    padding; None when all do).
+
+    The loaders prepare every image this way; an exported model scoring new images calls it
+    with the same ``shape``, ``resize`` and ROI, then :func:`normalize`.
+    """
+    shape = as_shape(shape)
+    if roi is not None:
+        if roi.shape[:2] != rgb.shape[:2]:
+            raise ValueError(
+                f"roi: mask is {roi.shape[1]}x{roi.shape[0]} (W x H) but the image is "
+                f"{rgb.shape[1]}x{rgb.shape[0]}"
+            )
+        # The sealant study's binary masking: the detector never sees outside the ROI, in
+        # training or at test, so its own image score is the ROI's.
+        rgb = rgb * (roi > 0)[:, :, None].astype(rgb.dtype)
+    pixels = resize_image(fit_aspect(rgb, shape, resize), shape)
+    valid = frame_mask(rgb.shape[:2], shape, resize) if resize == "pad" else None
+    if roi is not None:
+        inside = prepare_mask(roi, shape, resize)
+        valid = inside if valid is None else valid & inside
+    if valid is not None and valid.all():
+        valid = None
+    return pixels, valid
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,9 @@ class Detector(torch.nn.Module):
     fixed_input_size: ClassVar[bool] = False
     """Whether a backbone with a fixed input size (``BackboneSpec.input_size``) must be fed
     images of exactly that size (as FastFlow and U-Flow do with their transformers)."""
+    square_input: ClassVar[bool] = False
+    """Whether the detector needs square images whatever its backbone (none of the zoo does on
+    a CNN; fixed-size transformer backbones need them: :meth:`shape_problem`)."""
 
     @classmethod
     def backbone_problem(
@@ -131,6 +134,35 @@ class Detector(torch.nn.Module):
             return f"it feeds {backbone} its native {fixed} px input, not {image_size} px"
         if spec.kind != "composite":
             return spec.size_problem(image_size)
+        return None
+
+    @classmethod
+    def shape_problem(
+        cls,
+        backbone: str | None,
+        height: int,
+        width: int,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Why this detector cannot read ``height`` x ``width`` images (non-square ones, from
+        ``dataset.image_size: [height, width]``), or None when it can. Square sizes are
+        :meth:`backbone_problem`'s."""
+        if height == width:
+            return None
+        if cls.square_input:
+            return f"it needs square images, got {height}x{width} (H x W)"
+        if backbone is None:
+            return None
+        spec = get_backbone(backbone)
+        if cls.fixed_input_size and spec.kind != "cnn" and spec.input_size is not None:
+            side = spec.input_size
+            return f"it feeds {backbone} its native {side}x{side} px input, not {height}x{width}"
+        for side in (height, width):
+            problem = cls.backbone_problem(backbone, hparams, side)
+            if problem is not None:
+                return problem
+        if spec.kind != "composite":
+            return spec.size_problem(height, width)
         return None
 
     # ------------------------------------------------------------------------- resources
@@ -468,6 +500,18 @@ def backbone_problem(
     if "backbone" not in hyperparameters(name):
         return f"{name} takes no backbone"
     return cls.backbone_problem(backbone, hparams, image_size)
+
+
+def shape_problem(
+    name: str,
+    backbone: str | None,
+    height: int,
+    width: int,
+    hparams: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Why detector ``name`` cannot read ``height`` x ``width`` images on ``backbone`` (None:
+    no backbone), or None (see :meth:`Detector.shape_problem`)."""
+    return get_class(name).shape_problem(backbone, height, width, hparams)
 
 
 def check_backbone(

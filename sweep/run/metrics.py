@@ -107,6 +107,19 @@ class SplitOutputs:
     """``N x H x W`` ground-truth masks (nonzero = anomalous pixel), or None."""
     maps: np.ndarray | None
     """``N x H x W`` float anomaly maps, or None for image-level-only detectors."""
+    valid: np.ndarray | None = None
+    """``N x H x W`` bool, the pixels pixel metrics are computed over (a region of interest,
+    not letterbox padding); None: all of them."""
+
+
+def _counted(split: SplitOutputs) -> tuple[Any, Any]:
+    """``split``'s masks and maps, as flat arrays of the counted (``valid``) pixels only when
+    some do not count. Masks cut to ``valid`` keep each region whole within it, so the AUPRO
+    regions of the full masks are the same pixels in the same order."""
+    if split.valid is None:
+        return split.masks, split.maps
+    valid = np.asarray(split.valid, dtype=bool)
+    return _to_numpy(split.masks, "masks")[valid], _to_numpy(split.maps, "maps")[valid]
 
 
 # --------------------------------------------------------------------------- input checks
@@ -722,6 +735,12 @@ def _evaluate_pixel(
         return out
     stack, flat_masks = _mask_stack(test.masks, "test masks")
     flat_maps = _scores(test.maps, "test maps")
+    if test.valid is not None:
+        # Pixels outside the region of interest count for nothing; the masks are cut to it
+        # (data.roi.restrict), so every anomalous pixel stays, in the same order.
+        counted = np.asarray(test.valid, dtype=bool).reshape(-1)
+        stack = stack & np.asarray(test.valid, dtype=bool)
+        flat_masks, flat_maps = stack.reshape(-1)[counted], flat_maps[counted]
     if flat_masks.size == 0:
         notes.add("pixel_*", "test split is empty")
         return out
@@ -746,7 +765,7 @@ def _evaluate_pixel(
     if policy.needs_anomalies:
         why = _pixel_problem(val, "validation")
         if why is None:
-            threshold, why = policy.choose(val.masks, val.maps)
+            threshold, why = policy.choose(*_counted(val))
             if why is not None:
                 why = why.replace(
                     "validation split has no anomalies", "validation masks have no anomalous pixel"

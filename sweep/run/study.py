@@ -35,9 +35,11 @@ from pydantic import (
 from data.anomalies import SYNTHETIC_KINDS
 from data.augment import augmentation_sets, parse_augmentation_sets
 from data.errors import DatasetError
+from data.roi import fingerprint as roi_fingerprint
 from data.stress import BUILTIN_STRESSES, parse_stresses
 from data.synthetic_glue import GlueSetConfig
-from models.base import get_class
+from models.base import get_class, shape_problem
+from models.base import hyperparameters as models_hyperparameters
 from models.costs import build_on_meta
 from models.errors import ModelError
 from models.parts import PART_HYPERPARAMETERS, part_fingerprint
@@ -72,7 +74,11 @@ class DatasetConfig(_Strict):
     kind: Literal["synthetic_glue", "mvtec", "folder"] = "synthetic_glue"
     root: str | None = None
     category: str | None = None
-    image_size: int = Field(256, ge=32, le=4096)
+    image_size: int | tuple[int, int] = Field(
+        256,
+        description="a side in pixels (square images), or [height, width]: then a trial's "
+        "image_size sets the shorter side and the other follows this aspect ratio",
+    )
     seed: int = Field(0, description="seed of data generation and of data splits")
     normal_dir: str | None = None
     abnormal_dir: str | None = None
@@ -80,6 +86,63 @@ class DatasetConfig(_Strict):
     val_fraction: float | None = Field(None, gt=0, lt=1)
     test_fraction: float | None = Field(None, gt=0, lt=1)
     synthetic: SyntheticGlueConfig | None = None
+    resize: Literal["stretch", "pad", "crop"] | None = Field(
+        None,
+        description="how images of another aspect ratio than image_size's reach it: stretch "
+        "(the default), pad (letterbox; the border counts for no metric) or crop (centre)",
+    )
+    roi: str | None = Field(
+        None,
+        description="region of interest: one mask image for every image, or a folder of masks "
+        "by image stem (nonzero = inside); outside it images are blanked, maps are at their "
+        "minimum, defects do not count and pixel metrics are not computed (data/roi.py)",
+    )
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size(cls, value: Any) -> Any:
+        pair = isinstance(value, (list, tuple))
+        sides = list(value) if pair else [value]
+        if len(sides) != (2 if pair else 1) or any(
+            not isinstance(s, int) or isinstance(s, bool) for s in sides
+        ):
+            raise ValueError(f"expected a whole number of pixels or [height, width], got {value!r}")
+        for side in sides:
+            if not 32 <= side <= 4096:
+                raise ValueError(f"{side} px is outside 32-4096")
+        # A square pair is the plain size: the same trials and config hashes.
+        return sides[0] if len(set(sides)) == 1 else tuple(sides)
+
+    @property
+    def base_size(self) -> int:
+        """The image size a trial takes by default: the side, or the shorter of [height,
+        width]."""
+        return self.image_size if isinstance(self.image_size, int) else min(self.image_size)
+
+    def shape(self, size: int) -> tuple[int, int]:
+        """(height, width) of a trial's images at ``size``: square for a side, else ``size``
+        for the shorter side and the other at ``image_size``'s aspect ratio."""
+        if isinstance(self.image_size, int):
+            return size, size
+        height, width = self.image_size
+        short = min(height, width)
+        return round(height * size / short), round(width * size / short)
+
+    @property
+    def resize_mode(self) -> str:
+        return self.resize or "stretch"
+
+    def identity(self) -> dict[str, Any]:
+        """What of the data set decides a trial's result (its part of the config hash).
+
+        The image size is the trial's; a non-square aspect and what the ROI file holds are
+        added. Keys at their defaults are left out, so hashes of earlier studies stay."""
+        identity = self.model_dump(exclude={"image_size"}, exclude_none=True)
+        if not isinstance(self.image_size, int):
+            identity["aspect"] = list(self.image_size)
+        if self.roi is not None:
+            identity["roi_sha256"] = roi_fingerprint(self.roi)
+        return identity
 
     @model_validator(mode="after")
     def _check_kind(self) -> DatasetConfig:
@@ -97,7 +160,16 @@ class DatasetConfig(_Strict):
 
     def loader_arguments(self, image_size: int) -> dict[str, Any]:
         """Keyword arguments of ``data.load_dataset`` for this data set at ``image_size``."""
-        args: dict[str, Any] = {"image_size": image_size, "seed": self.seed}
+        shape = self.shape(image_size)
+        args: dict[str, Any] = {
+            "image_size": image_size if shape[0] == shape[1] else shape,
+            "seed": self.seed,
+        }
+        # Only when set, so that the data cache keys of earlier studies stay.
+        if self.resize is not None:
+            args["resize"] = self.resize
+        if self.roi is not None:
+            args["roi"] = str(Path(self.roi).expanduser())
         if self.kind == "synthetic_glue":
             args["root"] = str(Path(self.root or DEFAULT_DATA_ROOT).expanduser())
             args["category"] = self.category or "part1"
@@ -126,6 +198,33 @@ class DatasetConfig(_Strict):
         if self.kind == "folder":
             return f"folder:{Path(self.normal_dir or '').parent.name or self.normal_dir}"
         return self.kind
+
+
+def _check_shapes(study: Study) -> None:
+    """Fail, naming the detector, where a non-square ``dataset.image_size`` meets a detector or
+    backbone that needs square images."""
+    dataset = study.dataset
+    if isinstance(dataset.image_size, int):
+        return
+    space = study.search_space
+    checks: set[tuple[str, str | None, Any, int]] = set()
+    for pair in space.backbone_pairs():
+        checks.add((pair.model, pair.backbone, pair.layers, pair.image_size))
+    for model in study.models:
+        if "backbone" not in models_hyperparameters(model):
+            for size in space.image_size_options(model) or (dataset.base_size,):
+                checks.add((model, None, None, space.image_size(None, size)))
+    for model, backbone, layers, size in sorted(checks, key=repr):
+        height, width = dataset.shape(size)
+        hparams = None if layers is None else {"layers": layers}
+        problem = shape_problem(model, backbone, height, width, hparams)
+        if problem is not None:
+            on = f" on backbone {backbone!r}" if backbone else ""
+            raise ValueError(
+                f"dataset.image_size {list(dataset.image_size)}: model {model!r}{on} cannot "
+                f"read {height}x{width} (H x W) images: {problem} (use a square image_size; "
+                "dataset.resize: pad or crop keeps the images' aspect ratio)"
+            )
 
 
 def _check_rdb_url(url: str) -> None:
@@ -459,6 +558,7 @@ class Study(_Strict):
     @model_validator(mode="after")
     def _check_space(self) -> Study:
         self.search_space.check(self.search.algorithm)
+        _check_shapes(self)
         _validate_variants(self)
         for section, named in (
             ("resources.models", self.resources.models),
@@ -480,7 +580,7 @@ class Study(_Strict):
     @functools.cached_property
     def search_space(self) -> Space:
         """The space (``space:``) as a :class:`Space`: what every trial's keys resolve to."""
-        return Space(self.space, self.dataset.image_size)
+        return Space(self.space, self.dataset.base_size)
 
     @functools.cached_property
     def augmentation_sets(self) -> dict[str, Any]:
@@ -662,7 +762,7 @@ def config_hash(study: Study, trial: TrialConfig) -> str:
     """
     identity: dict[str, Any] = {
         "trial": trial.to_dict(),
-        "dataset": study.dataset.model_dump(exclude={"image_size"}, exclude_none=True),
+        "dataset": study.dataset.identity(),
         "evaluation": study.evaluation.model_dump(exclude=_NOT_IN_HASH),
     }
     # Settings added after results existed count only when they are changed, so that those

@@ -34,6 +34,7 @@ import data
 import models
 from data.augment import Augmenter
 from data.errors import DatasetError
+from data.roi import restrict
 from data.splits import resplit, synthetic_validation, validation_from_test
 from data.stress import apply_stress
 from data.transforms import normalize
@@ -248,6 +249,45 @@ def _predict_split(detector: models.Detector, dataset, batch_size: int, device: 
     )
 
 
+def restrict_outputs(splits, dataset, outputs: metric_fns.SplitOutputs) -> metric_fns.SplitOutputs:
+    """``outputs`` of ``dataset`` (a split of ``splits``) as they are evaluated: with only the
+    pixels inside the ROI and off the letterbox border counting (:func:`data.roi.restrict`):
+    masks cut, maps at their minimum outside, images whose whole defect lies outside made
+    normal. Unchanged for a data set without a ROI and stretched images."""
+    if not splits.restricted:
+        return outputs
+    valid = splits.valid_pixels(dataset)
+    labels, masks, maps = restrict(
+        outputs.labels, outputs.masks, outputs.maps, valid, dataset.mask_present.numpy()
+    )
+    return metric_fns.SplitOutputs(labels, outputs.scores, masks, maps, valid)
+
+
+def data_columns(splits, test: metric_fns.SplitOutputs) -> dict[str, Any]:
+    """The row's columns on how the images were prepared: their shape, the resize mode, the
+    image files' own sizes and the aspect change, the ROI (path, SHA-256) and what it did."""
+    height, width = splits.test.shape
+    sizes = splits.source_sizes()
+    shown = ",".join(f"{w}x{h}" for h, w in sizes[:3])
+    more = f" (+{len(sizes) - 3} more)" if len(sizes) > 3 else ""
+    relabelled = fraction = None
+    if splits.restricted:
+        relabelled = int(np.count_nonzero((splits.test.labels.numpy() == 1) & (test.labels == 0)))
+    if splits.roi is not None:
+        fraction = 1.0 if test.valid is None else float(np.mean(test.valid))
+    return {
+        "image_height": height,
+        "image_width": width,
+        "resize": splits.resize,
+        "source_sizes": (shown + more) or None,
+        "aspect_change": splits.aspect_change(),
+        "roi": None if splits.roi is None else str(splits.roi.path),
+        "roi_sha256": None if splits.roi is None else splits.roi.sha256,
+        "roi_fraction": fraction,
+        "n_relabelled": relabelled,
+    }
+
+
 def run_trial(
     trial: TrialConfig, ctx: TrialContext, report: Reporter | None = None
 ) -> dict[str, Any]:
@@ -289,7 +329,7 @@ def run_trial(
         elif scores_validation and epoch % scheduler.eval_every == 0:
             result.update(
                 _validation_metrics(
-                    detector, splits.val, study, device, ctx.batch_sizes(trial.model)[1]
+                    detector, splits.val, study, device, ctx.batch_sizes(trial.model)[1], splits
                 )
             )
         report(result)
@@ -307,6 +347,8 @@ def run_trial(
         with use_cache(cache):
             val = _predict_split(detector, splits.val, batch_size, device)
             test = _predict_split(detector, splits.test, batch_size, device)
+        val = restrict_outputs(splits, splits.val, val)
+        test = restrict_outputs(splits, splits.test, test)
         scores = metric_fns.evaluate(
             val,
             test,
@@ -361,6 +403,7 @@ def run_trial(
         "n_train": len(splits.train),
         "n_val": len(splits.val),
         "n_test": len(splits.test),
+        **data_columns(splits, test),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "category": splits.category,
         "notes": "; ".join(notes) or None,
@@ -373,8 +416,13 @@ def image_table(splits, val: metric_fns.SplitOutputs, test: metric_fns.SplitOutp
     and image-level metrics can be computed again from them (``sweep results --recompute``)."""
     columns: dict[str, list] = {name: [] for name in IMAGE_SCHEMA.names}
     for name, dataset, outputs in (("val", splits.val, val), ("test", splits.test, test)):
-        area = dataset.image_size**2
+        height, width = dataset.shape
+        area = height * width
         sizes = dataset.defect_pixels
+        if outputs.masks is not None and outputs.valid is not None:
+            # Defects as evaluated: cut to the region of interest.
+            counts = outputs.masks.reshape(len(sizes), -1).sum(axis=1)
+            sizes = [None if n is None else int(c) for n, c in zip(sizes, counts, strict=True)]
         columns["split"] += [name] * len(dataset)
         columns["index"] += list(range(len(dataset)))
         columns["path"] += dataset.paths
@@ -410,7 +458,7 @@ def _save_examples(trial: TrialConfig, ctx: TrialContext, dataset, outputs) -> s
             ResultStore(ctx.output),
             config_hash(ctx.study, trial),
             pixels=dataset.pixels.numpy(),
-            masks=dataset.masks.numpy() if dataset.has_masks else None,
+            masks=outputs.masks,
             maps=outputs.maps,
             scores=outputs.scores,
             labels=outputs.labels,
@@ -434,7 +482,12 @@ def _cache_counts(cache, before: dict[str, int] | None) -> dict[str, int | None]
 
 
 def _validation_metrics(
-    detector: models.Detector, val, study: Study, device, batch_size: int | None = None
+    detector: models.Detector,
+    val,
+    study: Study,
+    device,
+    batch_size: int | None = None,
+    splits=None,
 ) -> dict[str, float]:
     """Score the validation split mid-training, for a scheduler; every module's mode is restored."""
     # Each submodule gets its own mode back: a detector mid-training may hold frozen parts in
@@ -446,6 +499,8 @@ def _validation_metrics(
     finally:
         for module, training in modes:
             module.training = training
+    if splits is not None:
+        outputs = restrict_outputs(splits, val, outputs)
     if len(np.unique(outputs.labels)) < 2:
         raise ValueError(
             f"scheduler metric {study.scheduler.metric!r} needs normal and anomalous images in "
@@ -453,9 +508,9 @@ def _validation_metrics(
         )
     values = {"val_image_auroc": metric_fns.auroc(outputs.labels, outputs.scores)}
     if outputs.maps is not None and outputs.masks is not None:
-        values["val_pixel_auroc"] = metric_fns.auroc(
-            outputs.masks.reshape(-1), outputs.maps.reshape(-1)
-        )
+        valid = Ellipsis if outputs.valid is None else outputs.valid
+        masks, maps = np.asarray(outputs.masks)[valid], np.asarray(outputs.maps)[valid]
+        values["val_pixel_auroc"] = metric_fns.auroc(masks.reshape(-1), maps.reshape(-1))
     return values
 
 
