@@ -809,6 +809,97 @@ def parts_show(
     view.show_part(described)
 
 
+# --------------------------------------------------------------------------- export / predict
+
+
+@app.command("export")
+def export_cmd(
+    output: Annotated[str, typer.Argument(help="A study's results directory.")],
+    pick: Annotated[
+        str,
+        typer.Option(
+            help="knee (the report's chosen pick), kneedle, utopia, topsis, or a config hash "
+            "(or a unique prefix of at least 6 characters)."
+        ),
+    ],
+    to: Annotated[Path, typer.Option("--to", help="The artefact folder to write.")],
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Which of the configuration's seeds to refit (default: the lowest)."),
+    ] = None,
+    weights: Annotated[
+        list[str] | None,
+        typer.Option(help="TOPSIS weights, as `sweep report --weights` takes them."),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Write nothing and exit 1 when the refit does not reproduce the row's metrics.",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing folder at --to.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print artefact.json.")] = False,
+) -> None:
+    """Refit the picked configuration, check it against its row, and write a deployable
+    artefact folder (TorchScript, ONNX, weights, artefact.json): docs/deploy.md."""
+    from sweep.deploy.export import export
+    from sweep.read.report import parse_weights
+
+    try:
+        result = export(
+            output,
+            pick,
+            to,
+            seed=seed,
+            weights=parse_weights(weights) or None,
+            strict=strict,
+            overwrite=overwrite,
+        )
+    except _user_errors() as exc:
+        bad_input(exc)
+    except RuntimeError as exc:  # --strict's mismatch, a TorchScript trace that differs
+        view.err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    view.show_export(result, as_json)
+
+
+@app.command("predict")
+def predict_cmd(
+    artefact: Annotated[Path, typer.Argument(help="An artefact folder from `sweep export`.")],
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files and folders (searched recursively).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where scores, masks and overlays go.")],
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="onnx (default where the artefact has model.onnx), torchscript, or torch (the "
+            "detector rebuilt from detector.safetensors)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images scored at once.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Score images with an exported artefact alone (no study, no Ray): scores.parquet and
+    scores.csv, a mask and a heatmap overlay per image. Exit status 0: every image scored;
+    1: some could not be read (their rows say why); 2: bad input."""
+    from sweep.deploy.predict import predict
+
+    try:
+        with view.predict_progress() as progress:
+            summary = predict(
+                artefact, images, out, backend=backend, batch_size=batch_size, progress=progress
+            )
+    except _user_errors() as exc:
+        bad_input(exc)
+    view.show_predict(summary, as_json)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -47,16 +47,19 @@ __all__ = [
     "generation_progress",
     "note",
     "out",
+    "predict_progress",
     "recompute_progress",
     "render_plan",
     "show_backbones",
     "show_comparison",
+    "show_export",
     "show_interrupted",
     "show_models",
     "show_models_on_backbone",
     "show_optuna_study",
     "show_part",
     "show_plan",
+    "show_predict",
     "show_recompute",
     "show_report",
     "show_results_next",
@@ -559,3 +562,98 @@ def training_progress(label: str) -> Iterator[Callable[[int, int, float], None]]
 def show_part(described: Mapping[str, Any]) -> None:
     """``sweep parts show``: what a part file or texture folder says of itself, as JSON."""
     out.print_json(json.dumps(described, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- export / predict
+
+
+def show_export(result: Any, as_json: bool) -> None:
+    """``sweep export``: the pick, the refit against its row, the backends' parity, the folder
+    (``--json``: artefact.json)."""
+    meta = result.meta
+    if as_json:
+        emit_json(meta)
+        return
+    pick = meta["pick"]
+    how = f"the {pick['method']} pick" if pick["method"] else f"config {meta['config_hash']}"
+    note(
+        f"{how}: {meta['model']}/{meta['backbone'] or '-'} seed {pick['seed']} "
+        f"(seeds run: {', '.join(map(str, pick['seeds']))}), config {meta['config_hash']}"
+    )
+    metrics = meta["metrics"]
+    table = Table(title="refit against the row", title_justify="left")
+    for column in ("metric", "row", "refit", "|difference|"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric in metrics["checked"]:
+        row, refit = metrics["row"].get(metric), metrics["refit"].get(metric)
+        difference = metrics["abs_difference"].get(metric)
+        table.add_row(
+            metric, _fixed(row), _fixed(refit), "-" if difference is None else f"{difference:.2g}"
+        )
+    out.print(table)
+    verdict = "reproduced" if metrics["reproduced"] else "NOT reproduced"
+    note(f"{verdict} within {metrics['tolerance']:g}")
+    parity = meta["parity"]
+    for backend in ("torchscript", "onnx"):
+        if backend in parity:
+            values = parity[backend]
+            note(
+                f"{backend}: max |diff| against predict on {parity['images']} test images: "
+                f"scores {values['scores_max_abs_diff']:.2g}, maps "
+                f"{values.get('maps_max_abs_diff', float('nan')):.2g} (relative "
+                f"{values['max_rel_diff']:.2g}, limit {parity['rtol']:g})"
+            )
+    threshold = meta["threshold"]
+    note(f"threshold {threshold['policy']}: image {_fixed(threshold['image'])}, pixel "
+         f"{_fixed(threshold['pixel'])}")  # fmt: skip
+    for line in result.notes:
+        note(f"note: {line}")
+    note(f"wrote {result.folder}")
+
+
+def _fixed(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.6g}"
+
+
+@contextmanager
+def predict_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for ``sweep predict``: ``(done, total)`` images."""
+    columns = (
+        TextColumn("scoring images"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("predict", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
+
+
+def show_predict(summary: Any, as_json: bool) -> None:
+    """``sweep predict``: how many images were scored, flagged and skipped, and where."""
+    if as_json:
+        emit_json(
+            {
+                "out": str(summary.out),
+                "backend": summary.backend,
+                "scored": summary.scored,
+                "anomalous": summary.anomalous,
+                "failed": [{"path": p, "error": e} for p, e in summary.failed],
+                "files": [str(f) for f in summary.files],
+            }
+        )
+        return
+    for path, reason in summary.failed:
+        # The reason names the file where it is a reading error.
+        shown = reason if str(path) in reason else f"{path}: {reason}"
+        err.print(f"skipped {shown}", markup=False, highlight=False, soft_wrap=True)
+    note(
+        f"scored {summary.scored} image(s) on {summary.backend}, {summary.anomalous} anomalous"
+        + (f", {len(summary.failed)} skipped" if summary.failed else "")
+    )
+    for path in summary.files:
+        note(f"wrote {path}")

@@ -51,19 +51,23 @@ class PredictSummary:
     """The tables written."""
 
 
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by ``inputs``: files as given, folders searched recursively for
-    image suffixes (sorted). A missing input, or none at all found, is a :class:`SweepError`."""
-    found: list[Path] = []
+def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """(image file, output name) for every image ``inputs`` name: files as given (named by
+    their stem), folders searched recursively for image suffixes, sorted (named by their path
+    in the folder, ``good/001.png`` -> ``good__001``). A missing input, or none at all found,
+    is a :class:`SweepError`."""
+    found: list[tuple[Path, str]] = []
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found += sorted(
-                (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                key=str,
-            )
+            files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+            found += [
+                (p, "__".join(p.relative_to(path).with_suffix("").parts))
+                for p in sorted(files, key=str)
+                if p.is_file()
+            ]
         elif path.is_file():
-            found.append(path)
+            found.append((path, path.stem))
         else:
             raise SweepError(f"image input {str(path)!r}: no such file or directory")
     if not found:
@@ -98,16 +102,15 @@ def _read(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return rgb, np.ascontiguousarray(resize_image(rgb, height).transpose(2, 0, 1))
 
 
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    # Two folders may hold a.png each: the second one's files become a-1.png.
+def _unique(names: Sequence[str]) -> list[str]:
+    # Two inputs may give one name (a.png in two folders given): the second becomes a-1.
     used: dict[str, int] = {}
-    names = []
-    for path in paths:
-        stem = path.stem
-        count = used.get(stem, 0)
-        used[stem] = count + 1
-        names.append(stem if count == 0 else f"{stem}-{count}")
-    return names
+    unique = []
+    for name in names:
+        count = used.get(name, 0)
+        used[name] = count + 1
+        unique.append(name if count == 0 else f"{name}-{count}")
+    return unique
 
 
 def _write_pictures(
@@ -157,13 +160,14 @@ def predict(
     if batch_size < 1:
         raise SweepError(f"--batch-size {batch_size}: expected at least 1")
     artefact = load_artefact(artefact_dir)
-    paths = collect_images(inputs)
+    found = collect_images(inputs)
+    paths = [path for path, _ in found]
     out = Path(out)
     _check_out(out)
     backend = backend or artefact.default_backend()
     score_batch = artefact.scorer(backend)
     prep = artefact.meta["preprocessing"]
-    names = _unique_names(paths)
+    names = _unique([name for _, name in found])
     rows: list[dict[str, Any]] = []
     summary = PredictSummary(out=out, backend=backend, scored=0)
     threshold = artefact.image_threshold
