@@ -297,7 +297,9 @@ class DatasetSplits:
         parts = [split("train", self.train), split(val, self.val), split("test", self.test)]
         size = f"{self.image_size}px"
         if self.shape is not None and self.shape[0] != self.shape[1]:
-            size = f"{self.shape[0]}x{self.shape[1]}px ({self.resize})"
+            size = f"{self.shape[0]}x{self.shape[1]}px"
+        if self.resize != "stretch":
+            size += f" ({self.resize})"
         roi = f", roi {self.roi.path.name}" if self.roi is not None else ""
         return f"{title} {size}{roi}: {', '.join(parts)}"
 

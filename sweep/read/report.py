@@ -66,8 +66,9 @@ REPORT_METRICS = (
 OPTIONAL_METRICS = {"image_ap": "image_f1", "image_recall_p95": "image_ap"}
 """Table metrics shown where the rows have values for them (outputs before issue 15 lack the
 columns), each placed after the metric named."""
-EVALUATION_COLUMNS = ("threshold_policy", "val_source")
-"""Row columns that say how a threshold was chosen; the report header shows their values."""
+EVALUATION_COLUMNS = ("threshold_policy", "val_source", "aspect_change", "roi")
+"""Row columns that say how a threshold was chosen, how the images' aspect ratio changed and
+which region of interest counted; the report header shows their values."""
 SIGNIFICANCE = 0.05
 """The adjusted p-value below which a paired test counts as a difference."""
 TIME_METRICS = ("latency_ms", "train_s")
@@ -774,7 +775,12 @@ class _Doc:
 
     def evaluation_text(self) -> str:
         """How thresholds were chosen, from the rows: ``threshold policy: f1_max; ...``."""
-        names = {"threshold_policy": "threshold policy", "val_source": "validation images"}
+        names = {
+            "threshold_policy": "threshold policy",
+            "val_source": "validation images",
+            "aspect_change": "aspect ratio",
+            "roi": "region of interest",
+        }
         evaluation = self.report.get("evaluation") or {}
         return "; ".join(
             f"{names.get(column, column)}: {', '.join(values)}"

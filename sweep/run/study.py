@@ -113,6 +113,13 @@ class DatasetConfig(_Strict):
         # A square pair is the plain size: the same trials and config hashes.
         return sides[0] if len(set(sides)) == 1 else tuple(sides)
 
+    @field_validator("roi")
+    @classmethod
+    def _absolute_roi(cls, value: str | None) -> str | None:
+        # Trials run in Ray's trial folders, not where the study was loaded: a relative path
+        # is taken from the directory the study is loaded in, as a command line would.
+        return None if value is None else str(Path(value).expanduser().absolute())
+
     @property
     def base_size(self) -> int:
         """The image size a trial takes by default: the side, or the shorter of [height,
@@ -135,9 +142,10 @@ class DatasetConfig(_Strict):
     def identity(self) -> dict[str, Any]:
         """What of the data set decides a trial's result (its part of the config hash).
 
-        The image size is the trial's; a non-square aspect and what the ROI file holds are
-        added. Keys at their defaults are left out, so hashes of earlier studies stay."""
-        identity = self.model_dump(exclude={"image_size"}, exclude_none=True)
+        The image size is the trial's; a non-square aspect is added, and the ROI is named by
+        what its file holds, not where it lives (as weights are). Keys at their defaults are
+        left out, so hashes of earlier studies stay."""
+        identity = self.model_dump(exclude={"image_size", "roi"}, exclude_none=True)
         if not isinstance(self.image_size, int):
             identity["aspect"] = list(self.image_size)
         if self.roi is not None:
