@@ -146,6 +146,8 @@ class DatasetConfig(_Strict):
         what its file holds, not where it lives (as weights are). Keys at their defaults are
         left out, so hashes of earlier studies stay."""
         identity = self.model_dump(exclude={"image_size", "roi"}, exclude_none=True)
+        if identity.get("resize") == "stretch":
+            del identity["resize"]  # what an unset resize does
         if not isinstance(self.image_size, int):
             identity["aspect"] = list(self.image_size)
         if self.roi is not None:
