@@ -178,3 +178,21 @@ def test_a_relative_roi_is_taken_from_where_the_study_is_loaded(tmp_path, monkey
     raw = tiny_study(tmp_path / "glue", tmp_path / "out")
     study = study_from_dict({**raw, "dataset": {**raw["dataset"], "roi": "roi.png"}})
     assert study.dataset.roi == str(tmp_path / "roi.png")
+
+
+def test_a_trial_with_a_roi_states_it_in_its_row(glue_root, tmp_path):
+    from sweep.run.runner import study_schema
+    from sweep.run.trainable import TrialContext, run_trial
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    bead = Path(__file__).resolve().parents[1] / "studies" / "roi" / "glue_part1_bead.png"
+    raw["dataset"].update(image_size=[48, 64], roi=str(bead))
+    raw["space"]["model"] = "padim"
+    study = study_from_dict(raw)
+    ctx = TrialContext(study, str(tmp_path / "out"), "test", study_schema(study))
+    row = run_trial(expand_trials(study)[0], ctx)
+    assert (row["image_height"], row["image_width"]) == (48, 64)
+    assert row["source_sizes"] == "320x240" and row["aspect_change"] is None, "4:3 kept"
+    assert row["roi"] == str(bead) and row["roi_sha256"] == RegionOfInterest(bead).sha256
+    assert 0.2 < row["roi_fraction"] < 0.26 and row["n_relabelled"] == 0
+    assert 0.0 <= row["pixel_auroc"] <= 1.0
