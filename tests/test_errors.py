@@ -8,6 +8,7 @@ case the catalogue does not list, fails ``test_catalogue_and_cases_match``.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from collections.abc import Callable
@@ -186,6 +187,15 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     ],
     "study-bad-split-seed": lambda s: ["validate", s.study(_space(split_seed="trial"))],
     "study-bad-test-fraction": lambda s: ["validate", s.study(_space(test_fraction=1.5))],
+    "study-bad-image-size": lambda s: ["validate", s.study(_set("dataset", image_size=[480]))],
+    "study-bad-resize": lambda s: ["validate", s.study(_set("dataset", resize="letterbox"))],
+    "study-square-input": lambda s: [
+        "validate",
+        s.study(
+            _set("dataset", image_size=[96, 128]),
+            space={"model": "fastflow", "backbone": "vit_base_patch16_224", "image_size": "native"},
+        ),
+    ],
     "study-fractional-gpus-above-one": lambda s: [
         "validate",
         s.study(resources={"cpu": 1, "gpu": 1.5}),
@@ -207,6 +217,13 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "dataset-no-training-images": lambda s: ["run", s.mvtec_study(train=0)],
     "dataset-no-anomalies": lambda s: ["run", s.mvtec_study(anomalies=False)],
     "dataset-mask-size": lambda s: ["run", s.mvtec_study(mask_size=20)],
+    "dataset-roi-missing": lambda s: ["run", s.study(_set("dataset", roi=str(s.tmp / "no.png")))],
+    "dataset-roi-empty": lambda s: ["run", s.study(_set("dataset", roi=_roi(s.tmp, (24, 32), 0)))],
+    "dataset-roi-aspect": lambda s: ["run", s.study(_set("dataset", roi=_roi(s.tmp, (40, 40))))],
+    "dataset-roi-no-mask": lambda s: [
+        "run",
+        s.study(_set("dataset", roi=str(Path(_roi(s.tmp / "rois", (24, 32))).parent))),
+    ],
     "dataset-unreadable-image": lambda s: [
         "run",
         _damaged(s),
@@ -274,7 +291,60 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     # --- results given to report
     "results-missing": lambda s: ["report", str(s.tmp / "nothing")],
     "results-empty": lambda s: ["report", str(_mkdir(s.tmp / "empty"))],
+    # --- export and predict
+    "export-no-results": lambda s: _export(s.tmp / "nothing", "knee", s.tmp / "artefact"),
+    "export-target-exists": lambda s: _export(s.tmp, "knee", _mkdir(s.tmp / "artefact")),
+    "export-unknown-pick": lambda s: _export(_rows(s), "nosuchpick", s.tmp / "artefact"),
+    "export-bad-seed": lambda s: [*_export(_rows(s), "knee", s.tmp / "artefact"), "--seed", "7"],
+    "export-not-exportable": lambda s: _export(
+        _rows(s, configs=[("dfm", {}, 0.9, 0.9, 5.0, 1.0)]), "0" * 15 + "1", s.tmp / "artefact"
+    ),
+    "predict-no-artefact": lambda s: _predict(_mkdir(s.tmp / "artefact"), s.tmp),
+    "predict-damaged-artefact": lambda s: _predict(_artefact(s, damaged=True), s.tmp),
+    "predict-missing-input": lambda s: _predict(_artefact(s), s.tmp / "nope.png"),
+    "predict-no-images": lambda s: _predict(_artefact(s), _mkdir(s.tmp / "images")),
+    "predict-bad-backend": lambda s: [
+        *_predict(_artefact(s), _write(s.tmp / "a.png", "x")),
+        "--backend",
+        "tensorrt",
+    ],
 }
+
+
+def _export(results: Path, pick: str, to: Path) -> list[str]:
+    return ["export", str(results), "--pick", pick, "--to", str(to)]
+
+
+def _rows(s: Setup, **options) -> Path:
+    """A study output of hand-made rows (tests/report_rows.py), beside the setup's output."""
+    from tests.report_rows import write_study_output
+
+    return write_study_output(s.tmp / "results", **options)
+
+
+def _predict(artefact: Path, images: Path) -> list[str]:
+    return ["predict", str(artefact), str(images), "--out", str(artefact.parent / "predicted")]
+
+
+def _artefact(s: Setup, damaged: bool = False) -> Path:
+    """An artefact folder that passes the format checks (no model files: none of these cases
+    gets to scoring), or whose model.pt does not match its recorded sha256."""
+    from sweep.deploy.artefact import FORMAT, FORMAT_VERSION
+
+    folder = _mkdir(s.tmp / "artefact")
+    files = {}
+    if damaged:
+        (folder / "model.pt").write_bytes(b"edited")
+        files["model.pt"] = "0" * 64
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": "padim",
+        "preprocessing": {"image_size": [64, 64], "resize": "stretch"},
+        "files": files,
+    }
+    (folder / "artefact.json").write_text(json.dumps(meta))
+    return folder
 
 
 _HELD: list[Any] = []
@@ -288,6 +358,16 @@ def _held(output: Path) -> str:
     lock.__enter__()
     _HELD.append(lock)  # held until the test session ends
     return str(output)
+
+
+def _roi(folder: Path, size: tuple[int, int], value: int = 255) -> str:
+    """A ROI mask file ``folder/roi.png`` of ``size`` (H x W), every pixel ``value``."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "roi.png"), np.full(size, value, np.uint8))
+    return str(folder / "roi.png")
 
 
 def _write(path: Path, text: str) -> Path:

@@ -219,7 +219,8 @@ def load_artefact(folder: str | Path) -> Artefact:
     path = folder / META_FILE
     if not path.is_file():
         raise SweepError(
-            f"artefact {str(folder)!r}: no {META_FILE} there; it is not a `sweep export` folder"
+            f"artefact {str(folder)!r}: no {META_FILE} there; it is not a folder that "
+            "sweep export wrote"
         )
     try:
         meta = json.loads(path.read_text())

@@ -162,10 +162,10 @@ def predict(
     artefact = load_artefact(artefact_dir)
     found = collect_images(inputs)
     paths = [path for path, _ in found]
-    out = Path(out)
-    _check_out(out)
     backend = backend or artefact.default_backend()
     score_batch = artefact.scorer(backend)
+    out = Path(out)
+    _check_out(out)
     prep = artefact.meta["preprocessing"]
     names = _unique([name for _, name in found])
     rows: list[dict[str, Any]] = []
