@@ -122,7 +122,10 @@ def test_a_trial_size_sets_the_shorter_side_and_the_aspect_enters_the_hash(tmp_p
 
 @pytest.mark.parametrize(
     ("value", "needle"),
-    [([480], "expected a whole number of pixels or \\[height, width\\]"), ([16, 64], "16 px")],
+    [
+        ([480], r"expected a whole number of pixels, or two of them \(height, width\)"),
+        ([16, 64], "16 px"),
+    ],
 )
 def test_bad_image_sizes_name_the_key(tmp_path, value, needle):
     with pytest.raises(StudyError, match=f"dataset.image_size.*{needle}"):

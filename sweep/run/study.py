@@ -106,7 +106,9 @@ class DatasetConfig(_Strict):
         if len(sides) != (2 if pair else 1) or any(
             not isinstance(s, int) or isinstance(s, bool) for s in sides
         ):
-            raise ValueError(f"expected a whole number of pixels or [height, width], got {value!r}")
+            raise ValueError(
+                f"expected a whole number of pixels, or two of them (height, width), got {value!r}"
+            )
         for side in sides:
             if not 32 <= side <= 4096:
                 raise ValueError(f"{side} px is outside 32-4096")
