@@ -429,3 +429,26 @@ def test_synthetic_glue_refuses_a_foreign_directory(tmp_path):
     with pytest.raises(DatasetError, match="manifest") as caught:
         load_dataset("synthetic_glue", root=root, category="part1", image_size=SIZE)
     assert str(root / "part1") in str(caught.value)
+
+
+def test_every_kind_takes_resize_and_roi_and_a_defect_cropped_away_is_normal(tmp_path):
+    from sweep.run import metrics
+    from sweep.run.trainable import restrict_outputs
+
+    root = mvtec(tmp_path)  # 40 x 48 (H x W); crop to square keeps columns 4-43
+    write_mask(root / "widget" / "ground_truth" / "crack" / "000_mask.png", (10, 30, 44, 48))
+    roi = write_mask(tmp_path / "roi.png", (0, 40, 0, 48))
+    splits = load_dataset(
+        "mvtec", root=root, category="widget", image_size=SIZE, resize="crop", roi=roi
+    )
+    assert splits.resize == "crop" and splits.roi is not None
+    test = splits.test
+    cropped = test.paths.index(str(root / "widget" / "test" / "crack" / "000.png"))
+    assert test.labels[cropped] == 1 and not test.masks[cropped].any()
+    outputs = metrics.SplitOutputs(
+        test.labels.numpy(), np.zeros(len(test)), test.masks.numpy(), None
+    )
+    labels = restrict_outputs(splits, test, outputs).labels
+    assert labels[cropped] == 0 and labels.sum() == test.num_anomalous - 1
+    with pytest.raises(DatasetError, match="resize: expected one of stretch, pad, crop"):
+        load_dataset("mvtec", root=root, category="widget", image_size=SIZE, resize="fit")
