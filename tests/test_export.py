@@ -37,31 +37,33 @@ from sweep.run.runner import read_study_copy
 from tests.report_rows import write_study_output
 
 SIZE = 64
+SHAPE = (48, 64)
+"""(height, width) of the predict tests' artefact: not square, as the line cameras' frames."""
 
 
-def _images(n: int, seed: int) -> torch.Tensor:
-    """Smooth random 64 px images (normalised): a part-like texture, not white noise."""
+def _images(n: int, seed: int, shape: tuple[int, int] = (SIZE, SIZE)) -> torch.Tensor:
+    """Smooth random images (normalised): a part-like texture, not white noise."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(n, 3, 8, 8, generator=generator)
-    pixels = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear")
+    pixels = torch.nn.functional.interpolate(coarse, size=shape, mode="bilinear")
     return normalize((pixels * 255).round().to(torch.uint8))
 
 
-def _fitted(name: str) -> models.Detector:
+def _fitted(name: str, shape: tuple[int, int] = (SIZE, SIZE)) -> models.Detector:
     detector = models.create(name, **tiny_hparams(name))
-    detector.fit([_images(6, seed=1)], epochs=1)
+    detector.fit([_images(6, seed=1, shape=shape)], epochs=1)
     return detector.eval()
 
 
 @pytest.fixture(scope="module")
 def padim_artefact(tmp_path_factory) -> tuple[Path, models.Detector]:
-    """A PaDiM artefact written as export writes its model files, with a hand-made
-    artefact.json (thresholds 0.5 of the validation range): predict's tests need no study."""
+    """A PaDiM artefact of 48 x 64 images written as export writes its model files, with a
+    hand-made artefact.json: predict's tests need no study."""
     folder = tmp_path_factory.mktemp("artefact")
-    detector = _fitted("padim")
-    write_model_files(detector, _images(2, seed=2), folder)
+    detector = _fitted("padim", SHAPE)
+    write_model_files(detector, _images(2, seed=2, shape=SHAPE), folder)
     with torch.no_grad():
-        prediction = detector.predict(_images(4, seed=3))
+        prediction = detector.predict(_images(4, seed=3, shape=SHAPE))
     scores, maps = prediction.score.numpy(), prediction.anomaly_map.numpy()
     image_threshold = float(np.median(scores))
     pixel_threshold = float(np.quantile(maps, 0.9))
@@ -72,7 +74,7 @@ def padim_artefact(tmp_path_factory) -> tuple[Path, models.Detector]:
         "backbone": "resnet18",
         "create_args": tiny_hparams("padim"),
         "preprocessing": {
-            "image_size": [SIZE, SIZE],
+            "image_size": list(SHAPE),
             "resize": "stretch",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
@@ -222,7 +224,7 @@ def test_predict_scores_like_the_detector_and_skips_a_bad_image(padim_artefact, 
     scored = table[table["error"].isna()].set_index("path")
     # The reference: each file read the way the study's loader reads it, then predict.
     rgb = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
-    pixels = np.stack([resize_image(image, SIZE).transpose(2, 0, 1) for image in rgb])
+    pixels = np.stack([resize_image(image, SHAPE).transpose(2, 0, 1) for image in rgb])
     with torch.no_grad():
         expected = detector.predict(normalize(torch.from_numpy(pixels)))
     got = scored.loc[[str(p) for p in paths], "score"].to_numpy()

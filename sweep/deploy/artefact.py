@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.transforms import RESIZE_MODES
 from sweep.errors import SweepError
 
 __all__ = [
@@ -235,8 +236,13 @@ def load_artefact(folder: str | Path) -> Artefact:
             f"{FORMAT_VERSION} (export it again with this version)"
         )
     resize = meta["preprocessing"].get("resize")
-    if resize != "stretch":
-        raise SweepError(f"{path}: preprocessing.resize {resize!r} is not supported here")
+    if resize not in RESIZE_MODES:
+        raise SweepError(
+            f"{path}: preprocessing.resize {resize!r} is not supported here "
+            f"(known: {', '.join(RESIZE_MODES)})"
+        )
+    if meta["preprocessing"].get("roi") is not None:
+        raise SweepError(f"{path}: preprocessing.roi is set; this anomaly-sweep cannot apply it")
     for name, expected in meta["files"].items():
         file = folder / name
         if not file.is_file():

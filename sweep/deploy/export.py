@@ -230,6 +230,9 @@ def _refit(study: Study, row: Mapping[str, Any]) -> _Refit:
         detector.eval()
         val = trainable._predict_split(detector, splits.val, eval_batch, device)
         test = trainable._predict_split(detector, splits.test, eval_batch, device)
+    # Evaluated as the trial evaluated them: a padded border (and a ROI) does not count.
+    val = trainable.restrict_outputs(splits, splits.val, val)
+    test = trainable.restrict_outputs(splits, splits.test, test)
     policy = row.get("threshold_policy") or study.evaluation.threshold
     pixel_policy = row.get("pixel_threshold_policy") or policy
     scores = metric_fns.evaluate(val, test, str(policy), str(pixel_policy))
@@ -409,6 +412,11 @@ def export(
             f"--pick {pick}: the pick is a {model} model, which cannot be exported yet "
             f"(exportable: {known})"
         )
+    if study.dataset.roi is not None:
+        raise SweepError(
+            f"--pick {pick}: the study has a region of interest (dataset.roi), which artefacts "
+            "cannot carry yet; export a configuration of a study without one"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -449,7 +457,7 @@ def export(
         backends, file_notes = write_model_files(refit.detector, images, temporary)
         notes += file_notes
         trial_config = json.loads(row["trial_config"])
-        size = int(trial_config["image_size"])
+        height, width = refit.splits.test.shape
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -470,9 +478,11 @@ def export(
             },
             "source": {"output": str(output), "study": study.name, "weights": row.get("weights")},
             "preprocessing": {
-                "image_size": [size, size],
-                "resize": "stretch",
-                "interpolation": "area when shrinking, bilinear when enlarging (OpenCV)",
+                "image_size": [height, width],
+                "resize": refit.splits.resize,
+                "aspect_change": refit.splits.aspect_change(),
+                "interpolation": "area when shrinking, bilinear when enlarging (OpenCV); "
+                "data.transforms.prepare",
                 "color": "RGB, 8 bit (16-bit images keep their top 8 bits; gray replicated)",
                 "mean": list(IMAGENET_MEAN),
                 "std": list(IMAGENET_STD),

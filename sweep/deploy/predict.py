@@ -1,11 +1,12 @@
 """``sweep predict``: score images and folders with an exported artefact.
 
 Each image is read and prepared as the study's data loader prepares it (decoded by OpenCV, RGB,
-stretched to the artefact's square size, area-averaged when shrinking, normalised with its mean
-and std), scored in batches, and written out: one row per input in ``scores.parquet`` and
-``scores.csv``, and per scored image a mask (``masks/``, the map at or above the pixel
-threshold) and a heatmap overlay (``overlays/``), both at the image's own size. An image that
-cannot be read is reported in its row and skipped; the others go on.
+brought to the artefact's (height, width) by its resize mode with ``data.transforms.prepare``,
+normalised with its mean and std), scored in batches, and written out: one row per input in
+``scores.parquet`` and ``scores.csv``, and per scored image a mask (``masks/``, the map at or
+above the pixel threshold) and a heatmap overlay (``overlays/``), at the image's own size
+(stretch) or over the image as the model saw it (pad, crop). An image that cannot be read is
+reported in its row and skipped; the others go on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from data.datasets import IMAGE_SUFFIXES, decode_image
 from data.errors import DatasetError
-from data.transforms import resize_image, to_rgb
+from data.transforms import prepare, to_rgb
 from sweep.deploy.artefact import Artefact, load_artefact, normalise_pixels
 from sweep.errors import SweepError
 
@@ -90,16 +91,15 @@ def _check_out(out: Path) -> None:
         raise SweepError(f"--out {str(out)!r}: cannot create it ({exc.strerror or exc})") from None
 
 
-def _read(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(the image as H x W x 3 RGB uint8, its 3 x S x S model input as uint8)."""
+def _read(path: Path, size: tuple[int, int], resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the image as H x W x 3 RGB uint8, its 3 x H' x W' model input as uint8), prepared as
+    the study's loaders prepare theirs (``data.transforms.prepare``)."""
     try:
         rgb = to_rgb(decode_image(path, cv2.IMREAD_UNCHANGED))
     except TypeError as exc:
         raise DatasetError(f"{path}: unsupported image ({exc})") from exc
-    height, width = size
-    if height != width:  # an artefact of a later format; load_artefact refuses it today
-        raise SweepError(f"non-square input size {height}x{width} is not supported")
-    return rgb, np.ascontiguousarray(resize_image(rgb, height).transpose(2, 0, 1))
+    pixels, _ = prepare(rgb, size, resize)
+    return rgb, np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _unique(names: Sequence[str]) -> list[str]:
@@ -179,7 +179,7 @@ def predict(
         pixels = torch.from_numpy(np.stack([model_input for _, _, model_input in batch]))
         images = normalise_pixels(pixels, prep["mean"], prep["std"]).numpy()
         scores, maps = score_batch(images)
-        for j, (i, rgb, _) in enumerate(batch):
+        for j, (i, rgb, model_input) in enumerate(batch):
             row = rows[i]
             score = float(scores[j])
             row["score"] = score
@@ -189,7 +189,12 @@ def predict(
             if normalisation is not None:
                 row["normalised_score"] = float(normalisation.apply(np.float64(score)))
             if maps is not None:
-                row["mask"], row["overlay"] = _write_pictures(artefact, rgb, maps[j], out, names[i])
+                # A stretched map maps back onto the whole image; a padded or cropped one is
+                # shown on the image as the model saw it.
+                shown = rgb if prep["resize"] == "stretch" else model_input.transpose(1, 2, 0)
+                row["mask"], row["overlay"] = _write_pictures(
+                    artefact, np.ascontiguousarray(shown), maps[j], out, names[i]
+                )
             summary.scored += 1
         batch.clear()
 
@@ -197,7 +202,7 @@ def predict(
     for i, path in enumerate(paths):
         rows.append(dict.fromkeys(COLUMNS) | {"path": str(path)})
         try:
-            rgb, model_input = _read(path, artefact.image_size)
+            rgb, model_input = _read(path, artefact.image_size, prep["resize"])
         except DatasetError as exc:
             rows[i]["error"] = str(exc)
             summary.failed.append((str(path), str(exc)))
