@@ -296,6 +296,7 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "export-target-exists": lambda s: _export(s.tmp, "knee", _mkdir(s.tmp / "artefact")),
     "export-unknown-pick": lambda s: _export(_rows(s), "nosuchpick", s.tmp / "artefact"),
     "export-bad-seed": lambda s: [*_export(_rows(s), "knee", s.tmp / "artefact"), "--seed", "7"],
+    "export-roi": lambda s: _export(_with_roi(_rows(s)), "knee", s.tmp / "artefact"),
     "export-not-exportable": lambda s: _export(
         _rows(s, configs=[("dfm", {}, 0.9, 0.9, 5.0, 1.0)]), "0" * 15 + "1", s.tmp / "artefact"
     ),
@@ -320,6 +321,20 @@ def _rows(s: Setup, **options) -> Path:
     from tests.report_rows import write_study_output
 
     return write_study_output(s.tmp / "results", **options)
+
+
+def _with_roi(results: Path) -> Path:
+    """``results`` with a ROI mask in its saved study."""
+    import cv2
+    import numpy as np
+
+    mask = results.parent / "roi.png"
+    cv2.imwrite(str(mask), np.full((24, 32), 255, np.uint8))
+    copy = results / "_study.yaml"
+    raw = yaml.safe_load(copy.read_text())
+    raw["dataset"]["roi"] = str(mask)
+    copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return results
 
 
 def _predict(artefact: Path, images: Path) -> list[str]:
