@@ -18,6 +18,7 @@ __all__ = [
     "IMAGENET_STD",
     "RESIZE_MODES",
     "as_shape",
+    "aspect_window",
     "fit_aspect",
     "frame_mask",
     "normalize",
@@ -26,6 +27,7 @@ __all__ = [
     "resize_image",
     "resize_mask",
     "to_rgb",
+    "to_source",
 ]
 
 RESIZE_MODES = ("stretch", "pad", "crop")
@@ -101,35 +103,66 @@ def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     return resized
 
 
+def aspect_window(
+    source: Sequence[int], shape: Sequence[int], resize: str = "stretch"
+) -> tuple[int, int, int, int, int, int]:
+    """Where a ``source`` (height, width) image lies once brought to ``shape``'s aspect ratio
+    by ``resize``, before resizing: ``(canvas_h, canvas_w, top, left, height, width)``, the
+    canvas that is then resized to ``shape`` and, in canvas pixels for ``pad`` (the image
+    inside its border) or in source pixels for ``crop`` (the part of the image kept), the
+    window at ``top, left`` of ``height x width``."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    height, width = as_shape(source)
+    target_h, target_w = as_shape(shape)
+    # Integer cross-multiplication: which side is too long for the target's aspect.
+    too_wide = width * target_h > target_w * height
+    if resize == "stretch":
+        return height, width, 0, 0, height, width
+    if resize == "crop":
+        if too_wide:
+            keep = max(1, round(height * target_w / target_h))
+            return height, keep, 0, (width - keep) // 2, height, keep
+        keep = max(1, round(width * target_h / target_w))
+        return keep, width, (height - keep) // 2, 0, keep, width
+    if too_wide:
+        grow = max(0, round(width * target_h / target_w) - height)
+        return height + grow, width, grow // 2, 0, height, width
+    grow = max(0, round(height * target_w / target_h) - width)
+    return height, width + grow, 0, grow // 2, height, width
+
+
 def fit_aspect(image: np.ndarray, shape: Sequence[int], resize: str = "stretch") -> np.ndarray:
     """``image`` (H x W or H x W x C) brought to the aspect ratio of ``shape`` (height, width)
     at its own scale, before any resizing: unchanged for ``stretch`` (and when the aspects
     already agree to the pixel), centred zero borders for ``pad``, its centre for ``crop``."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
-    height, width = image.shape[:2]
-    target_h, target_w = as_shape(shape)
-    if resize == "stretch":
-        return image
-    # Integer cross-multiplication: which side is too long for the target's aspect.
-    too_wide = width * target_h > target_w * height
+    canvas_h, canvas_w, top, left, height, width = aspect_window(image.shape[:2], shape, resize)
     if resize == "crop":
-        if too_wide:
-            keep = max(1, round(height * target_w / target_h))
-            left = (width - keep) // 2
-            return image[:, left : left + keep]
-        keep = max(1, round(width * target_h / target_w))
-        top = (height - keep) // 2
-        return image[top : top + keep]
-    if too_wide:
-        grow = max(0, round(width * target_h / target_w) - height)
-        borders = (grow // 2, grow - grow // 2, 0, 0)
-    else:
-        grow = max(0, round(height * target_w / target_h) - width)
-        borders = (0, 0, grow // 2, grow - grow // 2)
-    if not grow:
+        return image[top : top + height, left : left + width]
+    if (canvas_h, canvas_w) == image.shape[:2]:
         return image
+    borders = (top, canvas_h - height - top, left, canvas_w - width - left)
     return cv2.copyMakeBorder(image, *borders, cv2.BORDER_CONSTANT, value=0)
+
+
+def to_source(
+    values: np.ndarray, source: Sequence[int], resize: str = "stretch", fill: float | None = None
+) -> np.ndarray:
+    """A prepared image's per-pixel ``values`` (H x W, e.g. an anomaly map) brought back onto
+    the ``source`` (height, width) image it was prepared from: the letterbox border of ``pad``
+    dropped, what ``crop`` cut away filled with ``fill`` (default: the minimum of ``values``).
+    Bilinear, as maps are upsampled."""
+    canvas_h, canvas_w, top, left, height, width = aspect_window(source, values.shape[:2], resize)
+    canvas = cv2.resize(
+        np.asarray(values, np.float32), (canvas_w, canvas_h), interpolation=cv2.INTER_LINEAR
+    )
+    if resize == "pad":
+        return canvas[top : top + height, left : left + width]
+    if resize == "stretch":
+        return canvas
+    out = np.full(as_shape(source), values.min() if fill is None else fill, np.float32)
+    out[top : top + height, left : left + width] = canvas
+    return out
 
 
 def prepare_mask(mask: np.ndarray, shape: Sequence[int], resize: str = "stretch") -> np.ndarray:

@@ -141,3 +141,15 @@ def test_detectors_that_need_square_images_say_so_at_validation(tmp_path, monkey
     with pytest.raises(StudyError, match=r"model 'padim'.*it needs square images, got 64x85"):
         _study(tmp_path, {"image_size": [64, 85]})
     assert _study(tmp_path, {"image_size": [64, 85], "resize": "pad"}, {"model": "patchcore"})
+
+
+def test_maps_go_back_onto_the_source_image():
+    from data.transforms import to_source
+
+    frame = frame_mask((20, 40), (32, 32), "pad").astype(np.float32)
+    back = to_source(frame, (20, 40), "pad")
+    assert back.shape == (20, 40) and back[1:-1].min() == pytest.approx(1.0)
+    kept = to_source(np.ones((16, 16), np.float32), (20, 40), "crop", fill=0.0)
+    assert kept.shape == (20, 40) and kept[:, 10:30].min() == 1.0
+    assert kept[:, :10].max() == 0.0 and kept[:, 30:].max() == 0.0
+    assert to_source(np.ones((8, 8)), (20, 40)).shape == (20, 40)
