@@ -387,6 +387,7 @@ def _load_one(item: _Item, prep: _Preparation) -> _Loaded:
 class _LoadInfo:
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)
     valid: dict[str, np.ndarray] = field(default_factory=dict)
+    shared: dict[Any, np.ndarray] = field(default_factory=dict)
 
 
 def _splits(
@@ -457,7 +458,11 @@ def _load_items(
         path = str(items[i].path)
         info.sources[path] = loaded.source
         if loaded.valid is not None:
-            info.valid[path] = loaded.valid
+            # One array per source size where every image has the same ROI (or none), not one
+            # per image: thousands of large masks would otherwise hold gigabytes.
+            per_image = prep.roi is not None and prep.roi.per_image
+            key = path if per_image else loaded.source
+            info.valid[path] = info.shared.setdefault(key, loaded.valid)
 
     workers = _workers()
     if workers == 1 or n < 8:

@@ -68,6 +68,11 @@ class RegionOfInterest:
         kind = "mask" if self._single is not None else f"folder of {len(self._index)} masks"
         return f"RegionOfInterest({str(self.path)!r}, {kind})"
 
+    @property
+    def per_image(self) -> bool:
+        """Whether each image has its own mask (a folder), not one for all."""
+        return self._single is None
+
     def mask_for(self, image: str | Path, height: int, width: int) -> np.ndarray:
         """The ROI of the ``height`` x ``width`` image file ``image``, as H x W bool."""
         if self._single is not None:
