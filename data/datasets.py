@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from data.errors import DatasetError
+from data.files import IMAGE_SUFFIXES, decode_image
+from data.files import list_images as _list_images
 from data.roi import RegionOfInterest
 from data.synthetic_glue import GlueSetConfig, ensure_generated
 from data.transforms import RESIZE_MODES, as_shape, normalize, prepare, prepare_mask, to_rgb
@@ -44,7 +46,6 @@ __all__ = [
     "load_synthetic_glue",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DATASET_KINDS = ("synthetic_glue", "mvtec", "folder")
 
 GOOD = "good"
@@ -313,33 +314,6 @@ class _Item:
     label: int
     defect: str
     mask: Path | None
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
-def _list_images(directory: Path) -> list[Path]:
-    """The image files directly in ``directory``, sorted by name."""
-    return sorted((p for p in directory.iterdir() if p.is_file() and _is_image(p)), key=str)
-
-
-def decode_image(path: Path, flags: int) -> np.ndarray:
-    """The decoded pixels of an image file (``cv2.imdecode`` with ``flags``); a DatasetError
-    naming the file when it cannot be read or is not an image."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
-    if data.size == 0:
-        raise DatasetError(f"{path}: empty file (expected an image)")
-    try:
-        image = cv2.imdecode(data, flags)
-    except cv2.error as exc:
-        raise DatasetError(f"{path}: not a readable image ({exc})") from exc
-    if image is None or image.size == 0:
-        raise DatasetError(f"{path}: not a readable image (corrupt, truncated or not an image)")
-    return image
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from data.errors import DatasetError
+from data.files import decode_image, list_images
 
 __all__ = ["RegionOfInterest", "mask_maps", "restrict"]
 
@@ -46,15 +47,13 @@ class RegionOfInterest:
     """
 
     def __init__(self, path: str | Path) -> None:
-        from data.datasets import _list_images  # data.datasets imports this module
-
         self.path = Path(path).expanduser()
         self._single: np.ndarray | None = None
         self._index: dict[str, Path] = {}
         if self.path.is_file():
             self._single = _read_mask(self.path)
         elif self.path.is_dir():
-            for file in _list_images(self.path):
+            for file in list_images(self.path):
                 self._index.setdefault(file.stem, file)
                 if file.stem.endswith("_mask"):
                     self._index[file.stem[: -len("_mask")]] = file
@@ -101,8 +100,6 @@ class RegionOfInterest:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    from data.datasets import decode_image  # data.datasets imports this module
-
     mask = decode_image(path, cv2.IMREAD_GRAYSCALE) > 0
     if not mask.any():
         raise DatasetError(f"{path}: ROI mask is empty (nonzero pixels are inside the region)")
