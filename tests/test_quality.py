@@ -41,8 +41,8 @@ uflow             20   .869 .867 .839 ; .791 .858   .873 .853 .851 ; .888 .840  
 efficient_ad_ast  3+3  .864 .838 .847 ; .726 .723   .898 .895 .900 ; .877 .873   .15/.30  30.8
 ================  ===  ===========================  ===========================  =======  ====
 
-efficient_ad_ast and simplenet (46 s) run in the slow stage, the others by default. The cfa, cflow, fastflow,
-simplenet and uflow rows were measured after issue 13's reference fixes (CFA's padding, FrEIA's
+efficient_ad_ast and simplenet (46 s) run in the slow stage, the others by default. The cfa,
+cflow, fastflow, simplenet and uflow rows were measured after issue 13's reference fixes (CFA's padding, FrEIA's
 coupling, SimpleNet's patch features), their seconds under a heavier load than the others'.
 
 Expected failures (slow, ``xfail(run=False)``: not run by CI, which would spend 5 minutes

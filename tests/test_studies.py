@@ -18,6 +18,7 @@ STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.ya
 # Smoke forms that take longer than a few seconds run in CI's slow stage.
 SLOW_SMOKES = {
     "resolution",
+    "roi_bead",
     "glue_line",
     "glue_line_lite",
     "augmentation_robustness",
