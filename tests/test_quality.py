@@ -42,8 +42,9 @@ efficient_ad_ast  3+3  .864 .838 .847 ; .726 .723   .898 .895 .900 ; .877 .873  
 ================  ===  ===========================  ===========================  =======  ====
 
 efficient_ad_ast and simplenet (46 s) run in the slow stage, the others by default. The cfa,
-cflow, fastflow, simplenet and uflow rows were measured after issue 13's reference fixes (CFA's padding, FrEIA's
-coupling, SimpleNet's patch features), their seconds under a heavier load than the others'.
+cflow, fastflow, simplenet and uflow rows were measured after issue 13's reference fixes (CFA's
+padding, FrEIA's coupling, SimpleNet's patch features), their seconds under a heavier load than
+the others'.
 
 Expected failures (slow, ``xfail(run=False)``: not run by CI, which would spend 5 minutes
 training them only to miss; ``pytest -m slow --runxfail tests/test_quality.py`` runs them):
