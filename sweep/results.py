@@ -186,6 +186,10 @@ HP_PREFIX = "hp."
 IMAGES_DIR = "_images"
 """Where each trial's per-image results go: ``<output>/_images/<config_hash>.parquet``."""
 
+MODELS_DIR = "_models"
+"""Where kept fitted detectors go (``evaluation.keep_models``): ``<config_hash>.safetensors``
+(every tensor of the fitted detector) and ``<config_hash>.json`` (how to build it again)."""
+
 IMAGE_SCHEMA = pa.schema(
     [
         ("config_hash", pa.string()),
@@ -458,6 +462,34 @@ class ResultStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         return self.write_file(f"{IMAGES_DIR}/{config_hash}.parquet", sink.getvalue().to_pybytes())
+
+    def write_model(self, config_hash: str, tensors: bytes, recipe: Mapping[str, Any]) -> str:
+        """Keep a trial's fitted detector: its tensors (safetensors bytes) and ``recipe`` (the
+        model name and ``models.create`` arguments), the recipe last, so that a recipe always
+        has its tensors beside it."""
+        self.write_file(f"{MODELS_DIR}/{config_hash}.safetensors", tensors)
+        blob = json.dumps(dict(recipe), sort_keys=True, default=str, indent=1).encode()
+        return self.write_file(f"{MODELS_DIR}/{config_hash}.json", blob)
+
+    def kept_models(self) -> list[str]:
+        """Config hashes with a kept fitted detector (recipe and tensors both there)."""
+        folder = f"{self.root}/{MODELS_DIR}"
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except OSError as exc:
+            raise SweepError(f"output {self.uri!r}: cannot list {MODELS_DIR} ({exc})") from None
+        names = {info.base_name for info in infos if info.type == pafs.FileType.File}
+        return sorted(
+            n.removesuffix(".json")
+            for n in names
+            if n.endswith(".json") and f"{n.removesuffix('.json')}.safetensors" in names
+        )
+
+    def remove_model(self, config_hash: str) -> None:
+        """Delete a kept detector (recipe first, so a half-deleted one is never listed)."""
+        for suffix in (".json", ".safetensors"):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(f"{self.root}/{MODELS_DIR}/{config_hash}{suffix}")
 
     def read_images(self, config_hashes: Iterable[str] | None = None) -> pa.Table:
         """The per-image results of the trials ``config_hashes`` (default: all) that have

@@ -328,3 +328,33 @@ def test_study_export_predict_end_to_end(ray_session, glue_root, tmp_path):
         ],
     )
     assert knee.exit_code == 2 and "already exists" in knee.output
+
+
+@pytest.mark.slow
+def test_keep_models_front_keeps_the_front_and_export_uses_the_kept_model(
+    ray_session, glue_root, tmp_path
+):
+    from sweep.results import ResultStore
+    from sweep.run.runner import front_config_hashes, run_study
+    from sweep.run.study import study_from_dict
+    from tests.conftest import tiny_study
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"]["model"] = {"grid": ["patchcore", "padim"]}
+    raw["space"]["seed"] = {"grid": [0, 1]}
+    raw["evaluation"]["keep_models"] = "front"
+    study = study_from_dict(raw)
+    assert run_study(study).ok == 4
+    rows = read_results(tmp_path / "out")
+    front = front_config_hashes(study, rows)
+    kept = ResultStore(tmp_path / "out").kept_models()
+    assert kept == sorted(front) and 0 < len(kept) <= 4
+    artefact = tmp_path / "artefact"
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "out"), "--pick", "knee", "--to", str(artefact), "--strict"]
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((artefact / META_FILE).read_text())
+    assert meta["config_hash"] in kept
+    assert meta["refit"]["fitted"] == "kept by the trial"
+    assert meta["metrics"]["reproduced"], meta["metrics"]

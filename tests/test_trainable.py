@@ -162,3 +162,35 @@ def test_validation_from_test_and_split_axes_change_the_trial_s_data(glue_root, 
         set(load_data(study, 64, "none", t.split_seed, t.test_fraction).test.paths) for t in trials
     ]
     assert tested[0] != tested[1], "each seed draws its own split"
+
+
+def test_a_kept_model_scores_the_test_split_as_the_trial_did(glue_root, tmp_path):
+    from sweep.deploy.artefact import rebuild_detector
+    from sweep.results import MODELS_DIR, ResultStore, read_images
+    from sweep.run.study import config_hash
+    from sweep.run.trainable import load_data
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["space"] = {"model": "padim", "backbone": "resnet18", "pretrained": False, "seed": 0}
+    raw["evaluation"]["keep_models"] = "all"
+    study = study_from_dict(raw)
+    trial = expand_trials(study)[0]
+    run_trial(trial, _context(study, tmp_path))
+    digest = config_hash(study, trial)
+    store = ResultStore(tmp_path / "out")
+    assert store.kept_models() == [digest]
+    folder = tmp_path / "out" / MODELS_DIR
+    import json
+
+    recipe = json.loads((folder / f"{digest}.json").read_text())
+    detector = rebuild_detector(recipe, folder / f"{digest}.safetensors")
+    test = load_data(study, 64).test
+    with torch.no_grad():
+        scores = detector.predict(test.images()).score.numpy()
+    stored = read_images(tmp_path / "out", [digest]).query("split == 'test'")["score"].to_numpy()
+    assert abs(scores - stored).max() < 1e-5
+    # keep_models decides what is kept, not what is computed: the config hash ignores it.
+    raw["evaluation"]["keep_models"] = "none"
+    assert config_hash(study_from_dict(raw), trial) == digest
+    store.remove_model(digest)
+    assert store.kept_models() == []

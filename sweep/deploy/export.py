@@ -46,11 +46,12 @@ from sweep.deploy.artefact import (
     ONNX_OPSET,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
+    rebuild_detector,
     sha256_file,
 )
 from sweep.errors import SweepError
 from sweep.read import analysis
-from sweep.results import read_results
+from sweep.results import MODELS_DIR, ResultStore, read_results
 from sweep.run import metrics as metric_fns
 from sweep.run import trainable
 from sweep.run.runner import read_study_copy
@@ -201,9 +202,22 @@ class _Refit:
     create_args: dict[str, Any]
     device: str
     threads: int
+    kept: bool = False
+    """Whether the detector is the trial's own kept one (``evaluation.keep_models``)."""
 
 
-def _refit(study: Study, row: Mapping[str, Any]) -> _Refit:
+def _kept_model(output: str, digest: str) -> tuple[dict[str, Any], Path] | None:
+    """The recipe and tensors file of the trial's kept detector, or None (a local output
+    only: the tensors are read from disk)."""
+    store = ResultStore(output)
+    if not store.local or digest not in store.kept_models():
+        return None
+    folder = Path(store.root) / MODELS_DIR
+    recipe = json.loads((folder / f"{digest}.json").read_text())
+    return recipe, folder / f"{digest}.safetensors"
+
+
+def _refit(study: Study, row: Mapping[str, Any], output: str) -> _Refit:
     trial = TrialConfig.from_dict(json.loads(row["trial_config"]))
     device = trainable.select_device()
     threads = trainable._assigned_cpus(study)
@@ -223,10 +237,15 @@ def _refit(study: Study, row: Mapping[str, Any]) -> _Refit:
         train_batch = int(retried)
     if _number(row.get("eval_batch_size")):
         eval_batch = int(row["eval_batch_size"])
+    kept = _kept_model(output, str(row["config_hash"]))
     with _threads(threads):
-        detector = models.create(trial.model, **create_args).to(device)
-        train = trainable._Epochs(splits.train, train_batch, trial.seed, device, augmenter)
-        detector.fit(train, epochs=trial.epochs, on_epoch_end=lambda epoch, values: False)
+        if kept is not None:
+            # The trial's own fitted detector (evaluation.keep_models): no refit.
+            detector = rebuild_detector(kept[0], kept[1]).to(device)
+        else:
+            detector = models.create(trial.model, **create_args).to(device)
+            train = trainable._Epochs(splits.train, train_batch, trial.seed, device, augmenter)
+            detector.fit(train, epochs=trial.epochs, on_epoch_end=lambda epoch, values: False)
         detector.eval()
         val = trainable._predict_split(detector, splits.val, eval_batch, device)
         test = trainable._predict_split(detector, splits.test, eval_batch, device)
@@ -236,7 +255,9 @@ def _refit(study: Study, row: Mapping[str, Any]) -> _Refit:
     policy = row.get("threshold_policy") or study.evaluation.threshold
     pixel_policy = row.get("pixel_threshold_policy") or policy
     scores = metric_fns.evaluate(val, test, str(policy), str(pixel_policy))
-    return _Refit(detector, splits, val, test, scores, create_args, str(device), threads)
+    return _Refit(
+        detector, splits, val, test, scores, create_args, str(device), threads, kept is not None
+    )
 
 
 # --------------------------------------------------------------------------- the files
@@ -425,7 +446,7 @@ def export(
     if not os.access(target.parent, os.W_OK):
         raise SweepError(f"--to {str(target)!r}: its folder is not writable")
 
-    refit = _refit(study, row)
+    refit = _refit(study, row, output)
     tolerance = METRIC_TOLERANCE[detector_class.learning_type]
     differences: dict[str, float] = {}
     notes: list[str] = []
@@ -513,7 +534,12 @@ def export(
                 "tolerance": tolerance,
                 "reproduced": reproduced,
             },
-            "refit": {"device": refit.device, "threads": refit.threads},
+            "refit": {
+                "device": refit.device,
+                "threads": refit.threads,
+                # The trial's kept detector (evaluation.keep_models) is scored again, not fitted.
+                "fitted": "kept by the trial" if refit.kept else "refit",
+            },
             "parity": {
                 "images": len(images),
                 "rtol": PARITY_RTOL,

@@ -10,6 +10,7 @@ row; Tune's own state lives under ``<output>/_tune``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -313,6 +314,42 @@ def _node_sees(ref: Any) -> bool:
         return True
 
 
+def front_config_hashes(study: Study, rows) -> set[str]:
+    """Config hashes (every seed) of the configurations on the Pareto front of ``study``'s
+    objectives, clean variants only, as ``sweep report`` and ``sweep export`` select them."""
+    from sweep.read import analysis
+
+    ok = rows[rows["status"] == "ok"] if len(rows) else rows
+    variants = [c for c in analysis.VARIANT_COLUMNS if c in ok.columns]
+    if variants:
+        ok = ok[(ok[variants].fillna(analysis.CLEAN) == analysis.CLEAN).all(axis=1)]
+    if ok.empty:
+        return set()
+    objectives = [(o.metric, o.direction) for o in study.objectives]
+    agg = analysis.aggregate_seeds(ok, [m for m, _ in objectives])
+    table = analysis.select(agg, objectives).table
+    columns = [c for c in analysis.config_columns(ok) if c in agg.columns]
+
+    def key(values) -> str:
+        return json.dumps([analysis.jsonable(values[c]) for c in columns], default=str)
+
+    front = {key(table.loc[i]) for i in table.index[table["on_front"].astype(bool)]}
+    return {str(r["config_hash"]) for r in ok.to_dict(orient="records") if key(r) in front}
+
+
+def prune_kept_models(study: Study, store: ResultStore) -> int:
+    """Remove the kept detectors of configurations off the Pareto front (``keep_models:
+    front``); return how many. Every seed of a front configuration stays."""
+    kept = store.kept_models()
+    if not kept:
+        return 0
+    keep = front_config_hashes(study, store.read().to_pandas())
+    dropped = [h for h in kept if h not in keep]
+    for digest in dropped:
+        store.remove_model(digest)
+    return len(dropped)
+
+
 def _splits_to_check(study: Study) -> list[tuple[int | None, float | None]]:
     """The (split seed, test share) pairs the data pre-flight draws: the data set's own split,
     or one redrawn split per test share the space gives (a share too large for the data fails
@@ -376,7 +413,7 @@ def run_study(
 
     store.check_writable()
     with store.lock():
-        return _run_locked(
+        summary = _run_locked(
             study,
             store,
             run_id=run_id,
@@ -386,6 +423,14 @@ def run_study(
             trial_runner=trial_runner,
             console=console,
         )
+        if study.evaluation.keep_models == "front":
+            dropped = prune_kept_models(study, store)
+            if dropped:
+                console.print(
+                    f"kept models: {dropped} off the Pareto front removed "
+                    "(evaluation.keep_models: front)"
+                )
+        return summary
 
 
 def _run_locked(

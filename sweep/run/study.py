@@ -390,6 +390,13 @@ class EvaluationConfig(_Strict):
         + ", ".join(SYNTHETIC_KINDS),
     )
 
+    keep_models: Literal["none", "front", "all"] = Field(
+        "none",
+        description="keep each trial's fitted detector under <output>/_models (all), or those "
+        "of the configurations on the Pareto front of the study's objectives once the run ends "
+        "(front), for sweep export to use instead of a refit",
+    )
+
     @field_validator("synthetic_anomalies")
     @classmethod
     def _known_generator(cls, kind: str) -> str:
@@ -756,7 +763,7 @@ def apply_override(
 # How timing is scheduled, and how many example maps a trial saves beside its row, do not
 # change what a trial computes: neither is part of its config hash.
 _TIMING_POLICY = {"exclusive_timing", "timing_lock_timeout_s"}
-_NOT_IN_HASH = _TIMING_POLICY | {"example_maps", "models"}
+_NOT_IN_HASH = _TIMING_POLICY | {"example_maps", "models", "keep_models"}
 _HASHED_WHEN_SET = (
     "threshold",
     "pixel_threshold",

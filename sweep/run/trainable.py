@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import socket
+import tempfile
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -358,6 +359,10 @@ def run_trial(
         ResultStore(ctx.output).write_images(
             config_hash(study, trial), image_table(splits, val, test)
         )
+        if study.evaluation.keep_models != "none":
+            keep_model(
+                ResultStore(ctx.output), config_hash(study, trial), trial, detector, create_args
+            )
 
         images = splits.test.images()
         repeat = math.ceil(batch_size / len(images))
@@ -433,6 +438,31 @@ def image_table(splits, val: metric_fns.SplitOutputs, test: metric_fns.SplitOutp
         columns["score"] += [float(v) for v in outputs.scores]
     columns["config_hash"] = [None] * len(columns["split"])
     return pa.table(columns, schema=IMAGE_SCHEMA)
+
+
+def keep_model(
+    store: ResultStore,
+    digest: str,
+    trial: TrialConfig,
+    detector: models.Detector,
+    create_args: dict[str, Any],
+) -> None:
+    """Keep a fitted detector under ``_models/`` (``evaluation.keep_models``): every tensor it
+    holds, pretrained backbone included, so ``sweep export`` rebuilds it without weights files
+    and without fitting again."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "detector.safetensors")
+        save_model(detector, path)
+        with open(path, "rb") as handle:
+            tensors = handle.read()
+    recipe = {
+        "model": trial.model,
+        "create_args": {k: v for k, v in create_args.items() if k != "weights"},
+        "trial_config": trial.to_dict(),
+    }
+    store.write_model(digest, tensors, recipe)
 
 
 def _parts_column(stats: dict[str, Any] | None) -> str | None:
