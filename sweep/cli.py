@@ -415,6 +415,59 @@ def compare(
     view.show_comparison(result, as_json=fmt == "json")
 
 
+@app.command()
+def cascade(
+    results_dir: Annotated[
+        str, typer.Argument(help="A study's results directory (or s3://, gs:// URI).")
+    ],
+    stage1_recall: Annotated[
+        float,
+        typer.Option(
+            "--stage1-recall",
+            help="Stage 1 of a cascade passes an image as good below the highest threshold "
+            "that keeps at least this share of its validation anomalies.",
+        ),
+    ] = 0.99,
+    max_members: Annotated[
+        int, typer.Option(help="Most configurations in an OR, AND or average (2 or more).")
+    ] = 3,
+    precision: Annotated[
+        float, typer.Option(help="The precision P of the recall-at-precision column.")
+    ] = 0.95,
+    objective: Annotated[
+        str,
+        typer.Option(help="What the front maximises against latency: f1 or recall (at P)."),
+    ] = "f1",
+    top: Annotated[
+        int,
+        typer.Option(help="Combine only the TOP configurations by mean validation AUROC."),
+    ] = 8,
+    limit: Annotated[
+        int, typer.Option(help="The table shows the singles, the front and this many others.")
+    ] = 15,
+    fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Two-stage cascades, OR / AND ensembles and normalised score averages of 2-3
+    configurations from the per-image results: their recall at precision P, F1 and expected
+    latency, on a Pareto front with the single configurations (thresholds from validation)."""
+    from sweep.read.cascade import cascade_output
+
+    try:
+        if fmt not in ("table", "json"):
+            raise SweepError(f"--format {fmt!r}: table or json")
+        result = cascade_output(
+            results_dir,
+            min_precision=precision,
+            stage1_recall=stage1_recall,
+            max_members=max_members,
+            top=top,
+            objective=objective,
+        )
+    except _user_errors() as exc:
+        bad_input(exc)
+    view.show_cascade(result, as_json=fmt == "json", limit=limit)
+
+
 # --------------------------------------------------------------------------- catalogues
 
 

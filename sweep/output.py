@@ -657,3 +657,13 @@ def show_predict(summary: Any, as_json: bool) -> None:
     )
     for path in summary.files:
         note(f"wrote {path}")
+
+
+def show_cascade(result: dict, as_json: bool, limit: int = 15) -> None:
+    """``sweep cascade``: the candidates, their metrics and the front, as JSON or a table."""
+    if as_json:
+        emit_json(result)
+        return
+    from sweep.read.cascade import print_cascade  # pandas; only `cascade` needs it
+
+    print_cascade(result, out, limit=limit)
