@@ -296,7 +296,12 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "export-target-exists": lambda s: _export(s.tmp, "knee", _mkdir(s.tmp / "artefact")),
     "export-unknown-pick": lambda s: _export(_rows(s), "nosuchpick", s.tmp / "artefact"),
     "export-bad-seed": lambda s: [*_export(_rows(s), "knee", s.tmp / "artefact"), "--seed", "7"],
-    "export-roi": lambda s: _export(_with_roi(_rows(s)), "knee", s.tmp / "artefact"),
+    "export-roi-folder": lambda s: _export(
+        _with_roi(_rows(s), folder=True), "knee", s.tmp / "artefact"
+    ),
+    "export-roi-changed": lambda s: _export(
+        _with_roi(_rows(s), recorded="0" * 64), "knee", s.tmp / "artefact"
+    ),
     "export-not-exportable": lambda s: _export(
         _rows(s, configs=[("dfm", {}, 0.9, 0.9, 5.0, 1.0)]), "0" * 15 + "1", s.tmp / "artefact"
     ),
@@ -323,17 +328,30 @@ def _rows(s: Setup, **options) -> Path:
     return write_study_output(s.tmp / "results", **options)
 
 
-def _with_roi(results: Path) -> Path:
-    """``results`` with a ROI mask in its saved study."""
+def _with_roi(results: Path, folder: bool = False, recorded: str | None = None) -> Path:
+    """``results`` with a ROI in its saved study: one mask file, or (``folder``) a folder of
+    per-image masks; ``recorded``: the rows' ``roi_sha256`` (the ROI the trials ran with)."""
     import cv2
     import numpy as np
+    import pyarrow.parquet as pq
 
     mask = results.parent / "roi.png"
-    cv2.imwrite(str(mask), np.full((24, 32), 255, np.uint8))
+    if folder:
+        mask = _mkdir(results.parent / "rois")
+        cv2.imwrite(str(mask / "000.png"), np.full((24, 32), 255, np.uint8))
+    else:
+        cv2.imwrite(str(mask), np.full((24, 32), 255, np.uint8))
     copy = results / "_study.yaml"
     raw = yaml.safe_load(copy.read_text())
     raw["dataset"]["roi"] = str(mask)
     copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if recorded is not None:
+        for file in results.glob("*.parquet"):
+            table = pq.read_table(file)
+            column = table.schema.get_field_index("roi_sha256")
+            values = [recorded] * len(table)
+            table = table.set_column(column, table.schema.field(column), [values])
+            pq.write_table(table, file)
     return results
 
 

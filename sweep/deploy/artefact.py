@@ -6,6 +6,7 @@ Layout (``docs/deploy.md``)::
     model.pt               TorchScript of ``Detector.export_module()`` (traced, any batch size)
     model.onnx             the same as ONNX (opset :data:`ONNX_OPSET`), where it exports
     detector.safetensors   the fitted detector's tensors: ``models.create`` + load rebuilds it
+    roi.png                the study's region of interest (one mask file), where it has one
 
 Every scorer takes a normalised float32 ``B x 3 x S x S`` batch and returns (image scores ``B``,
 anomaly maps ``B x S x S``). Nothing here imports ``sweep.run`` or Ray: ``sweep predict`` runs
@@ -14,6 +15,7 @@ where only the artefact is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.errors import DatasetError
+from data.roi import RegionOfInterest
 from data.transforms import RESIZE_MODES
 from sweep.errors import SweepError
 
@@ -36,6 +40,7 @@ __all__ = [
     "META_FILE",
     "ONNX_FILE",
     "ONNX_OPSET",
+    "ROI_FILE",
     "TORCHSCRIPT_FILE",
     "WEIGHTS_FILE",
     "Artefact",
@@ -53,6 +58,7 @@ META_FILE = "artefact.json"
 TORCHSCRIPT_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "detector.safetensors"
+ROI_FILE = "roi.png"
 ONNX_OPSET = 17
 """Supported by every onnxruntime since 1.14; what the legacy (TorchScript-based) exporter
 writes best."""
@@ -139,6 +145,18 @@ class Artefact:
     def image_size(self) -> tuple[int, int]:
         height, width = self.meta["preprocessing"]["image_size"]
         return int(height), int(width)
+
+    @property
+    def resize(self) -> str:
+        return str(self.meta["preprocessing"]["resize"])
+
+    @functools.cached_property
+    def roi(self) -> RegionOfInterest | None:
+        """The study's region of interest (``roi.png``), applied to every image as the trial
+        applied it; None where the study had none."""
+        if self.meta["preprocessing"].get("roi") is None:
+            return None
+        return RegionOfInterest(self.folder / ROI_FILE)
 
     @property
     def image_threshold(self) -> float | None:
@@ -241,9 +259,16 @@ def load_artefact(folder: str | Path) -> Artefact:
             f"{path}: preprocessing.resize {resize!r} is not supported here "
             f"(known: {', '.join(RESIZE_MODES)})"
         )
-    if meta["preprocessing"].get("roi") is not None:
-        raise SweepError(f"{path}: preprocessing.roi is set; this anomaly-sweep cannot apply it")
-    for name, expected in meta["files"].items():
+    files = dict(meta["files"])
+    roi = meta["preprocessing"].get("roi")
+    if roi is not None:
+        if not isinstance(roi, dict) or roi.get("file") != ROI_FILE or "sha256" not in roi:
+            raise SweepError(
+                f"{path}: preprocessing.roi is not a {ROI_FILE} with its sha256; this "
+                "anomaly-sweep cannot apply it"
+            )
+        files[ROI_FILE] = roi["sha256"]
+    for name, expected in files.items():
         file = folder / name
         if not file.is_file():
             raise SweepError(f"artefact {str(folder)!r}: {name} is missing")
@@ -252,4 +277,9 @@ def load_artefact(folder: str | Path) -> Artefact:
                 f"{file}: sha256 differs from the one {META_FILE} records (damaged or edited); "
                 "export the model again"
             )
-    return Artefact(folder, meta)
+    artefact = Artefact(folder, meta)
+    try:
+        artefact.roi  # noqa: B018 -- read once here: a bad mask is the artefact's fault
+    except DatasetError as exc:
+        raise SweepError(f"artefact {str(folder)!r}: {exc}") from None
+    return artefact

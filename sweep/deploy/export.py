@@ -32,11 +32,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 
 import models
+from data.files import decode_image
+from data.roi import RegionOfInterest
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sweep.deploy.artefact import (
     FORMAT,
@@ -44,6 +47,7 @@ from sweep.deploy.artefact import (
     META_FILE,
     ONNX_FILE,
     ONNX_OPSET,
+    ROI_FILE,
     TORCHSCRIPT_FILE,
     WEIGHTS_FILE,
     rebuild_detector,
@@ -389,6 +393,52 @@ def _normalisation(labels_scores: np.ndarray | None, threshold: Any) -> dict[str
     }
 
 
+# --------------------------------------------------------------------------- the ROI
+
+
+def _single_roi(study: Study, row: Mapping[str, Any], pick: str) -> RegionOfInterest | None:
+    """The study's ROI where an artefact can carry it (one mask file, as the trial read it);
+    a folder of per-image masks, or a mask changed since the trial, is a :class:`SweepError`."""
+    if study.dataset.roi is None:
+        return None
+    roi = RegionOfInterest(study.dataset.roi)  # missing or empty: a DatasetError (exit 2)
+    if roi.per_image:
+        raise SweepError(
+            f"--pick {pick}: dataset.roi {str(roi.path)!r} is a folder of per-image ROI masks, "
+            "matched to the data set's images by name; new images on the line have none, so "
+            "an artefact cannot carry it (give the study one mask file for every image)"
+        )
+    recorded = row.get("roi_sha256")
+    if isinstance(recorded, str) and recorded and recorded != roi.sha256:
+        raise SweepError(
+            f"--pick {pick}: the ROI mask {str(roi.path)!r} changed since the trial ran "
+            f"(sha256 {roi.sha256[:12]}, the row's {recorded[:12]}); the refit would not be the "
+            "row's configuration (restore the mask, or run the study again)"
+        )
+    return roi
+
+
+def _write_roi(roi: RegionOfInterest, folder: Path) -> dict[str, Any]:
+    """The ROI as ``folder/roi.png`` (0/255, read back exactly as the trial read the study's
+    mask: nonzero inside) and what ``artefact.json`` says of it."""
+    inside = decode_image(roi.path, cv2.IMREAD_GRAYSCALE) > 0
+    path = folder / ROI_FILE
+    if not cv2.imwrite(str(path), np.where(inside, 255, 0).astype(np.uint8)):
+        raise OSError(f"cannot write {path}")
+    height, width = inside.shape
+    return {
+        "file": ROI_FILE,
+        "sha256": sha256_file(path),
+        "size": [height, width],
+        "inside_fraction": float(inside.mean()),
+        "source": str(roi.path),
+        "source_sha256": roi.sha256,
+        "rule": "pixels outside set to 0 before resizing (data.transforms.prepare); maps "
+        "outside at their minimum inside (data.roi.mask_maps); the mask is resized to an image "
+        "of the same aspect ratio (data.roi.RegionOfInterest.mask_for)",
+    }
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -433,11 +483,7 @@ def export(
             f"--pick {pick}: the pick is a {model} model, which cannot be exported yet "
             f"(exportable: {known})"
         )
-    if study.dataset.roi is not None:
-        raise SweepError(
-            f"--pick {pick}: the study has a region of interest (dataset.roi), which artefacts "
-            "cannot carry yet; export a configuration of a study without one"
-        )
+    roi = _single_roi(study, row, pick)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -549,6 +595,8 @@ def export(
             "notes": notes,
             "versions": _versions(),
         }
+        if roi is not None:
+            meta["preprocessing"]["roi"] = _write_roi(roi, temporary)
         meta["files"] = {
             name: sha256_file(temporary / name)
             for name in (TORCHSCRIPT_FILE, ONNX_FILE, WEIGHTS_FILE)

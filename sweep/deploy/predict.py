@@ -1,12 +1,15 @@
 """``sweep predict``: score images and folders with an exported artefact.
 
 Each image is read and prepared as the study's data loader prepares it (decoded by OpenCV, RGB,
-brought to the artefact's (height, width) by its resize mode with ``data.transforms.prepare``,
-normalised with its mean and std), scored in batches, and written out: one row per input in
-``scores.parquet`` and ``scores.csv``, and per scored image a mask (``masks/``, the map at or
-above the pixel threshold) and a heatmap overlay (``overlays/``), at the image's own size
-(stretch) or over the image as the model saw it (pad, crop). An image that cannot be read is
-reported in its row and skipped; the others go on.
+outside the artefact's region of interest set to 0, brought to its (height, width) by its resize
+mode with ``data.transforms.prepare``, normalised with its mean and std), scored in batches,
+and written out: one row per input in ``scores.parquet`` and ``scores.csv``, and per scored
+image a mask (``masks/``, the map at or above the pixel threshold) and a heatmap overlay
+(``overlays/``). The map is first brought to its ROI minimum outside the ROI and the letterbox
+border (``data.roi.mask_maps``, as the trial evaluated it), then mapped back onto the image as
+the camera took it (``data.transforms.to_source``): stretched back, the border dropped, or
+what the crop cut away filled with the map's minimum. An image that cannot be read is reported
+in its row and skipped; the others go on.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 
 from data.datasets import IMAGE_SUFFIXES, decode_image
 from data.errors import DatasetError
-from data.transforms import prepare, to_rgb
+from data.roi import mask_maps
+from data.transforms import prepare, to_rgb, to_source
 from sweep.deploy.artefact import Artefact, load_artefact, normalise_pixels
 from sweep.errors import SweepError
 
@@ -91,15 +95,31 @@ def _check_out(out: Path) -> None:
         raise SweepError(f"--out {str(out)!r}: cannot create it ({exc.strerror or exc})") from None
 
 
-def _read(path: Path, size: tuple[int, int], resize: str) -> tuple[np.ndarray, np.ndarray]:
-    """(the image as H x W x 3 RGB uint8, its 3 x H' x W' model input as uint8), prepared as
-    the study's loaders prepare theirs (``data.transforms.prepare``)."""
+@dataclass
+class _Prepared:
+    """One image read for scoring."""
+
+    index: int
+    rgb: np.ndarray
+    """The image as the camera took it (H x W x 3 RGB uint8)."""
+    pixels: np.ndarray
+    """The model's input, 3 x H' x W' uint8."""
+    valid: np.ndarray | None
+    """Which pixels of the input count (inside the ROI, not padding); None: all."""
+
+
+def _read(path: Path, artefact: Artefact, index: int) -> _Prepared:
+    """``path`` prepared as the study's loaders prepare their images
+    (``data.transforms.prepare``, with the artefact's ROI resized to the image as
+    ``RegionOfInterest.mask_for`` resizes it: a mask of another aspect ratio is a
+    ``DatasetError``, so the image is skipped)."""
     try:
         rgb = to_rgb(decode_image(path, cv2.IMREAD_UNCHANGED))
     except TypeError as exc:
         raise DatasetError(f"{path}: unsupported image ({exc})") from exc
-    pixels, _ = prepare(rgb, size, resize)
-    return rgb, np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    roi = None if artefact.roi is None else artefact.roi.mask_for(path, *rgb.shape[:2])
+    pixels, valid = prepare(rgb, artefact.image_size, artefact.resize, roi)
+    return _Prepared(index, rgb, np.ascontiguousarray(pixels.transpose(2, 0, 1)), valid)
 
 
 def _unique(names: Sequence[str]) -> list[str]:
@@ -114,25 +134,28 @@ def _unique(names: Sequence[str]) -> list[str]:
 
 
 def _write_pictures(
-    artefact: Artefact, rgb: np.ndarray, anomaly_map: np.ndarray, out: Path, name: str
+    artefact: Artefact, image: _Prepared, anomaly_map: np.ndarray, out: Path, name: str
 ) -> tuple[str | None, str]:
-    """The mask and overlay PNGs of one image at its own size; their paths under ``out``."""
-    height, width = rgb.shape[:2]
-    resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), cv2.INTER_LINEAR)
+    """The mask and overlay PNGs of one image on the image as the camera took it; their paths
+    under ``out``."""
+    if image.valid is not None:
+        # As the trial evaluated it: outside the ROI (and on the border) at the ROI's minimum.
+        anomaly_map = mask_maps(anomaly_map[None], image.valid[None])[0]
+    source = to_source(anomaly_map, image.rgb.shape[:2], artefact.resize)
     mask_name = None
     if artefact.pixel_threshold is not None:
         mask_name = f"masks/{name}.png"
-        mask = np.where(resized >= artefact.pixel_threshold, 255, 0).astype(np.uint8)
+        mask = np.where(source >= artefact.pixel_threshold, 255, 0).astype(np.uint8)
         if not cv2.imwrite(str(out / mask_name), mask):
             raise OSError(f"cannot write {out / mask_name}")
     normalisation = artefact.map_normalisation
     if normalisation is not None:
-        heat = normalisation.apply(resized)
+        heat = normalisation.apply(source)
     else:  # no pixel threshold: the map's own range
-        low, high = float(resized.min()), float(resized.max())
-        heat = (resized - low) / (high - low) if high > low else np.zeros_like(resized)
+        low, high = float(source.min()), float(source.max())
+        heat = (source - low) / (high - low) if high > low else np.zeros_like(source)
     colours = cv2.applyColorMap((heat * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    bgr = cv2.cvtColor(image.rgb, cv2.COLOR_RGB2BGR)
     overlay = cv2.addWeighted(bgr, 1 - OVERLAY_ALPHA, colours, OVERLAY_ALPHA, 0)
     overlay_name = f"overlays/{name}.png"
     if not cv2.imwrite(str(out / overlay_name), overlay):
@@ -173,14 +196,15 @@ def predict(
     threshold = artefact.image_threshold
     normalisation = artefact.score_normalisation
 
-    def flush(batch: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    def flush(batch: list[_Prepared]) -> None:
         if not batch:
             return
-        pixels = torch.from_numpy(np.stack([model_input for _, _, model_input in batch]))
+        pixels = torch.from_numpy(np.stack([image.pixels for image in batch]))
         images = normalise_pixels(pixels, prep["mean"], prep["std"]).numpy()
         scores, maps = score_batch(images)
-        for j, (i, rgb, model_input) in enumerate(batch):
-            row = rows[i]
+        for j, image in enumerate(batch):
+            row = rows[image.index]
+            # The detector's own score: it never saw outside the ROI (blanked in prepare).
             score = float(scores[j])
             row["score"] = score
             if threshold is not None:
@@ -189,25 +213,20 @@ def predict(
             if normalisation is not None:
                 row["normalised_score"] = float(normalisation.apply(np.float64(score)))
             if maps is not None:
-                # A stretched map maps back onto the whole image; a padded or cropped one is
-                # shown on the image as the model saw it.
-                shown = rgb if prep["resize"] == "stretch" else model_input.transpose(1, 2, 0)
                 row["mask"], row["overlay"] = _write_pictures(
-                    artefact, np.ascontiguousarray(shown), maps[j], out, names[i]
+                    artefact, image, maps[j], out, names[image.index]
                 )
             summary.scored += 1
         batch.clear()
 
-    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+    pending: list[_Prepared] = []
     for i, path in enumerate(paths):
         rows.append(dict.fromkeys(COLUMNS) | {"path": str(path)})
         try:
-            rgb, model_input = _read(path, artefact.image_size, prep["resize"])
+            pending.append(_read(path, artefact, i))
         except DatasetError as exc:
             rows[i]["error"] = str(exc)
             summary.failed.append((str(path), str(exc)))
-        else:
-            pending.append((i, rgb, model_input))
         if len(pending) >= batch_size:
             flush(pending)
             if progress is not None:
