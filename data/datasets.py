@@ -237,6 +237,9 @@ class DatasetSplits:
     valid: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """By path, which pixels count for evaluation (inside the ROI, not padding), for images
     where some do not."""
+    labelled: AnomalyDataset | None = None
+    """Labelled defect images that supervised detectors train on, moved out of the test split
+    (:func:`data.splits.labelled_split`); None: none were drawn."""
 
     @property
     def restricted(self) -> bool:
@@ -296,6 +299,8 @@ class DatasetSplits:
         title = f"{self.name}/{self.category}" if self.category else self.name
         val = "val" if self.val_source == "split" else f"val ({self.val_source})"
         parts = [split("train", self.train), split(val, self.val), split("test", self.test)]
+        if self.labelled is not None:
+            parts.append(split("labelled", self.labelled))
         size = f"{self.image_size}px"
         if self.shape is not None and self.shape[0] != self.shape[1]:
             size = f"{self.shape[0]}x{self.shape[1]}px"

@@ -11,6 +11,10 @@ to validation (anomalib's ``from_test``) and :func:`synthetic_validation` turns 
 normal validation images into synthetic anomalies (anomalib's ``synthetic``), leaving the test
 split as it is.
 
+Supervised detectors train on labelled defects: :func:`labelled_split` moves ``N`` defect
+images of every defect type out of the test split into a labelled training split, so that the
+test split every detector of that ``N`` is scored on holds none of them.
+
 Every draw takes its generator from the seed it is given: trials that share that seed share
 their splits, so their scores compare.
 """
@@ -28,6 +32,7 @@ from data.errors import DatasetError
 
 __all__ = [
     "VALIDATION_SOURCES",
+    "labelled_split",
     "resplit",
     "synthetic_validation",
     "validation_from_test",
@@ -140,3 +145,43 @@ def synthetic_validation(splits: DatasetSplits, *, kind: str = "cutpaste", seed:
     return dataclasses.replace(
         splits, val_source="synthetic", val=AnomalyDataset.concat([val.subset(others), anomalies])
     )
+
+
+def labelled_split(splits: DatasetSplits, *, per_type: int, seed: int):
+    """``per_type`` anomalous test images of every defect type, drawn from ``seed``, moved out
+    of the test split into ``splits.labelled`` (the training defects of supervised detectors).
+
+    The draws are nested: per type one permutation from ``seed`` is cut at ``per_type``, so a
+    larger budget labels a superset of a smaller one's images and tests on a subset of its test
+    images. ``per_type`` 0 returns ``splits`` unchanged. A type with ``per_type`` or fewer test
+    images (none would be left to test on) is a :class:`DatasetError` naming it.
+    """
+    if isinstance(per_type, bool) or not isinstance(per_type, int) or per_type < 0:
+        raise DatasetError(f"labelled_defects: expected an int >= 0, got {per_type!r}")
+    if per_type == 0:
+        return splits
+    test = splits.test
+    labels = test.labels.numpy()
+    defects = np.asarray(test.defects, dtype=object)
+    types = sorted({d for d, label in zip(test.defects, labels, strict=True) if label == 1})
+    if not types:
+        raise DatasetError(
+            f"{splits.name}: labelled_defects: {per_type} needs anomalous test images, and the "
+            "test split has none"
+        )
+    counts = {t: int(np.sum((defects == t) & (labels == 1))) for t in types}
+    short = {t: n for t, n in counts.items() if n <= per_type}
+    if short:
+        listed = ", ".join(f"{t!r} has {n}" for t, n in sorted(short.items()))
+        raise DatasetError(
+            f"{splits.name}: labelled_defects: {per_type} per defect type leaves no test image of "
+            f"some types ({listed}); give a smaller labelled_defects or more test defects"
+        )
+    rng = np.random.default_rng([seed, 0x1AB])
+    moved = []
+    for defect in types:
+        indices = np.flatnonzero((defects == defect) & (labels == 1))
+        moved.append(indices[rng.permutation(indices.size)[:per_type]])
+    chosen = np.sort(np.concatenate(moved))
+    kept = np.setdiff1d(np.arange(len(test)), chosen)
+    return dataclasses.replace(splits, labelled=test.subset(chosen), test=test.subset(kept))

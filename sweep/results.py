@@ -110,6 +110,7 @@ BASE_SCHEMA = pa.schema(
         ("stress_spec", pa.string()),
         ("split_seed", pa.int64()),
         ("test_fraction", pa.float64()),
+        ("labelled_defects", pa.int64()),
         ("val_source", pa.string()),
         ("image_auroc", pa.float64()),
         ("image_f1", pa.float64()),

@@ -33,6 +33,7 @@ __all__ = [
     "BACKBONE_MARK",
     "DISTRIBUTIONS",
     "FOLLOW_SEED",
+    "LABEL_KEY",
     "NATIVE_SIZE",
     "PER_MODEL_TRIAL_KEYS",
     "SHARED_HPARAMS",
@@ -59,17 +60,23 @@ TRIAL_KEYS = (
     "stress",
     "split_seed",
     "test_fraction",
+    "labelled_defects",
 )
 """Keys of the space that are not detector hyperparameters, or not only."""
 SPLIT_KEYS = ("split_seed", "test_fraction")
 """Trial keys that draw the data set's splits again (:func:`data.splits.resplit`): the split's
 seed (an int, or ``seed`` for the trial's own seed) and the share of normal images tested."""
+LABEL_KEY = "labelled_defects"
+"""The trial key that moves N defect images per defect type from the test split into a
+labelled training split (:func:`data.splits.labelled_split`): supervised detectors train on
+them, every detector of that N is tested without them."""
 FOLLOW_SEED = "seed"
 """The ``split_seed`` that means: the trial's seed draws its split too."""
 VARIANT_KEYS = ("augmentation", "stress")
 """Trial keys that name a data variant: a training augmentation set or a test-time stress."""
-PER_MODEL_TRIAL_KEYS = ("image_size",)
-"""Trial keys a study may also give per model (``cfa.image_size: 224``)."""
+PER_MODEL_TRIAL_KEYS = ("image_size", LABEL_KEY)
+"""Trial keys a study may also give per model (``cfa.image_size: 224``,
+``supervised_classifier.labelled_defects: {grid: [1, 5]}``)."""
 NATIVE_SIZE = "native"
 """An image size that means: the backbone's fixed input size (transformers), else the data
 set's ``image_size``."""
@@ -241,6 +248,9 @@ class TrialConfig:
     """Seed of a fresh train/val/test split of the data set; None keeps the data set's."""
     test_fraction: float | None = None
     """Share of normal images in a fresh split's test split; None keeps the data set's."""
+    labelled_defects: int | None = None
+    """Defect images per type moved from test into the labelled training split; None (or 0):
+    none, the test split stays whole."""
 
     @property
     def resplits(self) -> bool:
@@ -262,6 +272,7 @@ class TrialConfig:
             # Left out when unused, so that trials without variants keep their ids.
             **{k: getattr(self, k) for k in VARIANT_KEYS if getattr(self, k) != "none"},
             **{k: getattr(self, k) for k in SPLIT_KEYS if getattr(self, k) is not None},
+            **({} if self.labelled_defects is None else {LABEL_KEY: self.labelled_defects}),
         }
 
     @classmethod
@@ -276,6 +287,7 @@ class TrialConfig:
             stress=str(raw.get("stress", "none")),
             split_seed=None if raw.get("split_seed") is None else int(raw["split_seed"]),
             test_fraction=None if raw.get("test_fraction") is None else float(raw["test_fraction"]),
+            labelled_defects=None if raw.get(LABEL_KEY) is None else int(raw[LABEL_KEY]),
         )
 
     def key(self) -> str:
@@ -290,6 +302,8 @@ class TrialConfig:
         variants = "".join(
             f" {k}={getattr(self, k)}" for k in VARIANT_KEYS if getattr(self, k) != "none"
         )
+        if self.labelled_defects:
+            variants += f" {LABEL_KEY}={self.labelled_defects}"
         return "/".join(parts) + f" seed={self.seed} {self.image_size}px" + variants
 
 
@@ -452,6 +466,8 @@ class Space:
         epochs = None if epochs_key is None else assignment[epochs_key]
         size_key = _winning_key(assignment, model, "image_size")
         size = self.default_image_size if size_key is None else assignment[size_key]
+        label_key = _winning_key(assignment, model, LABEL_KEY)
+        labelled = None if label_key is None else assignment[label_key]
         return TrialConfig(
             model=model,
             seed=seed,
@@ -466,6 +482,7 @@ class Space:
                 if assignment.get("test_fraction") is None
                 else float(assignment["test_fraction"])
             ),
+            labelled_defects=None if labelled is None else int(labelled),
         )
 
     def from_sampler(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -628,6 +645,7 @@ class Space:
         self._check_backbone_pairs()
         self._check_whole_numbers()
         self._check_split_keys()
+        self._check_labelled_defects()
         if algorithm == "grid":
             for key, param in self.params.items():
                 if not param.is_enumerable:
@@ -760,6 +778,41 @@ class Space:
                     raise ValueError(
                         f"space key 'test_fraction': expected a share in (0, 1), got {value!r}"
                     )
+
+    def _check_labelled_defects(self) -> None:
+        """``labelled_defects`` (shared or per model) takes whole numbers >= 0, and every trial
+        of a supervised detector needs at least one labelled defect per type."""
+        keys = [k for k in self.params if split_key(k).name == LABEL_KEY]
+        for key in keys:
+            param = self.params[key]
+            if param.kind in ("uniform", "loguniform"):
+                raise ValueError(f"space key {key!r} takes whole numbers, not {param.kind}")
+            bounds = param.options() if param.is_enumerable else (param.low, param.high)
+            for value in bounds:
+                whole = isinstance(value, int | float) and not isinstance(value, bool)
+                if not (whole and float(value).is_integer() and value >= 0):
+                    raise ValueError(
+                        f"space key {key!r}: expected a whole number of defect images per type "
+                        f"(>= 0), got {value!r}"
+                    )
+        for model in self.models:
+            if models.get_class(model).learning_type != "supervised":
+                continue
+            key = self.key_for(model, LABEL_KEY)
+            if key is None:
+                raise ValueError(
+                    f"model {model!r} is supervised and trains on labelled defects: give "
+                    f"'{LABEL_KEY}' (defect images per type, >= 1), e.g. "
+                    f"'{model}.{LABEL_KEY}: {{grid: [1, 5, 20]}}'"
+                )
+            param = self.params[key]
+            low = min(param.options()) if param.is_enumerable else param.low
+            if low is not None and low < 1:
+                raise ValueError(
+                    f"space key {key!r}: model {model!r} is supervised and needs at least one "
+                    f"labelled defect per type, got {low!r}; give it its own values with "
+                    f"'{model}.{LABEL_KEY}: {{grid: [1, 5, 20]}}'"
+                )
 
     def _check_whole_numbers(self) -> None:
         size_keys = [k for k in self.params if k == "image_size" or k.endswith(".image_size")]

@@ -36,7 +36,7 @@ import models
 from data.augment import Augmenter
 from data.errors import DatasetError
 from data.roi import restrict
-from data.splits import resplit, synthetic_validation, validation_from_test
+from data.splits import labelled_split, resplit, synthetic_validation, validation_from_test
 from data.stress import apply_stress
 from data.transforms import normalize
 from models.cache import TensorCache, use_cache
@@ -95,10 +95,14 @@ def load_data(
     stress: str = "none",
     split_seed: int | None = None,
     test_fraction: float | None = None,
+    labelled_defects: int | None = None,
 ):  # -> data.DatasetSplits
     """The study's data at ``image_size`` as a trial sees it, cached in this process for the
     trials that follow: split again when ``split_seed`` or ``test_fraction`` is set
-    (:func:`data.splits.resplit`), with validation anomalies from the study's
+    (:func:`data.splits.resplit`), ``labelled_defects`` defect images per type moved from the
+    test split into the labelled split (:func:`data.splits.labelled_split`; before validation
+    anomalies are drawn, so that ``from_test`` never takes a labelled image), with validation
+    anomalies from the study's
     ``evaluation.validation`` source, and the test split under ``stress`` (a name of the
     study's stresses).
 
@@ -114,6 +118,7 @@ def load_data(
         [
             raw_key,
             [seed, test_fraction] if redraw else None,
+            *([labelled_defects] if labelled_defects else []),
             [evaluation.validation, evaluation.val_from_test, evaluation.synthetic_anomalies],
         ]
     )
@@ -122,6 +127,8 @@ def load_data(
         splits = _cached(raw_key, lambda: data.load_dataset(study.dataset.kind, **args))
         if redraw:
             splits = resplit(splits, seed=seed, test_fraction=test_fraction)
+        if labelled_defects:
+            splits = labelled_split(splits, per_type=labelled_defects, seed=seed)
         return with_validation(splits, study, seed)
 
     if stress == "none":
@@ -296,7 +303,25 @@ def run_trial(
     study = ctx.study
     device = select_device()
     torch.set_num_threads(_assigned_cpus(study))
-    splits = load_data(study, trial.image_size, trial.stress, trial.split_seed, trial.test_fraction)
+    splits = load_data(
+        study,
+        trial.image_size,
+        trial.stress,
+        trial.split_seed,
+        trial.test_fraction,
+        trial.labelled_defects,
+    )
+    supervised = models.get_class(trial.model).learning_type == "supervised"
+    if supervised and splits.labelled is None:
+        raise models.ModelError(
+            f"{trial.model} is supervised and trains on labelled defects: the trial has "
+            f"labelled_defects={trial.labelled_defects}, give it 1 or more per defect type"
+        )
+    # Supervised detectors learn from the labelled defects beside the normal images; the others
+    # never see them (and every detector of one labelled_defects is tested without them).
+    training = splits.train
+    if supervised:
+        training = data.AnomalyDataset.concat([splits.train, splits.labelled])
     augmenter = None
     if trial.augmentation != "none":
         augmenter = Augmenter(study.augmentation_sets[trial.augmentation], seed=trial.seed)
@@ -308,7 +333,9 @@ def run_trial(
     detector = models.create(trial.model, **create_args).to(device)
     epochs_run = 0
     scheduler = study.scheduler
-    iterative = detector.learning_type == "iterative"
+    # Supervised detectors train by gradient over epochs too: the scheduler, the epoch count and
+    # the validation scores between epochs treat them as iterative.
+    iterative = detector.learning_type in ("iterative", "supervised")
     scores_validation = scheduler is not None and iterative and scheduler.metric.startswith("val_")
     budget = trial.epochs if trial.epochs is not None else getattr(detector, "epochs", None)
 
@@ -337,7 +364,7 @@ def run_trial(
         return False
 
     train_batch_size, batch_size = ctx.batch_sizes(trial.model)
-    train = _Epochs(splits.train, train_batch_size, trial.seed, device, augmenter)
+    train = _Epochs(training, train_batch_size, trial.seed, device, augmenter)
     # Features are reused only where the backbone is frozen for good: one-pass training and
     # evaluation. Timing runs without the cache, or it would time disk reads.
     fit_cache = cache if detector.learning_type == "one_pass" else None
@@ -386,7 +413,7 @@ def run_trial(
     trainable, frozen = detector.param_counts()
     return {
         **scores,
-        "epochs_run": epochs_run if detector.learning_type == "iterative" else None,
+        "epochs_run": epochs_run if iterative else None,
         "train_s": fit_time.seconds,
         "latency_ms": latency.median_ms,
         "throughput_fps": throughput,
@@ -405,7 +432,7 @@ def run_trial(
         "weights": weights,
         "parts": _parts_column(stats),
         "val_source": splits.val_source,
-        "n_train": len(splits.train),
+        "n_train": len(training),
         "n_val": len(splits.val),
         "n_test": len(splits.test),
         **data_columns(splits, test),
@@ -702,6 +729,7 @@ def _row_header(trial: TrialConfig, ctx: TrialContext, trial_id: str) -> dict[st
         "stress_spec": _variant_spec(study, "stress_specs", trial.stress),
         "split_seed": trial.split_seed,
         "test_fraction": trial.test_fraction,
+        "labelled_defects": trial.labelled_defects,
         "hostname": socket.gethostname(),
         "versions": _versions(),
         "trial_config": json.dumps(trial.to_dict(), sort_keys=True),
