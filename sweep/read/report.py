@@ -34,6 +34,12 @@ from rich.table import Table
 
 from sweep.errors import SweepError
 from sweep.read import analysis
+from sweep.read.drift import (
+    DRIFT_ALPHA,
+    LIMIT_SHARE,
+    drift_by_configuration,
+    drift_by_trial,
+)
 from sweep.read.stats import benjamini_hochberg, false_negatives_by_size, paired_t_tests
 from sweep.results import METRICS, Objective, read_images, read_results, write_atomically
 
@@ -194,8 +200,12 @@ def build_report(
     (Benjamini-Hochberg over the rows); None with one configuration), ``false_negatives``
     (per front or picked configuration with per-image results: ``index``,
     ``configuration``, ``trials`` and ``buckets``, the rows of
-    ``sweep.read.stats.false_negatives_by_size``; None without them), ``plots`` (name -> PNG
-    path).
+    ``sweep.read.stats.false_negatives_by_size``; None without them), ``drift`` (the drift
+    sentinel, ``sweep.read.drift``, when the study ran test-time stresses and has per-image
+    results: ``alpha``, ``limit_share``, ``flagged`` (per shift: configurations flagged and
+    tested), ``trials_cannot_fire`` and ``rows`` of ``configuration``, ``stress`` and
+    ``sweep.read.drift.drift_by_configuration``'s counts; None otherwise), ``plots`` (name ->
+    PNG path).
     """
     # matplotlib (about half a second) only where plots are drawn: `sweep compare` imports
     # this module for metric_mode.
@@ -248,6 +258,7 @@ def build_report(
     if has_variants:
         deltas = analysis.variant_deltas(df, ROBUSTNESS_METRICS)
         report["robustness"] = json.loads(deltas.to_json(orient="records"))
+        report["drift"] = _drift(results_dir, df)
         # Model selection compares detectors as they would run: trained and tested clean.
         clean = (df[variant_columns].fillna(analysis.CLEAN) == analysis.CLEAN).all(axis=1)
         df = df[clean]
@@ -387,6 +398,69 @@ def _false_negatives(
             }
         )
     return out or None
+
+
+def _drift(results_dir: Path, df: pd.DataFrame) -> dict | None:
+    """The drift sentinel per configuration and shift (the clean control first): each trial's
+    normal test scores against its normal validation scores, seeds counted. None when no ok
+    row ran a test-time stress or no such trial has per-image results."""
+    ok = df[df["status"] == "ok"]
+    if "stress" not in ok.columns:
+        return None
+    if not (ok["stress"].fillna(analysis.CLEAN) != analysis.CLEAN).any():
+        return None
+    images = read_images(results_dir, config_hashes=ok["config_hash"].tolist())
+    if images.empty:
+        return None
+    trials = drift_by_trial(ok, images)
+    if not (trials["stress"].fillna(analysis.CLEAN) != analysis.CLEAN).any():
+        return None
+    table = drift_by_configuration(trials)
+    if table.empty:
+        return None
+    records = json.loads(table.to_json(orient="records"))
+    varying = _varying_columns(records)
+    # Fixed configuration columns (augmentation, category, ...) that differ name themselves too.
+    named = ("model", "backbone", "image_size", "stress")
+    differing = [
+        c
+        for c in analysis.CONFIG_COLUMNS
+        if c not in named and c in table.columns and table[c].nunique(dropna=False) > 1
+    ]
+    flagged: dict[str, list[int]] = {}
+    rows = []
+    for record in records:
+        name = _config_name(record, varying)
+        name += "".join(f" {c}={_cell(record.get(c))}" for c in differing)
+        counts = flagged.setdefault(record["stress"], [0, 0])
+        counts[0] += bool(record["drift"])
+        counts[1] += 1
+        rows.append(
+            {
+                "configuration": name,
+                **{
+                    k: record[k]
+                    for k in (
+                        "stress",
+                        "trials",
+                        "trials_drift",
+                        "trials_can_fire",
+                        "ks_p_median",
+                        "share_beyond_median",
+                        "expected_share_median",
+                        "drift",
+                    )
+                },
+            }
+        )
+    tested = trials[trials["drift"].notna()]
+    return {
+        "alpha": DRIFT_ALPHA,
+        "limit_share": LIMIT_SHARE,
+        "flagged": flagged,
+        "trials_cannot_fire": int((~(tested["min_p"] < DRIFT_ALPHA / 2)).sum()),
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -607,6 +681,14 @@ def print_report(report: dict, objectives: list[tuple[str, str]], console: Conso
         console.print(fn)
     if report.get("robustness"):
         print_robustness(report["robustness"], console)
+    if report.get("drift"):
+        drift = Table(title=escape(doc.drift_title()))
+        for i, column in enumerate(doc.drift_header()):
+            drift.add_column(column, justify="left" if i in (0, 1, 7) else "right")
+        for flagged, cells in doc.drift_rows():
+            drift.add_row(*(escape(c) for c in cells), style="bold red" if flagged else None)
+        console.print(drift)
+        console.print(escape(doc.drift_summary()))
     for error in report["errors"]:
         what = error["error"] or error.get("notes") or ""
         console.print(
@@ -895,6 +977,74 @@ class _Doc:
             out.append(cells)
         return out
 
+    def drift_title(self) -> str:
+        drift = self.report.get("drift") or {}
+        percentile = 100 * (1 - drift["limit_share"])
+        return (
+            "Drift sentinel: each trial's normal test scores (under the shift; none is the "
+            "control) against its normal validation scores. A seed flags drift when the "
+            "two-sided KS test or the control limit (the validation normals' "
+            f"{percentile:g}th percentile, their largest score when there are too few) gives "
+            f"p < {drift['alpha'] / 2:g}; a configuration drifts when more than half its seeds "
+            "flag it"
+        )
+
+    def drift_summary(self) -> str:
+        """Which shifts the sentinel flags, in configurations, and when it could not fire."""
+        drift = self.report.get("drift") or {}
+        parts = [
+            f"{'none (control)' if shift == analysis.CLEAN else shift} {hit}/{total}"
+            for shift, (hit, total) in drift.get("flagged", {}).items()
+        ]
+        text = "Configurations flagged, per shift: " + ", ".join(parts) + "."
+        if drift.get("trials_cannot_fire"):
+            text += (
+                f" {drift['trials_cannot_fire']} trial(s) have too few normal images for "
+                f"either rule to reach p < {drift['alpha'] / 2:g}: their no-drift verdict "
+                "says nothing."
+            )
+        return text
+
+    def drift_header(self) -> list[str]:
+        return [
+            "configuration",
+            "shift",
+            "seeds",
+            "seeds flagging",
+            "median KS p",
+            "beyond limit (median)",
+            "expected",
+            "verdict",
+        ]
+
+    def drift_rows(self) -> list[tuple[bool, list[str]]]:
+        """(drift?, cells) per configuration and shift."""
+        out = []
+        for row in (self.report.get("drift") or {}).get("rows", []):
+            if row["drift"]:
+                verdict = "drift"
+            elif not row["trials_can_fire"]:
+                verdict = "cannot fire (too few normal images)"
+            else:
+                verdict = "no drift"
+            share, expected = row.get("share_beyond_median"), row.get("expected_share_median")
+            out.append(
+                (
+                    bool(row["drift"]),
+                    [
+                        row["configuration"],
+                        "none (control)" if row["stress"] == analysis.CLEAN else row["stress"],
+                        str(row["trials"]),
+                        str(row["trials_drift"]),
+                        _p_text(row.get("ks_p_median")),
+                        "-" if _missing(share) else f"{share:.1%}",
+                        "-" if _missing(expected) else f"{expected:.1%}",
+                        verdict,
+                    ],
+                )
+            )
+        return out
+
     def error_rows(self) -> list[list[str]]:
         return [
             [
@@ -1167,6 +1317,21 @@ def render_html(report: dict) -> str:
             "(green: better, red: worse).</p>"
         )
 
+    if report.get("drift"):
+        parts.append('<h2 id="drift">Drift sentinel</h2>')
+        parts.append(f"<p>{_e(doc.drift_title())}.</p>")
+        drift_rows = doc.drift_rows()
+        parts.append(
+            _html_table(
+                doc.drift_header(),
+                [cells for _, cells in drift_rows],
+                row_classes=["knee" if flagged else "" for flagged, _ in drift_rows],
+                table_id="drift-table",
+                note_last=True,
+            )
+        )
+        parts.append(f'<p class="legend">{_e(doc.drift_summary())}</p>')
+
     if report["plots"]:
         parts.append('<h2 id="plots">Plots</h2><div class="plots">')
         for name, path in report["plots"].items():
@@ -1314,6 +1479,14 @@ def render_markdown(report: dict, markdown_path: Path) -> str:
             "Δ: the variant's mean minus the clean configuration's.",
             "",
         ]
+    if report.get("drift"):
+        lines += ["## Drift sentinel", "", _md_escape(doc.drift_title()) + ".", ""]
+        rows = [
+            [*map(_md_escape, cells[:-1]), f"**{cells[-1]}**" if flagged else cells[-1]]
+            for flagged, cells in doc.drift_rows()
+        ]
+        lines += [_md_table(doc.drift_header(), rows, note_last=True), ""]
+        lines += [_md_escape(doc.drift_summary()), ""]
     if report["plots"]:
         lines += ["## Plots", ""]
         base = Path(markdown_path).resolve().parent
