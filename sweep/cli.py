@@ -463,7 +463,7 @@ def cascade(
             top=top,
             objective=objective,
         )
-    except _user_errors() as exc:
+    except SweepError as exc:  # only reads results: no data or model errors (nor torch)
         bad_input(exc)
     view.show_cascade(result, as_json=fmt == "json", limit=limit)
 

@@ -275,7 +275,7 @@ def per_seed_candidates(
     ``kind``, ``members`` (JSON list), ``seed`` and :data:`METRICS`. Also returns notes (seeds
     left out because the members scored different images).
     """
-    names = list(members)
+    names = sorted(members)  # an ensemble's name does not depend on the input's order
     combos: list[tuple[str, tuple[str, ...]]] = [("single", (n,)) for n in names]
     combos += [("cascade", pair) for pair in itertools.permutations(names, 2)]
     for size in range(2, max_members + 1):
