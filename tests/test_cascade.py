@@ -260,6 +260,11 @@ def test_cli_on_a_tiny_output(output):
     assert table.exit_code == 0, table.output
     assert "fast -> slow" in table.stdout and "front (f1 max" in table.stdout
 
+    alone = runner.invoke(app, ["cascade", str(output), "--top", "1", "--format", "json"])
+    assert alone.exit_code == 0, alone.output
+    kinds = {c["candidate"]: c["kind"] for c in json.loads(alone.stdout)["candidates"]}
+    assert kinds == {"fast": "single", "slow": "single"}
+
     for bad in (["--precision", "1.5"], ["--max-members", "1"], ["--objective", "auroc"]):
         refused = runner.invoke(app, ["cascade", str(output), *bad])
         assert refused.exit_code == 2, bad

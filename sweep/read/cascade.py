@@ -271,13 +271,15 @@ def per_seed_candidates(
 ) -> tuple[pd.DataFrame, list[str]]:
     """Every candidate at every seed its members share: one row per (candidate, seed).
 
-    ``members``: configuration name -> seed -> :class:`Member`. Columns ``candidate``,
+    ``members``: configuration name -> seed -> :class:`Member`; ``max_members`` 1: singles
+    only. Columns ``candidate``,
     ``kind``, ``members`` (JSON list), ``seed`` and :data:`METRICS`. Also returns notes (seeds
     left out because the members scored different images).
     """
     names = sorted(members)  # an ensemble's name does not depend on the input's order
     combos: list[tuple[str, tuple[str, ...]]] = [("single", (n,)) for n in names]
-    combos += [("cascade", pair) for pair in itertools.permutations(names, 2)]
+    if max_members >= 2:
+        combos += [("cascade", pair) for pair in itertools.permutations(names, 2)]
     for size in range(2, max_members + 1):
         for group in itertools.combinations(names, size):
             combos += [(kind, group) for kind in ("or", "and", "average")]
