@@ -51,6 +51,7 @@ __all__ = [
     "recompute_progress",
     "render_plan",
     "show_backbones",
+    "show_cascade",
     "show_comparison",
     "show_export",
     "show_interrupted",
