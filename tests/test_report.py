@@ -345,3 +345,94 @@ def test_html_report_renders_in_headless_chromium(built, tmp_path):
     # The page's top rows are text on white; the plots further down add colour.
     assert (image[:300] < 100).any() and image[:300].mean() > 180
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def _stressed_output(output: Path) -> Path:
+    """Two configurations x 3 seeds, each trained once and tested clean, under lighting (the
+    normal test scores move up by 1.5 validation standard deviations) and under rotation (they
+    do not move), with 40 validation and 40 test normals per trial."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sweep.results import ResultStore, read_results
+
+    write_study_output(output, seeds=(0, 1, 2), configs=CONFIGS_2, error_row=False, images=True)
+    store = ResultStore(output)
+    schema = pq.read_schema(next(output.glob("[!._]*.parquet")))
+    rng = np.random.default_rng(17)
+    for row in read_results(output).to_dict(orient="records"):
+        row = {k: (None if pd.api.types.is_scalar(v) and pd.isna(v) else v) for k, v in row.items()}
+        val = rng.normal(size=40)
+        for stress, shift in (("none", 0.0), ("lighting", 1.5), ("rotation", 0.0)):
+            config_hash = row["config_hash"] + ("" if stress == "none" else stress)
+            store.write_row({**row, "config_hash": config_hash, "stress": stress}, schema)
+            test = rng.normal(loc=shift, size=40)
+            n = 2 * 40 + 2
+            frame = pd.DataFrame(
+                {
+                    "config_hash": config_hash,
+                    "split": ["val"] * 41 + ["test"] * 41,
+                    "index": [*range(41), *range(41)],
+                    "path": [f"img/{i}.png" for i in range(n)],
+                    "label": [0] * 40 + [1] + [0] * 40 + [1],
+                    "defect": ["good"] * 40 + ["crack"] + ["good"] * 40 + ["crack"],
+                    "defect_pixels": [0] * 40 + [100] + [0] * 40 + [100],
+                    "defect_fraction": [0.0] * 40 + [0.02] + [0.0] * 40 + [0.02],
+                    "score": [*val, 9.0, *test, 9.0],
+                }
+            )
+            store.write_images(config_hash, pa.Table.from_pandas(frame, preserve_index=False))
+    return output
+
+
+CONFIGS_2 = [
+    ("patchcore", {"coreset_ratio": 0.1, "num_neighbors": 9}, 0.93, 0.95, 14.0, 3.0),
+    ("padim", {"n_features": 100}, 0.88, 0.93, 9.0, 1.0),
+]
+
+
+def test_drift_sentinel_section_flags_the_shift_and_not_the_control(tmp_path):
+    from sweep.read.drift import drift_test
+    from sweep.read.report import build_report, render_html
+    from sweep.results import read_images
+
+    output = _stressed_output(tmp_path / "out")
+    objectives = [("image_auroc", "max"), ("latency_ms", "min")]
+    report = build_report(output, objectives, tmp_path / "plots")
+    drift = report["drift"]
+    assert drift["alpha"] == 0.05 and drift["trials_cannot_fire"] == 0
+    rows = {(r["configuration"].split("/")[0], r["stress"]): r for r in drift["rows"]}
+    assert [r["stress"] for r in drift["rows"]] == ["none", "lighting", "rotation"] * 2
+    for model in ("padim", "patchcore"):
+        assert rows[model, "lighting"]["drift"] and rows[model, "lighting"]["trials_drift"] == 3
+        assert not rows[model, "none"]["drift"] and not rows[model, "rotation"]["drift"]
+        assert rows[model, "none"]["trials"] == 3
+    assert drift["flagged"] == {"none": [0, 2], "lighting": [2, 2], "rotation": [0, 2]}
+    # The medians are those of the per-trial tests, recomputed here from the images.
+    images = read_images(output)
+    normal = images[images["label"] == 0]
+    hashes = [h for h in normal["config_hash"].unique() if h.endswith("lighting")]
+    padim = sorted(h for h in hashes if int(h[:16], 16) > 3)  # padim's trials come after
+    ks = [
+        drift_test(
+            normal[(normal.config_hash == h) & (normal.split == "val")]["score"],
+            normal[(normal.config_hash == h) & (normal.split == "test")]["score"],
+        )["ks_p"]
+        for h in padim
+    ]
+    assert rows["padim", "lighting"]["ks_p_median"] == pytest.approx(np.median(ks), rel=1e-9)
+    page = render_html(report)
+    assert 'id="drift-table"' in page and "none (control) 0/2, lighting 2/2" in page
+    markdown = render_markdown(report, tmp_path / "r.md")
+    assert "## Drift sentinel" in markdown and "| **drift** |" in markdown
+    console = Console(record=True, width=250)
+    print_report(report, objectives, console)
+    assert "Drift sentinel" in console.export_text()
+
+
+def test_no_drift_section_without_stresses(built):
+    # The `built` output varies the training augmentation only: no shift to test.
+    report = built["report"]
+    assert report.get("drift") is None
+    assert 'id="drift-table"' not in built["html"].read_text()
+    assert "Drift sentinel" not in built["markdown"].read_text()

@@ -418,7 +418,8 @@ def _drift(results_dir: Path, df: pd.DataFrame) -> dict | None:
     table = drift_by_configuration(trials)
     if table.empty:
         return None
-    records = json.loads(table.to_json(orient="records"))
+    # 15 digits: the default 10 decimals leave a small p-value with 4 significant ones.
+    records = json.loads(table.to_json(orient="records", double_precision=15))
     varying = _varying_columns(records)
     # Fixed configuration columns (augmentation, category, ...) that differ name themselves too.
     named = ("model", "backbone", "image_size", "stress")
