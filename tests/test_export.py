@@ -270,6 +270,152 @@ def test_a_damaged_artefact_is_refused(padim_artefact, tmp_path):
         load_artefact(copy)
 
 
+# --------------------------------------------------------------------------- pad, crop, ROI
+
+SOURCE = (100, 80)
+"""(height, width) of the frames of the mapping tests: portrait, for a landscape model."""
+SQUARE = (55, 75, 50, 70)
+"""(y0, y1, x0, x1) of the synthetic defect: off-centre, so that a map drawn on the prepared
+image and stretched back would land elsewhere (pad: ~8 px to the left; crop: ~10 px lower)."""
+
+FLAT_PADIM = {**tiny_hparams("padim"), "layers": ["layer1"], "n_features": 32, "blur_sigma": 1.0}
+"""A PaDiM that localizes to a few pixels: one shallow layer, little blur."""
+
+
+def _frame(value: int = 120, square: tuple[int, int, int, int] | None = None, seed: int = 0):
+    """A flat gray ``SOURCE`` frame with a little noise (RGB), and a bright square on it."""
+    rng = np.random.default_rng(seed)
+    frame = np.clip(value + rng.normal(0, 2, SOURCE), 0, 255).astype(np.uint8)
+    if square is not None:
+        y0, y1, x0, x1 = square
+        frame[y0:y1, x0:x1] = 250
+    return np.repeat(frame[:, :, None], 3, axis=2)
+
+
+def _flat_artefact(folder: Path, resize: str, roi: np.ndarray | None = None, square=SQUARE) -> Path:
+    """A PaDiM artefact of ``SHAPE`` fitted on flat frames prepared with ``resize`` (and
+    ``roi``), as a study with them would fit it; its pixel threshold half the map's peak on a
+    frame with ``square``. Only the detector's tensors (``--backend torch``): the model files
+    are tested above."""
+    from safetensors.torch import save_model
+
+    from data.transforms import prepare
+
+    folder.mkdir()
+    roi_file = None
+    if roi is not None:
+        roi_file = folder / "roi.png"
+        cv2.imwrite(str(roi_file), np.where(roi, 255, 0).astype(np.uint8))
+    mask = None if roi is None else cv2.resize(roi.astype(np.uint8), SOURCE[::-1]) > 0
+
+    def batch(frames):
+        pixels = [prepare(f, SHAPE, resize, mask)[0].transpose(2, 0, 1) for f in frames]
+        return normalize(torch.from_numpy(np.stack(pixels)))
+
+    detector = models.create("padim", **FLAT_PADIM)
+    detector.fit([batch([_frame(seed=i) for i in range(8)])], epochs=1)
+    detector.eval()
+    save_model(detector, str(folder / WEIGHTS_FILE))
+    with torch.no_grad():
+        maps = detector.predict(batch([_frame(seed=99), _frame(square=square)])).anomaly_map
+    # Half the square's peak: well above anything on a flat frame.
+    pixel_threshold = float(maps[1].max()) / 2
+    assert pixel_threshold > 10 * float(maps[0].max())
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": "padim",
+        "create_args": FLAT_PADIM,
+        "preprocessing": {
+            "image_size": list(SHAPE),
+            "resize": resize,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "roi": None
+            if roi_file is None
+            else {"file": "roi.png", "sha256": sha256_file(roi_file)},
+        },
+        "threshold": {"policy": "f1_max", "image": 0.0, "pixel": pixel_threshold},
+        "normalisation": {"image": None, "pixel": None},
+        "files": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+    }
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def _predict_frames(artefact: Path, frames: dict[str, np.ndarray], tmp_path: Path) -> pd.DataFrame:
+    images = tmp_path / "frames"
+    images.mkdir()
+    for name, frame in frames.items():
+        cv2.imwrite(str(images / f"{name}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "predicted"
+    argv = ["predict", str(artefact), str(images), "--out", str(out), "--backend", "torch"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code in (0, 1), result.output
+    table = pd.read_parquet(out / "scores.parquet")
+    table["name"] = [Path(p).stem for p in table["path"]]
+    return table.set_index("name").assign(out=str(out))
+
+
+def _mask(table: pd.DataFrame, name: str) -> np.ndarray:
+    return cv2.imread(
+        str(Path(table["out"].iloc[0]) / table.loc[name, "mask"]), cv2.IMREAD_UNCHANGED
+    )
+
+
+@pytest.mark.parametrize("resize", ["pad", "crop"])
+def test_pad_and_crop_masks_and_overlays_lie_on_the_source_frame(resize, tmp_path):
+    """A bright square on a flat portrait frame, scored by a landscape model: the mask has the
+    frame's size and its pixels lie on the square, where the camera saw it (pad: the letterbox
+    border dropped; crop: the rows cut away empty)."""
+    artefact = _flat_artefact(tmp_path / "artefact", resize)
+    table = _predict_frames(artefact, {"square": _frame(square=SQUARE)}, tmp_path)
+    mask = _mask(table, "square")
+    overlay = cv2.imread(str(Path(table["out"].iloc[0]) / table.loc["square", "overlay"]))
+    assert mask.shape == SOURCE and overlay.shape == (*SOURCE, 3)
+    ys, xs = np.nonzero(mask)
+    assert len(ys) > 0
+    y0, y1, x0, x1 = SQUARE
+    margin = 12  # the features' reach (a few model pixels of ~2 source pixels) and the blur
+    assert ys.min() >= y0 - margin and ys.max() < y1 + margin
+    assert xs.min() >= x0 - margin and xs.max() < x1 + margin
+    # The mask's centre is the square's (measured: within 2.3 px; a map stretched back from
+    # the prepared image would be ~8 px left with pad, ~10 px lower with crop).
+    assert abs(ys.mean() - (y0 + y1 - 1) / 2) < 4 and abs(xs.mean() - (x0 + x1 - 1) / 2) < 4
+    if resize == "crop":
+        # 100 rows cropped to 60 (48:64 of 80 wide): rows 0-19 and 80-99 never reached the model.
+        assert not mask[:20].any() and not mask[80:].any()
+
+
+def test_predict_applies_the_artefacts_roi_as_the_trial_did(tmp_path):
+    """With the left half as the ROI (a half-size mask, resized to each frame), a square outside
+    it changes nothing (the model never sees it: the same score, an empty mask), one inside it
+    is found; a frame of another aspect ratio than the mask is skipped with the reason."""
+    roi = np.zeros((SOURCE[0] // 2, SOURCE[1] // 2), bool)
+    roi[:, : SOURCE[1] // 4] = True  # columns 0-39 of the frame
+    inside = (30, 50, 10, 30)
+    artefact = _flat_artefact(tmp_path / "artefact", "stretch", roi, inside)
+    assert load_artefact(artefact).roi is not None
+    frames = {
+        "flat": _frame(),
+        "outside": _frame(square=SQUARE),
+        "inside": _frame(square=inside),
+        "square": np.full((80, 80, 3), 120, np.uint8),
+    }
+    table = _predict_frames(artefact, frames, tmp_path)
+    assert table.loc["square", "error"] is not None
+    assert "the aspect ratios differ" in table.loc["square", "error"]
+    assert table.loc["outside", "score"] == table.loc["flat", "score"]
+    assert table.loc["inside", "score"] > table.loc["flat", "score"]
+    assert not _mask(table, "outside").any()
+    found = _mask(table, "inside")
+    assert found.any() and not found[:, 40:].any(), "outside the ROI the map is at its minimum"
+    # roi.png is checked like the model files.
+    (artefact / "roi.png").write_bytes(b"edited")
+    with pytest.raises(SweepError, match=r"roi\.png: sha256 differs"):
+        load_artefact(artefact)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
