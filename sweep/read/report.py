@@ -204,8 +204,8 @@ def build_report(
     sentinel, ``sweep.read.drift``, when the study ran test-time stresses and has per-image
     results: ``alpha``, ``limit_share``, ``flagged`` (per shift: configurations flagged and
     tested), ``trials_cannot_fire`` and ``rows`` of ``configuration``, ``stress`` and
-    ``sweep.read.drift.drift_by_configuration``'s counts; None otherwise), ``plots`` (name ->
-    PNG path).
+    ``sweep.read.drift.drift_by_configuration``'s counts; None or absent otherwise),
+    ``plots`` (name -> PNG path).
     """
     # matplotlib (about half a second) only where plots are drawn: `sweep compare` imports
     # this module for metric_mode.
