@@ -39,6 +39,8 @@ from models import (  # noqa: F401  isort: skip
     simplenet,
     skip_ganomaly,
     stfpm,
+    supervised_classifier,
+    supervised_segmentation,
     uflow,
 )
 

@@ -27,7 +27,11 @@ from models.constraints import Rule, check_hyperparameters
 from models.costs import OPTIMIZER_BYTES_PER_PARAM, CostProfile, Work, cost_profile
 from models.errors import ModelError, did_you_mean
 
-LearningType = Literal["one_pass", "iterative"]
+LearningType = Literal["one_pass", "iterative", "supervised"]
+"""``one_pass``: statistics of frozen features in one pass; ``iterative``: trained by gradient
+over epochs on normal images; ``supervised``: trained by gradient over epochs on normal images
+(label 0) and labelled defects (label 1, with masks): batches are mappings with ``"label"`` and
+``"mask"`` (``data.AnomalyDataset.batches``), and a training set without a defect is refused."""
 EpochCallback = Callable[[int, dict], bool]
 """``on_epoch_end(epoch, metrics) -> stop?``: epoch counts from 1; return True to stop."""
 

@@ -43,6 +43,9 @@ TINY_HPARAMS: dict[str, dict[str, Any]] = {
     "reverse_distillation": {"backbone": "resnet18"},
     "skip_ganomaly": {"n_features": 8, "latent_dim": 16},
     "stfpm": {"layers": ("layer1", "layer2")},
+    # Supervised: layer3 is 4x4 at 64 px (layer4 would be 2x2); a narrow decoder.
+    "supervised_classifier": {"layer": "layer3"},
+    "supervised_segmentation": {"layers": ("layer1", "layer2"), "hidden_channels": 8},
     "uflow": {"flow_steps": 1},
 }
 """Per detector, the hyperparameters that shrink it (on top of :func:`tiny_hparams`' rules)."""
