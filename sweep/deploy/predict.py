@@ -106,6 +106,8 @@ class _Prepared:
     """The model's input, 3 x H' x W' uint8."""
     valid: np.ndarray | None
     """Which pixels of the input count (inside the ROI, not padding); None: all."""
+    roi: np.ndarray | None = None
+    """The artefact's ROI on the image (H x W bool); None: no ROI."""
 
 
 def _read(path: Path, artefact: Artefact, index: int) -> _Prepared:
@@ -119,7 +121,7 @@ def _read(path: Path, artefact: Artefact, index: int) -> _Prepared:
         raise DatasetError(f"{path}: unsupported image ({exc})") from exc
     roi = None if artefact.roi is None else artefact.roi.mask_for(path, *rgb.shape[:2])
     pixels, valid = prepare(rgb, artefact.image_size, artefact.resize, roi)
-    return _Prepared(index, rgb, np.ascontiguousarray(pixels.transpose(2, 0, 1)), valid)
+    return _Prepared(index, rgb, np.ascontiguousarray(pixels.transpose(2, 0, 1)), valid, roi)
 
 
 def _unique(names: Sequence[str]) -> list[str]:
@@ -142,6 +144,10 @@ def _write_pictures(
         # As the trial evaluated it: outside the ROI (and on the border) at the ROI's minimum.
         anomaly_map = mask_maps(anomaly_map[None], image.valid[None])[0]
     source = to_source(anomaly_map, image.rgb.shape[:2], artefact.resize)
+    if image.roi is not None:
+        # Upsampling blends the ROI's edge into the pixels just outside it: the source-size
+        # ROI has the last word, so no mask pixel lies outside it.
+        source = mask_maps(source[None], image.roi[None])[0]
     mask_name = None
     if artefact.pixel_threshold is not None:
         mask_name = f"masks/{name}.png"
