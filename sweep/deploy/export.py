@@ -12,8 +12,10 @@ an artefact folder (:mod:`sweep.deploy.artefact`).
 3. **Check**: the refit's ``image_auroc`` and ``pixel_auroc`` against the row's, within
    :data:`METRIC_TOLERANCE` (by the detector's learning type).
 4. **Write**: TorchScript and ONNX of ``Detector.export_module()``, each checked against
-   ``Detector.predict`` on test images (:data:`PARITY_RTOL`), the detector's tensors, and
-   ``artefact.json``; into a temporary sibling folder renamed into place at the end.
+   ``Detector.predict`` on test images (:data:`PARITY_RTOL`), the detector's tensors, the
+   study's ROI mask (``roi.png``, where ``dataset.roi`` is one mask file; a folder of per-image
+   masks cannot follow new images and is refused) and ``artefact.json``; into a temporary
+   sibling folder renamed into place at the end.
 """
 
 from __future__ import annotations
