@@ -198,19 +198,20 @@ def test_supervised_detectors_learn_from_labels_and_need_enough_of_them(name):
     """Toy set (32 normal training images, 16 + 16 test), tiny configuration (random-init
     resnet18), 10 epochs, image AUROC by labelled defects N (measured on 2 CPU cores):
 
-    - classifier: N=1 0.57, N=4 0.92, N=12 1.00 (5 epochs);
+    - classifier: N=1 0.83, N=12 1.00, shuffled labels 0.48 (N=4 0.92 at 5 epochs);
     - segmentation: N=1 0.75, N=4 1.00, N=12 1.00;
-    - PaDiM on the same random-init resnet18 and test images: see the assertion's message.
+    - PaDiM on the same random-init resnet18 and test images: 1.00.
 
-    With N = 12 both beat PaDiM and a shuffled-label control (the same images and epochs, the
-    labels handed to other images), which no training on image content alone can pass; and N = 1
-    is worse than N = 12.
+    With N = 12 both match PaDiM (the toy defects are too obvious for any detector to be beaten
+    on them: that half of the question is the label_budget study's) and beat a shuffled-label
+    control (the same images and epochs, the labels handed to other images), which no training
+    on image content alone can pass; and N = 1 is worse than N = 12.
     """
     many, few = _auroc(name, 12), _auroc(name, 1)
     control = _auroc(name, 12, shuffled=True)
     padim = _padim_auroc()
     figures = f"N=12 {many:.3f}, N=1 {few:.3f}, shuffled {control:.3f}, padim {padim:.3f}"
     assert many >= 0.95, figures
-    assert many > padim, figures
+    assert many >= padim, figures
     assert many - control >= 0.2, figures
     assert many - few >= 0.1, figures
