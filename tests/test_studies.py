@@ -17,6 +17,7 @@ from sweep.run.study import expand_trials, load_study
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 # Smoke forms that take longer than a few seconds run in CI's slow stage.
 SLOW_SMOKES = {
+    "label_budget",
     "resolution",
     "roi_bead",
     "glue_line",

@@ -79,7 +79,7 @@ __all__ = [
 
 PICKS = ("knee", "kneedle", "utopia", "topsis")
 """``--pick`` methods; anything else is read as a config hash (or a unique prefix of one)."""
-METRIC_TOLERANCE = {"one_pass": 1e-6, "iterative": 1e-3}
+METRIC_TOLERANCE = {"one_pass": 1e-6, "iterative": 1e-3, "supervised": 1e-3}
 """Largest absolute difference of a checked metric between the row and the refit. One-pass
 detectors repeat their arithmetic exactly on the same device and threads (1e-6 leaves room
 for a float32 sum's order); iterative ones may drift where training is not bit-reproducible

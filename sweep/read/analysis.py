@@ -58,8 +58,11 @@ CONFIG_COLUMNS = (
     "category",
     "augmentation",
     "stress",
+    "test_fraction",
+    "labelled_defects",
 )
-"""Fixed result columns that identify a configuration (``hp.*`` columns come after them)."""
+"""Fixed result columns that identify a configuration (``hp.*`` columns come after them).
+``split_seed`` is not one: like the seed, a split drawn per seed is variance to average over."""
 
 VARIANT_COLUMNS = ("augmentation", "stress")
 """Configuration columns that name a data variant; ``none`` is the clean baseline."""

@@ -637,7 +637,7 @@ def robustness_plot(
 
 PARAM_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 COST_METRICS = ("latency_ms", "memory_bank_size")
-SWEEPABLE_FIXED = ("image_size", "epochs")
+SWEEPABLE_FIXED = ("image_size", "epochs", "test_fraction", "labelled_defects")
 """Fixed result columns an ablation may vary; every numeric ``hp.*`` column may too."""
 SERIES_COLORS = VARIANT_COLORS
 

@@ -104,7 +104,7 @@ HOST_BASE_GB = 1.0
 """A Ray worker before any model or data set: torch, timm, the detectors, the data code and
 Ray Tune imported take 0.87 GB of resident memory, the worker's runtime the rest
 (``docs/resources.md``)."""
-DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0}
+DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0, "supervised": 4.0}
 """CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
 threads for host-side work: one-pass fits run their statistics, nearest-neighbour search
 (faiss) and coreset selection partly on the host; iterative ones also synthesise anomalies and

@@ -350,6 +350,18 @@ def prune_kept_models(study: Study, store: ResultStore) -> int:
     return len(dropped)
 
 
+def _most_labelled_defects(study: Study) -> int | None:
+    """The largest ``labelled_defects`` any key of the space gives (shared or per model), or
+    None when the study labels none."""
+    values = []
+    for key, param in study.search_space.params.items():
+        if split_key(key).name != "labelled_defects":
+            continue
+        given = param.options() if param.is_enumerable else (param.high,)
+        values += [int(v) for v in given if v is not None]
+    return max(values) if values and max(values) > 0 else None
+
+
 def _splits_to_check(study: Study) -> list[tuple[int | None, float | None]]:
     """The (split seed, test share) pairs the data pre-flight draws: the data set's own split,
     or one redrawn split per test share the space gives (a share too large for the data fails
@@ -405,9 +417,14 @@ def run_study(
         # Data problems are the user's to fix: fail before any trial starts (exit 2), and make
         # the synthetic data set once here rather than in every worker at the same time.
         for size in study.search_space.image_sizes():
+            labelled = _most_labelled_defects(study)
             for split_seed, test_fraction in _splits_to_check(study):
                 with console.status(f"preparing data ({study.dataset.kind}, {size}px)"):
                     splits = load_data(study, size, "none", split_seed, test_fraction)
+                    if labelled:
+                        # The largest labelled split takes the most test defects: if the data
+                        # holds enough for it, it holds enough for every smaller one.
+                        load_data(study, size, "none", split_seed, test_fraction, labelled)
                 share = "" if test_fraction is None else f" (test share {test_fraction:g})"
                 console.print(f"data: {splits.describe()}{share}")
 

@@ -67,7 +67,7 @@ def smoke_form(
         count = len(set(param.options())) if param.is_enumerable else 1
         sizes = list(SMOKE_IMAGE_SIZES[: min(count, len(SMOKE_IMAGE_SIZES))])
         space["image_size"] = sizes[0] if len(sizes) == 1 else {"grid": sizes}
-    iterative = any(models.get_class(m).learning_type == "iterative" for m in models_)
+    iterative = any(models.get_class(m).learning_type != "one_pass" for m in models_)
     if "epochs" in space or iterative:
         space["epochs"] = 1
     for key in list(space):
