@@ -5,6 +5,8 @@ tiny data, so that CI can dry-run every study on a CPU in about a minute (``swee
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,6 +149,12 @@ def smoke_form(
     raw["evaluation"]["models"] = {
         model: sizes for model, sizes in raw["evaluation"]["models"].items() if model in kept
     }
+    synthetic = raw["dataset"].get("synthetic")
+    if raw["dataset"].get("kind") == "synthetic_glue" and synthetic != SMOKE_DATASET["synthetic"]:
+        # A smoke block that asks for other generated data gets a root of its own: one root
+        # holds one generated configuration, and other studies' smoke runs share the default.
+        digest = hashlib.sha256(json.dumps(synthetic, sort_keys=True).encode()).hexdigest()[:8]
+        raw["dataset"]["root"] = f"{str(raw['dataset']['root']).rstrip('/')}-{digest}"
     try:
         return study_from_dict(raw, source=study.source)
     except StudyError as exc:
