@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -280,3 +281,32 @@ def test_cli_refuses_an_output_without_per_image_results(tmp_path):
     assert "per-image results" in result.output
     missing = runner.invoke(app, ["cascade", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_cascade_on_a_smoke_study_s_output(ray_session, tmp_path):
+    """Issue 17's check: `sweep cascade` on the seeds study's smoke form (three detectors, two
+    seeds, real per-image results) prints the candidates and their front."""
+    import yaml
+
+    from sweep.run.runner import run_study
+    from sweep.run.smoke import smoke_form
+    from sweep.run.study import apply_override, load_study, study_from_dict, study_to_yaml
+
+    seeds = Path(__file__).resolve().parent.parent / "studies" / "seeds.yaml"
+    raw = yaml.safe_load(
+        study_to_yaml(smoke_form(load_study(seeds), data_root=str(tmp_path / "glue")))
+    )
+    apply_override(raw, "space.seed", value={"grid": [0, 1]})
+    study = study_from_dict(raw)
+    output = tmp_path / "out"
+    assert run_study(study, output=str(output)).ok == 2 * len(study.models)
+    result = runner.invoke(app, ["cascade", str(output), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    kinds = {c["kind"] for c in report["candidates"]}
+    assert {"single", "cascade", "or", "and", "average"} <= kinds
+    assert report["front"], "some candidates are on the front"
+    table = runner.invoke(app, ["cascade", str(output)])
+    assert table.exit_code == 0 and "front" in table.output
