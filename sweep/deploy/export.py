@@ -116,10 +116,6 @@ class ExportResult:
 # --------------------------------------------------------------------------- pick
 
 
-def _key(values: Mapping[str, Any], columns: list[str]) -> str:
-    return json.dumps([analysis.jsonable(values[c]) for c in columns], default=str)
-
-
 def pick_row(
     rows: pd.DataFrame,
     study: Study,
@@ -135,10 +131,7 @@ def pick_row(
         raise SweepError("no ok rows to export from")
     method: str | None = None
     if pick in PICKS:
-        clean = ok
-        variants = [c for c in analysis.VARIANT_COLUMNS if c in ok.columns]
-        if variants:
-            clean = ok[(ok[variants].fillna(analysis.CLEAN) == analysis.CLEAN).all(axis=1)]
+        clean = ok[analysis.clean_mask(ok)]
         if clean.empty:
             raise SweepError("--pick: no clean (augmentation and stress 'none') ok rows")
         objectives = [(o.metric, o.direction) for o in study.objectives]
@@ -152,8 +145,8 @@ def pick_row(
                 f"({'; '.join(selection.notes) or 'no front'})"
             )
         columns = [c for c in analysis.config_columns(clean) if c in agg.columns]
-        wanted = _key(selection.table.loc[index], columns)
-        keys = [_key(r, columns) for r in clean.to_dict(orient="records")]
+        wanted = analysis.config_key(selection.table.loc[index], columns)
+        keys = [analysis.config_key(r, columns) for r in clean.to_dict(orient="records")]
         matching = clean[[k == wanted for k in keys]]
     else:
         hashes = ok["config_hash"].astype(str)

@@ -38,7 +38,9 @@ __all__ = [
     "KNEE_METHODS",
     "Selection",
     "aggregate_seeds",
+    "clean_mask",
     "config_columns",
+    "config_key",
     "knee_kneedle",
     "knee_utopia",
     "pareto_mask",
@@ -664,3 +666,18 @@ def selection_to_dict(sel: Selection) -> dict:
         },
         "weights": None if sel.weights is None else dict(sel.weights),
     }
+
+
+def clean_mask(frame: pd.DataFrame) -> pd.Series:
+    """Which rows trained and tested clean (every variant column ``none`` or missing): what
+    model selection compares."""
+    present = [c for c in VARIANT_COLUMNS if c in frame.columns]
+    if not present:
+        return pd.Series(True, index=frame.index)
+    return (frame[present].fillna(CLEAN) == CLEAN).all(axis=1)
+
+
+def config_key(values: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """A configuration's identity as text: its ``columns`` values (:func:`jsonable`) as JSON,
+    to match a row with its aggregated configuration."""
+    return json.dumps([jsonable(values[c]) for c in columns], default=str)

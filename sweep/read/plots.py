@@ -46,6 +46,7 @@ from sweep.read.analysis import (
     VARIANT_COLUMNS,
     Selection,
     aggregate_seeds,
+    clean_mask,
     config_columns,
     pareto_mask,
     select,
@@ -1014,13 +1015,6 @@ def _has_values(frame: pd.DataFrame, column: str) -> bool:
     return bool(_finite(frame, column).any())
 
 
-def _clean_rows(frame: pd.DataFrame) -> pd.Series:
-    present = [c for c in VARIANT_COLUMNS if c in frame.columns]
-    if not present:
-        return pd.Series(True, index=frame.index)
-    return (frame[present].fillna(CLEAN) == CLEAN).all(axis=1)
-
-
 MAX_RANKED_MODELS = 12
 """The most models a ranked examples spec may ask for (``top-bottom:6`` is twelve columns)."""
 EXAMPLES_DEFAULT_METRIC = "image_auroc"
@@ -1241,7 +1235,7 @@ def report_plots(
             + did_you_mean(spec.metric, df.columns)
         )
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
-    clean = ok[_clean_rows(ok)]
+    clean = ok[clean_mask(ok)]
     objective_metrics = [m for m, _ in objectives]
     accuracy = [m for m in ACCURACY_METRICS if _has_values(clean, m)]
     extra = [
@@ -1291,7 +1285,7 @@ def report_plots(
     if not agg.empty:
         keep("image_vs_pixel", image_vs_pixel_plot(agg, out_dir / "image_vs_pixel.png"))
 
-    if not _clean_rows(ok).all():
+    if not clean_mask(ok).all():
         robust = [m for m in ACCURACY_METRICS if _has_values(ok, m)]
         if robust:
             deltas = variant_deltas(ok, robust)

@@ -10,7 +10,6 @@ row; Tune's own state lives under ``<output>/_tune``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -320,21 +319,22 @@ def front_config_hashes(study: Study, rows) -> set[str]:
     from sweep.read import analysis
 
     ok = rows[rows["status"] == "ok"] if len(rows) else rows
-    variants = [c for c in analysis.VARIANT_COLUMNS if c in ok.columns]
-    if variants:
-        ok = ok[(ok[variants].fillna(analysis.CLEAN) == analysis.CLEAN).all(axis=1)]
+    ok = ok[analysis.clean_mask(ok)]
     if ok.empty:
         return set()
     objectives = [(o.metric, o.direction) for o in study.objectives]
     agg = analysis.aggregate_seeds(ok, [m for m, _ in objectives])
     table = analysis.select(agg, objectives).table
     columns = [c for c in analysis.config_columns(ok) if c in agg.columns]
-
-    def key(values) -> str:
-        return json.dumps([analysis.jsonable(values[c]) for c in columns], default=str)
-
-    front = {key(table.loc[i]) for i in table.index[table["on_front"].astype(bool)]}
-    return {str(r["config_hash"]) for r in ok.to_dict(orient="records") if key(r) in front}
+    front = {
+        analysis.config_key(table.loc[i], columns)
+        for i in table.index[table["on_front"].astype(bool)]
+    }
+    return {
+        str(r["config_hash"])
+        for r in ok.to_dict(orient="records")
+        if analysis.config_key(r, columns) in front
+    }
 
 
 def prune_kept_models(study: Study, store: ResultStore) -> int:

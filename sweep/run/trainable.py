@@ -383,13 +383,11 @@ def run_trial(
             study.evaluation.threshold_policy,
             study.evaluation.pixel_threshold_policy,
         )
-        ResultStore(ctx.output).write_images(
-            config_hash(study, trial), image_table(splits, val, test)
-        )
+        # The hash reads every pretrained part a trial names (a file's SHA-256): once.
+        store, digest = ResultStore(ctx.output), config_hash(study, trial)
+        store.write_images(digest, image_table(splits, val, test))
         if study.evaluation.keep_models != "none":
-            keep_model(
-                ResultStore(ctx.output), config_hash(study, trial), trial, detector, create_args
-            )
+            keep_model(store, digest, trial, detector, create_args)
 
         images = splits.test.images()
         repeat = math.ceil(batch_size / len(images))
@@ -407,7 +405,7 @@ def run_trial(
             throughput = measure_throughput(detector.predict, batch)
 
     notes = list((stats or {}).get("notes", ()))
-    problem = _save_examples(trial, ctx, splits.test, test)
+    problem = _save_examples(ctx.study, store, digest, splits.test, test)
     if problem is not None:
         notes.append(problem)
     trainable, frozen = detector.param_counts()
@@ -501,19 +499,19 @@ def _parts_column(stats: dict[str, Any] | None) -> str | None:
     return json.dumps({str(k): str(v) for k, v in parts.items()}, sort_keys=True)
 
 
-def _save_examples(trial: TrialConfig, ctx: TrialContext, dataset, outputs) -> str | None:
+def _save_examples(study: Study, store: ResultStore, digest: str, dataset, outputs) -> str | None:
     """Save the trial's example maps (``evaluation.example_maps``) beside its row.
 
     They are for the report's pictures only: a failure comes back as a note for the row,
     never as an exception that would turn a scored trial into an error row.
     """
-    n = ctx.study.evaluation.example_maps
+    n = study.evaluation.example_maps
     if n <= 0:
         return None
     try:
         save_examples(
-            ResultStore(ctx.output),
-            config_hash(ctx.study, trial),
+            store,
+            digest,
             pixels=dataset.pixels.numpy(),
             masks=outputs.masks,
             maps=outputs.maps,
