@@ -62,8 +62,10 @@ class NearestNeighbors:
     """Exact Euclidean k-nearest-neighbour search in a fixed ``N x D`` set of vectors.
 
     On the CPU it uses a ``faiss.IndexFlatL2`` run with as many threads as torch uses; on other
-    devices it searches with blocked matrix products on the device. ``backend`` forces one
-    (``"faiss"`` copies the vectors to the CPU).
+    devices (CUDA) it searches with blocked matrix products on the device and never calls faiss,
+    even where a GPU build of faiss is installed: faiss would take the bank and the queries as
+    host arrays (a copy each way), and its exact GPU index does the same product and top-k
+    (``docs/architecture.md``). ``backend`` forces one (``"faiss"`` copies the vectors to the CPU).
     """
 
     def __init__(self, vectors: Tensor, backend: str | None = None) -> None:
