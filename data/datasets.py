@@ -17,6 +17,7 @@ thresholds cannot be fit and are reported as NaN downstream.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -680,6 +681,7 @@ def load_folder(
     abnormal_items = [_Item(p, 1, defect, masks.get(p.stem)) for p in abnormals]
     if mask_dir is not None:
         _check_masks(abnormal_items, abnormal_dir, f"{mask_dir}/<stem>.png or <stem>_mask.png")
+    _check_distinct(normal_dir, normals, abnormal_dir, abnormals, mask_dir, abnormal_items)
 
     n = len(normal_items)
     n_test = max(1, round(test_fraction * n))
@@ -699,6 +701,86 @@ def load_folder(
     val = [normal_items[held_out[i]] for i in val_pos] + [abnormal_items[i] for i in a_val_index]
     test = [normal_items[held_out[i]] for i in test_pos] + [abnormal_items[i] for i in a_test_index]
     return _splits(train, val, test, prep, "folder", None)
+
+
+def _check_distinct(
+    normal_dir: Path,
+    normals: list[Path],
+    abnormal_dir: Path,
+    abnormals: list[Path],
+    mask_dir: Path | None,
+    abnormal_items: list[_Item],
+) -> None:
+    """Refuse a folder data set whose normal and anomalous images are the same files (one
+    folder given twice, a symlink or ``..`` to it, hard links, byte-identical copies), or whose
+    masks are its images: the same pictures would train as normal and be tested as anomalies
+    (an AUROC far below 0.5 and no other sign).
+
+    A folder inside the other is no problem by itself: only the images directly in each folder
+    are read."""
+    where = f"dataset.normal_dir {normal_dir} and dataset.abnormal_dir {abnormal_dir}"
+    if normal_dir.resolve() == abnormal_dir.resolve():
+        raise DatasetError(
+            f"{where} are the same folder ({normal_dir.resolve()}): its images would train as "
+            "normal and be tested as anomalies; give a folder of normal and one of anomalous images"
+        )
+    shared = _same_files(normals, abnormals)
+    if shared:
+        shown = ", ".join(f"{a.name} = {b.name}" for a, b in shared[:3])
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        raise DatasetError(
+            f"{where} hold the same image file(s) ({len(shared)}: {shown}{more}; linked, or "
+            "byte-identical copies): they would train as normal and be tested as anomalies; "
+            "each image belongs in one of the two folders"
+        )
+    if mask_dir is None:
+        return
+    used = [item.mask for item in abnormal_items if item.mask is not None]
+    for images, key in ((abnormals, "abnormal_dir"), (normals, "normal_dir")):
+        shared = _same_files(used, images)
+        if shared:
+            raise DatasetError(
+                f"dataset.mask_dir {mask_dir}: its masks are image files of dataset.{key} "
+                f"({shared[0][0].name} = {shared[0][1].name}); masks go in a folder of their own "
+                "(<stem>.png or <stem>_mask.png, 0 = normal, 255 = anomalous)"
+            )
+
+
+def _same_files(first: list[Path], second: list[Path]) -> list[tuple[Path, Path]]:
+    """Pairs of ``first`` and ``second`` that hold the same bytes: the same file (by device
+    and inode, so symlinks, ``..`` and hard links meet) or a copy of it. Only files of equal
+    size are read and hashed, so distinct images cost a ``stat`` each."""
+
+    def stat(path: Path) -> os.stat_result:
+        try:
+            return path.stat()
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+
+    by_size: dict[int, list[Path]] = {}
+    inodes: dict[tuple[int, int], Path] = {}
+    for path in first:
+        info = stat(path)
+        inodes[(info.st_dev, info.st_ino)] = path
+        by_size.setdefault(info.st_size, []).append(path)
+    pairs: list[tuple[Path, Path]] = []
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digests[path]
+
+    for path in second:
+        info = stat(path)
+        same = inodes.get((info.st_dev, info.st_ino))
+        if same is None:
+            same = next(
+                (p for p in by_size.get(info.st_size, []) if digest(p) == digest(path)), None
+            )
+        if same is not None:
+            pairs.append((same, path))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- glue lines & kinds

@@ -271,6 +271,57 @@ def test_folder_without_masks(tmp_path):
     assert not splits.test.has_masks
 
 
+@pytest.mark.parametrize("how", ["same", "dotdot", "symlink", "linked_files", "copies"])
+def test_folder_refuses_the_same_images_as_normal_and_anomalous(tmp_path, how):
+    root = folder(tmp_path, masks="none")
+    normal, abnormal = root / "ok", root / "nok"
+    if how == "same":
+        abnormal = normal
+    elif how == "dotdot":
+        abnormal = root / "nok" / ".." / "ok"
+    elif how == "symlink":
+        abnormal = root / "link"
+        abnormal.symlink_to(normal, target_is_directory=True)
+    else:
+        abnormal = root / "mixed"
+        abnormal.mkdir()
+        for path in sorted((root / "nok").iterdir()):
+            (abnormal / path.name).write_bytes(path.read_bytes())
+        shared = abnormal / "n03.png"
+        if how == "linked_files":
+            shared.symlink_to(normal / "n03.png")
+        else:
+            shared.write_bytes((normal / "n03.png").read_bytes())
+    with pytest.raises(DatasetError) as caught:
+        load_folder(normal, abnormal, SIZE)
+    message = str(caught.value)
+    assert "dataset.normal_dir" in message and "dataset.abnormal_dir" in message
+    assert str(abnormal) in message
+    if how in ("linked_files", "copies"):
+        assert "n03.png" in message and "(1:" in message
+
+
+def test_folder_refuses_masks_that_are_the_images(tmp_path):
+    root = folder(tmp_path, masks="none")
+    with pytest.raises(
+        DatasetError, match=r"dataset.mask_dir .*image files of dataset.abnormal_dir"
+    ):
+        load_folder(root / "ok", root / "nok", SIZE, mask_dir=root / "nok")
+
+
+def test_folder_inside_the_other_shares_no_image_and_loads(tmp_path):
+    # Only the images directly in each folder are read: defects/ below the normal folder is
+    # a layout of distinct images.
+    for i in range(10):
+        write_image(tmp_path / "images" / f"n{i:02d}.png", 100 + i)
+    for i in range(3):
+        write_image(tmp_path / "images" / "defects" / f"a{i:02d}.png", 20 + i)
+    splits = load_folder(tmp_path / "images", tmp_path / "images" / "defects", SIZE)
+    paths = splits.train.paths + splits.val.paths + splits.test.paths
+    assert len(paths) == len(set(paths)) == 13
+    assert splits.test.num_anomalous + splits.val.num_anomalous == 3
+
+
 # ----------------------------------------------------------------------------- load_dataset
 
 

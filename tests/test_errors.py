@@ -224,6 +224,12 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "run",
         s.study(_set("dataset", roi=str(Path(_roi(s.tmp / "rois", (24, 32))).parent))),
     ],
+    "dataset-folder-same-images": lambda s: [
+        "run",
+        s.study(
+            dataset={"kind": "folder", "normal_dir": _images(s.tmp), "abnormal_dir": _images(s.tmp)}
+        ),
+    ],
     "dataset-unreadable-image": lambda s: [
         "run",
         _damaged(s),
@@ -401,6 +407,19 @@ def _roi(folder: Path, size: tuple[int, int], value: int = 255) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(folder / "roi.png"), np.full(size, value, np.uint8))
     return str(folder / "roi.png")
+
+
+def _images(folder: Path, n: int = 6) -> str:
+    """A folder of ``n`` small distinct gray images (made once; the path again after)."""
+    import cv2
+    import numpy as np
+
+    images = folder / "images"
+    if not images.is_dir():
+        images.mkdir()
+        for i in range(n):
+            cv2.imwrite(str(images / f"{i:03d}.png"), np.full((24, 32), 40 * i, np.uint8))
+    return str(images)
 
 
 def _write(path: Path, text: str) -> Path:
