@@ -107,6 +107,18 @@ def test_a_models_own_epochs_are_its_trials_budget():
         ({**BASE, "dataset": {"kind": "imagenet"}}, ["dataset.kind", "synthetic_glue"]),
         ({**BASE, "objectives": [{"metric": "image_aurco"}]}, ["image_aurco", "image_auroc"]),
         (with_space(seed={"uniform": [0, 1]}), ["seed", "whole numbers"]),
+        # A seed past a row's int64 trained and then failed to be written; 1e23 is no integer.
+        (with_space(seed=2**63), ["space key 'seed'", "must be an integer", "2**32 - 1"]),
+        (with_space(seed={"grid": [0, 1e23]}), ["space key 'seed'", "must be an integer"]),
+        (with_space(seed={"int": [0, 2**32]}), ["space key 'seed'", "got 4294967296"]),
+        (with_space(split_seed=2**32), ["space key 'split_seed'", "must be an integer"]),
+        ({**BASE, "dataset": {"seed": 1e23}}, ["dataset.seed", "must be an integer"]),
+        ({**BASE, "dataset": {"seed": -1}}, ["dataset.seed", "must be an integer"]),
+        ({**BASE, "search": {"seed": 2**32}}, ["search.seed", "must be an integer"]),
+        (with_space(epochs=2**63), ["space key 'epochs'", "64-bit"]),
+        (with_space(image_size=8192), ["space key 'image_size'", "maximum of 4096"]),
+        ({**BASE, "evaluation": {"batch_size": 2**63}}, ["evaluation.batch_size", "less than"]),
+        (with_space(coreset_ratio={"uniform": [0, float("inf")]}), ["finite bounds"]),
         (with_space(**{"patchcore.coreset_ratio": {"uniform": [0.1, 0.01]}}), ["low < high"]),
         (with_space(**{"patchcore.coreset_ratio": {"loguniform": [0.0, 1]}}), ["low > 0"]),
         (with_space(**{"patchcore.coreset_ratio": {"uniform": [0.01, 0.1]}}), ["'grid'"]),
@@ -124,6 +136,13 @@ def test_bad_study_names_file_key_and_expectation(tmp_path, raw, needles):
     assert str(path) in message
     for needle in needles:
         assert needle in message
+
+
+def test_every_seed_up_to_two_to_the_32_is_taken():
+    # Optuna's samplers (numpy's RandomState) take seeds below 2**32; so does everything else.
+    raw = with_space(seed=2**32 - 1, split_seed=2**32 - 1)
+    study = study_from_dict({**raw, "dataset": {"seed": 2**32 - 1}, "search": {"seed": 0}})
+    assert {t.seed for t in expand_trials(study)} == {2**32 - 1}
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -36,6 +36,7 @@ __all__ = [
     "LABEL_KEY",
     "NATIVE_SIZE",
     "PER_MODEL_TRIAL_KEYS",
+    "SEED_LIMIT",
     "SHARED_HPARAMS",
     "SPLIT_KEYS",
     "TRIAL_KEYS",
@@ -48,6 +49,7 @@ __all__ = [
     "freeze",
     "jsonable",
     "parse_param",
+    "seed_problem",
     "split_key",
 ]
 
@@ -88,6 +90,15 @@ BACKBONE_MARK = "@"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "int")
 MAX_REPRESENTATIVES = 2000
 """Configurations of an Optuna space costed at most (its enumerable keys' product)."""
+SEED_LIMIT = 2**32
+"""Every seed (``seed``, ``split_seed``, ``dataset.seed``, ``search.seed``) is below this, and
+>= 0: Optuna's samplers seed numpy's legacy RandomState, which takes no larger seed, while
+numpy's and torch's generators and a result row's int64 columns take every such one."""
+INT64_LIMIT = 2**63
+"""Other whole numbers a result row stores (epochs, labelled defects) are below this: its
+columns are int64, and a value past it leaves a trained trial with no row."""
+MAX_IMAGE_SIZE = 4096
+"""The largest image side in pixels (``dataset.image_size`` has the same bound)."""
 
 
 # ----------------------------------------------------------------------------- keys and values
@@ -120,6 +131,13 @@ def _winning_key(
     ``name``); None when none is present, and the detector's default applies."""
     specific = () if backbone is None else (f"{model}{BACKBONE_MARK}{backbone}.{name}",)
     return next((k for k in (*specific, f"{model}.{name}", name) if k in keys), None)
+
+
+def seed_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a seed (None when it can): an integer in [0, :data:`SEED_LIMIT`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        return f"must be an integer from 0 to {SEED_LIMIT - 1} (2**32 - 1), got {value!r}"
+    return None
 
 
 def _split_seed(value: Any, seed: int) -> int | None:
@@ -195,6 +213,12 @@ def parse_param(key: str, value: Any) -> Param:
             return Param(kind=kind, values=tuple(freeze(v) for v in arg))
         if not (isinstance(arg, list) and len(arg) == 2 and all(_is_number(a) for a in arg)):
             raise ValueError(f"space key {key!r}: {kind} needs [low, high] numbers, got {arg!r}")
+        # Draws need finite bounds (NaN compares false too), and an int draw's must fit
+        # numpy's int64 with room for its range.
+        if not all(abs(a) < INT64_LIMIT // 2 for a in arg):
+            raise ValueError(
+                f"space key {key!r}: {kind} needs finite bounds within +-2**62, got {arg!r}"
+            )
         low, high = float(arg[0]), float(arg[1])
         if not low < high and not (kind == "int" and low == high):
             raise ValueError(f"space key {key!r}: {kind} needs low < high, got {arg!r}")
@@ -760,16 +784,21 @@ class Space:
             if key == "split_seed" and param.kind in ("uniform", "loguniform"):
                 raise ValueError(f"space key {key!r} takes whole numbers, not {param.kind}")
             bounds = (param.low, param.high) if not param.is_enumerable else param.options()
+            if param.kind == "int":  # whole-numbered bounds, held as floats
+                bounds = tuple(int(b) for b in bounds if b is not None)
             for value in bounds:
-                if value is None:
+                if value is None or value == FOLLOW_SEED:
                     continue
                 if key == "split_seed":
                     whole = isinstance(value, int) and not isinstance(value, bool)
-                    if not (whole and value >= 0) and value != FOLLOW_SEED:
+                    if not (whole and value >= 0):
                         raise ValueError(
                             f"space key 'split_seed': expected an int >= 0 or {FOLLOW_SEED!r} "
                             f"(the trial's seed), got {value!r}"
                         )
+                    problem = seed_problem(value)
+                    if problem is not None:
+                        raise ValueError(f"space key 'split_seed': {problem}")
                 elif (
                     isinstance(value, bool)
                     or not isinstance(value, (int, float))
@@ -790,10 +819,11 @@ class Space:
             bounds = param.options() if param.is_enumerable else (param.low, param.high)
             for value in bounds:
                 whole = isinstance(value, int | float) and not isinstance(value, bool)
-                if not (whole and float(value).is_integer() and value >= 0):
+                # The bound first: float() of a huge int overflows; a row stores it as int64.
+                if not (whole and 0 <= value < INT64_LIMIT and float(value).is_integer()):
                     raise ValueError(
                         f"space key {key!r}: expected a whole number of defect images per type "
-                        f"(>= 0), got {value!r}"
+                        f"(>= 0, < 2**63), got {value!r}"
                     )
         for model in self.models:
             if models.get_class(model).learning_type != "supervised":
@@ -815,27 +845,41 @@ class Space:
                 )
 
     def _check_whole_numbers(self) -> None:
-        size_keys = [k for k in self.params if k == "image_size" or k.endswith(".image_size")]
-        for key in ("seed", "epochs", *size_keys):
-            if key not in self.params:
+        """Seeds, epochs and image sizes (shared or per model) are whole numbers in range: a
+        float or a number past a row's int64 would fail only once a trial has trained."""
+        for key, param in self.params.items():
+            name = split_key(key).name
+            if name not in ("seed", "epochs", "image_size"):
                 continue
-            param = self.params[key]
             if param.kind in ("uniform", "loguniform"):
                 raise ValueError(f"space key {key!r} takes whole numbers, not {param.kind}")
-            for value in param.options():
-                if key in size_keys and value == NATIVE_SIZE:
-                    continue
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    expected = (
-                        "a whole number or 'native'" if key in size_keys else "a whole number"
-                    )
-                    raise ValueError(f"space key {key!r}: expected {expected}, got {value!r}")
-                if key in size_keys and value < 32:
-                    raise ValueError(f"space key {key!r}: {value} is below the minimum of 32")
+            values = param.options() if param.is_enumerable else (param.low, param.high)
+            for value in values if param.is_enumerable else map(int, values):
+                problem = _whole_number_problem(name, value)
+                if problem is not None:
+                    raise ValueError(f"space key {key!r}: {problem}")
 
     def to_yaml(self) -> dict[str, Any]:
         """The space as a study file writes it."""
         return {key: param.to_yaml() for key, param in self.params.items()}
+
+
+def _whole_number_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be a trial's ``name`` (seed, epochs or image_size), or None."""
+    if name == "seed":
+        return seed_problem(value)
+    if name == "image_size" and value == NATIVE_SIZE:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        expected = "a whole number or 'native'" if name == "image_size" else "a whole number"
+        return f"expected {expected}, got {value!r}"
+    if name == "image_size" and value < 32:
+        return f"{value} is below the minimum of 32"
+    if name == "image_size" and value > MAX_IMAGE_SIZE:
+        return f"{value} is above the maximum of {MAX_IMAGE_SIZE}"
+    if value >= INT64_LIMIT:
+        return f"{value} is too large (a result row stores it as a 64-bit integer)"
+    return None
 
 
 def _distinct(trials: Iterable[TrialConfig]) -> list[TrialConfig]:

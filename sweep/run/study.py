@@ -46,7 +46,7 @@ from models.parts import PART_HYPERPARAMETERS, part_fingerprint
 from sweep.errors import StudyError, did_you_mean
 from sweep.results import Objective
 from sweep.run.metrics import ThresholdPolicy
-from sweep.run.space import Param, Space, TrialConfig, parse_param
+from sweep.run.space import INT64_LIMIT, Param, Space, TrialConfig, parse_param, seed_problem
 
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
 DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"
@@ -55,6 +55,15 @@ CACHE_DIR_ENV = "ANOMALY_SWEEP_CACHE_DIR"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_seed(value: Any) -> Any:
+    """A seed field's value, checked before pydantic's int coercion (which takes 1e23 as a
+    float and 2**63 as an int that no row can hold)."""
+    problem = seed_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 class SyntheticGlueConfig(_Strict):
@@ -97,6 +106,15 @@ class DatasetConfig(_Strict):
         "by image stem (nonzero = inside); outside it images are blanked, maps are at their "
         "minimum, defects do not count and pixel metrics are not computed (data/roi.py)",
     )
+    bit_depth: Literal[8, 10, 12, 14, 16, "auto"] = Field(
+        "auto",
+        description="bit depth of the data in 16-bit image files (12-bit cameras write 16-bit "
+        "PNGs): 0..2**bit_depth-1 maps onto 0..255, and a file with a larger value is refused; "
+        "auto infers it from the largest value of the training images (10, 12, 14 or 16 bits). "
+        "8-bit files are read as they are",
+    )
+
+    _seed = field_validator("seed", mode="before")(_check_seed)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -150,6 +168,8 @@ class DatasetConfig(_Strict):
         identity = self.model_dump(exclude={"image_size", "roi"}, exclude_none=True)
         if identity.get("resize") == "stretch":
             del identity["resize"]  # what an unset resize does
+        if identity["bit_depth"] == "auto":
+            del identity["bit_depth"]  # the default: hashes from before the key existed stay
         if not isinstance(self.image_size, int):
             identity["aspect"] = list(self.image_size)
         if self.roi is not None:
@@ -182,6 +202,8 @@ class DatasetConfig(_Strict):
             args["resize"] = self.resize
         if self.roi is not None:
             args["roi"] = str(Path(self.roi).expanduser())
+        if self.bit_depth != "auto":
+            args["bit_depth"] = self.bit_depth
         if self.kind == "synthetic_glue":
             args["root"] = str(Path(self.root or DEFAULT_DATA_ROOT).expanduser())
             args["category"] = self.category or "part1"
@@ -271,6 +293,8 @@ class SearchConfig(_Strict):
         "(sqlite:///path.db, postgresql://...)",
     )
 
+    _seed = field_validator("seed", mode="before")(_check_seed)
+
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
         if self.algorithm == "optuna" and self.n_trials is None:
@@ -336,13 +360,16 @@ class CacheConfig(_Strict):
 class BatchSizes(_Strict):
     """One model's batch sizes; a key left out takes the study's."""
 
-    train_batch_size: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
+    train_batch_size: int | None = Field(None, ge=1, lt=INT64_LIMIT)
+    batch_size: int | None = Field(None, ge=1, lt=INT64_LIMIT)
 
 
 class EvaluationConfig(_Strict):
-    train_batch_size: int = Field(32, ge=1)
-    batch_size: int = Field(32, ge=1, description="eval batch size (throughput is measured at it)")
+    # A row stores batch sizes as int64 (eval_batch_size).
+    train_batch_size: int = Field(32, ge=1, lt=INT64_LIMIT)
+    batch_size: int = Field(
+        32, ge=1, lt=INT64_LIMIT, description="eval batch size (throughput is measured at it)"
+    )
     models: dict[str, BatchSizes] = Field(
         default_factory=dict,
         description="per-model batch sizes (Table B.8 trains CFA at 4, DRAEM and DSR at 8): "
