@@ -5,7 +5,9 @@ Every loader decodes and checks every image and mask up front, so a study with b
 before its first trial rather than in the middle of one. Images are brought to ``image_size``
 (a side, or ``(height, width)``; ``resize`` says how another aspect ratio is met, and a ROI
 blanks what lies outside it: :func:`data.transforms.prepare`) and kept as uint8 (N x 3 x H x W,
-RGB; gray images replicated to three channels); :meth:`AnomalyDataset.images` and
+RGB; gray images replicated to three channels; 16-bit files by the bit depth of their data,
+``bit_depth``: 8 to 16, or ``auto``, inferred from the training images' largest value, see
+:func:`data.transforms.infer_bit_depth`); :meth:`AnomalyDataset.images` and
 :meth:`AnomalyDataset.batches` hand them out as float32 normalised with ImageNet's mean and
 standard deviation.
 
@@ -17,6 +19,7 @@ thresholds cannot be fit and are reported as NaN downstream.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -34,7 +37,16 @@ from data.files import IMAGE_SUFFIXES, decode_image
 from data.files import list_images as _list_images
 from data.roi import RegionOfInterest
 from data.synthetic_glue import GlueSetConfig, ensure_generated
-from data.transforms import RESIZE_MODES, as_shape, normalize, prepare, prepare_mask, to_rgb
+from data.transforms import (
+    BIT_DEPTHS,
+    RESIZE_MODES,
+    as_shape,
+    infer_bit_depth,
+    normalize,
+    prepare,
+    prepare_mask,
+    to_rgb,
+)
 
 __all__ = [
     "DATASET_KINDS",
@@ -241,6 +253,12 @@ class DatasetSplits:
     labelled: AnomalyDataset | None = None
     """Labelled defect images that supervised detectors train on, moved out of the test split
     (:func:`data.splits.labelled_split`); None: none were drawn."""
+    bit_depth: int | None = None
+    """The bit depth the data of the 16-bit image files was read at (its top 8 bits kept);
+    None: the data set has no 16-bit file."""
+    bit_depth_peak: int | None = None
+    """The largest value of the 16-bit training images when ``bit_depth`` was inferred from it
+    (``bit_depth="auto"``); None when it was set."""
 
     @property
     def restricted(self) -> bool:
@@ -308,7 +326,11 @@ class DatasetSplits:
         if self.resize != "stretch":
             size += f" ({self.resize})"
         roi = f", roi {self.roi.path.name}" if self.roi is not None else ""
-        return f"{title} {size}{roi}: {', '.join(parts)}"
+        depth = ""
+        if self.bit_depth is not None:
+            how = "set" if self.bit_depth_peak is None else f"auto, train max {self.bit_depth_peak}"
+            depth = f", 16-bit files read as {self.bit_depth}-bit ({how})"
+        return f"{title} {size}{roi}{depth}: {', '.join(parts)}"
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -329,6 +351,11 @@ class _Preparation:
     shape: tuple[int, int]
     resize: str = "stretch"
     roi: RegionOfInterest | None = None
+    bit_depth: int | str = "auto"
+    """The bit depth of 16-bit files' data as given: a value above it refuses the file."""
+    read_depth: int | None = None
+    """With ``bit_depth="auto"``: the depth inferred from the training images (None: 16 until
+    it is known); values above it saturate."""
 
 
 @dataclass
@@ -337,14 +364,24 @@ class _Loaded:
     mask: np.ndarray | None
     source: tuple[int, int]
     valid: np.ndarray | None
+    peak: int | None
+    """The largest value of a 16-bit image; None for an 8-bit one."""
 
 
 def _load_one(item: _Item, prep: _Preparation) -> _Loaded:
     """One image prepared (3 x H x W uint8 RGB), its H x W bool mask or None, its own size and
     which of its pixels count (None: all); raises DatasetError."""
     image = decode_image(item.path, cv2.IMREAD_UNCHANGED)
+    peak = int(image.max()) if image.dtype == np.uint16 else None
+    depth = prep.read_depth if prep.bit_depth == "auto" else int(prep.bit_depth)
+    if peak is not None and prep.bit_depth != "auto" and peak > 2 ** int(prep.bit_depth) - 1:
+        raise DatasetError(
+            f"{item.path}: holds the value {peak}, above {2 ** int(prep.bit_depth) - 1}, the "
+            f"largest {prep.bit_depth}-bit value (dataset.bit_depth: {prep.bit_depth}); its data "
+            f"needs {infer_bit_depth(peak)} bits (set that, or auto)"
+        )
     try:
-        rgb = to_rgb(image)
+        rgb = to_rgb(image, depth)
     except TypeError as exc:
         raise DatasetError(f"{item.path}: unsupported image ({exc})") from exc
     source = (int(rgb.shape[0]), int(rgb.shape[1]))
@@ -360,7 +397,7 @@ def _load_one(item: _Item, prep: _Preparation) -> _Loaded:
         mask = prepare_mask(raw >= 128, prep.shape, prep.resize)
     roi = None if prep.roi is None else prep.roi.mask_for(item.path, *source)
     pixels, valid = prepare(rgb, prep.shape, prep.resize, roi)
-    return _Loaded(np.ascontiguousarray(pixels.transpose(2, 0, 1)), mask, source, valid)
+    return _Loaded(np.ascontiguousarray(pixels.transpose(2, 0, 1)), mask, source, valid, peak)
 
 
 @dataclass
@@ -368,6 +405,8 @@ class _LoadInfo:
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)
     valid: dict[str, np.ndarray] = field(default_factory=dict)
     shared: dict[Any, np.ndarray] = field(default_factory=dict)
+    peaks: dict[str, int] = field(default_factory=dict)
+    """The largest value of each 16-bit image, by path."""
 
 
 def _splits(
@@ -380,6 +419,13 @@ def _splits(
 ) -> DatasetSplits:
     info = _LoadInfo()
     loaded = [_load_items(items, prep, info) for items in (train, val, test)]
+    depth, peak = _read_depth(prep, info, train)
+    if prep.bit_depth == "auto" and depth is not None and depth != BIT_DEPTHS[-1]:
+        # Loaded as 16-bit first: 8-bit and true 16-bit data sets are read once, and only
+        # data of fewer bits in 16-bit files (which read nearly black) is read again.
+        prep = dataclasses.replace(prep, read_depth=depth)
+        info = _LoadInfo()
+        loaded = [_load_items(items, prep, info) for items in (train, val, test)]
     height, width = prep.shape
     return DatasetSplits(
         *loaded,
@@ -391,18 +437,45 @@ def _splits(
         roi=prep.roi,
         sources=info.sources,
         valid=info.valid,
+        bit_depth=depth,
+        bit_depth_peak=peak,
     )
 
 
+def _read_depth(
+    prep: _Preparation, info: _LoadInfo, train: list[_Item]
+) -> tuple[int | None, int | None]:
+    """The bit depth 16-bit files are read at, and the training images' peak it was inferred
+    from (None when set); (None, None) without a 16-bit file.
+
+    Inferred from every training image, not one: a dark image of 16-bit data must not pass for
+    12-bit data."""
+    if not info.peaks:
+        return None, None
+    if prep.bit_depth != "auto":
+        return int(prep.bit_depth), None
+    peaks = [info.peaks[str(item.path)] for item in train if str(item.path) in info.peaks]
+    peak = max(peaks or info.peaks.values())
+    return infer_bit_depth(peak), peak
+
+
 def _preparation(
-    image_size: int | Sequence[int], resize: str, roi: str | Path | RegionOfInterest | None
+    image_size: int | Sequence[int],
+    resize: str,
+    roi: str | Path | RegionOfInterest | None,
+    bit_depth: int | str = "auto",
 ) -> _Preparation:
     shape = _check_size(image_size)
     if resize not in RESIZE_MODES:
         raise DatasetError(f"resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if bit_depth != "auto" and (isinstance(bit_depth, bool) or bit_depth not in BIT_DEPTHS):
+        raise DatasetError(
+            f"bit_depth: expected one of {', '.join(map(str, BIT_DEPTHS))} or auto, got "
+            f"{bit_depth!r}"
+        )
     if roi is not None and not isinstance(roi, RegionOfInterest):
         roi = RegionOfInterest(roi)
-    return _Preparation(shape, resize, roi)
+    return _Preparation(shape, resize, roi, bit_depth)
 
 
 def _workers() -> int:
@@ -433,6 +506,8 @@ def _load_items(
             failures.append(exc)
             return
         pixels[i] = loaded.pixels
+        if loaded.peak is not None:
+            info.peaks[str(items[i].path)] = loaded.peak
         if loaded.mask is not None:
             masks[i] = loaded.mask
         path = str(items[i].path)
@@ -550,6 +625,7 @@ def load_mvtec(
     seed: int = 0,
     resize: str = "stretch",
     roi: str | Path | RegionOfInterest | None = None,
+    bit_depth: int | str = "auto",
 ) -> DatasetSplits:
     """One category of a data set in the MVTec AD layout.
 
@@ -565,9 +641,12 @@ def load_mvtec(
 
     ``image_size`` is a side or ``(height, width)``; ``resize`` (``stretch``, ``pad``,
     ``crop``) how images of another aspect ratio reach it; ``roi`` a :mod:`data.roi` mask (or
-    folder of masks) outside which images are blanked and nothing counts.
+    folder of masks) outside which images are blanked and nothing counts. ``bit_depth`` (8,
+    10, 12, 14, 16 or ``auto``) is the depth of the data in 16-bit image files, whose top 8
+    bits of it are kept: set, a file with a larger value is refused; ``auto`` infers it from
+    the largest value of the training images, and larger values elsewhere saturate.
     """
-    prep = _preparation(image_size, resize, roi)
+    prep = _preparation(image_size, resize, roi, bit_depth)
     val_fraction = _check_fraction("val_fraction", val_fraction)
     root = _directory(root, "data root")
     if not isinstance(category, str) or not category:
@@ -638,6 +717,7 @@ def load_folder(
     seed: int = 0,
     resize: str = "stretch",
     roi: str | Path | RegionOfInterest | None = None,
+    bit_depth: int | str = "auto",
 ) -> DatasetSplits:
     """A folder of normal images and a folder of anomalous ones, split with a seed.
 
@@ -647,7 +727,7 @@ def load_folder(
     image, named ``<stem>.png`` or ``<stem>_mask.png`` (any image suffix). ``image_size``,
     ``resize`` and ``roi`` as for :func:`load_mvtec`.
     """
-    prep = _preparation(image_size, resize, roi)
+    prep = _preparation(image_size, resize, roi, bit_depth)
     val_fraction = _check_fraction("val_fraction", val_fraction)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1:
@@ -795,17 +875,20 @@ def load_synthetic_glue(
     seed: int = 0,
     resize: str = "stretch",
     roi: str | Path | RegionOfInterest | None = None,
+    bit_depth: int | str = "auto",
 ) -> DatasetSplits:
     """The synthetic glue-line data of part ``category`` (generated under ``root`` on first
     use, reused after; see :mod:`data.synthetic_glue`), loaded like MVTec AD."""
-    _preparation(image_size, resize, None)
+    _preparation(image_size, resize, None, bit_depth)
     ensure_generated(root, category, config=config, seed=seed)
-    splits = load_mvtec(root, category, image_size, seed=seed, resize=resize, roi=roi)
+    splits = load_mvtec(
+        root, category, image_size, seed=seed, resize=resize, roi=roi, bit_depth=bit_depth
+    )
     splits.name = "synthetic_glue"
     return splits
 
 
-_COMMON_OPTIONS = {"resize", "roi"}
+_COMMON_OPTIONS = {"resize", "roi", "bit_depth"}
 _OPTIONS = {
     "synthetic_glue": {"config"} | _COMMON_OPTIONS,
     "mvtec": {"val_fraction"} | _COMMON_OPTIONS,
@@ -827,7 +910,7 @@ def load_dataset(
     ``part1``; option ``config``), ``"mvtec"`` (``root``, ``category``; option
     ``val_fraction``) or ``"folder"`` (options ``normal_dir``, ``abnormal_dir``, optional
     ``mask_dir``, ``val_fraction``, ``test_fraction``; relative directories are taken under
-    ``root`` when it is given). Every kind takes ``resize`` and ``roi`` (see
+    ``root`` when it is given). Every kind takes ``resize``, ``roi`` and ``bit_depth`` (see
     :func:`load_mvtec`); ``image_size`` is a side or ``(height, width)``."""
     if kind not in _OPTIONS:
         raise DatasetError(f"unknown dataset kind {kind!r} (known: {', '.join(DATASET_KINDS)})")

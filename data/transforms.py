@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BIT_DEPTHS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "RESIZE_MODES",
@@ -21,6 +22,7 @@ __all__ = [
     "aspect_window",
     "fit_aspect",
     "frame_mask",
+    "infer_bit_depth",
     "normalize",
     "prepare",
     "prepare_mask",
@@ -44,13 +46,34 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 (models reads them from here: data is the layer below it)."""
 
 
-def to_rgb(image: np.ndarray) -> np.ndarray:
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+"""The bit depths the data in a 16-bit image file can have (``dataset.bit_depth``)."""
+
+
+def infer_bit_depth(peak: int) -> int:
+    """The bit depth of 16-bit image data whose largest value is ``peak``: the smallest of 10,
+    12, 14 and 16 bits that holds it (cameras write 10-, 12- and 14-bit data in 16-bit files;
+    8-bit data in a 16-bit file is not guessed: it reads as 10-bit unless set)."""
+    for depth in BIT_DEPTHS[1:]:
+        if peak <= 2**depth - 1:
+            return depth
+    return BIT_DEPTHS[-1]
+
+
+def to_rgb(image: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
     """An OpenCV-decoded image (H x W gray, H x W x 1, BGR or BGRA; 8 or 16 bit) as H x W x 3
     uint8 RGB. Gray is replicated to three channels, so that ImageNet backbones see it as the
-    gray colour it is."""
+    gray colour it is.
+
+    A 16-bit image holds ``bit_depth``-bit data (default 16): its top 8 of those bits are kept,
+    so 0..2**bit_depth - 1 maps onto 0..255; larger values saturate at 255. 8-bit images are
+    taken as they are whatever ``bit_depth`` says."""
     if image.dtype == np.uint16:
-        # 16-bit industrial images: keep the top 8 bits (a 0..65535 -> 0..255 rescale).
-        image = (image >> 8).astype(np.uint8)
+        depth = BIT_DEPTHS[-1] if bit_depth is None else bit_depth
+        if depth not in BIT_DEPTHS:
+            raise ValueError(f"bit_depth: expected one of {BIT_DEPTHS}, got {bit_depth!r}")
+        # A shift, not a multiply: at 16 bits it is the top byte exactly, as always read.
+        image = np.minimum(image >> (depth - 8), 255).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise TypeError(f"expected 8- or 16-bit pixels, got {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 1:

@@ -118,6 +118,59 @@ def test_gray_is_replicated_and_color_stays_rgb(tmp_path):
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
+def deep_folder(root: Path, depth: int, *, scale: float = 1.0, n_normal: int = 10) -> np.ndarray:
+    """A folder data set ``root/ok``, ``root/nok`` of 16-bit PNGs holding ``depth``-bit data (the
+    8-bit pictures returned, widened by ``depth - 8`` bits plus noise in the low bits; ``scale``
+    darkens them)."""
+    rng = np.random.default_rng(depth)
+    pictures = rng.integers(0, 256, (n_normal + 3, 40, 48), dtype=np.uint16)
+    pictures[:, 4:12, 4:12] = 255  # every image reaches the top of the range
+    for i, picture in enumerate(pictures):
+        low = rng.integers(0, 2 ** (depth - 8), picture.shape, dtype=np.uint16)
+        wide = ((picture << (depth - 8)) | low) * scale
+        sub, name = ("ok", f"n{i:02d}") if i < n_normal else ("nok", f"a{i:02d}")
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / sub / f"{name}.png"), wide.astype(np.uint16))
+    assert cv2.imread(str(root / "ok" / "n00.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    return pictures.astype(np.uint8)
+
+
+def test_12_bit_data_in_16_bit_pngs_reads_like_its_8_bit_version(tmp_path):
+    pictures = deep_folder(tmp_path, 12)
+    splits = load_folder(tmp_path / "ok", tmp_path / "nok", (40, 48))
+    assert (splits.bit_depth, splits.bit_depth_peak) == (12, 4095)
+    assert "16-bit files read as 12-bit (auto, train max 4095)" in splits.describe()
+    everything = torch.cat([splits.train.pixels, splits.val.pixels, splits.test.pixels])
+    assert abs(everything.float().mean() - pictures.mean()) < 0.5  # ~128, not 7.5 (top 8 bits)
+    by_name = {Path(p).stem: i for i, p in enumerate(splits.train.paths)}
+    name, i = next(iter(by_name.items()))
+    assert torch.equal(splits.train.pixels[i, 0], torch.from_numpy(pictures[int(name[1:])]))
+    # Set, the same; set too low, the file is refused by name.
+    again = load_folder(tmp_path / "ok", tmp_path / "nok", (40, 48), bit_depth=12)
+    assert torch.equal(again.train.pixels, splits.train.pixels)
+    assert "read as 12-bit (set)" in again.describe()
+    with pytest.raises(
+        DatasetError, match=r"n\d\d.png: holds the value 4\d+, above 1023.*needs 12"
+    ):
+        load_folder(tmp_path / "ok", tmp_path / "nok", (40, 48), bit_depth=10)
+    # Set to 16, the top 8 bits as before: nearly black.
+    assert load_folder(tmp_path / "ok", tmp_path / "nok", 32, bit_depth=16).train.pixels.max() < 16
+
+
+def test_dark_16_bit_data_is_read_by_the_whole_training_set_not_one_image(tmp_path):
+    deep_folder(tmp_path, 16, scale=0.05)  # dark 16-bit images: their peak is 3276
+    bright = np.full((40, 48), 60000, np.uint16)
+    assert cv2.imwrite(str(tmp_path / "ok" / "n99.png"), bright)  # one image uses the range
+    splits = load_folder(tmp_path / "ok", tmp_path / "nok", 32)
+    assert "n99.png" in "".join(splits.train.paths)
+    assert splits.bit_depth == 16
+    dark = [i for i, p in enumerate(splits.train.paths) if not p.endswith("n99.png")]
+    assert splits.train.pixels[dark].max() < 16  # dark as they are, not brightened 16x
+    # 8-bit data sets state nothing and read once, as always.
+    plain = load_mvtec(mvtec(tmp_path / "mv"), "widget", SIZE)
+    assert plain.bit_depth is None and "bit" not in plain.describe()
+
+
 def test_batches(tmp_path):
     test = load_mvtec(mvtec(tmp_path), "widget", SIZE).test
     batches = list(test.batches(4))
