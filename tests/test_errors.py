@@ -189,6 +189,7 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "study-bad-test-fraction": lambda s: ["validate", s.study(_space(test_fraction=1.5))],
     "study-bad-image-size": lambda s: ["validate", s.study(_set("dataset", image_size=[480]))],
     "study-bad-resize": lambda s: ["validate", s.study(_set("dataset", resize="letterbox"))],
+    "study-bad-bit-depth": lambda s: ["validate", s.study(_set("dataset", bit_depth=9))],
     "study-square-input": lambda s: [
         "validate",
         s.study(
@@ -235,6 +236,17 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "run",
         s.study(
             dataset={"kind": "folder", "normal_dir": _images(s.tmp), "abnormal_dir": _images(s.tmp)}
+        ),
+    ],
+    "dataset-bit-depth-exceeded": lambda s: [
+        "run",
+        s.study(
+            dataset={
+                "kind": "folder",
+                "normal_dir": _images(s.tmp, value=4000),
+                "abnormal_dir": _images(s.tmp / "nok", value=4001),
+                "bit_depth": 10,
+            }
         ),
     ],
     "dataset-unreadable-image": lambda s: [
@@ -416,16 +428,20 @@ def _roi(folder: Path, size: tuple[int, int], value: int = 255) -> str:
     return str(folder / "roi.png")
 
 
-def _images(folder: Path, n: int = 6) -> str:
-    """A folder of ``n`` small distinct gray images (made once; the path again after)."""
+def _images(folder: Path, n: int = 6, value: int | None = None) -> str:
+    """A folder of ``n`` small distinct gray images (made once; the path again after): 8-bit,
+    or 16-bit ones whose brightest pixel is ``value``."""
     import cv2
     import numpy as np
 
     images = folder / "images"
     if not images.is_dir():
-        images.mkdir()
+        images.mkdir(parents=True)
         for i in range(n):
-            cv2.imwrite(str(images / f"{i:03d}.png"), np.full((24, 32), 40 * i, np.uint8))
+            image = np.full((24, 32), 40 * i, np.uint8 if value is None else np.uint16)
+            if value is not None:
+                image[0, 0] = value
+            cv2.imwrite(str(images / f"{i:03d}.png"), image)
     return str(images)
 
 

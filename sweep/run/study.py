@@ -106,6 +106,13 @@ class DatasetConfig(_Strict):
         "by image stem (nonzero = inside); outside it images are blanked, maps are at their "
         "minimum, defects do not count and pixel metrics are not computed (data/roi.py)",
     )
+    bit_depth: Literal[8, 10, 12, 14, 16, "auto"] = Field(
+        "auto",
+        description="bit depth of the data in 16-bit image files (12-bit cameras write 16-bit "
+        "PNGs): 0..2**bit_depth-1 maps onto 0..255, and a file with a larger value is refused; "
+        "auto infers it from the largest value of the training images (10, 12, 14 or 16 bits). "
+        "8-bit files are read as they are",
+    )
 
     _seed = field_validator("seed", mode="before")(_check_seed)
 
@@ -161,6 +168,8 @@ class DatasetConfig(_Strict):
         identity = self.model_dump(exclude={"image_size", "roi"}, exclude_none=True)
         if identity.get("resize") == "stretch":
             del identity["resize"]  # what an unset resize does
+        if identity["bit_depth"] == "auto":
+            del identity["bit_depth"]  # the default: hashes from before the key existed stay
         if not isinstance(self.image_size, int):
             identity["aspect"] = list(self.image_size)
         if self.roi is not None:
@@ -193,6 +202,8 @@ class DatasetConfig(_Strict):
             args["resize"] = self.resize
         if self.roi is not None:
             args["roi"] = str(Path(self.roi).expanduser())
+        if self.bit_depth != "auto":
+            args["bit_depth"] = self.bit_depth
         if self.kind == "synthetic_glue":
             args["root"] = str(Path(self.root or DEFAULT_DATA_ROOT).expanduser())
             args["category"] = self.category or "part1"
