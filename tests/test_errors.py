@@ -104,6 +104,7 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "study-unknown-key": lambda s: ["validate", s.study(lambda raw: raw.update(spase={}))],
     "study-missing-key": lambda s: ["validate", s.study(_without("space"))],
     "study-bad-name": lambda s: ["validate", s.study(name="glue line/1")],
+    "study-long-name": lambda s: ["run", s.study(name="n" * 300)],
     "study-no-model": lambda s: [
         "validate",
         s.study(lambda raw: raw["space"].pop("model")),

@@ -124,6 +124,7 @@ def test_a_models_own_epochs_are_its_trials_budget():
         (with_space(**{"patchcore.coreset_ratio": {"uniform": [0.01, 0.1]}}), ["'grid'"]),
         (with_space(**{"patchcore.coreset_ratio": {"gird": [0.1]}}), ["distribution is one of"]),
         ({**BASE, "name": "has space"}, ["name", "letters"]),
+        ({**BASE, "name": "n" * 101}, ["name: 101 characters; at most 100"]),
         ({k: v for k, v in BASE.items() if k != "space"}, ["space", "required"]),
         ({**BASE, "search": {"algorithm": "optuna"}}, ["n_trials"]),
     ],
@@ -143,6 +144,11 @@ def test_every_seed_up_to_two_to_the_32_is_taken():
     raw = with_space(seed=2**32 - 1, split_seed=2**32 - 1)
     study = study_from_dict({**raw, "dataset": {"seed": 2**32 - 1}, "search": {"seed": 0}})
     assert {t.seed for t in expand_trials(study)} == {2**32 - 1}
+
+
+def test_the_longest_name_has_a_smoke_form():
+    study = study_from_dict({**BASE, "name": "n" * 100})
+    assert smoke_form(study).name == "n" * 100 + "-smoke"
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -51,6 +51,10 @@ from sweep.run.space import INT64_LIMIT, Param, Space, TrialConfig, parse_param,
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
 DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"
 CACHE_DIR_ENV = "ANOMALY_SWEEP_CACHE_DIR"
+MAX_NAME_LENGTH = 100
+"""The longest study name (see ``Study._slug``)."""
+SMOKE_SUFFIX = "-smoke"
+"""What the smoke form (``sweep.run.smoke``) appends to a study's name."""
 
 
 class _Strict(BaseModel):
@@ -549,6 +553,13 @@ class Study(_Strict):
     def _slug(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError("use letters, digits, '_', '.' and '-' (it names files)")
+        # A file name holds 255 bytes on most file systems, and the name is only the start of
+        # some: Ray Tune's run folder is <name>-<run id> (16 more) with trial folders below, and
+        # the smoke form is <name>-smoke (whose own suffix is not counted here). 100 leaves room.
+        if len(name.removesuffix(SMOKE_SUFFIX)) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"{len(name)} characters; at most {MAX_NAME_LENGTH} (it names files and folders)"
+            )
         return name
 
     @field_validator("space", mode="before")
