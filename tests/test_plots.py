@@ -539,3 +539,36 @@ def test_the_grid_shows_the_ranked_models_with_why_each_is_there(tmp_path):
     with pytest.raises(SweepError, match="'middle:1'"):
         report_plots(df, None, OBJECTIVES, tmp_path / "bad", examples="middle:1")
     assert not (tmp_path / "bad").exists()
+
+
+def test_labelled_defects_plot_leads_with_the_studys_recall_at_precision(tmp_path, monkeypatch):
+    """label_budget's question, what labels buy: its objective (recall at precision 0.95)
+    against labelled defects per type, one curve per detector, AUROC after it."""
+    import sweep.read.plots as plots
+
+    rows = []
+    for model, recalls in {
+        "supervised_classifier": (0.5, 0.8, 0.95),
+        "padim": (0.7, 0.7, 0.7),
+    }.items():
+        for n, recall in zip((1, 5, 20), recalls, strict=True):
+            for seed in (0, 1):
+                rows.append(
+                    {"status": "ok", "model": model, "backbone": "tf_efficientnet_lite0",
+                     "seed": seed, "image_size": 128, "labelled_defects": n,
+                     "augmentation": "none", "stress": "none", "image_recall_p95": recall,
+                     "image_auroc": 0.5 + recall / 2, "latency_ms": 10.0,
+                     "config_hash": f"{model}-{n}-{seed}"}
+                )  # fmt: skip
+    drawn: dict[str, list[str]] = {}
+    real = plots.param_plot
+
+    def recording(agg, param, path, **kwargs):
+        drawn[param] = list(kwargs["metrics"])
+        return real(agg, param, path, **kwargs)
+
+    monkeypatch.setattr(plots, "param_plot", recording)
+    objectives = [("image_recall_p95", "max"), ("latency_ms", "min")]
+    written = report_plots(pd.DataFrame(rows), None, objectives, tmp_path)
+    assert _is_png(written["vs_labelled_defects"])
+    assert drawn["labelled_defects"][:2] == ["image_recall_p95", "image_auroc"]

@@ -1214,7 +1214,8 @@ def report_plots(
     * ``timing``: inference time and throughput bars per configuration, when any has them
       (Fig. 10);
     * ``vs_<param>``: metrics against each numeric configuration column the study varies with
-      everything else fixed (``vs_image_size``, ``vs_coreset_ratio``);
+      everything else fixed (``vs_image_size``, ``vs_coreset_ratio``, ``vs_labelled_defects``):
+      the study's accuracy objectives first, then :data:`PARAM_METRICS`;
     * ``examples``: the heatmap grid (Fig. 11), when ``results_dir`` holds the chosen models'
       saved example maps.
 
@@ -1293,9 +1294,14 @@ def report_plots(
 
     if not agg.empty:
         keep("timing", timing_plot(agg, out_dir / "timing.png"))
+        # The study's own accuracy objectives lead (label_budget's recall at precision 0.95
+        # against labelled_defects), then the usual AUROC / AUPRO panels.
+        param_metrics = list(
+            dict.fromkeys([*(m for m, mode in objectives if mode == "max"), *PARAM_METRICS])
+        )
         for param in swept_columns(agg):
             name = f"vs_{param.removeprefix('hp.')}"
-            keep(name, param_plot(agg, param, out_dir / f"{name}.png"))
+            keep(name, param_plot(agg, param, out_dir / f"{name}.png", metrics=param_metrics))
 
     if results_dir is not None and not agg.empty:
         choices = _example_choices(spec, selection, agg, clean, results_dir, objectives)
