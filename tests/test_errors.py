@@ -12,7 +12,7 @@ import json
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ def catalogue() -> dict[str, str]:
 class Setup:
     tmp: Path
     glue: Path
+    env: dict[str, str | None] = field(default_factory=dict)
+    """The command's environment changes (CliRunner's: None unsets a variable)."""
 
     @property
     def output(self) -> Path:
@@ -63,6 +65,17 @@ class Setup:
         root = mvtec(self.tmp / "mvtec", **layout)
         spec = {"kind": "mvtec", "root": str(root), "category": category, "image_size": 64}
         return self.study(dataset=spec)
+
+
+def _ray_record(s: Setup, address: str | None) -> str:
+    """'auto', on a machine where `ray start` recorded ``address`` (None: nothing): Ray's temp
+    folder moved under the setup's (RAY_TMPDIR), whatever runs on the machine running the test."""
+    ray_dir = s.tmp / "ray-tmp" / "ray"
+    ray_dir.mkdir(parents=True)
+    if address is not None:
+        (ray_dir / "ray_current_cluster").write_text(address)
+    s.env.update(RAY_TMPDIR=str(ray_dir.parent), RAY_ADDRESS=None)
+    return "auto"
 
 
 def _closed_port() -> int:
@@ -308,6 +321,13 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         f"127.0.0.1:{_closed_port()}",
     ],
     "address-malformed": lambda s: ["run", s.study(), "--address", "head-node:port"],
+    "address-auto-no-cluster": lambda s: ["run", s.study(), "--address", _ray_record(s, None)],
+    "address-auto-gone": lambda s: [
+        "run",
+        s.study(),
+        "--address",
+        _ray_record(s, f"127.0.0.1:{_closed_port()}"),
+    ],
     "cluster-file-missing": lambda s: [
         "plan",
         s.study(),
@@ -479,7 +499,7 @@ def test_catalogue_and_cases_match():
 def test_bad_input_exits_2_with_the_catalogued_message(entry, tmp_path, glue_root):
     setup = Setup(tmp_path, glue_root)
     argv = CASES[entry](setup)
-    result = CliRunner().invoke(app, argv)
+    result = CliRunner().invoke(app, argv, env=setup.env)
     message = " ".join(result.output.split())
     assert result.exit_code == 2, (entry, result.output, result.exception)
     assert catalogue()[entry] in message, (entry, message)

@@ -101,16 +101,27 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
     """Fail fast, with a message, on a Ray address that is malformed or where nothing answers.
 
     ``ray.init`` itself keeps retrying an unreachable address for minutes; a study should not
-    wait that long to learn of a typo. ``auto`` (and no address) are left to Ray.
+    wait that long to learn of a typo. No address (and ``local``) is left to Ray. ``auto`` is
+    what ``ray.init`` reads for it: ``$RAY_ADDRESS``, else the address ``ray start`` recorded on
+    this machine, which must answer (a stopped cluster leaves its record behind). Ray's last
+    resort, any Ray process found in the process table, is not followed: that is another
+    driver's private instance, not a cluster to join.
     """
-    if not address or address in ("auto", "local"):
+    if not address or address == "local":
         return
+    label = f"Ray address {address!r}"
+    if address == "auto":
+        resolved = _auto_address()
+        if resolved is None:
+            return
+        label = f"--address auto (found {resolved!r})"
+        address = resolved
     hostport = address.removeprefix("ray://")
     host, _, port_text = hostport.rpartition(":")
     host = host.strip("[]")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise SweepError(
-            f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
+            f"{label}: expected HOST:PORT (the head's GCS port, 6379 by "
             "default), ray://HOST:PORT (Ray Client, 10001) or 'auto'"
         )
     try:
@@ -118,11 +129,41 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
+        if label.startswith("--address auto"):
+            raise SweepError(
+                f"{label}: nothing answers on {host}:{port_text} ({reason}); the cluster "
+                "`ray start` recorded there is gone: start one with `ray start --head`, or leave "
+                "--address out to start a local Ray for this run"
+            ) from None
         raise SweepError(
             f"cannot reach the Ray cluster at {address!r}: nothing answers on "
             f"{host}:{port_text} ({reason}); is the head node up (`ray status` on it) and the "
             "port open to this machine?"
         ) from None
+
+
+def _auto_address() -> str | None:
+    """The address ``auto`` stands for (see :func:`check_ray_address`); SweepError when there is
+    none, None when this Ray's way of recording it is unknown (then Ray is left to look)."""
+    environment = os.environ.get("RAY_ADDRESS")
+    if environment and environment != "auto":
+        return environment
+    try:
+        # Ray's own reading of the record, so that RAY_TMPDIR and TMPDIR move it as they move it
+        # for ray.init; private, hence the fallback.
+        from ray._common.utils import get_ray_address_file
+        from ray._private.utils import read_ray_address
+
+        record, recorded = get_ray_address_file(None), read_ray_address()
+    except (ImportError, AttributeError, OSError):
+        return None
+    if not recorded:
+        raise SweepError(
+            f"--address auto: no Ray cluster runs on this machine (`ray start` records its "
+            f"address in {record}, and there is none); start one with `ray start --head`, or "
+            "leave --address out to start a local Ray for this run"
+        )
+    return recorded
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> float:
