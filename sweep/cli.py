@@ -39,8 +39,21 @@ app.add_typer(parts_app, name="parts")
 AddressOption = Annotated[
     str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
 ]
+
+
+def _cpu_count(value: int | None) -> int | None:
+    # Further on 0 reads as "not given" (all CPUs): refuse it with the negatives, by name.
+    if value is not None and value < 1:
+        bad_input(
+            f"--num-cpus {value}: expected a whole number of CPUs, 1 or more (leave it out to "
+            "use all of this machine's)"
+        )
+    return value
+
+
 NumCpusOption = Annotated[
-    int | None, typer.Option(help="CPUs of a local Ray instance (default: all).")
+    int | None,
+    typer.Option(help="CPUs of a local Ray instance (default: all).", callback=_cpu_count),
 ]
 RetryErrorsOption = Annotated[
     bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")

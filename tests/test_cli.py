@@ -145,6 +145,16 @@ def test_validate_lists_trials(tmp_path):
     assert "4 trials" in result.output
 
 
+@pytest.mark.parametrize("command", ["run", "resume"])
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_num_cpus_below_one_is_refused_before_anything_runs(tmp_path, command, count):
+    # 0 used to read as "not given" (all CPUs).
+    target = tmp_path / "study.yaml" if command == "run" else tmp_path / "out"
+    result = invoke(command, target, "--num-cpus", count)
+    expect_bad_input(result, f"--num-cpus {count}: expected a whole number of CPUs, 1 or more")
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_models_and_backbones_json():
     result = invoke("models", "--json")
     assert result.exit_code == 0

@@ -321,6 +321,7 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         f"127.0.0.1:{_closed_port()}",
     ],
     "address-malformed": lambda s: ["run", s.study(), "--address", "head-node:port"],
+    "num-cpus-not-positive": lambda s: ["run", s.study(), "--num-cpus", "0"],
     "address-auto-no-cluster": lambda s: ["run", s.study(), "--address", _ray_record(s, None)],
     "address-auto-gone": lambda s: [
         "run",
