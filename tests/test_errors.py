@@ -114,6 +114,15 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "validate",
         str(_write(s.tmp / "study.yaml", "- patchcore\n- padim\n")),
     ],
+    "study-duplicate-key": lambda s: [
+        "run",
+        str(
+            _write(
+                s.tmp / "study.yaml",
+                f"name: d\nspace: {{model: padim}}\noutput: {s.output}\nspace: {{model: stfpm}}\n",
+            )
+        ),
+    ],
     "study-unknown-key": lambda s: ["validate", s.study(lambda raw: raw.update(spase={}))],
     "study-missing-key": lambda s: ["validate", s.study(_without("space"))],
     "study-bad-name": lambda s: ["validate", s.study(name="glue line/1")],
@@ -228,6 +237,7 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     ],
     "set-syntax": lambda s: ["validate", s.study(), "--set", "space.seed"],
     "set-unknown-key": lambda s: ["validate", s.study(), "--set", "spase.seed=1"],
+    "set-duplicate-key": lambda s: ["run", s.study(), "--set", "smoke={a: 1, a: 2}"],
     "set-not-a-mapping": lambda s: ["validate", s.study(), "--set", "name.x=1"],
     # --- the data set (found by the pre-flight of `sweep run`, before Ray starts)
     "dataset-missing-root": lambda s: [

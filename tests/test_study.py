@@ -160,6 +160,20 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_study(write(tmp_path, "- just\n- a list\n"))
 
 
+def test_a_key_given_twice_is_refused_at_any_level(tmp_path):
+    nested = "name: x\nspace:\n  model: padim\n  seed: 0\n  backbone: resnet18\n  seed: 1\n"
+    with pytest.raises(StudyError, match=r"line 6, .*duplicate key 'seed' \(first on line 4"):
+        load_study(write(tmp_path, nested))
+    with pytest.raises(StudyError, match=r"--set smoke: .*duplicate key 'a'"):
+        load_study(write(tmp_path, BASE), ["smoke={a: 1, a: 2}"])
+    # A merge is meant to be overridden.
+    merged = "base: &b {model: padim, seed: 0}\nname: x\nspace: {<<: *b, seed: 1}\n"
+    raw = yaml.safe_load(merged)
+    assert raw["space"] == {"model": "padim", "seed": 1}
+    with pytest.raises(StudyError, match="unknown key 'base'"):
+        load_study(write(tmp_path, merged))
+
+
 def test_overrides(tmp_path):
     path = write(tmp_path, BASE)
     study = load_study(

@@ -679,6 +679,34 @@ def _validate_variants(study: Study) -> None:
 # --------------------------------------------------------------------------- loading
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping at any level: PyYAML keeps
+    the last one silently (YAML itself says keys are unique). A merge (``<<: *base``) may still
+    be overridden: that is what it is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                again = key in first
+            except TypeError:  # an unhashable key, which the mapping refuses itself
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {first[key]}, again on line {line}; "
+                    "the second would replace the first)",
+                    key_node.start_mark,
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     """Read, override (``key.path=value``) and validate a study file.
 
@@ -693,7 +721,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         message = f"cannot read the study file ({exc.__class__.__name__})"
         raise StudyError(message, path=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -771,10 +799,13 @@ def apply_override(
             raise StudyError(f"--set expects key=value, got {override!r}", path=source)
         dotted, _, text = override.partition("=")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
+            value = yaml.load(text, Loader=UniqueKeyLoader)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None)
             raise StudyError(
-                f"--set {dotted.strip()}: value {text!r} is not valid YAML", path=source
+                f"--set {dotted.strip()}: value {text!r} is not valid YAML"
+                + (f": {problem}" if problem else ""),
+                path=source,
             ) from None
     else:
         dotted = override
