@@ -68,6 +68,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (SweepError, DatasetError, ModelError)
 
 
+def _load_study(study_file: Path, set_: list[str] | None) -> Any:  # -> Study
+    """``load_study`` with the --set overrides, its notes (the keys a --set space.model that
+    leaves out models drops) on stderr, also where the study then fails to validate."""
+    from sweep.run.study import load_study
+
+    notes: list[str] = []
+    try:
+        return load_study(study_file, overrides=set_ or [], notes=notes)
+    finally:
+        for line in notes:
+            note(f"note: {line}")
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -99,10 +112,9 @@ def run(
     OUTPUT``, runs the rest: finished trials are never run twice.
     """
     from sweep.run.smoke import smoke_form
-    from sweep.run.study import load_study
 
     try:
-        study = load_study(study_file, overrides=set_ or [])
+        study = _load_study(study_file, set_)
         if smoke:
             study = smoke_form(study)
     except _user_errors() as exc:
@@ -169,10 +181,10 @@ def validate(
     """Check a study file (and its smoke form) and print its trials, without running anything."""
     from sweep.run.smoke import smoke_form
     from sweep.run.space import VARIANT_KEYS
-    from sweep.run.study import check_hyperparameters, config_hash, expand_trials, load_study
+    from sweep.run.study import check_hyperparameters, config_hash, expand_trials
 
     try:
-        study = load_study(study_file, overrides=set_ or [])
+        study = _load_study(study_file, set_)
         check_hyperparameters(study)
         smoke_study = smoke_form(study)
         check_hyperparameters(smoke_study)
@@ -213,10 +225,9 @@ def plan(
     without running anything."""
     from sweep.run.plan import make_plan
     from sweep.run.smoke import smoke_form
-    from sweep.run.study import load_study
 
     try:
-        study = load_study(study_file, overrides=set_ or [])
+        study = _load_study(study_file, set_)
         if smoke:
             study = smoke_form(study)
         the_plan = make_plan(

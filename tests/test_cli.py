@@ -145,6 +145,19 @@ def test_validate_lists_trials(tmp_path):
     assert "4 trials" in result.output
 
 
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_set_model_to_one_of_the_files_models_drops_the_others_keys(command):
+    # The commonest override: quickstart's patchcore.* keys have nothing left to apply to.
+    root = Path(__file__).resolve().parents[1]
+    result = invoke(command, root / "studies" / "quickstart.yaml", "--set", "space.model=padim")
+    assert result.exit_code == 0, result.output
+    assert (
+        "note: --set space.model leaves out patchcore, stfpm: dropped their keys "
+        "space.patchcore.coreset_ratio, space.patchcore.num_neighbors"
+    ) in " ".join(result.output.split())
+    assert "2 trials" in result.output
+
+
 @pytest.mark.parametrize("command", ["run", "resume"])
 @pytest.mark.parametrize("count", ["0", "-2"])
 def test_num_cpus_below_one_is_refused_before_anything_runs(tmp_path, command, count):

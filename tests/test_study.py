@@ -174,6 +174,41 @@ def test_a_key_given_twice_is_refused_at_any_level(tmp_path):
         load_study(write(tmp_path, merged))
 
 
+def test_narrowing_model_with_set_drops_the_left_out_models_keys(tmp_path):
+    raw = with_space(**{"patchcore@resnet18.num_neighbors": 3})
+    raw["evaluation"] = {"models": {"patchcore": {"batch_size": 4}}}
+    path = write(tmp_path, raw)
+    notes: list[str] = []
+    study = load_study(path, ["space.model=padim"], notes)
+    assert study.models == ("padim",)
+    assert not any(key.startswith("patchcore") for key in study.space)
+    assert study.evaluation.models == {}
+    assert notes == [
+        "--set space.model leaves out patchcore: dropped their keys "
+        "space.patchcore.coreset_ratio, space.patchcore@resnet18.num_neighbors, "
+        "evaluation.models.patchcore"
+    ]
+    # Without a --set of the model, the file's keys are the file's: no pruning.
+    with pytest.raises(StudyError, match=r"'patchcore\.coreset_ratio' applies to model"):
+        load_study(write(tmp_path, {**raw, "space": {**raw["space"], "model": "padim"}}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        # A model the file never had, and a key the overrides give themselves, stay errors.
+        (["space.model=padim", "space.stfpm.lr=0.1"], "'stfpm.lr' applies to model 'stfpm'"),
+        (
+            ["space.model=padim", "space.patchcore.coreset_ratio=0.2"],
+            "'patchcore.coreset_ratio' applies to model 'patchcore'",
+        ),
+    ],
+)
+def test_narrowing_model_keeps_keys_the_file_did_not_make_moot(tmp_path, overrides, needle):
+    with pytest.raises(StudyError, match=needle):
+        load_study(write(tmp_path, BASE), overrides)
+
+
 def test_overrides(tmp_path):
     path = write(tmp_path, BASE)
     study = load_study(

@@ -46,7 +46,15 @@ from models.parts import PART_HYPERPARAMETERS, part_fingerprint
 from sweep.errors import StudyError, did_you_mean
 from sweep.results import Objective
 from sweep.run.metrics import ThresholdPolicy
-from sweep.run.space import INT64_LIMIT, Param, Space, TrialConfig, parse_param, seed_problem
+from sweep.run.space import (
+    INT64_LIMIT,
+    Param,
+    Space,
+    TrialConfig,
+    parse_param,
+    seed_problem,
+    split_key,
+)
 
 DEFAULT_DATA_ROOT = "~/.cache/anomaly-sweep/glue"
 DEFAULT_CACHE_DIR = "~/.cache/anomaly-sweep/features"
@@ -707,10 +715,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+def load_study(
+    path: str | Path, overrides: Sequence[str] = (), notes: list[str] | None = None
+) -> Study:
     """Read, override (``key.path=value``) and validate a study file.
 
-    Every problem is a :class:`StudyError` naming the file, the key and what was expected.
+    Every problem is a :class:`StudyError` naming the file, the key and what was expected. An
+    override that narrows ``space.model`` drops the keys of the models it leaves out (see
+    :func:`drop_keys_of_models_left_out`); ``notes`` gets a line saying which.
     """
     path = Path(path)
     try:
@@ -731,9 +743,66 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         raise StudyError(
             "a study file is a YAML mapping (name:, dataset:, space:, ...)", path=str(path)
         )
+    file_models = _raw_models(raw.get("space"))
     for override in overrides:
         apply_override(raw, override, source=str(path))
+    note = drop_keys_of_models_left_out(raw, file_models, overrides)
+    if note is not None and notes is not None:
+        notes.append(note)
     return study_from_dict(raw, source=str(path))
+
+
+def drop_keys_of_models_left_out(
+    raw: dict, file_models: set[str] | None, overrides: Sequence[str]
+) -> str | None:
+    """Where ``--set space.model=...`` leaves out models the file has, drop those models' own
+    keys (``patchcore.coreset_ratio``, ``patchcore@resnet18.layers``, ``resources.models`` and
+    ``evaluation.models`` entries) from ``raw`` in place, else the commonest override would fail
+    on keys it made moot; return a note naming them (None when nothing was dropped).
+
+    Only models of the file that the override removed lose keys: a key of a model the file never
+    had stays an error, and so does one the overrides give themselves.
+    """
+    given = {o.partition("=")[0].strip() for o in overrides}
+    models = _raw_models(raw.get("space"))
+    if "space.model" not in given or file_models is None or models is None:
+        return None
+    left_out = file_models - models
+    dropped: list[str] = []
+    for key in list(raw["space"]):
+        if split_key(str(key)).model in left_out and f"space.{key}" not in given:
+            del raw["space"][key]
+            dropped.append(f"space.{key}")
+    for section in ("resources", "evaluation"):
+        block = raw.get(section)
+        per_model = block.get("models") if isinstance(block, dict) else None
+        if not isinstance(per_model, dict):
+            continue
+        for model in list(per_model):
+            name = f"{section}.models.{model}"
+            if model in left_out and not any(g == name or g.startswith(f"{name}.") for g in given):
+                del per_model[model]
+                dropped.append(name)
+    if not dropped:
+        return None
+    return (
+        f"--set space.model leaves out {', '.join(sorted(left_out))}: dropped their keys "
+        f"{', '.join(dropped)}"
+    )
+
+
+def _raw_models(space: Any) -> set[str] | None:
+    """The model names a raw (YAML) space's ``model`` gives, a name or a grid/choice of them;
+    None when it gives none readable (validation says why)."""
+    if not isinstance(space, Mapping):
+        return None
+    value = space.get("model")
+    if isinstance(value, Mapping) and len(value) == 1:
+        value = next(iter(value.values()))
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in values):
+        return None
+    return set(values)
 
 
 def study_from_dict(raw: Mapping[str, Any], source: str | None = None) -> Study:
