@@ -238,6 +238,14 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
     "set-syntax": lambda s: ["validate", s.study(), "--set", "space.seed"],
     "set-unknown-key": lambda s: ["validate", s.study(), "--set", "spase.seed=1"],
     "set-duplicate-key": lambda s: ["run", s.study(), "--set", "smoke={a: 1, a: 2}"],
+    "set-key-of-absent-model": lambda s: [
+        "run",
+        s.study(),
+        "--set",
+        "space.model=padim",
+        "--set",
+        "space.stfpm.lr=0.1",
+    ],
     "set-not-a-mapping": lambda s: ["validate", s.study(), "--set", "name.x=1"],
     # --- the data set (found by the pre-flight of `sweep run`, before Ray starts)
     "dataset-missing-root": lambda s: [
