@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data.errors import DatasetError
-from data.files import IMAGE_SUFFIXES, decode_image
+from data.files import IMAGE_SUFFIXES, decode_image, is_image
 from data.files import list_images as _list_images
 from data.roi import RegionOfInterest
 from data.synthetic_glue import GlueSetConfig, ensure_generated
@@ -53,6 +53,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "AnomalyDataset",
     "DatasetSplits",
+    "dataset_files",
     "load_dataset",
     "load_folder",
     "load_mvtec",
@@ -886,6 +887,50 @@ def load_synthetic_glue(
     )
     splits.name = "synthetic_glue"
     return splits
+
+
+def dataset_files(
+    kind: str,
+    *,
+    root: str | Path | None = None,
+    category: str | None = None,
+    normal_dir: str | Path | None = None,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    **_loading: Any,
+) -> dict[str, tuple[int, int]]:
+    """The image files a data set of ``kind`` is read from (the arguments of
+    :func:`load_dataset`; the rest are ignored), each with its size in bytes and modification
+    time in whole seconds, by path relative to the data set: under ``<root>/<category>`` for
+    ``mvtec`` (masks and validation folders included), ``normal_dir/<name>``,
+    ``abnormal_dir/<name>`` and ``mask_dir/<name>`` for ``folder``. A cheap stand-in for their
+    content (no file is read); a folder that does not exist lists nothing, and generated data
+    (``synthetic_glue``) lists nothing: its generator's configuration decides it."""
+    if kind == "mvtec":
+        if root is None or category is None:
+            return {}
+        base = Path(root).expanduser() / category
+        files = sorted(p for p in base.rglob("*") if is_image(p) and p.is_file())
+        return {str(p.relative_to(base)): _stamp(p) for p in files}
+    listing: dict[str, tuple[int, int]] = {}
+    if kind == "folder":
+        for key, folder in (
+            ("normal_dir", normal_dir),
+            ("abnormal_dir", abnormal_dir),
+            ("mask_dir", mask_dir),
+        ):
+            if folder is None:
+                continue
+            path = Path(folder).expanduser()
+            path = Path(root).expanduser() / path if root is not None else path
+            if path.is_dir():
+                listing.update({f"{key}/{p.name}": _stamp(p) for p in _list_images(path)})
+    return listing
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, int(info.st_mtime)
 
 
 _COMMON_OPTIONS = {"resize", "roi", "bit_depth"}

@@ -58,6 +58,14 @@ NumCpusOption = Annotated[
 RetryErrorsOption = Annotated[
     bool, typer.Option("--retry-errors", help="Run again trials whose row is an error.")
 ]
+OnDataChangeOption = Annotated[
+    str,
+    typer.Option(
+        "--on-data-change",
+        help="When the data set's files changed since the output's rows were made: refuse "
+        "(exit 2, saying what changed) or rerun (every trial again; the old rows are replaced).",
+    ),
+]
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -105,6 +113,7 @@ def run(
             "trials, on CPU, into <output>-smoke (CI dry-runs every study this way).",
         ),
     ] = False,
+    on_data_change: OnDataChangeOption = "refuse",
 ) -> None:
     """Run a study: every trial its output does not hold yet, one Parquet row each.
 
@@ -119,7 +128,7 @@ def run(
             study = smoke_form(study)
     except _user_errors() as exc:
         bad_input(exc)
-    _run_and_report(study, output, address, num_cpus, retry_errors)
+    _run_and_report(study, output, address, num_cpus, retry_errors, on_data_change)
 
 
 @app.command()
@@ -128,6 +137,7 @@ def resume(
     address: AddressOption = None,
     num_cpus: NumCpusOption = None,
     retry_errors: RetryErrorsOption = False,
+    on_data_change: OnDataChangeOption = "refuse",
 ) -> None:
     """Finish a study from its output alone: run the study saved there (_study.yaml, as the
     first run validated it, overrides and --smoke applied) for the trials it does not hold."""
@@ -137,11 +147,16 @@ def resume(
         study = read_study_copy(output)
     except _user_errors() as exc:
         bad_input(exc)
-    _run_and_report(study, output, address, num_cpus, retry_errors)
+    _run_and_report(study, output, address, num_cpus, retry_errors, on_data_change)
 
 
 def _run_and_report(
-    study: Any, output: str | None, address: str | None, num_cpus: int | None, retry_errors: bool
+    study: Any,
+    output: str | None,
+    address: str | None,
+    num_cpus: int | None,
+    retry_errors: bool,
+    on_data_change: str = "refuse",
 ) -> None:
     from sweep.run.runner import run_study
 
@@ -153,6 +168,7 @@ def _run_and_report(
             address=address,
             retry_errors=retry_errors,
             num_cpus=num_cpus,
+            on_data_change=on_data_change,
             # The run's live progress (data preparation, the trials' bar) goes to stderr.
             console=view.err,
         )

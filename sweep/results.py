@@ -440,6 +440,21 @@ class ResultStore:
         finally:
             handle.close()
 
+    def remove_results(self, folders: Iterable[str] = ()) -> int:
+        """Delete every row and what the trials saved beside them (per-image results, kept
+        models, ``folders`` such as example maps or an Optuna journal), so that a run can make
+        them again; return how many rows went. Rows go last: an interrupted removal leaves rows
+        that a later run still sees (and removes), never files of rows that are gone. Call it
+        only while holding :meth:`lock`."""
+        for folder in (IMAGES_DIR, MODELS_DIR, *folders):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_dir(f"{self.root}/{folder}")
+        rows = self._files()
+        for path in rows:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(path)
+        return len(rows)
+
     def write_row(self, row: Mapping[str, Any], schema: pa.Schema) -> str:
         """Write one row atomically as ``<config_hash>.parquet``; return its path."""
         unknown = set(row) - set(schema.names)

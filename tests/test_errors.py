@@ -330,6 +330,8 @@ CASES: dict[str, Callable[[Setup], list[str]]] = {
         "s3://results/glue?region=eu-west-1",
     ],
     "output-in-use": lambda s: ["run", s.study(), "--output", _held(s.tmp / "busy")],
+    "output-other-study": lambda s: ["run", s.study(), "--output", _holding(s, name="other")],
+    "output-data-changed": lambda s: ["run", *_made_before(s)],
     "resume-no-study-copy": lambda s: ["resume", str(_mkdir(s.tmp / "not-an-output"))],
     # --- the Ray cluster
     "address-unreachable": lambda s: [
@@ -456,6 +458,38 @@ def _held(output: Path) -> str:
     lock.__enter__()
     _HELD.append(lock)  # held until the test session ends
     return str(output)
+
+
+def _holding(s: Setup, **changes) -> str:
+    """An output (beside the setup's) holding the tiny study with ``changes``."""
+    from sweep.results import ResultStore
+    from sweep.run.runner import STUDY_COPY
+    from sweep.run.study import load_study, study_to_yaml
+
+    raw = tiny_study(s.glue, s.output, **changes)
+    store = ResultStore(s.tmp / "held")
+    store.ensure()
+    source = _write(s.tmp / "held.yaml", yaml.safe_dump(raw))
+    store.write_file(STUDY_COPY, study_to_yaml(load_study(source)).encode())
+    return store.uri
+
+
+def _made_before(s: Setup) -> list[str]:
+    """The MVTec study and ``--output`` an output of it (beside the setup's) with a row, made
+    before a training image was added to the data set."""
+    from sweep.results import BASE_SCHEMA, ResultStore
+    from sweep.run.runner import DATA_RECORD
+    from sweep.run.study import data_record, load_study
+
+    path = s.mvtec_study()
+    study = load_study(path)
+    store = ResultStore(s.tmp / "made")
+    store.ensure()
+    store.write_file(DATA_RECORD, json.dumps(data_record(study.dataset)).encode())
+    store.write_row({"config_hash": "0" * 16, "status": "ok"}, BASE_SCHEMA)
+    train = s.tmp / "mvtec" / "part" / "train" / "good"
+    (train / "009.png").write_bytes((train / "000.png").read_bytes())
+    return [path, "--output", store.uri]
 
 
 def _roi(folder: Path, size: tuple[int, int], value: int = 255) -> str:

@@ -10,6 +10,7 @@ row; Tune's own state lives under ``<output>/_tune``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -31,10 +32,12 @@ from rich.console import Console
 
 import models
 from sweep.errors import SweepError
+from sweep.read.examples import EXAMPLES_DIR
 from sweep.results import ResultStore, hp_column_types, row_schema
 from sweep.run.progress import SweepProgress
 from sweep.run.resources import ClusterShape, merge_warnings, ray_resources, trial_resources
 from sweep.run.search import (
+    OPTUNA_JOURNAL,
     check_optuna_storage,
     finished_optuna_trials,
     optuna_searcher,
@@ -46,6 +49,9 @@ from sweep.run.study import (
     Study,
     check_hyperparameters,
     config_hash,
+    continuation_problem,
+    data_changes,
+    data_record,
     expand_trials,
     study_from_dict,
     study_to_yaml,
@@ -246,6 +252,13 @@ STUDY_COPY = "_study.yaml"
 """The validated study a run saves under its output: what ``sweep resume OUTPUT`` runs."""
 
 
+DATA_RECORD = "_data.json"
+"""What the run recorded of its data set's content (``sweep.run.study.data_record``)."""
+
+ON_DATA_CHANGE = ("refuse", "rerun")
+"""What a run does when the data set changed since the output's rows were made."""
+
+
 def _write_study_copy(store: ResultStore, study: Study) -> None:
     store.write_file(STUDY_COPY, study_to_yaml(study).encode())
 
@@ -254,13 +267,21 @@ def read_study_copy(output: str) -> Study:
     """The study saved under ``output`` by the run that made it (local path or URI)."""
     store = ResultStore(output)
     store.check_reachable()
-    data = store.read_file(STUDY_COPY)
-    source = f"{store.uri.rstrip('/')}/{STUDY_COPY}"
-    if data is None:
+    saved = _saved_study(store)
+    if saved is None:
         raise SweepError(
             f"output {store.uri!r}: no study copy ({STUDY_COPY}) there; it is not the output "
             "of a `sweep run` (give `sweep run STUDY.yaml --output ...` instead)"
         )
+    return saved
+
+
+def _saved_study(store: ResultStore) -> Study | None:
+    """The study copy under the output, validated; None when there is none."""
+    data = store.read_file(STUDY_COPY)
+    source = f"{store.uri.rstrip('/')}/{STUDY_COPY}"
+    if data is None:
+        return None
     try:
         raw = yaml.safe_load(data.decode())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -268,6 +289,71 @@ def read_study_copy(output: str) -> Study:
     if not isinstance(raw, dict):
         raise SweepError(f"{source}: the study copy is not a study mapping")
     return study_from_dict(raw, source=source)
+
+
+def check_same_study(study: Study, store: ResultStore) -> None:
+    """One output holds one study: refuse (before anything is written) a study that is not a
+    continuation of the one the output holds (``sweep.run.study.continuation_problem``): its
+    rows would mix with the other's, and the report draw one front over both."""
+    saved = _saved_study(store)
+    if saved is None:
+        return
+    problem = continuation_problem(saved, study)
+    if problem is None:
+        return
+    raise SweepError(
+        f"output {store.uri!r} holds study {saved.name!r} ({STUDY_COPY}); this run's study "
+        f"{study.name!r} is another: {problem}. One output holds one study: give this run "
+        "another --output, or "
+        f"continue that study (`sweep resume {store.uri}`, or the same name, data set, "
+        "evaluation and objectives with a space that only adds trials)"
+    )
+
+
+def check_data_unchanged(
+    study: Study, store: ResultStore, on_data_change: str = "refuse"
+) -> tuple[dict[str, Any], bool]:
+    """The data record of this run (``sweep.run.study.data_record``), and whether the output's
+    rows must be made again: its rows came from a data set whose content has changed since
+    (files added, removed, modified). ``on_data_change``: ``refuse`` (exit 2, saying what
+    changed) or ``rerun`` (every trial again, the old rows replaced). An output without a
+    record (made before records existed) takes this run's."""
+    _check_on_data_change(on_data_change)
+    record = data_record(study.dataset)
+    data = store.read_file(DATA_RECORD)
+    if data is None:
+        return record, False
+    try:
+        saved = json.loads(data)
+        fingerprint = saved["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise SweepError(
+            f"{store.uri.rstrip('/')}/{DATA_RECORD}: not a data record this version reads "
+            "(remove it to take the data as it is now)"
+        ) from None
+    if fingerprint == record["fingerprint"] or not store.statuses():
+        return record, False
+    if on_data_change == "rerun":
+        if study.search.algorithm == "optuna" and study.search.storage_kind == "url":
+            raise SweepError(
+                f"--on-data-change rerun: study {study.name!r} keeps its Optuna trials in "
+                f"{study.search.storage!r}, which this run cannot clear; give another --output "
+                "(and storage)"
+            )
+        return record, True
+    raise SweepError(
+        f"data set {record['data']} changed since the rows of output {store.uri!r} were made "
+        f"from it: {data_changes(saved, record)}. Those rows would not describe this data: "
+        "give another --output, or pass --on-data-change rerun to run every trial again on the "
+        "data as it is now (the old rows are replaced)"
+    )
+
+
+def _check_on_data_change(on_data_change: str) -> None:
+    if on_data_change not in ON_DATA_CHANGE:
+        raise SweepError(
+            f"--on-data-change {on_data_change!r}: expected one of {', '.join(ON_DATA_CHANGE)}"
+        )
 
 
 class _Interrupt:
@@ -430,16 +516,21 @@ def run_study(
     trial_runner: TrialRunner | None = None,
     preflight: bool = True,
     console: Console | None = None,
+    on_data_change: str = "refuse",
 ) -> RunSummary:
     """Run every trial of ``study`` that its output does not hold yet; return a summary.
 
     Safe to run again after any interruption (Ctrl-C, a killed driver, a lost node): finished
-    trials are files named by their configuration, so they are skipped, never repeated.
+    trials are files named by their configuration, so they are skipped, never repeated. An
+    output holds one study (:func:`check_same_study`) made from one state of its data set
+    (:func:`check_data_unchanged`, ``on_data_change``): both are checked before anything is
+    written.
     """
     # Tune's own status boxes would fight with the progress display; ours reports every trial.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
     console = console or Console(stderr=True)
+    _check_on_data_change(on_data_change)
     output = output or study.output_dir
     store = ResultStore(output)
     # An address given to this run is checked even where Ray is already up (a notebook, a
@@ -450,6 +541,7 @@ def run_study(
     # Where the results go is checked before the (possibly long) data pre-flight.
     check_optuna_storage(study, store)
     store.check_reachable()
+    check_same_study(study, store)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
     if preflight:
@@ -468,9 +560,17 @@ def run_study(
                         load_data(study, size, "none", split_seed, test_fraction, labelled)
                 share = "" if test_fraction is None else f" (test share {test_fraction:g})"
                 console.print(f"data: {splits.describe()}{share}")
+    record, replace_rows = check_data_unchanged(study, store, on_data_change)
 
     store.check_writable()
     with store.lock():
+        if replace_rows:
+            removed = store.remove_results((EXAMPLES_DIR, OPTUNA_JOURNAL.split("/")[0]))
+            console.print(
+                f"data set {record['data']} changed: the {removed} row(s) made from it before "
+                "are removed and every trial runs again (--on-data-change rerun)"
+            )
+        store.write_file(DATA_RECORD, json.dumps(record, indent=1, sort_keys=True).encode())
         summary = _run_locked(
             study,
             store,

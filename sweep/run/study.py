@@ -34,6 +34,7 @@ from pydantic import (
 
 from data.anomalies import SYNTHETIC_KINDS
 from data.augment import augmentation_sets, parse_augmentation_sets
+from data.datasets import dataset_files
 from data.errors import DatasetError
 from data.roi import fingerprint as roi_fingerprint
 from data.stress import BUILTIN_STRESSES, parse_stresses
@@ -975,6 +976,166 @@ def study_to_yaml(study: Study) -> str:
     raw = study.model_dump(mode="json", exclude={"source"})
     raw["space"] = study.search_space.to_yaml()
     return yaml.safe_dump(copy.deepcopy(raw), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- one output, one study
+
+# What decides no result (how timing is scheduled, what is saved beside a row): a continuation
+# may change it.
+_EVALUATION_NOT_IDENTITY = _TIMING_POLICY | {"example_maps", "keep_models"}
+
+
+def study_identity(study: Study) -> dict[str, Any]:
+    """What makes two runs one study (see :func:`continuation_problem`): the name, the data
+    set, the evaluation (less the keys that decide no result) and the objectives."""
+    return {
+        "name": study.name,
+        "dataset": study.dataset.model_dump(mode="json"),
+        "evaluation": study.evaluation.model_dump(mode="json", exclude=_EVALUATION_NOT_IDENTITY),
+        "objectives": [o.model_dump(mode="json") for o in study.objectives],
+    }
+
+
+def continuation_problem(saved: Study, study: Study) -> str | None:
+    """Why ``study`` is not a continuation of ``saved`` (the study an output holds), in words;
+    None when it is one.
+
+    A continuation has the same identity (:func:`study_identity`), keeps the definitions of the
+    augmentation sets and stresses ``saved`` defined (it may add more), runs the same search
+    algorithm, and only adds trials: every trial of a grid ``saved`` is one of ``study``'s; a
+    random search may also draw more (the same space and ``search.seed``, at least as many
+    ``num_samples``); an Optuna study keeps its space, sampler, seed and storage (``n_trials``
+    may change). Everything else (resources, concurrency, the scheduler, the cache, where
+    weights are, the smoke block, the description) may change."""
+    changed = _differences(study_identity(saved), study_identity(study))
+    for section in ("augmentations", "stresses"):
+        old, new = getattr(saved, section), getattr(study, section)
+        changed += [f"{section}.{name}" for name in sorted(old) if new.get(name) != old[name]]
+    if changed:
+        return _changed_keys(changed, saved, study)
+    old_search, new_search = saved.search, study.search
+    if old_search.algorithm != new_search.algorithm:
+        return f"search.algorithm: {old_search.algorithm} -> {new_search.algorithm}"
+    same_space = saved.search_space.to_yaml() == study.search_space.to_yaml()
+    if old_search.algorithm == "optuna":
+        changed = [
+            f"search.{key}"
+            for key in ("sampler", "seed", "storage")
+            if getattr(old_search, key) != getattr(new_search, key)
+        ]
+        changed += [] if same_space else ["space"]
+        if changed:
+            return _changed_keys(changed, saved, study) + " (an Optuna study keeps its space)"
+        return None
+    if (
+        old_search.algorithm == "random"
+        and same_space
+        and old_search.seed == new_search.seed
+        and new_search.num_samples >= old_search.num_samples
+    ):
+        return None
+    ours = {json.dumps(t.to_dict(), sort_keys=True) for t in expand_trials(study)}
+    dropped = [
+        t for t in expand_trials(saved) if json.dumps(t.to_dict(), sort_keys=True) not in ours
+    ]
+    if not dropped:
+        return None
+    shown = "; ".join(_trial_label(t) for t in dropped[:2])
+    more = f" and {len(dropped) - 2} more" if len(dropped) > 2 else ""
+    return (
+        f"its space does not hold {len(dropped)} of the output's {len(expand_trials(saved))} "
+        f"trials ({shown}{more}); a continuation only adds trials"
+    )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where ``old`` and ``new`` (JSON-like) differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(dict.fromkeys([*old, *new]))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _changed_keys(keys: list[str], saved: Study, study: Study) -> str:
+    def value(source: Study, key: str) -> Any:
+        node: Any = study_identity(source) | {
+            "augmentations": source.augmentations,
+            "stresses": source.stresses,
+            "search": source.search.model_dump(mode="json"),
+            "space": "(the space)",
+        }
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    shown = [f"{k}: {value(saved, k)!r} -> {value(study, k)!r}" for k in keys[:3]]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return "; ".join(shown) + more
+
+
+def _trial_label(trial: TrialConfig) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(trial.hparams.items()))
+    return f"{trial.model}({settings})"
+
+
+# --------------------------------------------------------------------------- the data's content
+
+DATA_RECORD_VERSION = 1
+
+
+def data_record(dataset: DatasetConfig) -> dict[str, Any]:
+    """What a run records of its data set's content (``<output>/_data.json``): where the data
+    is, a ``fingerprint`` and, for data on disk, the ``files`` it is the digest of (relative
+    path -> [bytes, modification time in whole seconds]: listing reads no file), so that a later
+    run can say what changed. Generated data is decided by its generator's configuration: that
+    is its fingerprint."""
+    args = dataset.loader_arguments(dataset.base_size)
+    if dataset.kind == "synthetic_glue":
+        where = f"{args['root']}/{args['category']}"
+        generator = {
+            "category": args["category"],
+            "seed": dataset.seed,
+            "config": None if dataset.synthetic is None else dataset.synthetic.model_dump(),
+        }
+        content: Any = generator
+        files = None
+    else:
+        if dataset.kind == "mvtec":
+            where = f"{args['root']}/{args['category']}"
+        else:
+            where = " and ".join(
+                args[k] for k in ("normal_dir", "abnormal_dir", "mask_dir") if k in args
+            )
+        files = {path: list(stamp) for path, stamp in dataset_files(dataset.kind, **args).items()}
+        content = files
+    blob = json.dumps(content, sort_keys=True, default=str).encode()
+    record: dict[str, Any] = {
+        "version": DATA_RECORD_VERSION,
+        "kind": dataset.kind,
+        "data": where,
+        "fingerprint": hashlib.sha256(blob).hexdigest()[:16],
+    }
+    if files is not None:
+        record["files"] = files
+    return record
+
+
+def data_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What changed between two :func:`data_record` file listings, in words."""
+    before, after = old.get("files") or {}, new.get("files") or {}
+    if not before and not after:
+        return "the data set's generator configuration changed"
+    kinds = {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "modified": sorted(p for p in set(before) & set(after) if before[p] != after[p]),
+    }
+    parts = []
+    for kind, paths in kinds.items():
+        if paths:
+            shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+            parts.append(f"{len(paths)} file(s) {kind} ({shown})")
+    return "; ".join(parts) or "the files are the same but were recorded otherwise"
 
 
 def check_hyperparameters(study: Study) -> None:
