@@ -9,8 +9,14 @@ throughput are timed outside the cache in both. Prints the sweep times (medians 
 the speed-up, where a trial's time goes, the cache's hits and misses, and checks that both
 runs give identical results per ratio.
 
+It also measures what the cache itself costs on one batch (``--batch-size`` images at
+``--size`` px, ``--threads`` threads): the batch's cache key (a sha256 of the batch and the
+extractor), the write of its features as an entry (``TensorCache.put``: encoding, CRC-32,
+atomic file) and their read back (``TensorCache.get``, CRC checked), against the forward they
+replace. ``--cost-only`` measures only that (seconds, not minutes).
+
     python bench/coreset_cache.py [--size 224] [--train 200] [--backbone resnet18]
-        [--ratios 0.001 0.002 ...] [--repeats 1] [--cpus 2] [--json OUT]
+        [--ratios 0.001 0.002 ...] [--repeats 1] [--cpus 2] [--json OUT] [--cost-only]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from rich.console import Console
 
 from models.backbones import FeatureExtractor
+from models.cache import TensorCache
 from sweep.run.runner import connect_ray, run_study
 from sweep.run.study import study_from_dict
 
@@ -107,21 +114,47 @@ def format_split(parts: pd.DataFrame) -> str:
     return "  ".join(f"{name} {total[name]:7.1f}" for name in names)
 
 
-def hashing_cost(args) -> tuple[float, float]:
-    """Seconds to compute one batch's cache key and one batch's features (median of 5)."""
+def cache_cost(args) -> dict[str, float]:
+    """One batch: seconds of its cache key, its forward, and the write and read of its
+    features as a cache entry (medians of ``--cost-repeats``), and the entry's MiB."""
     torch.set_num_threads(args.threads)
     extractor = FeatureExtractor(args.backbone, ["layer2", "layer3"], pretrained=False)
     images = torch.randn(args.batch_size, 3, args.size, args.size)
-    key_s, forward_s = [], []
-    for _ in range(5):
-        start = time.perf_counter()
-        extractor.feature_cache_key(images)
-        key_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with torch.no_grad():
-            extractor(images)
-        forward_s.append(time.perf_counter() - start)
-    return statistics.median(key_s), statistics.median(forward_s)
+    times: dict[str, list[float]] = {"key_s": [], "forward_s": [], "write_s": [], "read_s": []}
+    with tempfile.TemporaryDirectory(prefix="cache-cost-") as folder:
+        cache = TensorCache(folder, max_bytes=1 << 40)
+        for _ in range(args.cost_repeats):
+            start = time.perf_counter()
+            key = extractor.feature_cache_key(images)
+            times["key_s"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.no_grad():
+                features = extractor(images)
+            times["forward_s"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            cache.put(key, features)
+            times["write_s"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            stored = cache.get(key)
+            times["read_s"].append(time.perf_counter() - start)
+            assert stored is not None and all(torch.equal(stored[k], features[k]) for k in features)
+        entry_mib = cache.path(key).stat().st_size / 2**20
+    return {name: statistics.median(values) for name, values in times.items()} | {
+        "entry_mib": entry_mib
+    }
+
+
+def print_cost(args, cost: dict[str, float]) -> None:
+    forward = cost["forward_s"]
+    print(
+        f"cache cost, one batch of {args.batch_size} x 3 x {args.size} x {args.size}, "
+        f"{args.backbone} layer2+layer3, {args.threads} thread(s), median of {args.cost_repeats}:"
+    )
+    print(f"  forward (what a hit saves) {forward * 1000:8.1f} ms")
+    for name, label in (("key_s", "cache key (sha256)"), ("write_s", "write"), ("read_s", "read")):
+        share = cost[name] / forward
+        print(f"  {label:26s} {cost[name] * 1000:8.1f} ms  ({share:.1%} of the forward)")
+    print(f"  entry size                 {cost['entry_mib']:8.1f} MiB")
 
 
 def main() -> None:
@@ -144,7 +177,12 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=4.0)
     parser.add_argument("--data-root", default="~/.cache/anomaly-sweep/glue-bench")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--cost-repeats", type=int, default=5, help="batches for the cache cost")
+    parser.add_argument("--cost-only", action="store_true", help="measure the cache cost only")
     args = parser.parse_args()
+    if args.cost_only:
+        print_cost(args, cache_cost(args))
+        return
 
     ray_start = connect_ray(num_cpus=args.cpus)
     logging.getLogger("ray").setLevel(logging.ERROR)
@@ -163,7 +201,8 @@ def main() -> None:
     on_s = statistics.median(r["sweep_s"] for r in runs["on"])
     off_rows, on_rows = runs["off"][0]["rows"], runs["on"][0]["rows"]
     identical = off_rows[RESULT_COLUMNS].equals(on_rows[RESULT_COLUMNS])
-    key_s, forward_s = hashing_cost(args)
+    cost = cache_cost(args)
+    key_s, forward_s = cost["key_s"], cost["forward_s"]
 
     print(
         f"\nPatchCore {args.backbone} (random init) layer2+layer3, {args.size} px, "
@@ -194,6 +233,7 @@ def main() -> None:
         }
     )
     print(table.to_string(index=False))
+    print_cost(args, cost)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -206,6 +246,7 @@ def main() -> None:
                     "identical": identical,
                     "key_ms": key_s * 1000,
                     "forward_s": forward_s,
+                    "cache_cost": cost,
                     "per_ratio": table.to_dict(orient="records"),
                     "sums_off": time_split(off_rows).sum().to_dict(),
                     "sums_on": time_split(on_rows).sum().to_dict(),
