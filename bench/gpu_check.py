@@ -465,17 +465,23 @@ def main() -> int:
                 steps[name]()
             except Exception as error:  # one broken step must not hide the others' figures
                 report.check(name, False, f"raised {type(error).__name__}: {error}")
+            # Written after every step, so that a run cut off by the time limit keeps its figures.
+            write(report, args.out)
     report.figures["seconds"] = time.perf_counter() - began
     failed = [name for name, ok in report.checks.items() if not ok]
     report.say(
         f"{len(report.checks) - len(failed)} of {len(report.checks)} checks passed in "
         f"{report.figures['seconds']:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "")
     )
-    report.figures["checks"] = report.checks
-    (args.out / "gpu_check.json").write_text(json.dumps(report.figures, indent=2, default=str))
-    (args.out / "gpu_check.txt").write_text("\n".join(report.lines) + "\n")
+    write(report, args.out)
     print(f"figures: {args.out / 'gpu_check.json'}, summary: {args.out / 'gpu_check.txt'}")
     return 1 if failed else 0
+
+
+def write(report: Report, out: Path) -> None:
+    report.figures["checks"] = report.checks
+    (out / "gpu_check.json").write_text(json.dumps(report.figures, indent=2, default=str))
+    (out / "gpu_check.txt").write_text("\n".join(report.lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -43,5 +43,5 @@ fi
 # 9.5 minutes: the check must finish inside one 10-minute device command.
 timeout 570 "$python" bench/gpu_check.py "${dry[@]}" --out "$out"
 rc=$?
-[ "$rc" -eq 124 ] && echo "gpu_check.sh: timed out after 570 s (figures so far: none written)" >&2
+[ "$rc" -eq 124 ] && echo "gpu_check.sh: timed out after 570 s (the steps done are in $out)" >&2
 exit "$rc"
