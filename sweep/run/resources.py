@@ -107,7 +107,7 @@ Ray Tune imported take 0.87 GB of resident memory, the worker's runtime the rest
 DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0, "supervised": 4.0}
 """CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
 threads for host-side work: one-pass fits run their statistics, nearest-neighbour search
-(faiss) and coreset selection partly on the host; iterative ones also synthesise anomalies and
+(faiss, on CPU trials) and coreset selection on the host; iterative ones also synthesise anomalies and
 shuffle batches every step, and evaluate the validation split between epochs."""
 
 
