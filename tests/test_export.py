@@ -292,7 +292,13 @@ def _frame(value: int = 120, square: tuple[int, int, int, int] | None = None, se
     return np.repeat(frame[:, :, None], 3, axis=2)
 
 
-def _flat_artefact(folder: Path, resize: str, roi: np.ndarray | None = None, square=SQUARE) -> Path:
+def _flat_artefact(
+    folder: Path,
+    resize: str,
+    roi: np.ndarray | None = None,
+    square=SQUARE,
+    bit_depth: int | None = None,
+) -> Path:
     """A PaDiM artefact of ``SHAPE`` fitted on flat frames prepared with ``resize`` (and
     ``roi``), as a study with them would fit it; its pixel threshold half the map's peak on a
     frame with ``square``. Only the detector's tensors (``--backend torch``): the model files
@@ -331,6 +337,7 @@ def _flat_artefact(folder: Path, resize: str, roi: np.ndarray | None = None, squ
             "resize": resize,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
+            "bit_depth": bit_depth,
             "roi": None
             if roi_file is None
             else {"file": "roi.png", "sha256": sha256_file(roi_file)},
@@ -345,7 +352,7 @@ def _flat_artefact(folder: Path, resize: str, roi: np.ndarray | None = None, squ
 
 def _predict_frames(artefact: Path, frames: dict[str, np.ndarray], tmp_path: Path) -> pd.DataFrame:
     images = tmp_path / "frames"
-    images.mkdir()
+    images.mkdir(parents=True)
     for name, frame in frames.items():
         cv2.imwrite(str(images / f"{name}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     out = tmp_path / "predicted"
@@ -414,6 +421,23 @@ def test_predict_applies_the_artefacts_roi_as_the_trial_did(tmp_path):
     (artefact / "roi.png").write_bytes(b"edited")
     with pytest.raises(SweepError, match=r"roi\.png: sha256 differs"):
         load_artefact(artefact)
+
+
+def test_predict_reads_16_bit_frames_at_the_studys_bit_depth(tmp_path):
+    """A study of 12-bit data in 16-bit files records its depth in the artefact: predict reads
+    such frames as training read them (the 8-bit frame's score), not nearly black."""
+    eight_bit = _frame(square=SQUARE)
+    twelve_bit = eight_bit.astype(np.uint16) * 16  # the same picture, 12 bits in 16-bit files
+    scores = {}
+    for depth in (12, None):
+        artefact = _flat_artefact(tmp_path / f"artefact-{depth}", "stretch", bit_depth=depth)
+        assert load_artefact(artefact).bit_depth == depth
+        frames = {"eight": eight_bit, "twelve": twelve_bit, "dark": eight_bit // 16}
+        scores[depth] = _predict_frames(artefact, frames, tmp_path / f"run-{depth}")["score"]
+    assert scores[12]["twelve"] == pytest.approx(scores[12]["eight"], rel=1e-5)
+    # Read as 16-bit data, the frame is what the old reader made of it: 16 times darker.
+    assert scores[None]["twelve"] == pytest.approx(scores[None]["dark"], rel=1e-5)
+    assert scores[12]["dark"] != pytest.approx(scores[12]["eight"], rel=1e-3)
 
 
 # --------------------------------------------------------------------------- end to end

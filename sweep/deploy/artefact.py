@@ -30,7 +30,7 @@ import torch
 
 from data.errors import DatasetError
 from data.roi import RegionOfInterest
-from data.transforms import RESIZE_MODES
+from data.transforms import BIT_DEPTHS, RESIZE_MODES
 from sweep.errors import SweepError
 
 __all__ = [
@@ -150,6 +150,12 @@ class Artefact:
     def resize(self) -> str:
         return str(self.meta["preprocessing"]["resize"])
 
+    @property
+    def bit_depth(self) -> int | None:
+        """The bits of data a 16-bit image holds, as in training (None: all 16)."""
+        depth = self.meta["preprocessing"].get("bit_depth")
+        return None if depth is None else int(depth)
+
     @functools.cached_property
     def roi(self) -> RegionOfInterest | None:
         """The study's region of interest (``roi.png``), applied to every image as the trial
@@ -258,6 +264,12 @@ def load_artefact(folder: str | Path) -> Artefact:
         raise SweepError(
             f"{path}: preprocessing.resize {resize!r} is not supported here "
             f"(known: {', '.join(RESIZE_MODES)})"
+        )
+    depth = meta["preprocessing"].get("bit_depth")
+    if depth is not None and depth not in BIT_DEPTHS:
+        raise SweepError(
+            f"{path}: preprocessing.bit_depth {depth!r} is not one of "
+            f"{', '.join(map(str, BIT_DEPTHS))}"
         )
     files = dict(meta["files"])
     roi = meta["preprocessing"].get("roi")

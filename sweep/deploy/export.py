@@ -545,7 +545,11 @@ def export(
                 "aspect_change": refit.splits.aspect_change(),
                 "interpolation": "area when shrinking, bilinear when enlarging (OpenCV); "
                 "data.transforms.prepare",
-                "color": "RGB, 8 bit (16-bit images keep their top 8 bits; gray replicated)",
+                "color": "RGB, 8 bit (16-bit images keep the top 8 of their bit_depth bits; gray "
+                "replicated)",
+                # The study's data depth (dataset.bit_depth, or inferred): 12-bit data in 16-bit
+                # files must be scaled as in training, not read nearly black. None: 16.
+                "bit_depth": refit.splits.bit_depth,
                 "mean": list(IMAGENET_MEAN),
                 "std": list(IMAGENET_STD),
                 "roi": None,

@@ -116,7 +116,7 @@ def _read(path: Path, artefact: Artefact, index: int) -> _Prepared:
     ``RegionOfInterest.mask_for`` resizes it: a mask of another aspect ratio is a
     ``DatasetError``, so the image is skipped)."""
     try:
-        rgb = to_rgb(decode_image(path, cv2.IMREAD_UNCHANGED))
+        rgb = to_rgb(decode_image(path, cv2.IMREAD_UNCHANGED), artefact.bit_depth)
     except TypeError as exc:
         raise DatasetError(f"{path}: unsupported image ({exc})") from exc
     roi = None if artefact.roi is None else artefact.roi.mask_for(path, *rgb.shape[:2])
