@@ -119,6 +119,18 @@ def test_a_models_own_epochs_are_its_trials_budget():
         (with_space(image_size=8192), ["space key 'image_size'", "maximum of 4096"]),
         ({**BASE, "evaluation": {"batch_size": 2**63}}, ["evaluation.batch_size", "less than"]),
         (with_space(coreset_ratio={"uniform": [0, float("inf")]}), ["finite bounds"]),
+        # Found by tests/test_fuzz.py: each was a traceback.
+        (with_space(image_size=None), ["space key 'image_size'", "got None"]),
+        (with_space(augmentation={"grid": [{"a": 1}]}), ["unknown augmentation {'a': 1}"]),
+        (with_space(**{"patchcore.layers": [{"a": 1}]}), ["expected a layer name or a list"]),
+        (with_space(**{"patchcore.layers": None}), ["'patchcore.layers'", "got None"]),
+        ({**BASE, "resources": {"gpu": float("inf")}}, ["resources.gpu", "finite"]),
+        ({**BASE, "smoke": {"space": {"seed": 0}}}, ["smoke: give the space's keys one by one"]),
+        ({**BASE, "smoke": {"space.model": {"grid": 5}}}, ["smoke: space.model: expected"]),
+        (
+            {**BASE, "search": {"algorithm": "random", "num_samples": 10**9}},
+            ["search.num_samples", "10000"],
+        ),
         (with_space(**{"patchcore.coreset_ratio": {"uniform": [0.1, 0.01]}}), ["low < high"]),
         (with_space(**{"patchcore.coreset_ratio": {"loguniform": [0.0, 1]}}), ["low > 0"]),
         (with_space(**{"patchcore.coreset_ratio": {"uniform": [0.01, 0.1]}}), ["'grid'"]),
@@ -207,6 +219,17 @@ def test_narrowing_model_with_set_drops_the_left_out_models_keys(tmp_path):
 def test_narrowing_model_keeps_keys_the_file_did_not_make_moot(tmp_path, overrides, needle):
     with pytest.raises(StudyError, match=needle):
         load_study(write(tmp_path, BASE), overrides)
+
+
+def test_set_of_a_smoke_key_keeps_its_dots(tmp_path):
+    study = load_study(write(tmp_path, BASE), ["smoke.space.image_size=96"])
+    assert study.smoke == {"space.image_size": 96}
+    assert smoke_form(study).search_space.image_sizes() == [96]
+
+
+def test_layers_may_be_left_to_the_backbone_only_where_that_is_the_default():
+    space = {"model": "fastflow", "backbone": "resnet18", "pretrained": False, "layers": None}
+    assert study_from_dict({**BASE, "space": space}).models == ("fastflow",)
 
 
 def test_overrides(tmp_path):

@@ -666,8 +666,10 @@ class Space:
                         f"{did_you_mean(name, known_backbones)} "
                         f"(known: {', '.join(known_backbones)})"
                     )
-        self._check_backbone_pairs()
+        # Sizes and layer names first: the pairs are checked with them.
         self._check_whole_numbers()
+        self._check_layer_names()
+        self._check_backbone_pairs()
         self._check_split_keys()
         self._check_labelled_defects()
         if algorithm == "grid":
@@ -774,6 +776,30 @@ class Space:
                 f"{pair.image_size} px: {problem}{hint} (give each model its own backbones with "
                 f"'{pair.model}.backbone')"
             )
+
+    @staticmethod
+    def _known(model: str) -> Mapping[str, Any]:
+        """``model``'s hyperparameters and their defaults (an unknown model has none)."""
+        return models.hyperparameters(model) if model in models.list_models() else {}
+
+    def _check_layer_names(self) -> None:
+        """``layers`` takes layer names: one, or a list of them (the backbone says which)."""
+        for key, param in self.params.items():
+            owner, _, name = split_key(key)
+            if name != "layers":
+                continue
+            # None is the default layers of a few detectors (their backbone's own), no others'.
+            reached = [owner] if owner else [m for m in self.models if name in self._known(m)]
+            takes_none = all(self._known(m).get(name, ()) is None for m in reached)
+            for value in param.options():
+                names = value if isinstance(value, tuple) else (value,)
+                if not (value is None and takes_none) and not (
+                    names and all(isinstance(n, str) for n in names)
+                ):
+                    raise ValueError(
+                        f"space key {key!r}: expected a layer name or a list of them "
+                        f"(e.g. [layer2, layer3]), got {jsonable(value)!r}"
+                    )
 
     def _check_split_keys(self) -> None:
         """``split_seed`` takes ints or ``seed``; ``test_fraction`` shares in (0, 1)."""

@@ -64,6 +64,8 @@ MAX_NAME_LENGTH = 100
 """The longest study name (see ``Study._slug``)."""
 SMOKE_SUFFIX = "-smoke"
 """What the smoke form (``sweep.run.smoke``) appends to a study's name."""
+MAX_NUM_SAMPLES = 10_000
+"""The most draws per grid point a random search takes (``search.num_samples``)."""
 
 
 class _Strict(BaseModel):
@@ -296,7 +298,11 @@ class SearchConfig(_Strict):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     sampler: Literal["tpe", "nsga2", "random"] | None = None
     n_trials: int | None = Field(None, ge=1, description="optuna: number of trials")
-    num_samples: int = Field(1, ge=1, description="random: draws per grid point")
+    # Bounded: every draw is listed before anything runs (sweep validate, sweep run), and a
+    # billion of them would fill the driver's memory first.
+    num_samples: int = Field(
+        1, ge=1, le=MAX_NUM_SAMPLES, description="random: draws per grid point"
+    )
     seed: int = 0
     storage: str | None = Field(
         None,
@@ -329,9 +335,12 @@ class SearchConfig(_Strict):
 class ResourceOverride(_Strict):
     """A trial's resource request; a key left out takes the detector's default."""
 
-    cpu: float | None = Field(None, gt=0)
-    gpu: float | None = Field(None, ge=0, description="GPUs: a fraction packs trials on one GPU")
-    memory_gb: float | None = Field(None, gt=0, description="host memory")
+    # Finite: Ray takes no infinite request (and .inf read as a GPU count broke validation).
+    cpu: float | None = Field(None, gt=0, allow_inf_nan=False)
+    gpu: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="GPUs: a fraction packs trials on one GPU"
+    )
+    memory_gb: float | None = Field(None, gt=0, allow_inf_nan=False, description="host memory")
 
     @field_validator("gpu")
     @classmethod
@@ -619,6 +628,16 @@ class Study(_Strict):
                     f"smoke: {key!r} is not a dotted study key (e.g. space.image_size, "
                     "dataset.synthetic.n_train)"
                 )
+        # The smoke form reads the models it keeps before it validates anything.
+        if "space" in raw:
+            raise ValueError(
+                "smoke: give the space's keys one by one (space.image_size: 64), not 'space' whole"
+            )
+        if "space.model" in raw and _model_option_problem(raw["space.model"]):
+            raise ValueError(
+                "smoke: space.model: expected a model name or {grid|choice: [names]}, got "
+                f"{raw['space.model']!r}"
+            )
         return raw
 
     @model_validator(mode="after")
@@ -678,7 +697,7 @@ def _validate_variants(study: Study) -> None:
             raise ValueError(f"space key {key!r} takes names: a value or a grid/choice of names")
         section = "augmentations" if key == "augmentation" else "stresses"
         for name in param.options():
-            if name not in known:
+            if not isinstance(name, str) or name not in known:
                 raise ValueError(
                     f"space key {key!r}: unknown {key} {name!r}{did_you_mean(str(name), known)} "
                     f"(known: {', '.join(known)}; define your own under '{section}:')"
@@ -792,6 +811,16 @@ def drop_keys_of_models_left_out(
     )
 
 
+def _model_option_problem(value: Any) -> bool:
+    """Whether ``value`` is not a model name or a ``{grid|choice: [names]}``."""
+    if isinstance(value, Mapping):
+        names = next(iter(value.values())) if len(value) == 1 else None
+        if next(iter(value), None) not in ("grid", "choice") or not isinstance(names, list):
+            return True
+        return not names or not all(isinstance(n, str) for n in names)
+    return not isinstance(value, str)
+
+
 def _raw_models(space: Any) -> set[str] | None:
     """The model names a raw (YAML) space's ``model`` gives, a name or a grid/choice of them;
     None when it gives none readable (validation says why)."""
@@ -862,7 +891,8 @@ def apply_override(
     ``value`` given, ``override`` is the dotted key alone.
 
     Space keys contain dots themselves (``patchcore.coreset_ratio``), so everything after
-    ``space.`` is one key.
+    ``space.`` is one key; so is everything after ``smoke.``, whose keys are dotted study keys
+    (``smoke.space.image_size=64``).
     """
     if value is _UNSET:
         if "=" not in override:
@@ -881,8 +911,8 @@ def apply_override(
         dotted = override
     dotted = dotted.strip()
     parts = dotted.split(".")
-    if parts[0] == "space" and len(parts) > 2:
-        parts = ["space", ".".join(parts[1:])]
+    if parts[0] in ("space", "smoke") and len(parts) > 2:
+        parts = [parts[0], ".".join(parts[1:])]
     if not all(parts):
         raise StudyError(f"--set: bad key {dotted!r}", path=source)
     node = raw
