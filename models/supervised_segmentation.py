@@ -6,8 +6,10 @@ the coarser one upsampled onto the finer one, summed, and a 3x3 + 1x1 convolutio
 defect logit per position, upsampled to the input. Training minimises per-pixel binary
 cross-entropy plus a soft Dice loss on the labelled defects' masks (the Dice term keeps small
 defects from drowning in background pixels); a labelled defect without a mask counts through its
-image score alone. The map is the per-pixel defect probability and the image score the mean of
-its ``top_k`` highest pixels.
+image score alone. The map is the per-pixel defect logit and the image score the mean of its
+``top_k`` highest pixels: logits, not probabilities, because float32's sigmoid rounds every
+logit above about 17 to exactly 1.0, and a confident decoder's tied scores would rank nothing
+(the ranking is otherwise the same: the sigmoid is monotone).
 
 Labelled defects are drawn into every batch as the classifier does
 (:class:`models.supervised_classifier.DefectBank`).
@@ -218,7 +220,7 @@ class SupervisedSegmentation(Detector):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Prediction:
-        """Score a batch: the per-pixel defect probability, and the mean of its ``top_k``
-        highest pixels."""
-        maps = torch.sigmoid(self._logits(images.to(self.device)))
+        """Score a batch: the per-pixel defect logit (its sigmoid is the defect probability),
+        and the mean of its ``top_k`` highest pixels."""
+        maps = self._logits(images.to(self.device))
         return Prediction(score=self._scores(maps), anomaly_map=maps)

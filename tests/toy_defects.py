@@ -101,3 +101,36 @@ def check_prediction(toy: ToySet, prediction, localizes: bool) -> None:
         assert torch.isfinite(prediction.anomaly_map).all()
     else:
         assert prediction.anomaly_map is None
+
+
+def make_look_alike_images(
+    n: int, anomalous: bool, seed: int, size: int = SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Defects that look like the normal variation: every image, normal or not, is the texture
+    of :func:`make_images` with one flat disc. A normal disc is dark (0 to 0.42) or bright
+    (0.58 to 1); a defect's is mid-gray (0.45 to 0.55), which lies between the normal ones.
+
+    A model of normal images alone sees a disc of an in-between gray as nothing new (PaDiM's
+    Gaussians even score it below the normal discs); labels say which gray is the defect: the
+    case where labelled defects buy what no amount of normal images can.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    images, masks = [], []
+    for _ in range(n):
+        dx, dy = rng.uniform(-2, 2, size=2)
+        image = 0.5 + 0.2 * np.sin(2 * math.pi * (xx + dx) / 8) * np.sin(
+            2 * math.pi * (yy + dy) / 8
+        )
+        band = np.abs(yy + dy - size / 2) < size / 6
+        image = np.where(band, 0.6 * image + 0.25, image) + rng.normal(0, 0.03, image.shape)
+        cy, cx = rng.uniform(size * 0.25, size * 0.75, size=2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size / 8) ** 2
+        if anomalous:
+            value = rng.uniform(0.45, 0.55)
+        else:
+            value = rng.uniform(0.0, 0.42) if rng.random() < 0.5 else rng.uniform(0.58, 1.0)
+        images.append(np.where(disc, value, image).astype(np.float32))
+        masks.append(disc if anomalous else np.zeros_like(disc))
+    gray = torch.from_numpy(np.stack(images))[:, None]
+    return ((gray - 0.45) / 0.225).repeat(1, 3, 1, 1), torch.from_numpy(np.stack(masks))
