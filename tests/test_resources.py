@@ -374,6 +374,10 @@ def test_cluster_yaml_nodes(tmp_path):
         ),
         ("available_node_types: {a: {resources: {CPU: 2}, max_workers: x}}\n", "max_workers"),
         ("available_node_types: [\n", "invalid YAML"),
+        (
+            "available_node_types:\n  a: {resources: {CPU: 2}}\n  a: {resources: {CPU: 8}}\n",
+            r"duplicate key 'a' \(first on line 2, again on line 3",
+        ),
     ],
 )
 def test_cluster_yaml_errors_name_file_and_key(tmp_path, text, match):

@@ -281,3 +281,19 @@ def test_trials_a_killed_driver_left_running_are_settled_from_their_rows(glue_ro
     assert trials[0].values == [0.8, 3.0]
     assert finished_optuna_trials(study, storage) == 1, "the finished trial counts, once"
     assert settle_stale_optuna_trials(study, storage, store) == (0, 0)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_a_resumed_optuna_search_at_the_top_seed_still_seeds_its_sampler(
+    glue_root, tmp_path, sampler
+):
+    """search.seed may be 2**32 - 1; a resume seeds its sampler past the finished trials, which
+    Optuna's samplers refuse beyond 2**32 - 1: the seed wraps round instead."""
+    from sweep.run.search import optuna_searcher
+
+    raw = tiny_study(glue_root, tmp_path / "out")
+    raw["search"] = {"algorithm": "optuna", "sampler": sampler, "n_trials": 4, "seed": 2**32 - 1}
+    searcher = optuna_searcher(study_from_dict(raw), finished=3)
+    assert searcher._sampler._rng.rng.randint(10) == optuna_searcher(
+        study_from_dict({**raw, "search": {**raw["search"], "seed": 2}})
+    )._sampler._rng.rng.randint(10)

@@ -39,7 +39,7 @@ from models.base import (
 )
 from models.errors import ModelError
 from sweep.errors import StudyError
-from sweep.run.study import Study, TrialConfig
+from sweep.run.study import Study, TrialConfig, UniqueKeyLoader
 
 __all__ = [
     "DEFAULT_CPUS",
@@ -107,8 +107,8 @@ Ray Tune imported take 0.87 GB of resident memory, the worker's runtime the rest
 DEFAULT_CPUS: dict[str, float] = {"one_pass": 2.0, "iterative": 4.0, "supervised": 4.0}
 """CPUs per trial. Data sets are held in memory (no loader workers), so the CPUs are torch's
 threads for host-side work: one-pass fits run their statistics, nearest-neighbour search
-(faiss, on CPU trials) and coreset selection on the host; iterative ones also synthesise anomalies and
-shuffle batches every step, and evaluate the validation split between epochs."""
+(faiss, on CPU trials) and coreset selection on the host; iterative ones also synthesise
+anomalies and shuffle batches every step, and evaluate the validation split between epochs."""
 
 
 def gpu_fraction(memory_gb: float, gpu_memory_gb: float = REFERENCE_GPU_MEMORY_GB) -> float:
@@ -378,7 +378,8 @@ class ClusterShape:
         path = Path(path)
         source = str(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            # A key given twice (two head node types of one name) is refused, as in studies.
+            raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
         except FileNotFoundError:
             raise StudyError("no such cluster file", path=source) from None
         except (OSError, UnicodeDecodeError) as error:

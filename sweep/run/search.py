@@ -143,7 +143,8 @@ def optuna_searcher(study: Study, storage=None, finished: int = 0):
     }
     # A resumed study re-seeds its sampler past the trials it has: with the same seed, the
     # random start-up draws would repeat the first run's configurations.
-    sampler = samplers[study.search.sampler or "tpe"](study.search.seed + finished)
+    # Modulo 2**32: Optuna's samplers take no seed past it (search.seed itself is below it).
+    sampler = samplers[study.search.sampler or "tpe"]((study.search.seed + finished) % 2**32)
     metrics = [o.metric for o in study.objectives]
     modes = [o.direction for o in study.objectives]
     shared = {"space": study.search_space.suggest, "sampler": sampler, "storage": storage}
