@@ -572,3 +572,35 @@ def test_labelled_defects_plot_leads_with_the_studys_recall_at_precision(tmp_pat
     written = report_plots(pd.DataFrame(rows), None, objectives, tmp_path)
     assert _is_png(written["vs_labelled_defects"])
     assert drawn["labelled_defects"][:2] == ["image_recall_p95", "image_auroc"]
+
+
+def test_a_configuration_at_one_value_is_a_marker_beside_the_curves(tmp_path, monkeypatch):
+    """label_budget's supervised detectors at one N are in the picture beside the curves."""
+    import sweep.read.plots as plots
+
+    legends: list[list[str]] = []
+    save = plots._save_atomically
+
+    def recording(fig, path):
+        legends.append([t.get_text() for legend in fig.legends for t in legend.get_texts()])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save_atomically", recording)
+
+    def agg(values_by_model):
+        return pd.DataFrame(
+            [
+                {"model": m, "backbone": "resnet18", "image_size": 64, "labelled_defects": n,
+                 "image_auroc_mean": 0.5 + n / 100, "image_auroc_std": 0.0}
+                for m, values in values_by_model.items()
+                for n in values
+            ]
+        )  # fmt: skip
+
+    both = agg({"padim": [0, 2], "supervised_classifier": [2]})
+    assert plots.param_plot(both, "labelled_defects", tmp_path / "a.png")
+    assert legends == [["padim/resnet18", "supervised_classifier/resnet18"]]
+    # Markers alone are no curve: nothing is drawn.
+    alone = agg({"padim": [0], "supervised_classifier": [2]})
+    assert plots.param_plot(alone, "labelled_defects", tmp_path / "b.png") is None
+    assert not (tmp_path / "b.png").exists()

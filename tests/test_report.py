@@ -436,3 +436,24 @@ def test_no_drift_section_without_stresses(built):
     assert report.get("drift") is None
     assert 'id="drift-table"' not in built["html"].read_text()
     assert "Drift sentinel" not in built["markdown"].read_text()
+
+
+def test_labelled_defects_tells_configurations_of_one_model_apart():
+    """label_budget runs PaDiM at 0 and 2 labelled defects: two rows whose names must differ
+    (they read 'padim/resnet18 64px' twice before), while a column one model never varies does
+    not clutter the table."""
+    from sweep.read.report import _config_name, _varying_columns
+
+    configs = [
+        {"model": "padim", "backbone": "resnet18", "image_size": 64, "labelled_defects": n,
+         "epochs": 20, "hp.n_features": 100}
+        for n in (0, 2)
+    ] + [{"model": "supervised_classifier", "backbone": "resnet18", "image_size": 64,
+          "labelled_defects": 2, "epochs": 30}]  # fmt: skip
+    varying = _varying_columns(configs)
+    assert varying == ["labelled_defects"]
+    names = [_config_name(c, varying) for c in configs]
+    assert names[:2] == [
+        "padim/resnet18 64px labelled_defects=0",
+        "padim/resnet18 64px labelled_defects=2",
+    ]

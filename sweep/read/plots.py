@@ -689,11 +689,11 @@ def param_plot(
     ``hp.coreset_ratio``, ...): a resolution or coreset-ratio study's picture.
 
     One curve per configuration that varies ``param`` with everything else fixed (mean over
-    seeds, seed std as error bars); a panel per accuracy metric with data (``metrics``,
-    default :data:`PARAM_METRICS`), then a cost panel: ``latency_ms`` on the left axis and
-    ``memory_bank_size`` (dashed) on a right-hand one. The x axis is logarithmic when
-    ``param`` spans more than a decade. None, writing nothing, when no configuration has two
-    values of ``param``.
+    seeds, seed std as error bars; a configuration run at one value is a marker); a panel per
+    accuracy metric with data (``metrics``, default :data:`PARAM_METRICS`), then a cost panel:
+    ``latency_ms`` on the left axis and ``memory_bank_size`` (dashed) on a right-hand one. The
+    x axis is logarithmic when ``param`` spans more than a decade. None, writing nothing, when
+    no configuration has two values of ``param``.
     """
     if param not in agg.columns or agg.empty:
         return None
@@ -703,12 +703,10 @@ def param_plot(
     for i, (key, value) in enumerate(zip(keys, xs, strict=True)):
         if np.isfinite(value):
             members.setdefault(key, []).append(i)
-    series = {
-        key: sorted(rows, key=lambda i: xs[i])
-        for key, rows in members.items()
-        if len({xs[i] for i in rows}) >= 2
-    }
-    if not series:
+    series = {key: sorted(rows, key=lambda i: xs[i]) for key, rows in members.items()}
+    # A configuration at one value of param is a marker beside the curves (label_budget's
+    # supervised detectors where only one N was run), but one curve is needed to draw at all.
+    if not any(len({xs[i] for i in rows}) >= 2 for rows in series.values()):
         return None
     used = sorted(i for rows in series.values() for i in rows)
     metrics = list(PARAM_METRICS if metrics is None else metrics)

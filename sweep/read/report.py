@@ -426,7 +426,10 @@ def _drift(results_dir: Path, df: pd.DataFrame) -> dict | None:
     differing = [
         c
         for c in analysis.CONFIG_COLUMNS
-        if c not in named and c in table.columns and table[c].nunique(dropna=False) > 1
+        if c not in named
+        and c not in varying
+        and c in table.columns
+        and table[c].nunique(dropna=False) > 1
     ]
     flagged: dict[str, list[int]] = {}
     rows = []
@@ -489,11 +492,19 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+SWEPT_TRIAL_COLUMNS = ("epochs", "test_fraction", "labelled_defects")
+"""Configuration columns besides ``hp.*`` that a study may vary within one model (label_budget's
+``labelled_defects``): named in a configuration's label when they do."""
+
+
 def _varying_columns(configs: list[dict]) -> list[str]:
-    """Hyperparameter columns whose value differs between the configurations of a model: what
-    tells two rows of the same model, backbone and size apart."""
+    """Trial columns (:data:`SWEPT_TRIAL_COLUMNS`) and hyperparameter columns whose value differs
+    between the configurations of a model: what tells two rows of the same model, backbone and
+    size apart."""
     varying = []
-    columns = sorted({k for c in configs for k in c if k.startswith("hp.") and k != "hp.seed"})
+    present = {k for c in configs for k in c}
+    columns = [c for c in SWEPT_TRIAL_COLUMNS if c in present]
+    columns += sorted(k for k in present if k.startswith("hp.") and k != "hp.seed")
     for column in columns:
         by_model: dict[Any, set] = {}
         for config in configs:
