@@ -19,6 +19,15 @@ N_TRAIN = 16
 N_TEST_EACH = 8
 
 
+def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
+    """A normal image: the periodic texture and the darker band, shifted by up to two pixels,
+    with mild noise."""
+    dx, dy = rng.uniform(-2, 2, size=2)
+    image = 0.5 + 0.2 * np.sin(2 * math.pi * (xx + dx) / 8) * np.sin(2 * math.pi * (yy + dy) / 8)
+    band = np.abs(yy + dy - size / 2) < size / 6
+    return np.where(band, 0.6 * image + 0.25, image) + rng.normal(0, 0.03, image.shape)
+
+
 def make_images(
     n: int, anomalous: bool, seed: int, size: int = SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,12 +36,7 @@ def make_images(
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     images, masks = [], []
     for _ in range(n):
-        dx, dy = rng.uniform(-2, 2, size=2)
-        image = 0.5 + 0.2 * np.sin(2 * math.pi * (xx + dx) / 8) * np.sin(
-            2 * math.pi * (yy + dy) / 8
-        )
-        band = np.abs(yy + dy - size / 2) < size / 6
-        image = np.where(band, 0.6 * image + 0.25, image) + rng.normal(0, 0.03, image.shape)
+        image = _background(rng, yy, xx, size)
         mask = np.zeros_like(image, dtype=bool)
         if anomalous:
             cy, cx = rng.uniform(size * 0.25, size * 0.75, size=2)
@@ -118,12 +122,7 @@ def make_look_alike_images(
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     images, masks = [], []
     for _ in range(n):
-        dx, dy = rng.uniform(-2, 2, size=2)
-        image = 0.5 + 0.2 * np.sin(2 * math.pi * (xx + dx) / 8) * np.sin(
-            2 * math.pi * (yy + dy) / 8
-        )
-        band = np.abs(yy + dy - size / 2) < size / 6
-        image = np.where(band, 0.6 * image + 0.25, image) + rng.normal(0, 0.03, image.shape)
+        image = _background(rng, yy, xx, size)
         cy, cx = rng.uniform(size * 0.25, size * 0.75, size=2)
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (size / 8) ** 2
         if anomalous:
