@@ -103,14 +103,6 @@ def _finite_positive(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def _sync(device) -> None:
-    import torch
-
-    # As sweep.run.timing does: CUDA calls return before the device has finished.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _max_concurrency(rows) -> int:
     """The most trials running at one moment, from their started_at / finished_at."""
     events = sorted(
@@ -253,7 +245,7 @@ def check_packing(settings: Settings, work: Path, report: Report) -> None:
 def check_latency(settings: Settings, report: Report) -> None:
     import torch
 
-    from sweep.run.timing import measure_latency
+    from sweep.run.timing import measure_latency, synchronize
 
     report.say("2. latency: measure_latency (synchronised) against CUDA events")
     device = torch.device(settings.device)
@@ -263,13 +255,13 @@ def check_latency(settings: Settings, report: Report) -> None:
     repeats = settings.latency_repeats
     synced = measure_latency(detector.predict, image, warmup=3, repeats=repeats)
     with torch.inference_mode():
-        _sync(device)
+        synchronize(device)
         unsynced = []
         for _ in range(repeats):
             start = time.perf_counter()
             detector.predict(image)
             unsynced.append((time.perf_counter() - start) * 1000)
-        _sync(device)
+        synchronize(device)
         events_ms = None
         if device.type == "cuda":
             events = []
@@ -301,6 +293,7 @@ def check_feature_cache(settings: Settings, report: Report) -> None:
 
     from models.backbones import FeatureExtractor
     from models.cache import TensorCache, use_cache
+    from sweep.run.timing import synchronize
 
     report.say("3. feature cache: CPU against GPU")
     device = torch.device(settings.device)
@@ -315,20 +308,20 @@ def check_feature_cache(settings: Settings, report: Report) -> None:
         cache = TensorCache(folder, max_bytes=1 << 36)
         with torch.no_grad(), use_cache(cache):
             times = {}
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             miss = gpu_extractor(on_device)
-            _sync(device)
+            synchronize(device)
             times["miss_s"] = time.perf_counter() - start  # forward + key + write
             start = time.perf_counter()
             hit = gpu_extractor(on_device)
-            _sync(device)
+            synchronize(device)
             times["hit_s"] = time.perf_counter() - start  # key + read + copy to the device
         with torch.no_grad():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             gpu_extractor(on_device)
-            _sync(device)
+            synchronize(device)
             times["forward_s"] = time.perf_counter() - start
         start = time.perf_counter()
         gpu_key = gpu_extractor.feature_cache_key(on_device)
@@ -364,6 +357,7 @@ def check_nearest_neighbors(settings: Settings, report: Report) -> None:
     import torch
 
     from models.components.feature_utils import NearestNeighbors
+    from sweep.run.timing import synchronize
 
     report.say("4. nearest neighbours: faiss on the CPU against torch on the GPU")
     device = torch.device(settings.device)
@@ -377,10 +371,10 @@ def check_nearest_neighbors(settings: Settings, report: Report) -> None:
     cpu_s = time.perf_counter() - start
     gpu_queries = queries.to(device)
     gpu_index.search(gpu_queries, k=1)  # warm-up (kernels, cuBLAS handle)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     gpu_d, gpu_i = gpu_index.search(gpu_queries, k=1)
-    _sync(device)
+    synchronize(device)
     gpu_s = time.perf_counter() - start
     rel = float((gpu_d.cpu() - cpu_d).abs().max() / cpu_d.abs().max())
     agree = float((gpu_i.cpu() == cpu_i).float().mean())

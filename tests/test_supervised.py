@@ -131,10 +131,12 @@ def test_a_supervised_trial_without_labelled_defects_fails_validation(raw, messa
 SUPERVISED = ("supervised_classifier", "supervised_segmentation")
 
 
-def _labelled_batches(normal: torch.Tensor, n_defects: int, seed: int = 5) -> list[dict]:
+def _labelled_batches(
+    normal: torch.Tensor, n_defects: int, seed: int = 5, make=make_images
+) -> list[dict]:
     """Training batches as the trainable gives them: normal images and ``n_defects`` toy
-    defects with their masks, shuffled."""
-    defects, masks = make_images(n_defects, anomalous=True, seed=seed)
+    defects (drawn by ``make``) with their masks, shuffled."""
+    defects, masks = make(n_defects, anomalous=True, seed=seed)
     images = torch.cat([normal, defects])
     labels = torch.tensor([0] * len(normal) + [1] * n_defects)
     all_masks = torch.cat([torch.zeros(len(normal), *masks.shape[1:]), masks.float()])
@@ -231,14 +233,7 @@ def _look_alike_set() -> ToySet:
 
 def _look_alike_auroc(name: str, n_defects: int, seed: int, epochs: int = 30) -> float:
     toy = _look_alike_set()
-    defects, masks = make_look_alike_images(n_defects, anomalous=True, seed=5)
-    images = torch.cat([toy.train, defects])
-    labels = torch.tensor([0] * len(toy.train) + [1] * n_defects)
-    all_masks = torch.cat([torch.zeros(len(toy.train), *masks.shape[1:]), masks.float()])
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    batches = [
-        {"image": images[i], "label": labels[i], "mask": all_masks[i]} for i in order.split(8)
-    ]
+    batches = _labelled_batches(toy.train, n_defects, make=make_look_alike_images)
     detector = models.create(name, **tiny_hparams(name), seed=seed)
     detector.fit(batches, epochs=epochs)
     return image_auroc(toy, detector.predict(toy.test).score)

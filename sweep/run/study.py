@@ -1065,15 +1065,14 @@ def continuation_problem(saved: Study, study: Study) -> str | None:
     ):
         return None
     ours = {json.dumps(t.to_dict(), sort_keys=True) for t in expand_trials(study)}
-    dropped = [
-        t for t in expand_trials(saved) if json.dumps(t.to_dict(), sort_keys=True) not in ours
-    ]
+    theirs = expand_trials(saved)
+    dropped = [t for t in theirs if json.dumps(t.to_dict(), sort_keys=True) not in ours]
     if not dropped:
         return None
     shown = "; ".join(_trial_label(t) for t in dropped[:2])
     more = f" and {len(dropped) - 2} more" if len(dropped) > 2 else ""
     return (
-        f"its space does not hold {len(dropped)} of the output's {len(expand_trials(saved))} "
+        f"its space does not hold {len(dropped)} of the output's {len(theirs)} "
         f"trials ({shown}{more}); a continuation only adds trials"
     )
 

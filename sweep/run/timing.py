@@ -24,7 +24,9 @@ import psutil
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device`` to finish its queued work: CUDA calls return before it has, so a
+    clock read without this times the launch, not the work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -59,12 +61,12 @@ def measure_latency(
     with torch.inference_mode():
         for _ in range(warmup):
             predict(image)
-        _sync(device)
+        synchronize(device)
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
             predict(image)
-            _sync(device)
+            synchronize(device)
             samples.append((time.perf_counter() - start) * 1000.0)
     return LatencyResult(statistics.median(samples), tuple(samples))
 
@@ -77,11 +79,11 @@ def measure_throughput(
     best = float("inf")
     with torch.inference_mode():
         predict(batch)
-        _sync(device)
+        synchronize(device)
         for _ in range(repeats):
             start = time.perf_counter()
             predict(batch)
-            _sync(device)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
     return batch.shape[0] / best
 
